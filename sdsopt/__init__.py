@@ -1,0 +1,12 @@
+"""sdsopt: AdamW for LoRA with singular values decoupled from the gradient (SDS-LoRA).
+
+>>> from sdsopt import SDSAdamW
+>>> opt = SDSAdamW(model.named_parameters(), lr=2e-4, weight_decay=0.01)  # doctest: +SKIP
+"""
+
+from .optim import SDSAdamW
+from .pairing import PEFT_PATTERN, LoraPair, peft_pairing, regex_pairing
+from .rewrite import MODES, rewrite_pair
+
+__all__ = ["MODES", "PEFT_PATTERN", "LoraPair", "SDSAdamW", "peft_pairing", "regex_pairing", "rewrite_pair"]
+__version__ = "0.1.0"

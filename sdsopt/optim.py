@@ -1,0 +1,412 @@
+"""``SDSAdamW``: AdamW with the LoRA gradient rewrite of MATH.md §2 in front of it.
+
+The class validates, pairs and holds state; the geometry lives in :mod:`sdsopt.rewrite` /
+:mod:`sdsopt.linalg`, and the Adam update itself is torch's functional
+``torch.optim.adam.adam(..., decoupled_weight_decay=True)`` — the very kernel behind
+``torch.optim.AdamW`` — so foreach/fused kernels and AdamW's exact semantics are inherited, and
+parameters outside LoRA pairs follow ``torch.optim.AdamW`` bit for bit (MATH P7).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim.adam import adam
+from torch.optim.optimizer import Optimizer
+
+from . import pairing as _pairing
+from .linalg import algebra_precision, gram_spectrum
+from .pairing import LoraPair, PairingFn, a_rows, b_rows, check_pair_shapes, from_b_rows
+from .rewrite import MODES, ROUTES, preconditioned, sigma_correction, sigma_split
+
+__all__ = ["SDSAdamW"]
+
+_LINALG_DTYPES = (None, torch.float32, torch.float64)
+
+
+def _param_label(group: dict[str, Any], index: int, group_index: int) -> str:
+    names = group.get("param_names")
+    return repr(names[index]) if names else f"params[{index}] of param group {group_index}"
+
+
+def _check_hyperparameters(group: dict[str, Any], where: str) -> None:
+    """Raise ``ValueError`` naming the offending option (``where``: 'defaults' or 'param group i')."""
+    lr = group["lr"]
+    if isinstance(lr, Tensor) or not isinstance(lr, (int, float)):
+        raise ValueError(f"{where}: lr must be a Python float, got {type(lr).__name__} (Tensor lr is not supported).")
+    checks = [
+        (lr >= 0.0, f"lr={lr} must be >= 0"),
+        (group["eps"] >= 0.0, f"eps={group['eps']} must be >= 0"),
+        (group["weight_decay"] >= 0.0, f"weight_decay={group['weight_decay']} must be >= 0"),
+        (len(group["betas"]) == 2 and all(0.0 <= b < 1.0 for b in group["betas"]),
+         f"betas={group['betas']} must be two numbers in [0, 1)"),
+        (group["mode"] in MODES, f"mode={group['mode']!r} is unknown; choose one of {MODES}"),
+        (group["route"] in ROUTES, f"route={group['route']!r} is unknown; choose one of {ROUTES}"),
+        (group["linalg_dtype"] in _LINALG_DTYPES,
+         f"linalg_dtype={group['linalg_dtype']!r} is unknown; use None, torch.float32 or torch.float64"),
+        (group["rank_tol"] is None or 0.0 < group["rank_tol"] < 1.0,
+         f"rank_tol={group['rank_tol']} must be None or in (0, 1)"),
+        (group["damping"] > 0.0, f"damping={group['damping']} must be > 0 (mode 'scaled' inverts K + damping·I)"),
+        (group["sigma_lr_ratio"] >= 0.0, f"sigma_lr_ratio={group['sigma_lr_ratio']} must be >= 0"),
+        (not (group["decouple_sigma"] and group["mode"] == "lora"),
+         "decouple_sigma=True needs a rewriting mode; mode='lora' is plain AdamW"),
+        (not (group["foreach"] and group["fused"]), "foreach=True and fused=True cannot be used together"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ValueError(f"SDSAdamW {where}: {message}.")
+
+
+class SDSAdamW(Optimizer):
+    r"""AdamW for LoRA whose factor gradients act only through the other factor's orthonormal basis.
+
+    For a LoRA pair ``ΔW = s·B·A`` the gradients ``gB = s·G·Aᵀ``, ``gA = s·Bᵀ·G`` are rewritten
+    before the AdamW update (MATH.md 2.2)::
+
+        g̃B = gB · (A Aᵀ)^{-1/2}        g̃A = (Bᵀ B)^{-1/2} · gA
+
+    i.e. ``g̃B = s·G·Ω_Aᵀ``, ``g̃A = s·Ω_Bᵀ·G`` with ``Ω`` the polar (orthonormal) factors: the other
+    factor's singular values no longer scale the gradient.  Everything else is
+    ``torch.optim.AdamW``; parameters outside pairs get exactly AdamW.
+
+    Args:
+        params: ``model.named_parameters()`` (pairs found by name, see ``pairing``), or param
+            groups; a group may list explicit pairs: ``{"params": [...], "lora_pairs": [(A, B), ...]}``.
+        lr, betas, eps, weight_decay, amsgrad, maximize, foreach, fused: as ``torch.optim.AdamW``
+            (same defaults).
+        mode: ``"sds"`` (default), ``"lora"`` (identity: plain AdamW on the factors) or
+            ``"scaled"`` (``gB (K_A + δI)^{-1}``, ``(K_B + δI)^{-1} gA``; Zhang & Pilanci 2024).
+        decouple_sigma: the singular-value channel (2.3)–(2.4): each factor's gradient is split
+            into a singular-value part ``gσ`` (its own r-vector Adam state, step size
+            ``lr·sigma_lr_ratio``) and a basis part (the usual elementwise Adam).  Off by default:
+            MATH.md's first evidence found it slower than plain SDS.
+        sigma_lr_ratio: step-size ratio of the singular-value channel.
+        route: ``"eigh"`` (default; eigendecomposition of the r×r Gram) or ``"newton_schulz"``
+            (matmul-only; ``sds`` only, falls back to eigh where it does not converge).
+        rank_tol: τ of MATH (2.5): Gram eigenvalues ``≤ τ·λ_max`` are outside the factor's range and
+            pass no gradient.  ``None``: 1e-6 for float32 algebra, 1e-14 for float64.
+        damping: δ of mode ``"scaled"`` (absolute, > 0).
+        linalg_dtype: dtype of the r×r algebra; ``None`` means float32, or float64 for float64
+            parameters.  Never lower than float32, whatever the parameter dtype; the rewritten
+            gradient is cast back to the parameter's dtype before the AdamW update.
+        pairing: how names become pairs: ``None`` (PEFT names), a regex with a named group
+            ``factor`` reading ``A``/``B`` (see :func:`sdsopt.pairing.regex_pairing` for other
+            tags), or a function ``names -> [(name_A, name_B), ...]``.
+
+    Design choices where MATH.md leaves one open:
+
+    * Each factor is divided by ``max|X|`` before its Gram is formed, so factors near the float32
+      range limits give finite Grams; the threshold of (2.5) is relative to that scale.
+    * Singular-value channel: ``gσ``, the ``U, V`` of (2.4) and the correction all use the factor
+      *before* the step; weight decay (decoupled, as AdamW) acts on the parameter, the
+      correction ``U diag(Δσ) Vᵀ`` is added after the AdamW update, undecayed.  The channel's
+      Adam moments are kept in the parameter's dtype (so checkpoints round-trip exactly under
+      ``Optimizer.load_state_dict``'s dtype policy) and share the parameter's step count.
+    * Non-finite gradients behave as in AdamW: nothing is skipped and nothing raises; the
+      non-finite values reach the parameters.  Because the rewrite mixes the r entries of a
+      row of ``B`` (a column of ``A``), one non-finite entry spreads along that row (column).  Use
+      ``torch.amp.GradScaler``, which skips steps with non-finite gradients, as with AdamW.  A
+      non-finite *factor* is treated as rank 0 (its partner's gradient is zeroed) instead of
+      making the eigensolver raise.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        amsgrad: bool = False,
+        *,
+        mode: str = "sds",
+        decouple_sigma: bool = False,
+        sigma_lr_ratio: float = 1.0,
+        route: str = "eigh",
+        rank_tol: float | None = None,
+        damping: float = 1e-6,
+        linalg_dtype: torch.dtype | None = None,
+        pairing: str | PairingFn | None = None,
+        maximize: bool = False,
+        foreach: bool | None = None,
+        fused: bool | None = None,
+    ) -> None:
+        defaults = dict(
+            lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
+            mode=mode, decouple_sigma=decouple_sigma, sigma_lr_ratio=sigma_lr_ratio, route=route,
+            rank_tol=rank_tol, damping=damping, linalg_dtype=linalg_dtype, maximize=maximize,
+            foreach=foreach, fused=fused,
+        )
+        _check_hyperparameters(defaults, "defaults")
+        if pairing is None:
+            self._pairing: PairingFn = _pairing.peft_pairing
+        elif isinstance(pairing, str):
+            self._pairing = _pairing.regex_pairing(pairing)
+        elif callable(pairing):
+            self._pairing = pairing
+        else:
+            raise TypeError(f"SDSAdamW: pairing must be None, a regex string or a callable, got {type(pairing).__name__}.")
+        super().__init__(params, defaults)
+        if not self.lora_pairs:
+            named = any("param_names" in g for g in self.param_groups)
+            warnings.warn(
+                "SDSAdamW found no LoRA pairs, so it behaves exactly as torch.optim.AdamW. "
+                + ("No parameter name matched the pairing rule; pass pairing=... for custom names "
+                   if named else "The parameters came without names: pass model.named_parameters() ")
+                + "or give explicit pairs: [{'params': [...], 'lora_pairs': [(A, B), ...]}].",
+                UserWarning,
+                stacklevel=2,
+            )
+
+    # ------------------------------------------------------------------ pairing
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """As ``Optimizer.add_param_group``; also resolves the group's LoRA pairs.
+
+        Pairs come from the group's explicit ``lora_pairs`` (tensors ``(A, B)``) and from the
+        pairing rule applied to its parameter names.  Raises ``ValueError`` for a pair split
+        across groups, a parameter in two pairs, or shapes that do not chain.
+        """
+        param_group = dict(param_group)
+        explicit = param_group.pop("lora_pairs", None) or []
+        super().add_param_group(param_group)
+        gi = len(self.param_groups) - 1
+        group = self.param_groups[gi]
+        _check_hyperparameters(group, f"param group {gi}")
+        try:
+            group["lora_pairs"] = self._resolve_pairs(gi, group, explicit)
+        except Exception:
+            self.param_groups.pop()
+            raise
+
+    def _resolve_pairs(self, gi: int, group: dict[str, Any], explicit: list[Any]) -> list[tuple[int, int]]:
+        params: list[Tensor] = group["params"]
+        where = {id(p): i for i, p in enumerate(params)}
+        pairs: list[tuple[int, int]] = []
+        for k, pair in enumerate(explicit):
+            if len(pair) != 2 or not all(isinstance(t, Tensor) for t in pair):
+                raise ValueError(f"param group {gi}: lora_pairs[{k}] must be a tuple of two tensors (A, B).")
+            for t, role in zip(pair, "AB"):
+                if id(t) not in where:
+                    other = next((j for j, g in enumerate(self.param_groups[:-1])
+                                  if any(p is t for p in g["params"])), None)
+                    hint = (f"it is in param group {other}: a pair's two factors must share one group"
+                            if other is not None else "add it to this group's 'params'")
+                    raise ValueError(f"param group {gi}: factor {role} of lora_pairs[{k}] is not in this group's params; {hint}.")
+            pairs.append((where[id(pair[0])], where[id(pair[1])]))
+
+        names: list[str] | None = group.get("param_names")
+        if names:
+            index = {n: i for i, n in enumerate(names)}
+            pairs += [(index[a], index[b]) for a, b in self._pairing(names)]
+            self._check_not_split(gi, names)
+            if self._pairing is _pairing.peft_pairing:
+                lone = _pairing.lone_factors(names, [(names[a], names[b]) for a, b in pairs])
+                if lone:
+                    warnings.warn(
+                        f"SDSAdamW: {len(lone)} LoRA factor(s) without their partner get plain AdamW "
+                        f"(first: {lone[0]!r}). Pass both factors to the optimizer to rewrite them.",
+                        UserWarning, stacklevel=4,
+                    )
+
+        seen: dict[int, int] = {}
+        for k, (ia, ib) in enumerate(pairs):
+            for i in (ia, ib):
+                if i in seen or ia == ib:
+                    raise ValueError(
+                        f"param group {gi}: {_param_label(group, i, gi)} is in more than one LoRA pair; "
+                        "each factor may belong to one pair only (check explicit lora_pairs and the pairing rule)."
+                    )
+                seen[i] = k
+            check_pair_shapes(params[ia], params[ib], _param_label(group, ia, gi), _param_label(group, ib, gi))
+        return pairs
+
+    def _check_not_split(self, gi: int, names: list[str]) -> None:
+        """Raise if the pairing rule pairs a name of group ``gi`` with a name of an earlier group."""
+        owner = {n: j for j, g in enumerate(self.param_groups[:gi]) for n in g.get("param_names", [])}
+        if not owner:
+            return
+        mine = set(names)
+        for a, b in self._pairing(list(owner) + names):
+            if (a in mine) != (b in mine):
+                raise ValueError(
+                    f"LoRA pair {a!r} / {b!r} is split across param groups {owner.get(a, gi)} and "
+                    f"{owner.get(b, gi)}; put both factors of a pair in the same param group "
+                    "(group by module, not by factor)."
+                )
+
+    @property
+    def lora_pairs(self) -> list[LoraPair]:
+        """Every resolved pair, with its group, indices, names and ``(m, n, r)``."""
+        out = []
+        for gi, group in enumerate(self.param_groups):
+            for ia, ib in group["lora_pairs"]:
+                A, B = group["params"][ia], group["params"][ib]
+                names = group.get("param_names")
+                out.append(LoraPair(
+                    group=gi, index_a=ia, index_b=ib,
+                    name_a=names[ia] if names else f"params[{ia}]", name_b=names[ib] if names else f"params[{ib}]",
+                    m=B.shape[0], n=a_rows(A).shape[1], r=A.shape[0],
+                ))
+        return out
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """As ``Optimizer.load_state_dict``; refuses a checkpoint whose LoRA pairs differ from this optimizer's."""
+        saved = state_dict.get("param_groups", [])
+        for gi, (mine, theirs) in enumerate(zip(self.param_groups, saved)):
+            ours = [tuple(p) for p in mine["lora_pairs"]]
+            other = [tuple(p) for p in theirs.get("lora_pairs", [])]
+            if ours != other:
+                raise ValueError(
+                    f"SDSAdamW.load_state_dict: param group {gi} of the checkpoint has LoRA pairs {other[:3]}... "
+                    f"but this optimizer has {ours[:3]}...; build the optimizer from the same model and "
+                    "parameter order (and pairing rule) as the one that was saved."
+                )
+        super().load_state_dict(state_dict)
+
+    # ------------------------------------------------------------------ step
+    def _init_group(self, group: dict[str, Any], gi: int) -> tuple[dict[int, int], dict[str, list[Tensor]], bool]:
+        """Collect params with grads and their AdamW state, as ``torch.optim.Adam._init_group`` does."""
+        lists: dict[str, list[Tensor]] = defaultdict(list)
+        position: dict[int, int] = {}
+        has_complex = False
+        device_step = bool(group["fused"])  # torch keeps `step` on the device for fused kernels
+        for i, p in enumerate(group["params"]):
+            if p.grad is None:
+                continue
+            if p.grad.is_sparse:
+                raise RuntimeError(
+                    f"SDSAdamW: {_param_label(group, i, gi)} has a sparse gradient; SDSAdamW (like AdamW) "
+                    "needs dense gradients (e.g. nn.Embedding(sparse=False))."
+                )
+            has_complex |= torch.is_complex(p)
+            state = self.state[p]
+            if not state:
+                state["step"] = (
+                    torch.zeros((), dtype=torch.float32, device=p.device)
+                    if device_step
+                    else torch.tensor(0.0, dtype=torch.float32)
+                )
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                if group["amsgrad"]:
+                    state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            position[i] = len(lists["params"])
+            lists["params"].append(p)
+            lists["grads"].append(p.grad)
+            lists["exp_avgs"].append(state["exp_avg"])
+            lists["exp_avg_sqs"].append(state["exp_avg_sq"])
+            if group["amsgrad"]:
+                lists["max_exp_avg_sqs"].append(state["max_exp_avg_sq"])
+            lists["state_steps"].append(state["step"])
+        return position, lists, has_complex
+
+    def _adam(self, group: dict[str, Any], lists: dict[str, list[Tensor]], *, lr: float,
+              weight_decay: float, has_complex: bool = False) -> None:
+        beta1, beta2 = group["betas"]
+        adam(
+            lists["params"], lists["grads"], lists["exp_avgs"], lists["exp_avg_sqs"],
+            lists["max_exp_avg_sqs"], lists["state_steps"],
+            foreach=group["foreach"], fused=group["fused"], has_complex=has_complex,
+            decoupled_weight_decay=True, amsgrad=group["amsgrad"], beta1=beta1, beta2=beta2,
+            lr=lr, weight_decay=weight_decay, eps=group["eps"], maximize=group["maximize"],
+        )
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
+        """One SDS-AdamW step: rewrite the paired gradients, then the AdamW update (closure as in AdamW)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for gi, group in enumerate(self.param_groups):
+            position, lists, has_complex = self._init_group(group, gi)
+            if not lists["params"]:
+                continue
+            corrections: list[tuple[Tensor, Tensor]] = []
+            if group["mode"] != "lora" and group["lora_pairs"]:
+                corrections = self._rewrite_group(group, position, lists)
+            self._adam(group, lists, lr=group["lr"], weight_decay=group["weight_decay"], has_complex=has_complex)
+            if corrections:
+                targets, deltas = zip(*corrections)
+                torch._foreach_add_(list(targets), list(deltas))
+        return loss
+
+    def _rewrite_group(
+        self, group: dict[str, Any], position: dict[int, int], lists: dict[str, list[Tensor]]
+    ) -> list[tuple[Tensor, Tensor]]:
+        """Replace the paired grads in ``lists['grads']`` by their rewrite (equation R of :mod:`sdsopt.rewrite`).
+
+        Pairs are bucketed by shape and device so that all r×r algebra of a bucket is batched.
+        Returns the singular-value corrections ``(param, delta)`` to add after the AdamW update.
+        """
+        params: list[Tensor] = group["params"]
+        buckets: dict[tuple[Any, ...], list[tuple[int, int]]] = defaultdict(list)
+        for ia, ib in group["lora_pairs"]:
+            if ia in position or ib in position:
+                A, B = params[ia], params[ib]
+                buckets[(A.shape, B.shape, A.device, A.dtype, B.dtype)].append((ia, ib))
+        corrections: list[tuple[Tensor, Tensor]] = []
+        for bucket in buckets.values():
+            dt, tol = algebra_precision(params[bucket[0][0]].dtype, group["linalg_dtype"], group["rank_tol"])
+            X = {
+                "A": torch.stack([a_rows(params[ia]).to(dt) for ia, _ in bucket]),
+                "B": torch.stack([b_rows(params[ib]).to(dt) for _, ib in bucket]),
+            }
+            need_spec = group["route"] == "eigh" or group["mode"] != "sds" or group["decouple_sigma"]
+            spec = {side: gram_spectrum(X[side], tol) for side in "AB"} if need_spec else {}
+            for side, other, rows, unrows in (("A", "B", a_rows, None), ("B", "A", b_rows, from_b_rows)):
+                members = [(j, pair[side == "B"]) for j, pair in enumerate(bucket) if pair[side == "B"] in position]
+                if not members:
+                    continue
+                sel = torch.tensor([j for j, _ in members], device=X[side].device)
+                pos = [position[i] for _, i in members]
+                G = torch.stack([rows(lists["grads"][q]).to(dt) for q in pos])
+                new = preconditioned(
+                    X[other][sel], G, mode=group["mode"], route=group["route"], rank_tol=tol,
+                    damping=group["damping"], spec_other=spec[other].select(sel) if spec else None,
+                )
+                if group["decouple_sigma"]:
+                    own_spec = spec[side].select(sel)
+                    g_sigma, new = sigma_split(own_spec, X[side][sel], new)
+                    sigma_step = self._sigma_adam(group, [lists["params"][q] for q in pos], g_sigma, lists, pos)
+                    delta = sigma_correction(own_spec, X[side][sel], sigma_step)
+                    for (_, i), d in zip(members, delta):
+                        p = params[i]
+                        corrections.append((p, (d if unrows is None else unrows(d, p)).reshape(p.shape).to(p.dtype)))
+                for q, g in zip(pos, new):
+                    like = lists["grads"][q]
+                    lists["grads"][q] = (g if unrows is None else unrows(g, like)).reshape(like.shape).to(like.dtype)
+        return corrections
+
+    def _sigma_adam(self, group: dict[str, Any], factors: list[Tensor], g_sigma: Tensor,
+                    lists: dict[str, list[Tensor]], pos: list[int]) -> Tensor:
+        """Adam on the singular-value gradients ``gσ`` (2.4); returns the signed steps ``[k, r]``.
+
+        Uses torch's functional Adam on a zero buffer: after the call the buffer holds
+        ``−lr·sigma_lr_ratio·Adam(gσ)`` (no weight decay), in the factor's dtype.
+        """
+        dtype = factors[0].dtype
+        buf = torch.zeros(g_sigma.shape, dtype=dtype, device=g_sigma.device)
+        sub: dict[str, list[Tensor]] = defaultdict(list)
+        for p, row, g, q in zip(factors, buf.unbind(0), g_sigma.to(dtype).unbind(0), pos):
+            state = self.state[p]
+            if "sigma_exp_avg" not in state:
+                state["sigma_exp_avg"] = torch.zeros_like(row)
+                state["sigma_exp_avg_sq"] = torch.zeros_like(row)
+            if group["amsgrad"] and "sigma_max_exp_avg_sq" not in state:
+                state["sigma_max_exp_avg_sq"] = torch.zeros_like(row)
+            sub["params"].append(row)
+            sub["grads"].append(g)
+            sub["exp_avgs"].append(state["sigma_exp_avg"])
+            sub["exp_avg_sqs"].append(state["sigma_exp_avg_sq"])
+            if group["amsgrad"]:
+                sub["max_exp_avg_sqs"].append(state["sigma_max_exp_avg_sq"])
+            sub["state_steps"].append(lists["state_steps"][q].clone())
+        self._adam({**group, "foreach": None, "fused": None}, sub,
+                   lr=group["lr"] * group["sigma_lr_ratio"], weight_decay=0.0)
+        return buf.to(g_sigma.dtype)

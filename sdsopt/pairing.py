@@ -1,0 +1,135 @@
+"""Which parameters form LoRA pairs, and how a pair's tensors are seen as matrices (MATH.md §1).
+
+A *pairing function* maps the list of parameter names of an optimizer to ``(name_A, name_B)``
+tuples.  :func:`regex_pairing` builds one from a regular expression with a named group
+``factor``: two names pair when they are equal outside that group and the group reads ``a`` in
+one and ``b`` in the other.  The default, :data:`PEFT_PATTERN`, covers PEFT's
+``…lora_A.<adapter>.weight`` ↔ ``…lora_B.<adapter>.weight`` (Linear, Conv, any adapter name,
+several adapters) and ``…lora_embedding_A.<adapter>`` ↔ ``…lora_embedding_B.<adapter>``.
+
+Matrix views (row form, see :mod:`sdsopt.linalg`):
+
+* ``A`` of shape ``(r, *rest)`` is the ``r × prod(rest)`` matrix (Conv: ``r × c·k·k``);
+* ``B`` of shape ``(m, r, 1, …)`` is the ``m × r`` matrix; its row form is ``Bᵀ`` (``r × m``).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from torch import Tensor
+
+__all__ = [
+    "PEFT_PATTERN",
+    "LoraPair",
+    "PairingFn",
+    "a_rows",
+    "b_rows",
+    "check_pair_shapes",
+    "from_b_rows",
+    "lone_factors",
+    "peft_pairing",
+    "regex_pairing",
+]
+
+PairingFn = Callable[[Sequence[str]], list[tuple[str, str]]]
+
+PEFT_PATTERN = r"(?:^|\.)lora_(?:embedding_)?(?P<factor>A|B)(?:\.|$)"
+"""PEFT's names: ``lora_A``/``lora_B`` (Linear, Conv, any adapter) and ``lora_embedding_A``/``_B``."""
+
+
+def regex_pairing(pattern: str, a: str = "A", b: str = "B") -> PairingFn:
+    """Pairing function from a regex with a named group ``factor`` that reads ``a`` or ``b``.
+
+    Example (kohya-style names ``….lora_down.weight`` / ``….lora_up.weight``)::
+
+        regex_pairing(r"\\.lora_(?P<factor>down|up)\\.", a="down", b="up")
+    """
+    regex = re.compile(pattern)
+    if "factor" not in regex.groupindex:
+        raise ValueError(f"pairing pattern {pattern!r} needs a named group (?P<factor>...)")
+
+    def pair(names: Sequence[str]) -> list[tuple[str, str]]:
+        slots: dict[str, dict[str, str]] = {}
+        for name in names:
+            match = regex.search(name)
+            if match is None or match.group("factor") not in (a, b):
+                continue
+            start, end = match.span("factor")
+            key = name[:start] + "\0" + name[end:]
+            role = "A" if match.group("factor") == a else "B"
+            slots.setdefault(key, {})[role] = name
+        return [(s["A"], s["B"]) for s in slots.values() if len(s) == 2]
+
+    pair.__doc__ = f"pairs names by {pattern!r} (A: {a!r}, B: {b!r})"
+    return pair
+
+
+peft_pairing: PairingFn = regex_pairing(PEFT_PATTERN)
+
+
+def lone_factors(names: Sequence[str], pairs: Sequence[tuple[str, str]], pattern: str = PEFT_PATTERN) -> list[str]:
+    """Names that look like a LoRA factor (``pattern``) but were not paired."""
+    paired = {n for pair in pairs for n in pair}
+    regex = re.compile(pattern)
+    return [n for n in names if n not in paired and regex.search(n)]
+
+
+@dataclass(frozen=True)
+class LoraPair:
+    """A resolved pair: indices into its param group's ``params``, names, and matrix sizes."""
+
+    group: int
+    index_a: int
+    index_b: int
+    name_a: str
+    name_b: str
+    m: int
+    n: int
+    r: int
+
+
+def check_pair_shapes(A: Tensor, B: Tensor, name_a: str, name_b: str) -> tuple[int, int, int]:
+    """Validate that ``B·A`` chains and return ``(m, n, r)``; raise ``ValueError`` naming both otherwise."""
+    for t, name in ((A, name_a), (B, name_b)):
+        if t.dim() < 2:
+            raise ValueError(
+                f"LoRA factor {name!r} has shape {tuple(t.shape)}; a factor must be at least 2-D. "
+                "Check the pairing (pairing=/lora_pairs=) or leave this parameter unpaired."
+            )
+        if t.is_complex() or not t.is_floating_point():
+            raise ValueError(
+                f"LoRA factor {name!r} has dtype {t.dtype}; SDSAdamW pairs only real floating-point "
+                "factors. Leave it unpaired (it then gets plain AdamW) or convert it."
+            )
+        if t.is_sparse:
+            raise ValueError(f"LoRA factor {name!r} is a sparse tensor; use a dense parameter.")
+    r = A.shape[0]
+    if B.shape[1] != r or math.prod(B.shape[2:]) != 1:
+        raise ValueError(
+            f"LoRA pair shapes do not chain: A {name_a!r} is {tuple(A.shape)} (rank r={r} = dim 0) but "
+            f"B {name_b!r} is {tuple(B.shape)} (needs shape (m, {r}) or (m, {r}, 1, ...)). "
+            "Pass pairs as (A, B) in this order and check that both belong to the same adapter."
+        )
+    if A.device != B.device:
+        raise ValueError(f"LoRA pair {name_a!r} ({A.device}) / {name_b!r} ({B.device}) spans devices.")
+    return B.shape[0], math.prod(A.shape[1:]), r
+
+
+def a_rows(t: Tensor) -> Tensor:
+    """Row form of an A-shaped tensor: ``(r, *rest) → r × prod(rest)`` (a view when contiguous)."""
+    return t.reshape(t.shape[0], -1)
+
+
+def b_rows(t: Tensor) -> Tensor:
+    """Row form of a B-shaped tensor: ``(m, r, 1, …) → (Bᵀ) r × m``."""
+    return t.reshape(t.shape[0], t.shape[1]).transpose(0, 1)
+
+
+def from_b_rows(rows: Tensor, like: Tensor) -> Tensor:
+    """Inverse of :func:`b_rows`: ``r × m`` back to ``like``'s shape."""
+    return rows.transpose(0, 1).reshape(like.shape)
+

@@ -1,0 +1,66 @@
+"""Independent float64 references for the tests: SVD-based closed forms, no code shared with sdsopt.
+
+Everything here is computed from the full gradient ``G`` and thin SVDs of the factors, the way MATH.md
+§2 states the method, not from the r×r Grams the package uses.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+REF_TOL = 1e-14  # relative singular-value cut, as the package's float64 rank_tol (on σ²)
+
+
+def orthonormal(rows: int, cols: int, gen: torch.Generator) -> Tensor:
+    """A rows×cols matrix with orthonormal columns (rows ≥ cols)."""
+    q, r = torch.linalg.qr(torch.randn(rows, cols, dtype=torch.float64, generator=gen))
+    return q * torch.sign(torch.diagonal(r))
+
+
+def make_factor(rows: int, cols: int, kappa: float, scale: float, gen: torch.Generator) -> Tensor:
+    """rows×cols matrix of rank min(rows, cols), singular values from ``scale`` down to ``scale/kappa``."""
+    k = min(rows, cols)
+    sigma = scale * kappa ** (-torch.linspace(0, 1, k, dtype=torch.float64))
+    return orthonormal(rows, k, gen) @ torch.diag(sigma) @ orthonormal(cols, k, gen).T
+
+
+def range_svd(X: Tensor, tol: float = REF_TOL) -> tuple[Tensor, Tensor, Tensor]:
+    """Thin SVD of ``X`` restricted to its numerical range (σ² > tol·σ_max²)."""
+    U, S, Vh = torch.linalg.svd(X, full_matrices=False)
+    keep = S**2 > tol * S[0] ** 2 if S.numel() and S[0] > 0 else torch.zeros_like(S, dtype=torch.bool)
+    return U[:, keep], S[keep], Vh[keep]
+
+
+def polar(X: Tensor) -> Tensor:
+    """Ω = U Vᵀ of the thin SVD of X (on its numerical range)."""
+    U, _, Vh = range_svd(X)
+    return U @ Vh
+
+
+def lora_grads(A: Tensor, B: Tensor, G: Tensor, s: float) -> tuple[Tensor, Tensor]:
+    """(1.1): gA = s Bᵀ G, gB = s G Aᵀ."""
+    return s * B.T @ G, s * G @ A.T
+
+
+def sds_reference(A: Tensor, B: Tensor, G: Tensor, s: float) -> tuple[Tensor, Tensor]:
+    """(2.2) from the full gradient: g̃A = s Ω_Bᵀ G, g̃B = s G Ω_Aᵀ."""
+    return s * polar(B).T @ G, s * G @ polar(A).T
+
+
+def scaled_reference(A: Tensor, B: Tensor, G: Tensor, s: float, delta: float) -> tuple[Tensor, Tensor]:
+    """Riemannian preconditioning: g̃A = (BᵀB + δI)^{-1} gA, g̃B = gB (AAᵀ + δI)^{-1} (linear solves)."""
+    gA, gB = lora_grads(A, B, G, s)
+    r = A.shape[0]
+    eye = torch.eye(r, dtype=A.dtype)
+    return torch.linalg.solve(B.T @ B + delta * eye, gA), torch.linalg.solve(A @ A.T + delta * eye, gB.T).T
+
+
+def sigma_split_reference(X: Tensor, G: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(2.3) for a factor X (r×p, either orientation handled by the caller) by full SVD.
+
+    Returns (gσ over the range, basis part, U, Vh) with X = U diag(σ) Vh.
+    """
+    U, _, Vh = range_svd(X)
+    g_sigma = torch.diagonal(U.T @ G @ Vh.T)
+    return g_sigma, G - U @ torch.diag(g_sigma) @ Vh, U, Vh
