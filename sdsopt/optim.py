@@ -152,6 +152,15 @@ class SDSAdamW(Optimizer):
         else:
             raise TypeError(f"SDSAdamW: pairing must be None, a regex string or a callable, got {type(pairing).__name__}.")
         super().__init__(params, defaults)
+        if self._pairing is _pairing.peft_pairing:
+            names = [n for g in self.param_groups for n in g.get("param_names", [])]
+            lone = _pairing.lone_factors(names, [(p.name_a, p.name_b) for p in self.lora_pairs])
+            if lone:
+                warnings.warn(
+                    f"SDSAdamW: {len(lone)} LoRA factor(s) without their partner get plain AdamW "
+                    f"(first: {lone[0]!r}). Pass both factors to the optimizer to rewrite them.",
+                    UserWarning, stacklevel=2,
+                )
         if not self.lora_pairs:
             named = any("param_names" in g for g in self.param_groups)
             warnings.warn(
@@ -204,14 +213,6 @@ class SDSAdamW(Optimizer):
             index = {n: i for i, n in enumerate(names)}
             pairs += [(index[a], index[b]) for a, b in self._pairing(names)]
             self._check_not_split(gi, names)
-            if self._pairing is _pairing.peft_pairing:
-                lone = _pairing.lone_factors(names, [(names[a], names[b]) for a, b in pairs])
-                if lone:
-                    warnings.warn(
-                        f"SDSAdamW: {len(lone)} LoRA factor(s) without their partner get plain AdamW "
-                        f"(first: {lone[0]!r}). Pass both factors to the optimizer to rewrite them.",
-                        UserWarning, stacklevel=4,
-                    )
 
         seen: dict[int, int] = {}
         for k, (ia, ib) in enumerate(pairs):

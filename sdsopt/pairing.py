@@ -93,29 +93,32 @@ class LoraPair:
 
 
 def check_pair_shapes(A: Tensor, B: Tensor, name_a: str, name_b: str) -> tuple[int, int, int]:
-    """Validate that ``B·A`` chains and return ``(m, n, r)``; raise ``ValueError`` naming both otherwise."""
+    """Validate that ``B·A`` chains and return ``(m, n, r)``; raise ``ValueError`` naming both otherwise.
+
+    ``name_a``/``name_b`` are labels as they should appear in messages (already quoted).
+    """
     for t, name in ((A, name_a), (B, name_b)):
         if t.dim() < 2:
             raise ValueError(
-                f"LoRA factor {name!r} has shape {tuple(t.shape)}; a factor must be at least 2-D. "
+                f"LoRA factor {name} has shape {tuple(t.shape)}; a factor must be at least 2-D. "
                 "Check the pairing (pairing=/lora_pairs=) or leave this parameter unpaired."
             )
         if t.is_complex() or not t.is_floating_point():
             raise ValueError(
-                f"LoRA factor {name!r} has dtype {t.dtype}; SDSAdamW pairs only real floating-point "
+                f"LoRA factor {name} has dtype {t.dtype}; SDSAdamW pairs only real floating-point "
                 "factors. Leave it unpaired (it then gets plain AdamW) or convert it."
             )
         if t.is_sparse:
-            raise ValueError(f"LoRA factor {name!r} is a sparse tensor; use a dense parameter.")
+            raise ValueError(f"LoRA factor {name} is a sparse tensor; use a dense parameter.")
     r = A.shape[0]
     if B.shape[1] != r or math.prod(B.shape[2:]) != 1:
         raise ValueError(
-            f"LoRA pair shapes do not chain: A {name_a!r} is {tuple(A.shape)} (rank r={r} = dim 0) but "
-            f"B {name_b!r} is {tuple(B.shape)} (needs shape (m, {r}) or (m, {r}, 1, ...)). "
+            f"LoRA pair shapes do not chain: A {name_a} is {tuple(A.shape)} (rank r={r} = dim 0) but "
+            f"B {name_b} is {tuple(B.shape)} (needs shape (m, {r}) or (m, {r}, 1, ...)). "
             "Pass pairs as (A, B) in this order and check that both belong to the same adapter."
         )
     if A.device != B.device:
-        raise ValueError(f"LoRA pair {name_a!r} ({A.device}) / {name_b!r} ({B.device}) spans devices.")
+        raise ValueError(f"LoRA pair {name_a} ({A.device}) / {name_b} ({B.device}) spans devices.")
     return B.shape[0], math.prod(A.shape[1:]), r
 
 
