@@ -72,3 +72,19 @@ def test_peft_embedding_and_conv_pairs():
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0]
+
+
+def test_several_adapters_pair_separately_and_only_active_moves():
+    model = lora_gpt2()
+    model.add_adapter("other", peft.LoraConfig(r=2, target_modules=["c_attn"], fan_in_fan_out=True))
+    # PEFT freezes inactive adapters; make both trainable to check pairing across adapter names
+    opt = SDSAdamW([(n, p) for n, p in model.named_parameters() if "lora_" in n], lr=1e-2)
+    adapters = sorted({p.name_a.split("lora_A.")[1].split(".")[0] for p in opt.lora_pairs})
+    assert adapters == ["default", "other"]
+    assert all(p.name_b == p.name_a.replace("lora_A", "lora_B") for p in opt.lora_pairs)
+    assert {p.r for p in opt.lora_pairs if ".other." in p.name_a} == {2}
+    other = {n: p.detach().clone() for n, p in model.named_parameters() if ".other." in n}
+    tokens = load_corpus("pydoc", max_bytes=5_000)[:64].long().view(2, 32)
+    lm_loss(model, tokens).backward()  # only the active adapter ("default") gets gradients
+    opt.step()
+    assert all(torch.equal(p, other[n]) for n, p in model.named_parameters() if n in other)
