@@ -12,6 +12,7 @@ from __future__ import annotations
 import warnings
 from collections import defaultdict
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -21,12 +22,24 @@ from torch.optim.optimizer import Optimizer
 
 from . import pairing as _pairing
 from .linalg import algebra_precision, gram_spectrum
-from .pairing import LoraPair, PairingFn, a_rows, b_rows, check_pair_shapes, from_b_rows
-from .rewrite import MODES, ROUTES, preconditioned, sigma_correction, sigma_split
+from .pairing import LoraPair, PairingFn, a_rows, check_pair_shapes
+from .rewrite import MODES, ROUTES, preconditioner, sigma_correction, sigma_split
 
 __all__ = ["SDSAdamW"]
 
 _LINALG_DTYPES = (None, torch.float32, torch.float64)
+
+
+@dataclass
+class _Bucket:
+    """LoRA pairs of one param group that share shapes, dtypes, device and which factors have grads."""
+
+    a_shape: torch.Size
+    b_shape: torch.Size
+    has_a: bool
+    has_b: bool
+    a: list[int] = field(default_factory=list)  # indices of the A factors in the group's params
+    b: list[int] = field(default_factory=list)
 
 
 def _param_label(group: dict[str, Any], index: int, group_index: int) -> str:
@@ -87,9 +100,10 @@ class SDSAdamW(Optimizer):
             MATH.md's first evidence found it slower than plain SDS.
         sigma_lr_ratio: step-size ratio of the singular-value channel.
         route: ``"eigh"`` (default; eigendecomposition of the r×r Gram) or ``"newton_schulz"``
-            (matmul-only; ``sds`` only, falls back to eigh where it does not converge).
+            (matmul-only damped inverse root; ``sds`` only, falls back to eigh where it does not converge).
         rank_tol: τ of MATH (2.5): Gram eigenvalues ``≤ τ·λ_max`` are outside the factor's range and
-            pass no gradient.  ``None``: 1e-6 for float32 algebra, 1e-14 for float64.
+            pass no gradient.  ``None``: 1e-6 for float32 algebra, 1e-14 for float64; for
+            ``route="newton_schulz"`` it is the relative damping δ (defaults 1e-5 and 1e-11).
         damping: δ of mode ``"scaled"`` (absolute, > 0).
         linalg_dtype: dtype of the r×r algebra; ``None`` means float32, or float64 for float64
             parameters.  Never lower than float32, whatever the parameter dtype; the rewritten
@@ -151,6 +165,7 @@ class SDSAdamW(Optimizer):
             self._pairing = pairing
         else:
             raise TypeError(f"SDSAdamW: pairing must be None, a regex string or a callable, got {type(pairing).__name__}.")
+        self._bucket_cache: dict[int, tuple[Any, ...]] = {}
         super().__init__(params, defaults)
         if self._pairing is _pairing.peft_pairing:
             names = [n for g in self.param_groups for n in g.get("param_names", [])]
@@ -330,58 +345,80 @@ class SDSAdamW(Optimizer):
                 continue
             corrections: list[tuple[Tensor, Tensor]] = []
             if group["mode"] != "lora" and group["lora_pairs"]:
-                corrections = self._rewrite_group(group, position, lists)
+                corrections = self._rewrite_group(gi, group, position, lists)
             self._adam(group, lists, lr=group["lr"], weight_decay=group["weight_decay"], has_complex=has_complex)
             if corrections:
                 targets, deltas = zip(*corrections)
                 torch._foreach_add_(list(targets), list(deltas))
         return loss
 
+    def _buckets(self, gi: int, group: dict[str, Any], position: dict[int, int]) -> list[_Bucket]:
+        """Pairs with a gradient, grouped into buckets of equal shapes, dtypes, device and grad presence.
+
+        Cached per group: recomputed only when which factors have gradients changes.
+        """
+        pairs = group["lora_pairs"]
+        key = tuple((ia in position, ib in position) for ia, ib in pairs)
+        cached = self._bucket_cache.get(gi)
+        if cached is not None and cached[0] == key and cached[1] is pairs:
+            return cached[2]
+        params: list[Tensor] = group["params"]
+        found: dict[tuple[Any, ...], _Bucket] = {}
+        for (ia, ib), (has_a, has_b) in zip(pairs, key):
+            if not (has_a or has_b):
+                continue
+            A, B = params[ia], params[ib]
+            k = (A.shape, B.shape, A.dtype, B.dtype, A.device, has_a, has_b)
+            bucket = found.setdefault(k, _Bucket(a_shape=A.shape, b_shape=B.shape, has_a=has_a, has_b=has_b))
+            bucket.a.append(ia)
+            bucket.b.append(ib)
+        buckets = list(found.values())
+        self._bucket_cache[gi] = (key, pairs, buckets)
+        return buckets
+
     def _rewrite_group(
-        self, group: dict[str, Any], position: dict[int, int], lists: dict[str, list[Tensor]]
+        self, gi: int, group: dict[str, Any], position: dict[int, int], lists: dict[str, list[Tensor]]
     ) -> list[tuple[Tensor, Tensor]]:
         """Replace the paired grads in ``lists['grads']`` by their rewrite (equation R of :mod:`sdsopt.rewrite`).
 
-        Pairs are bucketed by shape and device so that all r×r algebra of a bucket is batched.
-        Returns the singular-value corrections ``(param, delta)`` to add after the AdamW update.
+        All r×r algebra of a bucket is batched: one stack of each factor and gradient kind, one Gram
+        and one eigh (or Newton–Schulz) per factor kind, one bmm per rewritten gradient kind; the
+        rewritten gradients handed to Adam are views of the bmm output.  Returns the singular-value
+        corrections ``(param, delta)`` to add after the AdamW update.
         """
         params: list[Tensor] = group["params"]
-        buckets: dict[tuple[Any, ...], list[tuple[int, int]]] = defaultdict(list)
-        for ia, ib in group["lora_pairs"]:
-            if ia in position or ib in position:
-                A, B = params[ia], params[ib]
-                buckets[(A.shape, B.shape, A.device, A.dtype, B.dtype)].append((ia, ib))
         corrections: list[tuple[Tensor, Tensor]] = []
-        for bucket in buckets.values():
-            dt, tol = algebra_precision(params[bucket[0][0]].dtype, group["linalg_dtype"], group["rank_tol"])
-            X = {
-                "A": torch.stack([a_rows(params[ia]).to(dt) for ia, _ in bucket]),
-                "B": torch.stack([b_rows(params[ib]).to(dt) for _, ib in bucket]),
-            }
-            need_spec = group["route"] == "eigh" or group["mode"] != "sds" or group["decouple_sigma"]
-            spec = {side: gram_spectrum(X[side], tol) for side in "AB"} if need_spec else {}
-            for side, other, rows, unrows in (("A", "B", a_rows, None), ("B", "A", b_rows, from_b_rows)):
-                members = [(j, pair[side == "B"]) for j, pair in enumerate(bucket) if pair[side == "B"] in position]
-                if not members:
+        sigma = group["decouple_sigma"]
+        for bucket in self._buckets(gi, group, position):
+            k = len(bucket.a)
+            (r, *_), (m, *_) = bucket.a_shape, bucket.b_shape
+            dt, tol = algebra_precision(
+                params[bucket.a[0]].dtype, group["linalg_dtype"], group["rank_tol"], group["route"])
+            A = torch.stack([params[i] for i in bucket.a]).to(dt).view(k, r, -1)
+            B = torch.stack([params[i] for i in bucket.b]).to(dt).view(k, m, r)
+            rows = {"A": A, "B": B.transpose(1, 2)}  # row form (MATH 2.1: K = X Xᵀ for both)
+            need_spec = group["route"] == "eigh" or group["mode"] != "sds" or sigma
+            spec = {side: gram_spectrum(x, tol) for side, x in rows.items()} if need_spec else {}
+            kw = dict(mode=group["mode"], route=group["route"], rank_tol=tol, damping=group["damping"])
+            for side, other, ids, present in (("A", "B", bucket.a, bucket.has_a), ("B", "A", bucket.b, bucket.has_b)):
+                if not present:
                     continue
-                sel = torch.tensor([j for j, _ in members], device=X[side].device)
-                pos = [position[i] for _, i in members]
-                G = torch.stack([rows(lists["grads"][q]).to(dt) for q in pos])
-                new = preconditioned(
-                    X[other][sel], G, mode=group["mode"], route=group["route"], rank_tol=tol,
-                    damping=group["damping"], spec_other=spec[other].select(sel) if spec else None,
-                )
-                if group["decouple_sigma"]:
-                    own_spec = spec[side].select(sel)
-                    g_sigma, new = sigma_split(own_spec, X[side][sel], new)
-                    sigma_step = self._sigma_adam(group, [lists["params"][q] for q in pos], g_sigma, lists, pos)
-                    delta = sigma_correction(own_spec, X[side][sel], sigma_step)
-                    for (_, i), d in zip(members, delta):
-                        p = params[i]
-                        corrections.append((p, (d if unrows is None else unrows(d, p)).reshape(p.shape).to(p.dtype)))
+                pos = [position[i] for i in ids]
+                P = preconditioner(rows[other], spec_other=spec.get(other), **kw)
+                G = torch.stack([lists["grads"][q] for q in pos]).to(dt)
+                new = P @ G.view(k, r, -1) if side == "A" else G.view(k, m, r) @ P  # (R)
+                if sigma:
+                    new_rows = new if side == "A" else new.transpose(1, 2)
+                    g_sigma, basis = sigma_split(spec[side], rows[side], new_rows)
+                    steps = self._sigma_adam(group, [params[i] for i in ids], g_sigma, lists, pos)
+                    delta = sigma_correction(spec[side], rows[side], steps)
+                    new = basis if side == "A" else basis.transpose(1, 2)
+                    delta = delta if side == "A" else delta.transpose(1, 2)
+                    corrections += [(params[i], d.reshape(params[i].shape).to(params[i].dtype))
+                                    for i, d in zip(ids, delta)]
                 for q, g in zip(pos, new):
                     like = lists["grads"][q]
-                    lists["grads"][q] = (g if unrows is None else unrows(g, like)).reshape(like.shape).to(like.dtype)
+                    lists["grads"][q] = g.reshape(like.shape).to(like.dtype)
         return corrections
 
     def _sigma_adam(self, group: dict[str, Any], factors: list[Tensor], g_sigma: Tensor,

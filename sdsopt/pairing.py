@@ -29,7 +29,7 @@ __all__ = [
     "a_rows",
     "b_rows",
     "check_pair_shapes",
-    "from_b_rows",
+    "b_matrix",
     "lone_factors",
     "peft_pairing",
     "regex_pairing",
@@ -127,12 +127,12 @@ def a_rows(t: Tensor) -> Tensor:
     return t.reshape(t.shape[0], -1)
 
 
+def b_matrix(t: Tensor) -> Tensor:
+    """Matrix view of a B-shaped tensor: ``(m, r, 1, …) → m × r``."""
+    return t.reshape(t.shape[0], t.shape[1])
+
+
 def b_rows(t: Tensor) -> Tensor:
-    """Row form of a B-shaped tensor: ``(m, r, 1, …) → (Bᵀ) r × m``."""
-    return t.reshape(t.shape[0], t.shape[1]).transpose(0, 1)
-
-
-def from_b_rows(rows: Tensor, like: Tensor) -> Tensor:
-    """Inverse of :func:`b_rows`: ``r × m`` back to ``like``'s shape."""
-    return rows.transpose(0, 1).reshape(like.shape)
+    """Row form of a B-shaped tensor: ``(m, r, 1, …) → Bᵀ``, an ``r × m`` view (no copy)."""
+    return b_matrix(t).transpose(-2, -1)
 

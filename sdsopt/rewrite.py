@@ -1,12 +1,13 @@
 """The gradient rewrites of MATH.md §2–§3, as pure functions on batches of row-form factors.
 
 Row form (see :mod:`sdsopt.linalg`): ``A`` is used as is (``r × n``), ``B`` as ``Bᵀ`` (``r × m``).
-In row form every mode of MATH §3 that acts on the pair's gradients is *one* formula,
+Every mode of MATH §3 that acts on the pair's gradients is *one* formula,
 
-    (R)    g̃X = P(K_other) · gX            for X ∈ {A, Bᵀ},  K_other = X_other X_otherᵀ
+    (R)    g̃A = P(K_B) · gA        g̃B = gB · P(K_A)        K_A = A Aᵀ,  K_B = Bᵀ B
 
-because ``g̃A = P_B gA`` and ``g̃B = gB P_A  ⇔  g̃Bᵀ = P_A gBᵀ`` (``P`` symmetric).  The mode only
-chooses the spectral function ``P = U diag(f(λ)) Uᵀ``:
+(in row form ``g̃X = P(K_other) gX`` for ``X ∈ {A, Bᵀ}``, ``P`` symmetric).  ``P`` is an r×r matrix
+formed once per factor and applied with one batched matmul; the mode only chooses the spectral
+function ``P = U diag(f(λ)) Uᵀ``:
 
 =========  ==========================================  =============================
 mode       f(λ)                                        MATH
@@ -31,13 +32,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .linalg import Spectrum, algebra_precision, gram_spectrum, inv_sqrt, inv_sqrt_newton_schulz, spectral_apply
-from .pairing import a_rows, b_rows, from_b_rows
+from .linalg import Spectrum, algebra_precision, gram_spectrum, inv_sqrt, inv_sqrt_newton_schulz, spectral_matrix
+from .pairing import a_rows, b_matrix, b_rows
 
 __all__ = [
     "MODES",
     "ROUTES",
-    "preconditioned",
+    "preconditioner",
     "rewrite_pair",
     "sigma_correction",
     "sigma_split",
@@ -53,14 +54,12 @@ def spectral_function(spec: Spectrum, mode: str, damping: float) -> Tensor:
     if mode == "sds":
         return inv_sqrt(spec)
     if mode == "scaled":
-        lam = spec.lam * spec.scale.squeeze(-1) ** 2
-        return 1.0 / (lam + damping)
+        return 1.0 / (spec.lam + damping)
     raise ValueError(f"no spectral preconditioner for mode {mode!r}")
 
 
-def preconditioned(
+def preconditioner(
     X_other: Tensor,
-    G: Tensor,
     *,
     mode: str,
     route: str,
@@ -68,37 +67,34 @@ def preconditioned(
     damping: float,
     spec_other: Spectrum | None = None,
 ) -> Tensor:
-    """Equation (R): ``P(K_other) @ G`` for batches ``X_other`` ``[k, r, p]`` and ``G`` ``[k, r, q]``.
+    """``P(K_other)`` of equation (R) as a dense ``[k, r, r]`` batch, for row-form ``X_other`` ``[k, r, p]``.
 
     ``route='eigh'`` builds ``P`` from the eigendecomposition of the Gram (``spec_other`` may be
     passed to reuse one); ``route='newton_schulz'`` (``sds`` only) uses the matmul-only iteration of
     :func:`sdsopt.linalg.inv_sqrt_newton_schulz` and falls back to eigh for the batch items whose
-    iteration did not converge.
+    iteration did not converge (one host synchronisation per call).
     """
     if mode == "sds" and route == "newton_schulz":
         P, converged = inv_sqrt_newton_schulz(X_other, rank_tol)
-        out = P @ G
         if not bool(converged.all()):
             bad = (~converged).nonzero().squeeze(-1)
             spec = gram_spectrum(X_other[bad], rank_tol)
-            out[bad] = spectral_apply(spec, inv_sqrt(spec), G[bad])
-        return out
+            P[bad] = spectral_matrix(spec, inv_sqrt(spec))
+        return P
     spec = spec_other if spec_other is not None else gram_spectrum(X_other, rank_tol)
-    return spectral_apply(spec, spectral_function(spec, mode, damping), G)
+    return spectral_matrix(spec, spectral_function(spec, mode, damping))
 
 
 def sigma_split(spec: Spectrum, X: Tensor, G: Tensor) -> tuple[Tensor, Tensor]:
     """(2.3): ``(gσ [k, r], basis [k, r, q])`` for row-form factors ``X`` with spectrum ``spec``.
 
-    Directions off the numerical range (2.5) have ``σ⁺ = 0``: they get ``gσ = 0`` and keep their
-    whole gradient in ``basis``.
+    ``gσ = diag(Uᵀ (G Xᵀ) U) ⊙ σ⁺`` and ``basis = G − U diag(gσ ⊙ σ⁺) Uᵀ X``.  Directions off the
+    numerical range (2.5) have ``σ⁺ = 0``: they get ``gσ = 0`` and keep their whole gradient in ``basis``.
     """
     s_pinv = inv_sqrt(spec)
     U = spec.U
-    Ut_X = U.transpose(-2, -1) @ X  # Σ Vᵀ : r × q
-    g_sigma = (U.transpose(-2, -1) @ G @ Ut_X.transpose(-2, -1)).diagonal(dim1=-2, dim2=-1) * s_pinv
-    basis = G - U @ ((g_sigma * s_pinv).unsqueeze(-1) * Ut_X)
-    return g_sigma, basis
+    g_sigma = (U.transpose(-2, -1) @ (G @ X.transpose(-2, -1)) @ U).diagonal(dim1=-2, dim2=-1) * s_pinv
+    return g_sigma, G - spectral_matrix(spec, g_sigma * s_pinv) @ X
 
 
 def sigma_correction(spec: Spectrum, X: Tensor, sigma_step: Tensor) -> Tensor:
@@ -106,7 +102,7 @@ def sigma_correction(spec: Spectrum, X: Tensor, sigma_step: Tensor) -> Tensor:
 
     ``sigma_step`` ``[k, r]`` is the signed change of the singular values (``−lr·ratio·Adam(gσ)``).
     """
-    return spectral_apply(spec, sigma_step * inv_sqrt(spec), X)
+    return spectral_matrix(spec, sigma_step * inv_sqrt(spec)) @ X
 
 
 def rewrite_pair(
@@ -130,9 +126,10 @@ def rewrite_pair(
         raise ValueError(f"mode must be one of {MODES} and route one of {ROUTES}; got {mode!r}, {route!r}")
     if mode == "lora":
         return gA, gB
-    dt, tol = algebra_precision(A.dtype, linalg_dtype, rank_tol)
-    XA, XB = a_rows(A).to(dt)[None], b_rows(B).to(dt)[None]
+    dt, tol = algebra_precision(A.dtype, linalg_dtype, rank_tol, route)
     kw = dict(mode=mode, route=route, rank_tol=tol, damping=damping)
-    new_a = preconditioned(XB, a_rows(gA).to(dt)[None], **kw)[0]
-    new_b = preconditioned(XA, b_rows(gB).to(dt)[None], **kw)[0]
-    return new_a.reshape(gA.shape).to(gA.dtype), from_b_rows(new_b, gB).to(gB.dtype)
+    P_B = preconditioner(b_rows(B).to(dt)[None], **kw)[0]
+    P_A = preconditioner(a_rows(A).to(dt)[None], **kw)[0]
+    new_a = P_B @ a_rows(gA).to(dt)
+    new_b = b_matrix(gB).to(dt) @ P_A
+    return new_a.reshape(gA.shape).to(gA.dtype), new_b.reshape(gB.shape).to(gB.dtype)

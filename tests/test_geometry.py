@@ -19,7 +19,7 @@ from reference import (
     sigma_split_reference,
 )
 from sdsopt import rewrite_pair
-from sdsopt.linalg import gram_spectrum, inv_sqrt, inv_sqrt_newton_schulz
+from sdsopt.linalg import default_rank_tol, gram_spectrum, inv_sqrt, inv_sqrt_newton_schulz, spectral_matrix
 from sdsopt.rewrite import sigma_correction, sigma_split
 
 F64 = torch.float64
@@ -143,42 +143,49 @@ def test_scaled_matches_linear_solve(case, log_delta):
     assert rel_err(new_a, ref_a) <= 1e-8 and rel_err(new_b, ref_b) <= 1e-8
 
 
-@given(lora_case(max_kappa=1e4))
+@given(lora_case(max_kappa=1e3))
 def test_p6_routes_agree(case):
-    """P6: eigh and Newton–Schulz routes agree with the SVD reference (NS: to O(δ/λ̂_min), δ = 1e-14)."""
+    """P6: eigh and Newton–Schulz routes agree with the SVD reference.
+
+    Newton–Schulz is a damped root: bias O(δ/λ̂_min) = O(δ·r·κ²) on weak directions, rounding O(ε/δ);
+    δ = 1e-11 in float64.
+    """
     A, B, G, s, kappa = case
     gA, gB = lora_grads(A, B, G, s)
     ref_a, ref_b = sds_reference(A, B, G, s)
     ns_a, ns_b = rewrite_pair(A, B, gA, gB, route="newton_schulz")
     eig_a, eig_b = rewrite_pair(A, B, gA, gB, route="eigh")
     r = A.shape[0]
-    tol = 1e-7 + 3e-14 * r * kappa**2
+    tol = 1e-5 + 1e-11 * r * kappa**2
     assert rel_err(ns_a, ref_a) <= tol and rel_err(ns_b, ref_b) <= tol
     assert rel_err(ns_a, eig_a) <= tol and rel_err(ns_b, eig_b) <= tol
 
 
-@given(st.integers(2, 12), st.integers(1, 10), st.integers(0, 2**31 - 1), st.sampled_from([torch.float32, torch.float64]))
-def test_p6_routes_agree_near_singular(p, k, seed, dtype):
-    """Exactly rank-deficient Grams (rank k < r): the routes agree on gradients, which lie in the range.
+@given(st.integers(1, 8), st.integers(1, 4), st.integers(0, 12), st.integers(0, 2**31 - 1),
+       st.sampled_from([torch.float32, torch.float64]))
+def test_p6_routes_agree_near_singular(k, extra_r, extra_p, seed, dtype):
+    """Exactly rank-deficient Grams (rank k < r, range condition number 10): the routes agree.
 
     A factor's gradient is ``(other factor)ᵀ · (…)``, so in row form it lies in the column space of
     the other factor ``X``: the test draws ``G = X H``.  Off the range the eigh route passes nothing
     and the Newton–Schulz route (damped root) only rounding noise amplified by at most ``δ^{-1/2}``.
     """
     gen = torch.Generator().manual_seed(seed)
-    r = k + 1 + seed % 3
-    X = (torch.randn(r, k, dtype=F64, generator=gen) @ torch.randn(k, p, dtype=F64, generator=gen)).to(dtype)
+    r, p = k + extra_r, k + extra_p
+    sigma = 10 ** -torch.linspace(0, 1, k, dtype=F64)
+    X = (orthonormal(r, k, gen) @ torch.diag(sigma) @ orthonormal(p, k, gen).T).to(dtype)
     G = (X.double() @ torch.randn(p, 5, dtype=F64, generator=gen)).to(dtype)
-    spec = gram_spectrum(X[None], rank_tol=1e-6 if dtype == torch.float32 else 1e-14)
-    U = spec.U[0]
-    P_eigh = U @ torch.diag(inv_sqrt(spec)[0]) @ U.T
-    P_ns, converged = inv_sqrt_newton_schulz(X[None], rank_tol=1e-6 if dtype == torch.float32 else 1e-14)
+    spec = gram_spectrum(X[None], rank_tol=default_rank_tol(dtype))
+    P_eigh = spectral_matrix(spec, inv_sqrt(spec))[0]
+    P_ns, converged = inv_sqrt_newton_schulz(X[None], rank_tol=default_rank_tol(dtype, "newton_schulz"))
     ref = polar(X.double().T).T  # Ω such that P·X = Ω (on the range)
     assert converged.all()
+    assert int(spec.in_range.sum()) == k
+    tol = 5e-3 if dtype == torch.float32 else 1e-7
     for P in (P_eigh, P_ns[0]):
         assert torch.isfinite(P).all()
-        assert rel_err((P @ X).double(), ref) <= (2e-2 if dtype == torch.float32 else 1e-5)
-        assert rel_err((P @ G).double(), (P_eigh @ G).double()) <= (2e-2 if dtype == torch.float32 else 1e-5)
+        assert rel_err((P @ X).double(), ref) <= tol
+        assert rel_err((P @ G).double(), (P_eigh @ G).double()) <= tol
 
 
 @given(st.integers(1, 9), st.integers(1, 9), st.integers(1, 9), st.integers(0, 2**31 - 1),

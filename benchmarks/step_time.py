@@ -1,0 +1,183 @@
+"""Optimizer step time of SDSAdamW against torch.optim.AdamW (foreach and fused), same run, same tensors.
+
+    python benchmarks/step_time.py                      # GPU if present (LLaMA-7B LoRA shapes), else CPU (small)
+    python benchmarks/step_time.py --ranks 16 64 --dtypes fp32 --out results.json
+
+Shapes: ``llama7b`` = 32 layers × {q,k,v,o: 4096×4096; gate, up: 11008×4096; down: 4096×11008}
+(224 LoRA pairs); ``small`` = 4 layers of the same structure at width 1024 (for CPUs).
+Each variant steps on the same parameters and random gradients; the median of ``--steps`` timed
+steps after ``--warmup`` is reported (CUDA events on GPU, perf_counter on CPU), with the ratio to
+fused AdamW (foreach AdamW on CPU if fused is unavailable), the peak extra memory allocated during
+the step (GPU) and the optimizer state size.  ``--check`` compares one SDS step on the device
+against the float64 CPU reference of the same step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+from sdsopt import SDSAdamW
+
+SHAPES = {
+    "llama7b": dict(layers=32, width=4096, ffn=11008),
+    "small": dict(layers=4, width=1024, ffn=2752),
+}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def lora_params(shape: str, r: int, dtype: torch.dtype, device: torch.device, seed: int = 0):
+    """Named LoRA factors (PEFT names) with random values and gradients."""
+    s = SHAPES[shape]
+    w, f = s["width"], s["ffn"]
+    modules = {"q_proj": (w, w), "k_proj": (w, w), "v_proj": (w, w), "o_proj": (w, w),
+               "gate_proj": (f, w), "up_proj": (f, w), "down_proj": (w, f)}
+    gen = torch.Generator(device=device).manual_seed(seed)
+    named = []
+    for layer in range(s["layers"]):
+        for mod, (m, n) in modules.items():
+            prefix = f"model.layers.{layer}.{mod}"
+            A = torch.randn(r, n, generator=gen, device=device, dtype=dtype) / n**0.5
+            B = torch.randn(m, r, generator=gen, device=device, dtype=dtype) / r**0.5
+            for name, t in ((f"{prefix}.lora_A.default.weight", A), (f"{prefix}.lora_B.default.weight", B)):
+                p = torch.nn.Parameter(t)
+                p.grad = torch.randn(t.shape, generator=gen, device=device, dtype=dtype) * 1e-3
+                named.append((name, p))
+    return named
+
+
+def variants(device: torch.device, modes: list[str], routes: list[str]):
+    out = {"AdamW foreach": lambda named: torch.optim.AdamW([p for _, p in named], lr=1e-4, foreach=True),
+           "AdamW fused": lambda named: torch.optim.AdamW([p for _, p in named], lr=1e-4, fused=True)}
+    for mode in modes:
+        for route in routes if mode == "sds" else ["eigh"]:
+            label = f"SDSAdamW {mode}" + (f" {route}" if mode == "sds" else "")
+            out[label] = (lambda mode, route: lambda named: SDSAdamW(
+                named, lr=1e-4, mode=mode, route=route, fused=True))(mode, route)
+    return out
+
+
+@dataclass
+class Row:
+    variant: str
+    rank: int
+    dtype: str
+    median_ms: float
+    ratio_to_fused: float
+    peak_extra_mb: float
+    state_mb: float
+
+
+def time_steps(opt, device, steps: int, warmup: int) -> tuple[float, float]:
+    for _ in range(warmup):
+        opt.step()
+    times = []
+    peak = 0.0
+    for _ in range(steps):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            base = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            opt.step()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+            peak = max(peak, (torch.cuda.max_memory_allocated() - base) / 2**20)
+        else:
+            t0 = time.perf_counter()
+            opt.step()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times), peak
+
+
+def state_mb(opt) -> float:
+    return sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values()
+               if torch.is_tensor(t)) / 2**20
+
+
+def check_against_cpu(named, device) -> float:
+    """Relative error of one SDS step on ``device`` against the same step in float64 on the CPU."""
+    cpu = [(n, torch.nn.Parameter(p.detach().double().cpu())) for n, p in named[:14]]
+    for (_, q), (_, p) in zip(cpu, named[:14]):
+        q.grad = p.grad.detach().double().cpu()
+    dev = [(n, torch.nn.Parameter(p.detach().clone())) for n, p in named[:14]]
+    for (_, q), (_, p) in zip(dev, named[:14]):
+        q.grad = p.grad.detach().clone()
+    SDSAdamW(cpu, lr=1e-4).step()
+    SDSAdamW(dev, lr=1e-4).step()
+    before = [p.detach().double().cpu() for _, p in named[:14]]
+    num = sum(((d.detach().double().cpu() - b) - (c.detach() - b)).norm() ** 2 for (_, d), (_, c), b in zip(dev, cpu, before))
+    den = sum((c.detach() - b).norm() ** 2 for (_, c), b in zip(cpu, before))
+    return float((num / den) ** 0.5)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--shape", choices=SHAPES, default=None)
+    ap.add_argument("--ranks", type=int, nargs="+", default=None)
+    ap.add_argument("--dtypes", nargs="+", choices=DTYPES, default=["fp32", "bf16"])
+    ap.add_argument("--modes", nargs="+", default=["sds", "scaled"])
+    ap.add_argument("--routes", nargs="+", default=["eigh", "newton_schulz"])
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--check", action="store_true", help="check the device step against float64 CPU")
+    ap.add_argument("--out", default=None, help="write rows as JSON here")
+    args = ap.parse_args(argv)
+    device = torch.device(args.device)
+    shape = args.shape or ("llama7b" if device.type == "cuda" else "small")
+    ranks = args.ranks or ([8, 16, 64, 256] if device.type == "cuda" else [8, 16, 64])
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    print(f"device {name} | torch {torch.__version__} | shapes {shape} {SHAPES[shape]} | "
+          f"threads {torch.get_num_threads()} | median of {args.steps} steps after {args.warmup}", flush=True)
+    rows: list[Row] = []
+    checks = {}
+    for dname in args.dtypes:
+        for r in ranks:
+            named = lora_params(shape, r, DTYPES[dname], device)
+            if args.check and dname == "fp32":
+                checks[r] = check_against_cpu(named, device)
+            results = {}
+            for label, make in variants(device, args.modes, args.routes).items():
+                opt = make(named)
+                ms, peak = time_steps(opt, device, args.steps, args.warmup)
+                results[label] = (ms, peak, state_mb(opt))
+                del opt
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+            ref = results.get("AdamW fused", results["AdamW foreach"])[0]
+            for label, (ms, peak, smb) in results.items():
+                rows.append(Row(label, r, dname, ms, ms / ref, peak, smb))
+                print(f"  r={r:<4} {dname} {label:<28} {ms:9.3f} ms  {ms / ref:6.2f}x  "
+                      f"peak+{peak:8.1f} MB  state {smb:8.1f} MB", flush=True)
+            del named
+    ref_name = "AdamW fused" if any(r.variant == "AdamW fused" for r in rows) else "AdamW foreach"
+    print(f"\n| variant | dtype | " + " | ".join(f"r={r}" for r in ranks) + " |")
+    print("|---|---|" + "---|" * len(ranks))
+    for dname in args.dtypes:
+        for label in dict.fromkeys(r.variant for r in rows):
+            cells = []
+            for r in ranks:
+                row = next(x for x in rows if x.variant == label and x.rank == r and x.dtype == dname)
+                cells.append(f"{row.median_ms:.2f} ms ({row.ratio_to_fused:.2f}x)")
+            print(f"| {label} | {dname} | " + " | ".join(cells) + " |")
+    print(f"(ratios to {ref_name})")
+    if checks:
+        print("device vs float64 CPU, relative error of one SDS step:", {r: f"{e:.1e}" for r, e in checks.items()})
+    if args.out:
+        with open(args.out, "w") as fh:
+            json.dump({"device": name, "torch": torch.__version__, "shape": shape, "argv": sys.argv[1:],
+                       "rows": [asdict(r) for r in rows], "checks": checks}, fh, indent=1)
+
+
+if __name__ == "__main__":
+    main()
