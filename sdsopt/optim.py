@@ -21,9 +21,9 @@ from torch.optim.adam import adam
 from torch.optim.optimizer import Optimizer
 
 from . import pairing as _pairing
-from .linalg import algebra_precision, gram_spectrum
+from .linalg import algebra_precision, finite_or_zero, gram, spectrum
 from .pairing import LoraPair, PairingFn, a_rows, check_pair_shapes
-from .rewrite import MODES, ROUTES, preconditioner, sigma_correction, sigma_split
+from .rewrite import MODES, ROUTES, preconditioner, resolve_route, sigma_correction, sigma_split
 
 __all__ = ["SDSAdamW"]
 
@@ -64,6 +64,7 @@ def _check_hyperparameters(group: dict[str, Any], where: str) -> None:
          f"linalg_dtype={group['linalg_dtype']!r} is unknown; use None, torch.float32 or torch.float64"),
         (group["rank_tol"] is None or 0.0 < group["rank_tol"] < 1.0,
          f"rank_tol={group['rank_tol']} must be None or in (0, 1)"),
+
         (group["damping"] > 0.0, f"damping={group['damping']} must be > 0 (mode 'scaled' inverts K + damping·I)"),
         (group["sigma_lr_ratio"] >= 0.0, f"sigma_lr_ratio={group['sigma_lr_ratio']} must be >= 0"),
         (not (group["decouple_sigma"] and group["mode"] == "lora"),
@@ -99,8 +100,10 @@ class SDSAdamW(Optimizer):
             ``lr·sigma_lr_ratio``) and a basis part (the usual elementwise Adam).  Off by default:
             MATH.md's first evidence found it slower than plain SDS.
         sigma_lr_ratio: step-size ratio of the singular-value channel.
-        route: ``"eigh"`` (default; eigendecomposition of the r×r Gram) or ``"newton_schulz"``
-            (matmul-only damped inverse root; ``sds`` only, falls back to eigh where it does not converge).
+        route: how ``(·)^{-1/2}`` of the r×r Grams is computed: ``"eigh"`` (eigendecomposition, exact
+            hard cut of (2.5)), ``"newton_schulz"`` (matmul-only damped inverse root; ``sds`` only,
+            falls back to eigh where it does not converge) or ``"auto"`` (default: Newton–Schulz for
+            CUDA parameters, where batched eigh is slow and synchronises, eigh elsewhere).
         rank_tol: τ of MATH (2.5): Gram eigenvalues ``≤ τ·λ_max`` are outside the factor's range and
             pass no gradient.  ``None``: 1e-6 for float32 algebra, 1e-14 for float64; for
             ``route="newton_schulz"`` it is the relative damping δ (defaults 1e-5 and 1e-11).
@@ -141,7 +144,7 @@ class SDSAdamW(Optimizer):
         mode: str = "sds",
         decouple_sigma: bool = False,
         sigma_lr_ratio: float = 1.0,
-        route: str = "eigh",
+        route: str = "auto",
         rank_tol: float | None = None,
         damping: float = 1e-6,
         linalg_dtype: torch.dtype | None = None,
@@ -381,32 +384,64 @@ class SDSAdamW(Optimizer):
     ) -> list[tuple[Tensor, Tensor]]:
         """Replace the paired grads in ``lists['grads']`` by their rewrite (equation R of :mod:`sdsopt.rewrite`).
 
-        All r×r algebra of a bucket is batched: one stack of each factor and gradient kind, one Gram
-        and one eigh (or Newton–Schulz) per factor kind, one bmm per rewritten gradient kind; the
-        rewritten gradients handed to Adam are views of the bmm output.  Returns the singular-value
-        corrections ``(param, delta)`` to add after the AdamW update.
+        Three phases, so that the number of kernel launches and host synchronisations does not grow
+        with the number of pairs: (1) per bucket of equal shapes, one stack of each factor kind and
+        one batched Gram; (2) all Grams of equal size, over all buckets, in *one* eigh or
+        Newton–Schulz call; (3) per bucket and gradient kind, one stack and one bmm with ``P``,
+        whose output slices are handed to Adam as the rewritten gradients.  Returns the
+        singular-value corrections ``(param, delta)`` to add after the AdamW update.
         """
         params: list[Tensor] = group["params"]
-        corrections: list[tuple[Tensor, Tensor]] = []
         sigma = group["decouple_sigma"]
+        kw = dict(mode=group["mode"], damping=group["damping"])
+
+        # (1) factor stacks (row form, MATH 2.1) and Grams
+        work = []
+        pending: dict[tuple[Any, ...], list[tuple[int, str, Tensor]]] = defaultdict(list)
         for bucket in self._buckets(gi, group, position):
-            k = len(bucket.a)
-            (r, *_), (m, *_) = bucket.a_shape, bucket.b_shape
-            dt, tol = algebra_precision(
-                params[bucket.a[0]].dtype, group["linalg_dtype"], group["rank_tol"], group["route"])
+            k, r, m = len(bucket.a), bucket.a_shape[0], bucket.b_shape[0]
+            route = resolve_route(group["route"], params[bucket.a[0]].device)
+            dt, tol = algebra_precision(params[bucket.a[0]].dtype, group["linalg_dtype"], group["rank_tol"], route)
+            if route == "newton_schulz" and tol < 64 * torch.finfo(dt).eps:
+                raise ValueError(
+                    f"SDSAdamW param group {gi}: rank_tol={tol} is below 64·eps of {dt}, too small a damping for "
+                    "the Newton–Schulz route to converge; raise rank_tol, pass linalg_dtype=torch.float64, "
+                    "or use route='eigh'.")
             A = torch.stack([params[i] for i in bucket.a]).to(dt).view(k, r, -1)
             B = torch.stack([params[i] for i in bucket.b]).to(dt).view(k, m, r)
-            rows = {"A": A, "B": B.transpose(1, 2)}  # row form (MATH 2.1: K = X Xᵀ for both)
-            need_spec = group["route"] == "eigh" or group["mode"] != "sds" or sigma
-            spec = {side: gram_spectrum(x, tol) for side, x in rows.items()} if need_spec else {}
-            kw = dict(mode=group["mode"], route=group["route"], rank_tol=tol, damping=group["damping"])
+            rows = {"A": A, "B": B.transpose(1, 2)}
+            needed = {"B"} if bucket.has_a else set()  # g̃A needs P(K_B)
+            needed |= {"A"} if bucket.has_b else set()  # g̃B needs P(K_A)
+            if sigma:
+                needed |= {s for s, present in (("A", bucket.has_a), ("B", bucket.has_b)) if present}
+            for side in sorted(needed):
+                pending[(r, dt, tol, A.device, route)].append((len(work), side, gram(rows[side])))
+            work.append((bucket, dt, rows, {}, {}))
+
+        # (2) one spectral computation per Gram size
+        for (_, _, tol, _, route), items in pending.items():
+            K = finite_or_zero(torch.cat([K for _, _, K in items]))
+            need_spec = route == "eigh" or group["mode"] != "sds" or sigma
+            spec = spectrum(K, tol) if need_spec else None
+            P = preconditioner(K, route=route, rank_tol=tol, spec_other=spec, **kw)
+            start = 0
+            for w, side, Kw in items:
+                stop = start + Kw.shape[0]
+                work[w][3][side] = P[start:stop]
+                if spec is not None:
+                    work[w][4][side] = spec.select(slice(start, stop))
+                start = stop
+
+        # (3) the rewrite (R), the singular-value channel, and the hand-over to Adam
+        corrections: list[tuple[Tensor, Tensor]] = []
+        for bucket, dt, rows, P, spec in work:
+            k, r, m = len(bucket.a), bucket.a_shape[0], bucket.b_shape[0]
             for side, other, ids, present in (("A", "B", bucket.a, bucket.has_a), ("B", "A", bucket.b, bucket.has_b)):
                 if not present:
                     continue
                 pos = [position[i] for i in ids]
-                P = preconditioner(rows[other], spec_other=spec.get(other), **kw)
                 G = torch.stack([lists["grads"][q] for q in pos]).to(dt)
-                new = P @ G.view(k, r, -1) if side == "A" else G.view(k, m, r) @ P  # (R)
+                new = P[other] @ G.view(k, r, -1) if side == "A" else G.view(k, m, r) @ P[other]
                 if sigma:
                     new_rows = new if side == "A" else new.transpose(1, 2)
                     g_sigma, basis = sigma_split(spec[side], rows[side], new_rows)
@@ -416,9 +451,10 @@ class SDSAdamW(Optimizer):
                     delta = delta if side == "A" else delta.transpose(1, 2)
                     corrections += [(params[i], d.reshape(params[i].shape).to(params[i].dtype))
                                     for i, d in zip(ids, delta)]
-                for q, g in zip(pos, new):
-                    like = lists["grads"][q]
-                    lists["grads"][q] = g.reshape(like.shape).to(like.dtype)
+                like = params[ids[0]]
+                new = new.to(like.dtype).reshape(k, *like.shape)  # views when 2-D (Linear, embedding)
+                for q, g in zip(pos, new.unbind(0)):
+                    lists["grads"][q] = g
         return corrections
 
     def _sigma_adam(self, group: dict[str, Any], factors: list[Tensor], g_sigma: Tensor,

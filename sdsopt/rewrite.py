@@ -32,13 +32,23 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .linalg import Spectrum, algebra_precision, gram_spectrum, inv_sqrt, inv_sqrt_newton_schulz, spectral_matrix
+from .linalg import (
+    Spectrum,
+    algebra_precision,
+    finite_or_zero,
+    gram,
+    inv_sqrt,
+    inv_sqrt_newton_schulz,
+    spectral_matrix,
+    spectrum,
+)
 from .pairing import a_rows, b_matrix, b_rows
 
 __all__ = [
     "MODES",
     "ROUTES",
     "preconditioner",
+    "resolve_route",
     "rewrite_pair",
     "sigma_correction",
     "sigma_split",
@@ -46,7 +56,14 @@ __all__ = [
 ]
 
 MODES = ("lora", "sds", "scaled")
-ROUTES = ("eigh", "newton_schulz")
+ROUTES = ("auto", "eigh", "newton_schulz")
+
+
+def resolve_route(route: str, device: torch.device) -> str:
+    """``'auto'`` → ``'newton_schulz'`` on CUDA (batched eigh is slow there for r ≥ 32 and syncs), else ``'eigh'``."""
+    if route == "auto":
+        return "newton_schulz" if device.type == "cuda" else "eigh"
+    return route
 
 
 def spectral_function(spec: Spectrum, mode: str, damping: float) -> Tensor:
@@ -59,7 +76,7 @@ def spectral_function(spec: Spectrum, mode: str, damping: float) -> Tensor:
 
 
 def preconditioner(
-    X_other: Tensor,
+    K_other: Tensor,
     *,
     mode: str,
     route: str,
@@ -67,21 +84,16 @@ def preconditioner(
     damping: float,
     spec_other: Spectrum | None = None,
 ) -> Tensor:
-    """``P(K_other)`` of equation (R) as a dense ``[k, r, r]`` batch, for row-form ``X_other`` ``[k, r, p]``.
+    """``P(K_other)`` of equation (R) as a dense ``[k, r, r]`` batch, from Grams ``K_other`` ``[k, r, r]``.
 
-    ``route='eigh'`` builds ``P`` from the eigendecomposition of the Gram (``spec_other`` may be
-    passed to reuse one); ``route='newton_schulz'`` (``sds`` only) uses the matmul-only iteration of
-    :func:`sdsopt.linalg.inv_sqrt_newton_schulz` and falls back to eigh for the batch items whose
-    iteration did not converge (one host synchronisation per call).
+    ``K_other`` must have passed :func:`sdsopt.linalg.finite_or_zero`.  ``route='eigh'`` builds ``P``
+    from the eigendecomposition of the Gram (``spec_other`` may be passed to reuse one, which every
+    route then does); ``route='newton_schulz'`` (``sds`` only) uses the matmul-only iteration of
+    :func:`sdsopt.linalg.inv_sqrt_newton_schulz`.
     """
-    if mode == "sds" and route == "newton_schulz":
-        P, converged = inv_sqrt_newton_schulz(X_other, rank_tol)
-        if not bool(converged.all()):
-            bad = (~converged).nonzero().squeeze(-1)
-            spec = gram_spectrum(X_other[bad], rank_tol)
-            P[bad] = spectral_matrix(spec, inv_sqrt(spec))
-        return P
-    spec = spec_other if spec_other is not None else gram_spectrum(X_other, rank_tol)
+    if mode == "sds" and route == "newton_schulz" and spec_other is None:
+        return inv_sqrt_newton_schulz(K_other, rank_tol)[0]
+    spec = spec_other if spec_other is not None else spectrum(K_other, rank_tol)
     return spectral_matrix(spec, spectral_function(spec, mode, damping))
 
 
@@ -112,7 +124,7 @@ def rewrite_pair(
     gB: Tensor,
     *,
     mode: str = "sds",
-    route: str = "eigh",
+    route: str = "auto",
     rank_tol: float | None = None,
     damping: float = 1e-6,
     linalg_dtype: torch.dtype | None = None,
@@ -126,10 +138,11 @@ def rewrite_pair(
         raise ValueError(f"mode must be one of {MODES} and route one of {ROUTES}; got {mode!r}, {route!r}")
     if mode == "lora":
         return gA, gB
+    route = resolve_route(route, A.device)
     dt, tol = algebra_precision(A.dtype, linalg_dtype, rank_tol, route)
     kw = dict(mode=mode, route=route, rank_tol=tol, damping=damping)
-    P_B = preconditioner(b_rows(B).to(dt)[None], **kw)[0]
-    P_A = preconditioner(a_rows(A).to(dt)[None], **kw)[0]
+    P_B = preconditioner(finite_or_zero(gram(b_rows(B).to(dt)[None])), **kw)[0]
+    P_A = preconditioner(finite_or_zero(gram(a_rows(A).to(dt)[None])), **kw)[0]
     new_a = P_B @ a_rows(gA).to(dt)
     new_b = b_matrix(gB).to(dt) @ P_A
     return new_a.reshape(gA.shape).to(gA.dtype), new_b.reshape(gB.shape).to(gB.dtype)
