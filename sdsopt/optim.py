@@ -415,7 +415,7 @@ class SDSAdamW(Optimizer):
             if sigma:
                 needed |= {s for s, present in (("A", bucket.has_a), ("B", bucket.has_b)) if present}
             for side in sorted(needed):
-                pending[(r, dt, tol, A.device, route)].append((len(work), side, gram(rows[side])))
+                pending[(r, dt, tol, B.device, route)].append((len(work), side, gram(rows[side])))
             work.append((bucket, dt, rows, {}, {}))
 
         # (2) one spectral computation per Gram size
