@@ -22,8 +22,19 @@ from torch.optim.optimizer import Optimizer
 
 from . import pairing as _pairing
 from .linalg import algebra_precision, finite_or_zero, gram, spectrum
-from .pairing import LoraPair, PairingFn, a_rows, check_pair_shapes
-from .rewrite import MODES, ROUTES, preconditioner, resolve_route, sigma_correction, sigma_split
+from .pairing import LoraPair, PairingFn, a_rows, b_matrix, check_pair_shapes
+from .capture import LoraCapture
+from .rewrite import (
+    MODES,
+    ROUTES,
+    SPECTRAL_MODES,
+    lorsum_sweeps,
+    preconditioner,
+    resolve_route,
+    sigma_correction,
+    sigma_split,
+    svd_refactor,
+)
 
 __all__ = ["SDSAdamW"]
 
@@ -67,8 +78,12 @@ def _check_hyperparameters(group: dict[str, Any], where: str) -> None:
 
         (group["damping"] > 0.0, f"damping={group['damping']} must be > 0 (mode 'scaled' inverts K + damping·I)"),
         (group["sigma_lr_ratio"] >= 0.0, f"sigma_lr_ratio={group['sigma_lr_ratio']} must be >= 0"),
-        (not (group["decouple_sigma"] and group["mode"] == "lora"),
-         "decouple_sigma=True needs a rewriting mode; mode='lora' is plain AdamW"),
+        (not (group["decouple_sigma"] and group["mode"] not in SPECTRAL_MODES),
+         f"decouple_sigma=True works with modes {SPECTRAL_MODES}, not mode={group['mode']!r}"),
+        (isinstance(group["lorsum_sweeps"], int) and group["lorsum_sweeps"] >= 1,
+         f"lorsum_sweeps={group['lorsum_sweeps']!r} must be an int >= 1"),
+        (isinstance(group["oracle_max_numel"], int) and group["oracle_max_numel"] > 0,
+         f"oracle_max_numel={group['oracle_max_numel']!r} must be a positive int"),
         (not (group["foreach"] and group["fused"]), "foreach=True and fused=True cannot be used together"),
     ]
     for ok, message in checks:
@@ -93,8 +108,13 @@ class SDSAdamW(Optimizer):
             groups; a group may list explicit pairs: ``{"params": [...], "lora_pairs": [(A, B), ...]}``.
         lr, betas, eps, weight_decay, amsgrad, maximize, foreach, fused: as ``torch.optim.AdamW``
             (same defaults).
-        mode: ``"sds"`` (default), ``"lora"`` (identity: plain AdamW on the factors) or
-            ``"scaled"`` (``gB (K_A + δI)^{-1}``, ``(K_B + δI)^{-1} gA``; Zhang & Pilanci 2024).
+        mode: ``"sds"`` (default), ``"lora"`` (identity: plain AdamW on the factors),
+            ``"scaled"`` (``gB (K_A + δI)^{-1}``, ``(K_B + δI)^{-1} gA``; Zhang & Pilanci 2024),
+            ``"lorsum"`` (LoRSum/PSI-LoRA: ``lorsum_sweeps`` proximal ALS sweeps towards the full step,
+            rewritten gradient = displacement / lr; one sweep is ``"scaled"``) or ``"svd_oracle"``
+            (Adam on the full ``W = BA`` with the true ``G``, then the best rank-r re-factorisation;
+            needs ``m·n ≤ oracle_max_numel``).  ``lorsum`` with more than one sweep and
+            ``svd_oracle`` need the layers' inputs: call :meth:`attach` with the model once.
         decouple_sigma: the singular-value channel (2.3)–(2.4): each factor's gradient is split
             into a singular-value part ``gσ`` (its own r-vector Adam state, step size
             ``lr·sigma_lr_ratio``) and a basis part (the usual elementwise Adam).  Off by default:
@@ -107,7 +127,9 @@ class SDSAdamW(Optimizer):
         rank_tol: τ of MATH (2.5): Gram eigenvalues ``≤ τ·λ_max`` are outside the factor's range and
             pass no gradient.  ``None``: 1e-6 for float32 algebra, 1e-14 for float64; for
             ``route="newton_schulz"`` it is the relative damping δ (defaults 1e-5 and 1e-11).
-        damping: δ of mode ``"scaled"`` (absolute, > 0).
+        damping: δ of mode ``"scaled"`` and the proximal λ of ``"lorsum"`` (absolute, > 0).
+        lorsum_sweeps: ALS sweeps of mode ``"lorsum"`` (1 = ``"scaled"``).
+        oracle_max_numel: largest ``m·n`` for which ``"svd_oracle"`` forms the full matrices.
         linalg_dtype: dtype of the r×r algebra; ``None`` means float32, or float64 for float64
             parameters.  Never lower than float32, whatever the parameter dtype; the rewritten
             gradient is cast back to the parameter's dtype before the AdamW update.
@@ -147,6 +169,8 @@ class SDSAdamW(Optimizer):
         route: str = "auto",
         rank_tol: float | None = None,
         damping: float = 1e-6,
+        lorsum_sweeps: int = 2,
+        oracle_max_numel: int = 2**24,
         linalg_dtype: torch.dtype | None = None,
         pairing: str | PairingFn | None = None,
         maximize: bool = False,
@@ -156,7 +180,8 @@ class SDSAdamW(Optimizer):
         defaults = dict(
             lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
             mode=mode, decouple_sigma=decouple_sigma, sigma_lr_ratio=sigma_lr_ratio, route=route,
-            rank_tol=rank_tol, damping=damping, linalg_dtype=linalg_dtype, maximize=maximize,
+            rank_tol=rank_tol, damping=damping, lorsum_sweeps=lorsum_sweeps, oracle_max_numel=oracle_max_numel,
+            linalg_dtype=linalg_dtype, maximize=maximize,
             foreach=foreach, fused=fused,
         )
         _check_hyperparameters(defaults, "defaults")
@@ -169,6 +194,7 @@ class SDSAdamW(Optimizer):
         else:
             raise TypeError(f"SDSAdamW: pairing must be None, a regex string or a callable, got {type(pairing).__name__}.")
         self._bucket_cache: dict[int, tuple[Any, ...]] = {}
+        self._capture: LoraCapture | None = None
         super().__init__(params, defaults)
         if self._pairing is _pairing.peft_pairing:
             names = [n for g in self.param_groups for n in g.get("param_names", [])]
@@ -287,6 +313,16 @@ class SDSAdamW(Optimizer):
                 )
         super().load_state_dict(state_dict)
 
+    def attach(self, model: torch.nn.Module) -> LoraCapture:
+        """Record the LoRA layers' inputs and output gradients (modes ``lorsum`` with sweeps > 1, ``svd_oracle``).
+
+        Returns the :class:`sdsopt.capture.LoraCapture`; ``capture.remove()`` detaches it.  The
+        records are cleared after every :meth:`step`.
+        """
+        pairs = [(g["params"][ia], g["params"][ib]) for g in self.param_groups for ia, ib in g["lora_pairs"]]
+        self._capture = LoraCapture(model, pairs)
+        return self._capture
+
     # ------------------------------------------------------------------ step
     def _init_group(self, group: dict[str, Any], gi: int) -> tuple[dict[int, int], dict[str, list[Tensor]], bool]:
         """Collect params with grads and their AdamW state, as ``torch.optim.Adam._init_group`` does."""
@@ -347,12 +383,20 @@ class SDSAdamW(Optimizer):
             if not lists["params"]:
                 continue
             corrections: list[tuple[Tensor, Tensor]] = []
-            if group["mode"] != "lora" and group["lora_pairs"]:
+            replaced: list[tuple[Tensor, Tensor]] = []
+            mode = group["mode"]
+            if mode in SPECTRAL_MODES or (mode == "lorsum" and group["lorsum_sweeps"] == 1):
                 corrections = self._rewrite_group(gi, group, position, lists)
+            elif mode in ("lorsum", "svd_oracle"):
+                replaced = self._rewrite_with_capture(gi, group, position, lists)
             self._adam(group, lists, lr=group["lr"], weight_decay=group["weight_decay"], has_complex=has_complex)
             if corrections:
                 targets, deltas = zip(*corrections)
                 torch._foreach_add_(list(targets), list(deltas))
+            for p, value in replaced:
+                p.copy_(value.reshape(p.shape))
+        if self._capture is not None:
+            self._capture.clear()
         return loss
 
     def _buckets(self, gi: int, group: dict[str, Any], position: dict[int, int]) -> list[_Bucket]:
@@ -393,7 +437,7 @@ class SDSAdamW(Optimizer):
         """
         params: list[Tensor] = group["params"]
         sigma = group["decouple_sigma"]
-        kw = dict(mode=group["mode"], damping=group["damping"])
+        kw = dict(mode="scaled" if group["mode"] == "lorsum" else group["mode"], damping=group["damping"])
 
         # (1) factor stacks (row form, MATH 2.1) and Grams
         work = []
@@ -421,7 +465,7 @@ class SDSAdamW(Optimizer):
         # (2) one spectral computation per Gram size
         for (_, _, tol, _, route), items in pending.items():
             K = finite_or_zero(torch.cat([K for _, _, K in items]))
-            need_spec = route == "eigh" or group["mode"] != "sds" or sigma
+            need_spec = route == "eigh" or kw["mode"] != "sds" or sigma
             spec = spectrum(K, tol) if need_spec else None
             P = preconditioner(K, route=route, rank_tol=tol, spec_other=spec, **kw)
             start = 0
@@ -456,6 +500,69 @@ class SDSAdamW(Optimizer):
                 for q, g in zip(pos, new.unbind(0)):
                     lists["grads"][q] = g
         return corrections
+
+    def _rewrite_with_capture(
+        self, gi: int, group: dict[str, Any], position: dict[int, int], lists: dict[str, list[Tensor]]
+    ) -> list[tuple[Tensor, Tensor]]:
+        """Modes that need the full gradient applied to new vectors: ``lorsum`` (sweeps > 1), ``svd_oracle``.
+
+        Research modes for ablations on small models: one pair at a time, in float32 or better.
+        ``lorsum`` replaces the pair's gradients by its rewrite; ``svd_oracle`` runs Adam on the full
+        ``W = BA`` (state ``oracle_exp_avg``/``oracle_exp_avg_sq`` on A's state, m×n) and returns the
+        new factors, which are copied in after the step instead of an Adam update of A and B.
+        """
+        mode, capture = group["mode"], self._capture
+        params: list[Tensor] = group["params"]
+        if capture is None:
+            raise RuntimeError(
+                f"SDSAdamW mode={mode!r} needs the LoRA layers' inputs: call opt.attach(model) once before training."
+            )
+        replaced: list[tuple[Tensor, Tensor]] = []
+        drop: set[int] = set()
+        for ia, ib in group["lora_pairs"]:
+            if ia not in position or ib not in position:
+                continue
+            A, B = params[ia], params[ib]
+            dt, _ = algebra_precision(A.dtype, group["linalg_dtype"], None)
+            Am, Bm = a_rows(A).to(dt), b_matrix(B).to(dt)
+            if mode == "lorsum":
+                gA = a_rows(lists["grads"][position[ia]]).to(dt)
+                gB = b_matrix(lists["grads"][position[ib]]).to(dt)
+                new_a, new_b = lorsum_sweeps(
+                    Am, Bm, gA, gB, lr=group["lr"], damping=group["damping"], sweeps=group["lorsum_sweeps"],
+                    G_mul=lambda V, A=A, B=B: capture.matmul(A, B, V), Gt_mul=lambda U, A=A, B=B: capture.rmatmul(A, B, U),
+                )
+                lists["grads"][position[ia]] = new_a.reshape(A.shape).to(A.dtype)
+                lists["grads"][position[ib]] = new_b.reshape(B.shape).to(B.dtype)
+                continue
+            m, n, r = Bm.shape[0], Am.shape[1], Am.shape[0]
+            if m * n > group["oracle_max_numel"] or r > min(m, n):
+                raise ValueError(
+                    f"SDSAdamW mode='svd_oracle': pair {_param_label(group, ia, gi)} is {m}×{n} with r={r}; the oracle "
+                    f"forms m×n matrices (limit oracle_max_numel={group['oracle_max_numel']}) and needs r ≤ min(m, n). "
+                    "Raise oracle_max_numel for a larger model, or use another mode."
+                )
+            state = self.state[A]
+            W = (Bm @ Am).to(A.dtype)
+            if "oracle_exp_avg" not in state:
+                state["oracle_exp_avg"] = torch.zeros_like(W)
+                state["oracle_exp_avg_sq"] = torch.zeros_like(W)
+            sub = {"params": [W], "grads": [capture.full(A, B, dt).to(A.dtype)],
+                   "exp_avgs": [state["oracle_exp_avg"]], "exp_avg_sqs": [state["oracle_exp_avg_sq"]],
+                   "max_exp_avg_sqs": [], "state_steps": [lists["state_steps"][position[ia]].clone()]}
+            self._adam({**group, "amsgrad": False, "foreach": False, "fused": False}, sub,
+                       lr=group["lr"], weight_decay=group["weight_decay"])
+            new_a, new_b = svd_refactor(W.to(dt), Am, Bm)
+            replaced += [(A, new_a.to(A.dtype)), (B, new_b.to(B.dtype))]
+            drop |= {position[ia], position[ib]}
+            for p in (A, B):
+                self.state[p]["step"] += 1
+        if drop:
+            for key, values in lists.items():
+                if len(values) == len(lists["params"]) and key != "params":
+                    lists[key] = [v for q, v in enumerate(values) if q not in drop]
+            lists["params"] = [v for q, v in enumerate(lists["params"]) if q not in drop]
+        return replaced
 
     def _sigma_adam(self, group: dict[str, Any], factors: list[Tensor], g_sigma: Tensor,
                     lists: dict[str, list[Tensor]], pos: list[int]) -> Tensor:

@@ -16,7 +16,9 @@ mode       f(λ)                                        MATH
 ``scaled`` ``1 / (λ + δ)``                              §3, Zhang & Pilanci 2024
 =========  ==========================================  =============================
 
-(``lora`` is the identity and never reaches this module.)
+(``lora`` is the identity and never reaches this module.)  ``lorsum`` (:func:`lorsum_sweeps`) and
+``svd_oracle`` (:func:`svd_refactor`) need the full gradient applied to new vectors, which the
+layers' recorded inputs provide (:mod:`sdsopt.capture`).
 
 The singular-value channel (2.3)–(2.4) splits a rewritten gradient ``G`` of a row-form factor
 ``X = U Σ Vᵀ`` (``U`` from the eigendecomposition of ``K = X Xᵀ``, ``V = Xᵀ U Σ⁺``):
@@ -28,6 +30,8 @@ The Adam statistics of ``gσ`` belong to the optimizer; this module only provide
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -47,15 +51,18 @@ from .pairing import a_rows, b_matrix, b_rows
 __all__ = [
     "MODES",
     "ROUTES",
+    "lorsum_sweeps",
     "preconditioner",
     "resolve_route",
     "rewrite_pair",
     "sigma_correction",
     "sigma_split",
     "spectral_function",
+    "svd_refactor",
 ]
 
-MODES = ("lora", "sds", "scaled")
+MODES = ("lora", "sds", "scaled", "lorsum", "svd_oracle")
+SPECTRAL_MODES = ("sds", "scaled")  # modes that are one spectral function of the other factor's Gram
 ROUTES = ("auto", "eigh", "newton_schulz")
 
 
@@ -146,3 +153,64 @@ def rewrite_pair(
     new_a = P_B @ a_rows(gA).to(dt)
     new_b = b_matrix(gB).to(dt) @ P_A
     return new_a.reshape(gA.shape).to(gA.dtype), new_b.reshape(gB.shape).to(gB.dtype)
+
+
+def _solve_right(M: Tensor, S: Tensor) -> Tensor:
+    """``M S^{-1}`` for symmetric positive definite ``S``."""
+    return torch.linalg.solve(S, M.transpose(-2, -1)).transpose(-2, -1)
+
+
+def lorsum_sweeps(
+    A: Tensor,
+    B: Tensor,
+    gA: Tensor,
+    gB: Tensor,
+    *,
+    lr: float,
+    damping: float,
+    sweeps: int,
+    G_mul: Callable[[Tensor], Tensor] | None = None,
+    Gt_mul: Callable[[Tensor], Tensor] | None = None,
+) -> tuple[Tensor, Tensor]:
+    """LoRSum / PSI-LoRA (MATH §3.1) as a gradient rewrite: ``((A − A_K)/lr, (B − B_K)/lr)``.
+
+    The rank-r factors closest to the full step ``W̄ = B A − lr·G`` (``G = ∂L/∂(BA)``, so ``gB = G Aᵀ``,
+    ``gA = Bᵀ G``) with the proximal term ``λ(‖B' − B‖² + ‖A' − A‖²)``, ``λ = damping``, by
+    alternating least squares:
+
+        B' = (W̄ A'ᵀ + λ B)(A' A'ᵀ + λ I)^{-1}        A' = (B'ᵀ B' + λ I)^{-1}(B'ᵀ W̄ + λ A)
+
+    The first sweep updates both factors from the current ones (a Jacobi sweep):
+    ``B₁ = B − lr·gB (K_A + λI)^{-1}``, ``A₁ = A − lr·(K_B + λI)^{-1} gA``, so with ``sweeps = 1`` the
+    rewrite is exactly mode ``scaled`` with ``δ = λ``.  Further sweeps are Gauss–Seidel and need
+    ``G V`` and ``Gᵀ U`` for the new factors: ``G_mul(V) = G V``, ``Gt_mul(U) = Gᵀ U``.
+    Matrices in natural layout: ``A`` r×n, ``B`` m×r.
+    """
+    r = A.shape[0]
+    eye = torch.eye(r, dtype=A.dtype, device=A.device)
+    A_k = A - lr * torch.linalg.solve(B.T @ B + damping * eye, gA)
+    B_k = B - lr * _solve_right(gB, A @ A.T + damping * eye)
+    if sweeps > 1 and (G_mul is None or Gt_mul is None):
+        raise ValueError("lorsum with sweeps > 1 needs G_mul and Gt_mul (the layers' recorded inputs)")
+    for _ in range(sweeps - 1):
+        W_At = B @ (A @ A_k.T) - lr * G_mul(A_k.T)  # W̄ A_kᵀ
+        B_k = _solve_right(W_At + damping * B, A_k @ A_k.T + damping * eye)
+        Bt_W = (B_k.T @ B) @ A - lr * Gt_mul(B_k).T  # B_kᵀ W̄
+        A_k = torch.linalg.solve(B_k.T @ B_k + damping * eye, Bt_W + damping * A)
+    return (A - A_k) / lr, (B - B_k) / lr
+
+
+def svd_refactor(W: Tensor, A: Tensor, B: Tensor) -> tuple[Tensor, Tensor]:
+    """Best rank-r factors of ``W`` (m×n), balanced and aligned with the current ``(A, B)`` (``svd_oracle``).
+
+    With the truncated SVD ``W_r = U Σ Vᵀ``: ``B' = U Σ^{1/2} Q``, ``A' = Qᵀ Σ^{1/2} Vᵀ``, so
+    ``B' A' = W_r`` (Eckart–Young) for any orthogonal ``Q``; ``Q = polar(Σ^{1/2}(Uᵀ B + Vᵀ Aᵀ))``
+    minimises ``‖B' − B‖² + ‖A' − A‖²`` over ``Q`` so that the factors do not jump between
+    equivalent bases from one step to the next.  Needs ``r ≤ min(m, n)``.
+    """
+    r = A.shape[0]
+    U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+    U, root, Vh = U[:, :r], S[:r].sqrt(), Vh[:r]
+    Um, _, Vmh = torch.linalg.svd(root[:, None] * (U.T @ B + Vh @ A.T))
+    Q = Um @ Vmh
+    return Q.T @ (root[:, None] * Vh), (U * root) @ Q

@@ -64,3 +64,28 @@ def sigma_split_reference(X: Tensor, G: Tensor) -> tuple[Tensor, Tensor, Tensor,
     U, _, Vh = range_svd(X)
     g_sigma = torch.diagonal(U.T @ G @ Vh.T)
     return g_sigma, G - U @ torch.diag(g_sigma) @ Vh, U, Vh
+
+
+def proximal_ls_right(X: Tensor, W: Tensor, anchor: Tensor, lam: float) -> Tensor:
+    """argmin_Y ‖Y X − W‖² + λ‖Y − anchor‖² by least squares on the stacked system."""
+    r = X.shape[0]
+    lhs = torch.cat([X.T, lam**0.5 * torch.eye(r, dtype=X.dtype)])
+    rhs = torch.cat([W.T, lam**0.5 * anchor.T])
+    return torch.linalg.lstsq(lhs, rhs).solution.T
+
+
+def lorsum_reference(A: Tensor, B: Tensor, G: Tensor, lr: float, lam: float, sweeps: int) -> tuple[Tensor, Tensor]:
+    """Proximal ALS towards W̄ = BA − lr·G (first sweep Jacobi, then Gauss–Seidel); returns (A_K, B_K)."""
+    W = B @ A - lr * G
+    B_k = proximal_ls_right(A, W, B, lam)
+    A_k = proximal_ls_right(B.T, W.T, A.T, lam).T
+    for _ in range(sweeps - 1):
+        B_k = proximal_ls_right(A_k, W, B, lam)
+        A_k = proximal_ls_right(B_k.T, W.T, A.T, lam).T
+    return A_k, B_k
+
+
+def truncated(W: Tensor, r: int) -> Tensor:
+    """Best rank-r approximation (Eckart–Young)."""
+    U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+    return U[:, :r] @ torch.diag(S[:r]) @ Vh[:r]

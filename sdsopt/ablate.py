@@ -1,0 +1,293 @@
+"""A/B harness: every comparison mode on identical data and initialisation, with the paper's metrics.
+
+    python -m sdsopt.ablate --task linear                    # or: sdsopt-ablate --task linear
+    python -m sdsopt.ablate --task digits --seeds 3
+    python -m sdsopt.ablate --task textlm --steps 400 --device cuda
+
+For each seed the task builds one pre-trained base and one LoRA initialisation; every (mode, lr) run
+starts from a copy of them and sees the same batches in the same order, so an A/B changes exactly
+the optimizer's rewrite.  Modes are :data:`sdsopt.MODES` plus ``sds_sigma`` (``sds`` with the
+singular-value channel) and ``full`` (full fine-tuning with AdamW, the reference).
+
+Writes to ``--out``: ``curves.csv`` (train loss per step), ``metrics.csv`` (MATH §5 metrics every
+``--metrics-every`` steps, averaged over the model's pairs), ``summary.json``, and the plots
+``loss_vs_step.png``, ``final_vs_lr.png``, ``metrics_vs_step.png``; prints a summary table last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import statistics
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .metrics import pair_metrics
+from .optim import SDSAdamW
+
+__all__ = ["ABLATION_MODES", "main", "make_task", "run_grid"]
+
+ABLATION_MODES = ("full", "lora", "sds", "sds_sigma", "scaled", "lorsum", "svd_oracle")
+DEFAULT_LRS = {"linear": [1e-3, 3e-3, 1e-2, 3e-2], "digits": [3e-4, 1e-3, 3e-3, 1e-2], "textlm": [1e-3, 3e-3, 1e-2, 3e-2]}
+DEFAULT_STEPS = {"linear": 300, "digits": 300, "textlm": 300}
+
+
+def make_task(name: str, args: argparse.Namespace):
+    """Build a task from the command line (``linear``, ``digits``, ``textlm``)."""
+    if name == "linear":
+        from .tasks.linear import LinearTask
+
+        return LinearTask(m=args.m, n=args.n, rank=args.rank, target_rank=args.target_rank, kappa=args.kappa,
+                          noise=args.noise, batch=args.batch)
+    if name == "digits":
+        from .tasks.digits import DigitsTask
+
+        return DigitsTask(rank=args.rank, pretrain_steps=args.pretrain_steps)
+    if name == "textlm":
+        from .tasks.text import TextLMTask
+
+        return TextLMTask(rank=args.rank, width=args.width, layers=args.layers, block=args.block,
+                          pretrain_steps=args.pretrain_steps)
+    raise ValueError(f"unknown task {name!r}; choose linear, digits or textlm")
+
+
+def make_optimizer(mode: str, model: nn.Module, lr: float, betas: tuple[float, float], weight_decay: float):
+    """The optimizer of one run: AdamW for ``full``, else SDSAdamW in ``mode`` (same Adam everywhere)."""
+    if mode == "full":
+        return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, betas=betas,
+                                 weight_decay=weight_decay, foreach=False)
+    kw: dict[str, Any] = dict(mode="sds", decouple_sigma=True) if mode == "sds_sigma" else dict(mode=mode)
+    opt = SDSAdamW([(n, p) for n, p in model.named_parameters() if p.requires_grad], lr=lr, betas=betas,
+                   weight_decay=weight_decay, **kw)
+    return opt
+
+
+class MetricsRecorder:
+    """Records MATH §5 metrics of one optimizer step, averaged over the LoRA pairs (off unless asked)."""
+
+    def __init__(self, opt: SDSAdamW) -> None:
+        self.opt = opt
+        self.capture = opt._capture
+        self.pairs = [(g["params"][ia], g["params"][ib]) for g in opt.param_groups for ia, ib in g["lora_pairs"]]
+
+    def before(self) -> None:
+        self._before = [(A.detach().clone(), B.detach().clone(), self.capture.full(A, B, torch.float64))
+                        for A, B in self.pairs]
+
+    def after(self) -> dict[str, float]:
+        rows = [pair_metrics(A0.reshape(A0.shape[0], -1), B0.reshape(B0.shape[0], -1),
+                             A.detach().reshape(A0.shape[0], -1) - A0.reshape(A0.shape[0], -1),
+                             B.detach().reshape(B0.shape[0], -1) - B0.reshape(B0.shape[0], -1), G)
+                for (A, B), (A0, B0, G) in zip(self.pairs, self._before)]
+        finite = lambda v: v if math.isfinite(v) else float("nan")  # noqa: E731
+        return {k: statistics.fmean(finite(r[k]) for r in rows) for k in rows[0]}
+
+
+def run_one(task, mode: str, lr: float, seed: int, args: argparse.Namespace, progress=None) -> dict[str, Any]:
+    """One training run; returns its curve, metrics and final losses."""
+    model = (task.full_model(seed) if mode == "full" else task.lora_model(seed)).to(args.device)
+    betas = (args.beta1, 0.999)
+    opt = make_optimizer(mode, model, lr, betas, args.weight_decay)
+    recorder = None
+    if mode != "full" and (mode in ("lorsum", "svd_oracle") or args.metrics_every):
+        opt.attach(model)
+        recorder = MetricsRecorder(opt) if args.metrics_every else None
+    batches = task.batches(seed)
+    curve, metrics = [], []
+    for step in range(1, args.steps + 1):
+        batch = next(batches)
+        batch = tuple(t.to(args.device) for t in batch) if isinstance(batch, tuple) else batch.to(args.device)
+        opt.zero_grad()
+        loss = task.loss(model, batch)
+        loss.backward()
+        record = recorder is not None and (step == 1 or step % args.metrics_every == 0)
+        if record:
+            recorder.before()
+        opt.step()
+        if record:
+            metrics.append({"step": step, **recorder.after()})
+        value = float(loss)
+        curve.append(value if math.isfinite(value) else float("nan"))
+        if progress is not None:
+            progress.update(1)
+        if not math.isfinite(value):
+            curve += [float("nan")] * (args.steps - step)
+            if progress is not None:
+                progress.update(args.steps - step)
+            break
+    tail = [v for v in curve[-max(1, args.steps // 20):]]
+    return {"mode": mode, "lr": lr, "seed": seed, "curve": curve, "metrics": metrics,
+            "final_train": statistics.fmean(tail), "eval": task.eval_loss(model)}
+
+
+def run_grid(task, modes: Iterable[str], lrs: list[float], seeds: int, args: argparse.Namespace) -> list[dict]:
+    """Every mode × lr × seed on ``task``; seeds outermost so each base/initialisation is built once."""
+    from tqdm.auto import tqdm
+
+    modes = list(modes)
+    runs = []
+    with tqdm(total=len(modes) * len(lrs) * seeds * args.steps, desc=task.name, unit="step",
+              disable=args.quiet, file=sys.stderr) as progress:
+        for seed in range(seeds):
+            task.setup(seed)
+            for mode in modes:
+                for lr in lrs:
+                    progress.set_postfix(mode=mode, lr=lr, seed=seed)
+                    runs.append(run_one(task, mode, lr, seed, args, progress))
+    return runs
+
+
+def summarise(runs: list[dict]) -> dict[str, dict[str, Any]]:
+    """Best lr per mode (by mean held-out loss over seeds), and the gap to full fine-tuning closed."""
+    by = defaultdict(list)
+    for run in runs:
+        by[(run["mode"], run["lr"])].append(run)
+    table: dict[str, dict[str, Any]] = {}
+    for (mode, lr), group in by.items():
+        evals = [r["eval"] for r in group]
+        score = statistics.fmean(evals) if all(math.isfinite(e) for e in evals) else float("inf")
+        entry = table.get(mode)
+        if entry is None or score < entry["eval"]:
+            table[mode] = {"lr": lr, "eval": score,
+                           "eval_std": statistics.pstdev(evals) if len(evals) > 1 else 0.0,
+                           "final_train": statistics.fmean(r["final_train"] for r in group)}
+    for mode in table:
+        table[mode]["lr_sensitivity"] = {lr: statistics.fmean(r["eval"] for r in group)
+                                         for (m, lr), group in sorted(by.items()) if m == mode}
+    if "lora" in table and "full" in table:
+        gap = table["lora"]["eval"] - table["full"]["eval"]
+        for entry in table.values():
+            entry["gap_closed"] = (table["lora"]["eval"] - entry["eval"]) / gap if gap != 0 else float("nan")
+    return table
+
+
+def write_outputs(task_name: str, runs: list[dict], table: dict, out: Path) -> None:
+    """CSV of curves and metrics, JSON summary, PNG plots."""
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "curves.csv", "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["task", "mode", "lr", "seed", "step", "loss"])
+        for r in runs:
+            w.writerows([task_name, r["mode"], r["lr"], r["seed"], i + 1, v] for i, v in enumerate(r["curve"]))
+    keys = sorted({k for r in runs for m in r["metrics"] for k in m if k != "step"})
+    with open(out / "metrics.csv", "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["task", "mode", "lr", "seed", "step", *keys])
+        for r in runs:
+            w.writerows([task_name, r["mode"], r["lr"], r["seed"], m["step"], *(m.get(k, "") for k in keys)]
+                        for m in r["metrics"])
+    with open(out / "summary.json", "w") as fh:
+        json.dump({"task": task_name, "table": table,
+                   "runs": [{k: v for k, v in r.items() if k not in ("curve", "metrics")} for r in runs]}, fh, indent=1)
+    plot(task_name, runs, table, out)
+
+
+def plot(task_name: str, runs: list[dict], table: dict, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    best = {mode: entry["lr"] for mode, entry in table.items()}
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for mode, lr in best.items():
+        curves = [r["curve"] for r in runs if r["mode"] == mode and r["lr"] == lr]
+        mean = [statistics.fmean(c[i] for c in curves) for i in range(len(curves[0]))]
+        ax.plot(range(1, len(mean) + 1), mean, label=f"{mode} (lr {lr:g})")
+    ax.set(xlabel="step", ylabel="train loss", title=f"{task_name}: loss at each mode's best lr", yscale="log")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "loss_vs_step.png", dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for mode, entry in table.items():
+        lrs, vals = zip(*sorted(entry["lr_sensitivity"].items()))
+        ax.plot(lrs, vals, marker="o", label=mode)
+    ax.set(xlabel="learning rate", ylabel="held-out loss", xscale="log", yscale="log",
+           title=f"{task_name}: final held-out loss vs lr")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "final_vs_lr.png", dpi=110)
+    plt.close(fig)
+
+    names = [k for k in ("step_effective_rank", "alignment") if any(k in m for r in runs for m in r["metrics"])]
+    if names:
+        fig, axes = plt.subplots(1, len(names), figsize=(5 * len(names), 3.6))
+        for ax, name in zip(axes if len(names) > 1 else [axes], names):
+            for mode, lr in best.items():
+                rows = [r["metrics"] for r in runs if r["mode"] == mode and r["lr"] == lr and r["metrics"]]
+                if rows:
+                    steps = [m["step"] for m in rows[0]]
+                    ax.plot(steps, [statistics.fmean(rs[i][name] for rs in rows) for i in range(len(steps))], label=mode)
+            ax.set(xlabel="step", title=name.replace("_", " "))
+        axes_list = axes if len(names) > 1 else [axes]
+        axes_list[0].legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out / "metrics_vs_step.png", dpi=110)
+        plt.close(fig)
+
+
+def format_table(task_name: str, table: dict) -> str:
+    lines = [f"{task_name}: best lr per mode (held-out loss, mean over seeds)",
+             f"| mode | best lr | held-out loss | final train loss | gap to full closed |",
+             "|---|---|---|---|---|"]
+    for mode in [m for m in ABLATION_MODES if m in table]:
+        e = table[mode]
+        gap = e.get("gap_closed")
+        std = f" ± {e['eval_std']:.2g}" if e["eval_std"] else ""
+        lines.append(f"| {mode} | {e['lr']:g} | {e['eval']:.4g}{std} | {e['final_train']:.4g} | "
+                     + (f"{gap:.2f} |" if gap is not None and math.isfinite(gap) else "– |"))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(prog="sdsopt-ablate", description=__doc__.splitlines()[0])
+    ap.add_argument("--task", choices=["linear", "digits", "textlm"], default="linear")
+    ap.add_argument("--modes", nargs="+", choices=ABLATION_MODES, default=list(ABLATION_MODES))
+    ap.add_argument("--lrs", type=float, nargs="+", default=None, help="≥ 4 per mode recommended")
+    ap.add_argument("--seeds", type=int, default=1)
+    ap.add_argument("--steps", type=int, default=None)
+    ap.add_argument("--beta1", type=float, default=0.9, help="0 gives Adam without momentum")
+    ap.add_argument("--weight-decay", type=float, default=0.0)
+    ap.add_argument("--metrics-every", type=int, default=10, help="0 turns metrics off (no capture, no cost)")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--out", default=None, help="output folder (default runs/<task>)")
+    ap.add_argument("--quiet", action="store_true")
+    g = ap.add_argument_group("task sizes")
+    g.add_argument("--rank", type=int, default=4)
+    g.add_argument("--m", type=int, default=64)
+    g.add_argument("--n", type=int, default=64)
+    g.add_argument("--target-rank", type=int, default=4)
+    g.add_argument("--kappa", type=float, default=100.0)
+    g.add_argument("--noise", type=float, default=0.0)
+    g.add_argument("--batch", type=int, default=0, help="linear: 0 = full batch")
+    g.add_argument("--pretrain-steps", type=int, default=300)
+    g.add_argument("--width", type=int, default=64)
+    g.add_argument("--layers", type=int, default=2)
+    g.add_argument("--block", type=int, default=64)
+    args = ap.parse_args(argv)
+    args.steps = args.steps or DEFAULT_STEPS[args.task]
+    lrs = args.lrs or DEFAULT_LRS[args.task]
+    out = Path(args.out or f"runs/{args.task}")
+    task = make_task(args.task, args)
+    t0 = time.time()
+    runs = run_grid(task, args.modes, lrs, args.seeds, args)
+    table = summarise(runs)
+    write_outputs(args.task, runs, table, out)
+    print(f"\n{len(runs)} runs in {time.time() - t0:.0f}s; curves, metrics, plots in {out}/")
+    print(format_table(args.task, table))
+    return table
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,122 @@
+"""Module hooks that record what a LoRA layer saw, so the full gradient can be applied without forming it.
+
+For a LoRA branch ``y = … + s·B(A(x))`` the gradient with respect to the product ``W = B·A`` is
+
+    G = Σ_batches  δᵀ X          (m × n)
+
+where ``X`` (``N × n``) is the input of ``lora_A`` and ``δ`` (``N × m``) the gradient at the output of
+``lora_B`` (it already carries the scale ``s``).  Consistently, ``gB = G Aᵀ`` and ``gA = Bᵀ G``.
+The products ``G V = δᵀ (X V)`` and ``Gᵀ U = Xᵀ (δ U)`` cost ``O(N (m + n) k)`` and never form ``G``;
+:meth:`LoraCapture.full` forms it (``svd_oracle`` and metrics on small models only).
+
+Only ``nn.Linear`` factors (PEFT's Linear LoRA) are supported; several forward/backward passes before
+one optimizer step (gradient accumulation) are summed.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+__all__ = ["LoraCapture"]
+
+
+class LoraCapture:
+    """Records inputs of the ``lora_A`` Linear modules and output gradients of the ``lora_B`` ones.
+
+    Args:
+        model: the module tree holding the LoRA layers.
+        pairs: ``(A, B)`` parameter pairs to watch (e.g. from :attr:`sdsopt.SDSAdamW.lora_pairs`).
+    """
+
+    def __init__(self, model: nn.Module, pairs: list[tuple[Tensor, Tensor]]) -> None:
+        self._inputs: dict[int, list[Tensor]] = defaultdict(list)  # id(A) -> X of each forward
+        self._grads: dict[int, dict[int, Tensor]] = defaultdict(dict)  # id(A) -> forward index -> δ
+        self._handles: list[RemovableHandle] = []
+        partner = {id(B): id(A) for A, B in pairs}
+        wanted_a = set(partner.values())
+        found: set[int] = set()
+        for module in model.modules():
+            weight = getattr(module, "weight", None)
+            if weight is None or not isinstance(module, nn.Linear):
+                continue
+            key = id(weight)
+            if key in wanted_a:
+                self._handles.append(module.register_forward_pre_hook(self._input_hook(key)))
+                found.add(key)
+            elif key in partner:
+                self._handles.append(module.register_forward_hook(self._output_hook(partner[key])))
+                found.add(key)
+        wanted_b = set(partner)
+        missing = (wanted_a | wanted_b) - found
+        if missing:
+            raise ValueError(
+                f"LoraCapture: {len(missing)} LoRA factor(s) are not the weight of an nn.Linear in this model; "
+                "modes that need the layers' inputs (lorsum with sweeps > 1, svd_oracle) and gradient metrics "
+                "support Linear LoRA only."
+            )
+
+    def _input_hook(self, key: int):
+        def hook(module: nn.Module, args: tuple[Tensor, ...]) -> None:
+            if torch.is_grad_enabled():
+                x = args[0].detach()
+                self._inputs[key].append(x.reshape(-1, x.shape[-1]))
+
+        return hook
+
+    def _output_hook(self, a_key: int):
+        """On ``lora_B``'s output: a tensor hook that files δ under the forward it belongs to."""
+
+        def hook(module: nn.Module, args, output: Tensor) -> None:
+            if not (torch.is_grad_enabled() and output.requires_grad and self._inputs[a_key]):
+                return
+            index = len(self._inputs[a_key]) - 1  # lora_B(lora_A(x)): the A input just recorded
+
+            def store(g: Tensor) -> None:
+                g = g.detach().reshape(-1, g.shape[-1])
+                grads = self._grads[a_key]
+                grads[index] = grads[index] + g if index in grads else g
+
+            output.register_hook(store)
+
+        return hook
+
+    def has(self, A: Tensor) -> bool:
+        """Whether a forward and backward pass of the pair of ``A`` was recorded since :meth:`clear`."""
+        return bool(self._grads.get(id(A)))
+
+    def _pairs_of(self, A: Tensor, B: Tensor) -> list[tuple[Tensor, Tensor]]:
+        if not self.has(A):
+            raise RuntimeError(
+                "LoraCapture: no recorded forward/backward for this LoRA pair since the last step; "
+                "run the model's forward and backward between attach() and step()."
+            )
+        xs = self._inputs[id(A)]
+        return [(xs[i], g) for i, g in sorted(self._grads[id(A)].items())]
+
+    def matmul(self, A: Tensor, B: Tensor, V: Tensor) -> Tensor:
+        """``G V`` (``m × k``) for ``V`` (``n × k``)."""
+        return sum(g.to(V.dtype).T @ (x.to(V.dtype) @ V) for x, g in self._pairs_of(A, B))
+
+    def rmatmul(self, A: Tensor, B: Tensor, U: Tensor) -> Tensor:
+        """``Gᵀ U`` (``n × k``) for ``U`` (``m × k``)."""
+        return sum(x.to(U.dtype).T @ (g.to(U.dtype) @ U) for x, g in self._pairs_of(A, B))
+
+    def full(self, A: Tensor, B: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+        """The full ``G`` (``m × n``): small models only."""
+        return sum(g.to(dtype).T @ x.to(dtype) for x, g in self._pairs_of(A, B))
+
+    def clear(self) -> None:
+        """Forget what was recorded (the optimizer calls this after each step)."""
+        self._inputs.clear()
+        self._grads.clear()
+
+    def remove(self) -> None:
+        """Remove the hooks."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self.clear()

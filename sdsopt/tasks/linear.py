@@ -1,0 +1,74 @@
+"""Synthetic low-rank regression (the LoRSum paper's linear task).
+
+A frozen ``W0`` (m×n) must be adapted to ``W* = W0 + Δ`` with ``Δ`` of rank ``r*`` and condition
+number ``κ``: targets ``Y = X W*ᵀ + noise`` for Gaussian inputs ``X``.  The LoRA model is
+``W0 + s·B A`` (rank r); full fine-tuning trains ``W`` itself.  Loss: ``‖X Wᵀ − Y‖² / (2N)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from .lora import LoraLinear
+
+__all__ = ["LinearTask"]
+
+
+@dataclass
+class LinearTask:
+    m: int = 64
+    n: int = 64
+    rank: int = 4
+    target_rank: int = 4
+    kappa: float = 100.0
+    noise: float = 0.0
+    samples: int = 1024
+    batch: int = 0  # 0: full batch
+    name: str = "linear"
+
+    def setup(self, seed: int) -> None:
+        gen = torch.Generator().manual_seed(1000 + seed)
+        m, n, k = self.m, self.n, self.target_rank
+        self.W0 = torch.randn(m, n, generator=gen) / n**0.5
+        U = torch.linalg.qr(torch.randn(m, k, generator=gen))[0]
+        V = torch.linalg.qr(torch.randn(n, k, generator=gen))[0]
+        sigma = self.kappa ** (-torch.linspace(0, 1, k))
+        self.delta = U @ torch.diag(sigma) @ V.T
+        X = torch.randn(self.samples + 256, n, generator=gen)
+        Y = X @ (self.W0 + self.delta).T + self.noise * torch.randn(self.samples + 256, m, generator=gen)
+        self.train, self.test = (X[: self.samples], Y[: self.samples]), (X[self.samples :], Y[self.samples :])
+
+    def _base(self) -> nn.Linear:
+        layer = nn.Linear(self.n, self.m, bias=False)
+        with torch.no_grad():
+            layer.weight.copy_(self.W0)
+        return layer
+
+    def lora_model(self, seed: int) -> nn.Module:
+        torch.manual_seed(seed)
+        return LoraLinear(self._base(), self.rank)
+
+    def full_model(self, seed: int) -> nn.Module:
+        return self._base()
+
+    def batches(self, seed: int):
+        gen = torch.Generator().manual_seed(seed)
+        X, Y = self.train
+        while True:
+            if self.batch <= 0:
+                yield X, Y
+            else:
+                idx = torch.randint(0, len(X), (self.batch,), generator=gen)
+                yield X[idx], Y[idx]
+
+    @staticmethod
+    def loss(model: nn.Module, batch: tuple[Tensor, Tensor]) -> Tensor:
+        X, Y = batch
+        return 0.5 * ((model(X) - Y) ** 2).sum(-1).mean()
+
+    @torch.no_grad()
+    def eval_loss(self, model: nn.Module) -> float:
+        return float(self.loss(model, self.test))

@@ -1,0 +1,212 @@
+"""Comparison modes (MATH §3), the layer capture and the §5 metrics, against float64 references."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from torch import nn
+
+from reference import lora_grads, lorsum_reference, make_factor, truncated
+from sdsopt import SDSAdamW, rewrite_pair
+from sdsopt.metrics import (
+    alignment,
+    captured_fraction,
+    condition_number,
+    effective_rank,
+    first_order_step,
+    stable_rank,
+)
+from sdsopt.rewrite import lorsum_sweeps, svd_refactor
+from test_optim import LoraLinear
+
+F64 = torch.float64
+
+
+@st.composite
+def pair_and_grad(draw):
+    m, n = draw(st.integers(2, 10)), draw(st.integers(2, 10))
+    r = draw(st.integers(1, min(m, n)))
+    gen = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    kappa = 10 ** draw(st.floats(0, 3))
+    A = make_factor(r, n, kappa, 1.0, gen)
+    B = make_factor(m, r, kappa, 0.5, gen)
+    return A, B, torch.randn(m, n, dtype=F64, generator=gen)
+
+
+@given(pair_and_grad(), st.floats(-8, -1), st.floats(-4, -1))
+def test_lorsum_one_sweep_is_scaled(case, log_lam, log_lr):
+    """K = 1: the Jacobi sweep equals mode `scaled` with δ = λ, for any step size."""
+    A, B, G = case
+    gA, gB = lora_grads(A, B, G, 1.0)
+    lam, lr = 10**log_lam, 10**log_lr
+    got = lorsum_sweeps(A, B, gA, gB, lr=lr, damping=lam, sweeps=1)
+    ref = rewrite_pair(A, B, gA, gB, mode="scaled", damping=lam)
+    for x, y in zip(got, ref):
+        torch.testing.assert_close(x, y, rtol=1e-7, atol=1e-9 * y.abs().max().item())
+
+
+@given(pair_and_grad(), st.integers(1, 5))
+def test_lorsum_sweeps_match_proximal_least_squares(case, sweeps):
+    """Each sweep solves its proximal least-squares problem (reference: lstsq on the stacked system)."""
+    A, B, G = case
+    gA, gB = lora_grads(A, B, G, 1.0)
+    lr, lam = 0.1, 1e-2
+    dA, dB = lorsum_sweeps(A, B, gA, gB, lr=lr, damping=lam, sweeps=sweeps,
+                           G_mul=lambda V: G @ V, Gt_mul=lambda U: G.T @ U)
+    A_k, B_k = lorsum_reference(A, B, G, lr, lam, sweeps)
+    torch.testing.assert_close(A - lr * dA, A_k, rtol=1e-6, atol=1e-8)
+    torch.testing.assert_close(B - lr * dB, B_k, rtol=1e-6, atol=1e-8)
+
+
+def test_lorsum_many_sweeps_reach_the_truncated_svd():
+    """λ → 0 and enough sweeps: B_K A_K is the best rank-r approximation of the full step."""
+    gen = torch.Generator().manual_seed(0)
+    A, B = make_factor(3, 9, 3.0, 1.0, gen), make_factor(8, 3, 3.0, 1.0, gen)
+    G = torch.randn(8, 9, dtype=F64, generator=gen)
+    gA, gB = lora_grads(A, B, G, 1.0)
+    dA, dB = lorsum_sweeps(A, B, gA, gB, lr=0.3, damping=1e-12, sweeps=300,
+                           G_mul=lambda V: G @ V, Gt_mul=lambda U: G.T @ U)
+    product = (B - 0.3 * dB) @ (A - 0.3 * dA)
+    target = truncated(B @ A - 0.3 * G, 3)
+    assert (product - target).norm() <= 1e-6 * target.norm()
+
+
+@given(pair_and_grad())
+def test_svd_refactor_is_eckart_young_and_aligned(case):
+    A, B, G = case
+    W = B @ A - 0.1 * G
+    new_a, new_b = svd_refactor(W, A, B)
+    r = A.shape[0]
+    torch.testing.assert_close(new_b @ new_a, truncated(W, r), rtol=1e-8, atol=1e-10)
+    # balanced: equal Gram spectra; and at the current product the factors are a fixed point up to balance
+    torch.testing.assert_close(torch.linalg.eigvalsh(new_a @ new_a.T), torch.linalg.eigvalsh(new_b.T @ new_b),
+                               rtol=1e-7, atol=1e-10)
+
+
+def build_layer(seed=0, dtype=F64):
+    torch.manual_seed(seed)
+    layer = LoraLinear(6, 5, 2, s=1.5, dtype=dtype, zero_b=False)
+    return layer, torch.randn(12, 6, dtype=dtype), torch.randn(12, 5, dtype=dtype)
+
+
+def full_gradient(layer, x, y):
+    """∂L/∂(BA) by autograd on an explicit product (independent of the capture hooks)."""
+    A, B = layer.lora_A["default"].weight.detach(), layer.lora_B["default"].weight.detach()
+    W = (B @ A).requires_grad_()
+    out = layer.base(x) + layer.s * x @ W.T
+    ((out - y) ** 2).mean().backward()
+    return W.grad
+
+
+def test_capture_reconstructs_the_full_gradient():
+    layer, x, y = build_layer()
+    opt = SDSAdamW(layer.named_parameters(), lr=1e-2, mode="lorsum")
+    capture = opt.attach(layer)
+    ((layer(x) - y) ** 2).mean().backward()
+    ((layer(x[:4]) - y[:4]) ** 2).mean().backward()  # gradient accumulation: two passes summed
+    A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    G = capture.full(A, B, F64)
+    torch.testing.assert_close(G @ A.detach().T, B.grad)  # gB = G Aᵀ
+    torch.testing.assert_close(B.detach().T @ G, A.grad)  # gA = Bᵀ G
+    V = torch.randn(6, 3, dtype=F64)
+    torch.testing.assert_close(capture.matmul(A, B, V), G @ V)
+    torch.testing.assert_close(capture.rmatmul(A, B, torch.eye(5, dtype=F64)), G.T)
+    layer2, x2, y2 = build_layer()
+    torch.testing.assert_close(full_gradient(layer2, x2, y2), capture_single(x2, y2))
+
+
+def capture_single(x, y):
+    layer, _, _ = build_layer()
+    opt = SDSAdamW(layer.named_parameters(), mode="lorsum")
+    capture = opt.attach(layer)
+    ((layer(x) - y) ** 2).mean().backward()
+    return capture.full(layer.lora_A["default"].weight, layer.lora_B["default"].weight, F64)
+
+
+def test_optimizer_lorsum_one_sweep_is_scaled_bit_for_bit():
+    runs = []
+    for kw in (dict(mode="scaled"), dict(mode="lorsum", lorsum_sweeps=1)):
+        layer, x, y = build_layer(dtype=torch.float32)
+        opt = SDSAdamW(layer.named_parameters(), lr=1e-2, damping=1e-3, **kw)
+        for _ in range(5):
+            opt.zero_grad()
+            ((layer(x) - y) ** 2).mean().backward()
+            opt.step()
+        runs.append([p.detach().clone() for p in layer.parameters()])
+    assert all(torch.equal(p, q) for p, q in zip(*runs))
+
+
+def test_optimizer_lorsum_two_sweeps_matches_reference_first_step():
+    layer, x, y = build_layer()
+    A0, B0 = (layer.lora_A["default"].weight.detach().clone(), layer.lora_B["default"].weight.detach().clone())
+    lr, lam, eps = 1e-2, 1e-3, 1e-8
+    opt = SDSAdamW(layer.named_parameters(), lr=lr, eps=eps, weight_decay=0.0, mode="lorsum", lorsum_sweeps=2, damping=lam)
+    opt.attach(layer)
+    ((layer(x) - y) ** 2).mean().backward()
+    opt.step()
+    layer_ref, x_ref, y_ref = build_layer()
+    G = full_gradient(layer_ref, x_ref, y_ref)
+    A_k, B_k = lorsum_reference(A0, B0, G, lr, lam, 2)
+    for p0, p, target in ((A0, layer.lora_A["default"].weight, A_k), (B0, layer.lora_B["default"].weight, B_k)):
+        g = (p0 - target) / lr
+        expect = p0 - lr * g / (g.abs() + eps)  # Adam's first step on the rewritten gradient
+        torch.testing.assert_close(p.detach(), expect, rtol=1e-9, atol=1e-12)
+
+
+def test_optimizer_svd_oracle_is_truncated_full_step():
+    layer, x, y = build_layer()
+    A0, B0 = (layer.lora_A["default"].weight.detach().clone(), layer.lora_B["default"].weight.detach().clone())
+    lr, eps, wd = 1e-2, 1e-8, 0.1
+    opt = SDSAdamW(layer.named_parameters(), lr=lr, eps=eps, weight_decay=wd, mode="svd_oracle")
+    opt.attach(layer)
+    ((layer(x) - y) ** 2).mean().backward()
+    opt.step()
+    layer_ref, x_ref, y_ref = build_layer()
+    G = full_gradient(layer_ref, x_ref, y_ref)
+    full_step = B0 @ A0 * (1 - lr * wd) - lr * G / (G.abs() + eps)
+    A, B = layer.lora_A["default"].weight.detach(), layer.lora_B["default"].weight.detach()
+    torch.testing.assert_close(B @ A, truncated(full_step, 2), rtol=1e-9, atol=1e-12)
+    assert opt.state[layer.lora_A["default"].weight]["oracle_exp_avg"].shape == (5, 6)
+
+
+def test_modes_that_need_the_layers_refuse_without_attach_or_above_size_limit():
+    layer, x, y = build_layer()
+    opt = SDSAdamW(layer.named_parameters(), mode="lorsum", lorsum_sweeps=3)
+    ((layer(x) - y) ** 2).mean().backward()
+    with pytest.raises(RuntimeError, match=r"call opt.attach\(model\)"):
+        opt.step()
+    opt = SDSAdamW(layer.named_parameters(), mode="svd_oracle", oracle_max_numel=20)
+    opt.attach(layer)
+    ((layer(x) - y) ** 2).mean().backward()
+    with pytest.raises(ValueError, match="oracle_max_numel=20"):
+        opt.step()
+    with pytest.raises(ValueError, match="decouple_sigma=True works with modes"):
+        SDSAdamW(layer.named_parameters(), mode="lorsum", decouple_sigma=True)
+
+
+def test_metrics_on_matrices_with_known_answers():
+    eye = torch.eye(4, dtype=F64)
+    assert effective_rank(eye) == pytest.approx(4.0)
+    assert effective_rank(torch.outer(torch.ones(3, dtype=F64), torch.arange(1.0, 5.0, dtype=F64))) == pytest.approx(1.0)
+    assert stable_rank(eye) == pytest.approx(4.0) and stable_rank(torch.diag(torch.tensor([2.0, 1.0]))) == pytest.approx(1.25)
+    assert condition_number(torch.diag(torch.tensor([1.0, 0.01], dtype=F64))) == pytest.approx(100.0)
+    G = torch.randn(5, 6, dtype=F64)
+    assert alignment(G, 3 * G) == pytest.approx(1.0) and alignment(G, -G) == pytest.approx(-1.0)
+    # tangent space at B A with B = [e1], A = [e1ᵀ]: G captured iff it lives in row 1 or column 1
+    A = torch.zeros(1, 6, dtype=F64)
+    A[0, 0] = 1.0
+    B = torch.zeros(5, 1, dtype=F64)
+    B[0, 0] = 1.0
+    inside = torch.zeros(5, 6, dtype=F64)
+    inside[0, :] = 1.0
+    inside[:, 0] = 2.0
+    outside = torch.zeros(5, 6, dtype=F64)
+    outside[2:, 3:] = 1.0
+    assert captured_fraction(inside, A, B) == pytest.approx(1.0)
+    assert captured_fraction(outside, A, B) == pytest.approx(0.0)
+    assert captured_fraction(inside + outside, A, B) == pytest.approx(
+        inside.norm().item() ** 2 / (inside + outside).norm().item() ** 2)
+    dA, dB = torch.randn(1, 6, dtype=F64), torch.randn(5, 1, dtype=F64)
+    torch.testing.assert_close(first_order_step(A, B, dA, dB), dB @ A + B @ dA)
