@@ -56,7 +56,7 @@ def make_task(name: str, args: argparse.Namespace):
         from .tasks.text import TextLMTask
 
         return TextLMTask(rank=args.rank, width=args.width, layers=args.layers, block=args.block,
-                          pretrain_steps=args.pretrain_steps)
+                          pretrain_steps=args.pretrain_steps, device=args.device)
     raise ValueError(f"unknown task {name!r}; choose linear, digits or textlm")
 
 
@@ -115,7 +115,7 @@ def run_one(task, mode: str, lr: float, seed: int, args: argparse.Namespace, pro
         opt.step()
         if record:
             metrics.append({"step": step, **recorder.after()})
-        value = float(loss)
+        value = float(loss.detach())
         curve.append(value if math.isfinite(value) else float("nan"))
         if progress is not None:
             progress.update(1)

@@ -80,4 +80,5 @@ class DigitsTask:
 
     @torch.no_grad()
     def eval_loss(self, model: nn.Module) -> float:
-        return float(self.loss(model, self.test))
+        device = next(model.parameters()).device
+        return float(self.loss(model, tuple(t.to(device) for t in self.test)))

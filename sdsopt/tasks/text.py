@@ -85,21 +85,23 @@ class TextLMTask:
     name = "textlm"
 
     def __init__(self, rank: int = 8, width: int = 64, layers: int = 2, block: int = 64, batch: int = 16,
-                 pretrain_steps: int = 600, max_bytes: int = 2_000_000, eval_batches: int = 8) -> None:
+                 pretrain_steps: int = 600, max_bytes: int = 2_000_000, eval_batches: int = 8,
+                 device: str = "cpu") -> None:
         self.rank, self.width, self.layers, self.block, self.batch = rank, width, layers, block, batch
         self.pretrain_steps, self.max_bytes, self.eval_batches = pretrain_steps, max_bytes, eval_batches
+        self.device = torch.device(device)
         self._base: dict[int, nn.Module] = {}
 
     def setup(self, seed: int) -> None:
         self.train, self.test = split(load_corpus("pydoc", self.max_bytes))
         if seed not in self._base:
-            model = tiny_gpt2(layers=self.layers, width=self.width, block=self.block, seed=seed)
+            model = tiny_gpt2(layers=self.layers, width=self.width, block=self.block, seed=seed).to(self.device)
             source = load_corpus("stdlib", self.max_bytes)
             opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
             batches = batch_iterator(source, self.block, self.batch, torch.Generator().manual_seed(seed))
             for _ in range(self.pretrain_steps):
                 opt.zero_grad()
-                lm_loss(model, next(batches)).backward()
+                lm_loss(model, next(batches).to(self.device)).backward()
                 opt.step()
             self._base[seed] = model
 
@@ -131,4 +133,5 @@ class TextLMTask:
     @torch.no_grad()
     def eval_loss(self, model: nn.Module) -> float:
         batches = batch_iterator(self.test, self.block, self.batch, torch.Generator().manual_seed(2))
-        return sum(float(lm_loss(model, next(batches))) for _ in range(self.eval_batches)) / self.eval_batches
+        device = next(model.parameters()).device
+        return sum(float(lm_loss(model, next(batches).to(device))) for _ in range(self.eval_batches)) / self.eval_batches
