@@ -104,8 +104,10 @@ class SDSAdamW(Optimizer):
     ``torch.optim.AdamW``; parameters outside pairs get exactly AdamW.
 
     Args:
-        params: ``model.named_parameters()`` (pairs found by name, see ``pairing``), or param
-            groups; a group may list explicit pairs: ``{"params": [...], "lora_pairs": [(A, B), ...]}``.
+        params: ``model.named_parameters()`` (pairs found by name, see ``pairing``), a model
+            (its trainable named parameters, one group: what transformers' ``Trainer`` passes for
+            ``optimizer_cls_and_kwargs=(SDSAdamW, {"model": model, ...})``), or param groups; a
+            group may list explicit pairs: ``{"params": [...], "lora_pairs": [(A, B), ...]}``.
         lr, betas, eps, weight_decay, amsgrad, maximize, foreach, fused: as ``torch.optim.AdamW``
             (same defaults).
         mode: ``"sds"`` (default), ``"lora"`` (identity: plain AdamW on the factors),
@@ -156,7 +158,7 @@ class SDSAdamW(Optimizer):
 
     def __init__(
         self,
-        params: Iterable[Any],
+        params: Iterable[Any] | torch.nn.Module,
         lr: float = 1e-3,
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
@@ -193,6 +195,8 @@ class SDSAdamW(Optimizer):
             self._pairing = pairing
         else:
             raise TypeError(f"SDSAdamW: pairing must be None, a regex string or a callable, got {type(pairing).__name__}.")
+        if isinstance(params, torch.nn.Module):  # e.g. Trainer(optimizer_cls_and_kwargs=(SDSAdamW, {"model": model}))
+            params = [(n, p) for n, p in params.named_parameters() if p.requires_grad]
         self._bucket_cache: dict[int, tuple[Any, ...]] = {}
         self._capture: LoraCapture | None = None
         super().__init__(params, defaults)
