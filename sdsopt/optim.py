@@ -375,9 +375,15 @@ class SDSAdamW(Optimizer):
             lr=lr, weight_decay=weight_decay, eps=group["eps"], maximize=group["maximize"],
         )
 
+    @torch.compiler.disable
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
-        """One SDS-AdamW step: rewrite the paired gradients, then the AdamW update (closure as in AdamW)."""
+        """One SDS-AdamW step: rewrite the paired gradients, then the AdamW update (closure as in AdamW).
+
+        Under ``torch.compile`` the step runs eagerly (``torch.compiler.disable``: a graph break):
+        its data-dependent linear algebra (eigh) and per-shape bucketing do not trace, while the
+        model's forward and backward around it still compile.
+        """
         loss = None
         if closure is not None:
             with torch.enable_grad():
