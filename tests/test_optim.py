@@ -314,26 +314,33 @@ def test_param_groups_schedulers_and_add_param_group():
     assert len(opt.lora_pairs) == 3
 
 
-@pytest.mark.parametrize("kw", [dict(), dict(decouple_sigma=True), dict(decouple_sigma=True, amsgrad=True),
-                                dict(route="newton_schulz"), dict(mode="scaled"), dict(fused=True)])
-def test_checkpoint_resume_is_bit_exact(kw):
-    a = fresh(zero_b=True)
-    opt = SDSAdamW(a.named_parameters(), lr=1e-2, **kw)
+def assert_resume_is_bit_exact(make_opt, before=4, after=4):
+    """Train, checkpoint (torch.save), train on; a fresh model and optimizer loaded from the checkpoint
+    must reproduce the uninterrupted parameters bit for bit.  Returns the losses before the checkpoint."""
     data = make_data()
-    train(a, opt, steps=4, data=data)
+    model = fresh(zero_b=True)
+    opt = make_opt(model)
+    losses = train(model, opt, steps=before, data=data)
     buf = io.BytesIO()
-    torch.save({"model": a.state_dict(), "opt": opt.state_dict()}, buf)
-    train(a, opt, steps=4, data=data)
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buf)
+    train(model, opt, steps=after, data=data)
 
     buf.seek(0)
     ckpt = torch.load(buf)
-    b = fresh(seed=123)
-    b.load_state_dict(ckpt["model"])
-    opt_b = SDSAdamW(b.named_parameters(), lr=1e-2, **kw)
-    opt_b.load_state_dict(ckpt["opt"])
-    train(b, opt_b, steps=4, data=data)
-    for p, q in zip(a.parameters(), b.parameters()):
+    other = fresh(seed=123)
+    other.load_state_dict(ckpt["model"])
+    resumed = make_opt(other)
+    resumed.load_state_dict(ckpt["opt"])
+    train(other, resumed, steps=after, data=data)
+    for p, q in zip(model.parameters(), other.parameters()):
         assert torch.equal(p, q)
+    return losses
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(decouple_sigma=True), dict(decouple_sigma=True, amsgrad=True),
+                                dict(route="newton_schulz"), dict(mode="scaled"), dict(fused=True)])
+def test_checkpoint_resume_is_bit_exact(kw):
+    assert_resume_is_bit_exact(lambda m: SDSAdamW(m.named_parameters(), lr=1e-2, **kw))
 
 
 def test_checkpoint_with_other_pairs_is_refused():
@@ -350,24 +357,9 @@ def test_lookahead_trains_and_resumes_bit_exactly():
     pytest.importorskip("torch_optimizer")
     from sdsopt.compat import lookahead
 
-    data = make_data()
-    model = fresh()
-    opt = lookahead(SDSAdamW(model.named_parameters(), lr=1e-2), k=3, alpha=0.5)
-    losses = train(model, opt, steps=31, data=data)
+    losses = assert_resume_is_bit_exact(
+        lambda m: lookahead(SDSAdamW(m.named_parameters(), lr=1e-2), k=3, alpha=0.5), before=31, after=7)
     assert losses[-1] < 0.9 * losses[0]
-    buf = io.BytesIO()
-    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buf)
-    train(model, opt, steps=7, data=data)
-
-    buf.seek(0)
-    ckpt = torch.load(buf)
-    other = fresh(seed=9)
-    other.load_state_dict(ckpt["model"])
-    again = lookahead(SDSAdamW(other.named_parameters(), lr=1e-2), k=3, alpha=0.5)
-    again.load_state_dict(ckpt["opt"])
-    train(other, again, steps=7, data=data)
-    for p, q in zip(model.parameters(), other.parameters()):
-        assert torch.equal(p, q)
 
 
 # ----------------------------------------------------------------------------- precision and non-finite input
