@@ -156,7 +156,7 @@ def main(argv=None):
                       f"peak+{peak:8.1f} MB  state {smb:8.1f} MB", flush=True)
             del named
     ref_name = "AdamW fused" if any(r.variant == "AdamW fused" for r in rows) else "AdamW foreach"
-    print(f"\n| variant | dtype | " + " | ".join(f"r={r}" for r in ranks) + " |")
+    print("\n| variant | dtype | " + " | ".join(f"r={r}" for r in ranks) + " |")
     print("|---|---|" + "---|" * len(ranks))
     for dname in args.dtypes:
         for label in dict.fromkeys(r.variant for r in rows):

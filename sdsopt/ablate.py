@@ -239,7 +239,7 @@ def plot(task_name: str, runs: list[dict], table: dict, out: Path) -> None:
 
 def format_table(task_name: str, table: dict) -> str:
     lines = [f"{task_name}: best lr per mode (held-out loss, mean over seeds)",
-             f"| mode | best lr | held-out loss | final train loss | gap to full closed |",
+             "| mode | best lr | held-out loss | final train loss | gap to full closed |",
              "|---|---|---|---|---|"]
     for mode in [m for m in ABLATION_MODES if m in table]:
         e = table[mode]

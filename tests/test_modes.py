@@ -6,7 +6,6 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-from torch import nn
 
 from reference import lora_grads, lorsum_reference, make_factor, truncated
 from sdsopt import SDSAdamW, rewrite_pair
