@@ -148,6 +148,17 @@ class SDSAdamW(Optimizer):
       correction ``U diag(Δσ) Vᵀ`` is added after the AdamW update, undecayed.  The channel's
       Adam moments are kept in the parameter's dtype (so checkpoints round-trip exactly under
       ``Optimizer.load_state_dict``'s dtype policy) and share the parameter's step count.
+    * Route ``newton_schulz`` computes a *damped* root ``(K + δ·trace K·I)^{-1/2}`` instead of the
+      hard cut of (2.5) (a filtered pseudo-inverse amplifies rounding noise by ``δ^{-3/2}``); it agrees
+      with eigh to ``O(δ/λ)`` on the range (tested, P6).  ``route="auto"`` uses it on CUDA only.
+    * With repeated singular values the split (2.3) depends on the eigenbasis the solver returns
+      (``diag(Uᵀ G V)`` is not invariant inside an eigenspace); the channel's tests use distinct ones.
+    * ``lorsum``: the full step of MATH 3.1 is taken with ``η = lr``, its first sweep updates both
+      factors from the current ones (so one sweep is exactly ``scaled``), later sweeps are
+      Gauss–Seidel, and the rewritten gradient handed to Adam is the displacement divided by ``lr``.
+      Low-rank momentum and the K-FAC/Shampoo-scaled variant are not implemented.
+    * ``svd_oracle``: Adam runs on the full product ``W = BA`` with the true ``G`` (m×n moments), then
+      the factors are replaced by the balanced rank-r factors of ``W`` closest to the current ones.
     * Non-finite gradients behave as in AdamW: nothing is skipped and nothing raises; the
       non-finite values reach the parameters.  Because the rewrite mixes the r entries of a
       row of ``B`` (a column of ``A``), one non-finite entry spreads along that row (column).  Use
