@@ -24,6 +24,7 @@ from . import pairing as _pairing
 from .linalg import algebra_precision, finite_or_zero, gram, spectrum
 from .pairing import LoraPair, PairingFn, a_rows, b_matrix, check_pair_shapes
 from .capture import LoraCapture
+from .distributed import all_reduce_, as_like, check_not_deepspeed, check_pair_layout, local, process_group
 from .rewrite import (
     MODES,
     ROUTES,
@@ -209,6 +210,7 @@ class SDSAdamW(Optimizer):
         if isinstance(params, torch.nn.Module):  # e.g. Trainer(optimizer_cls_and_kwargs=(SDSAdamW, {"model": model}))
             params = [(n, p) for n, p in params.named_parameters() if p.requires_grad]
         self._bucket_cache: dict[int, tuple[Any, ...]] = {}
+        self._group_sizes: list[int] = []
         self._capture: LoraCapture | None = None
         super().__init__(params, defaults)
         if self._pairing is _pairing.peft_pairing:
@@ -250,9 +252,12 @@ class SDSAdamW(Optimizer):
         except Exception:
             self.param_groups.pop()
             raise
+        self._group_sizes.append(len(group["params"]))
 
     def _resolve_pairs(self, gi: int, group: dict[str, Any], explicit: list[Any]) -> list[tuple[int, int]]:
         params: list[Tensor] = group["params"]
+        for i, p in enumerate(params):
+            check_not_deepspeed(p, _param_label(group, i, gi))
         where = {id(p): i for i, p in enumerate(params)}
         pairs: list[tuple[int, int]] = []
         for k, pair in enumerate(explicit):
@@ -283,6 +288,7 @@ class SDSAdamW(Optimizer):
                     )
                 seen[i] = k
             check_pair_shapes(params[ia], params[ib], _param_label(group, ia, gi), _param_label(group, ib, gi))
+            check_pair_layout(params[ia], params[ib], _param_label(group, ia, gi), _param_label(group, ib, gi))
         return pairs
 
     def _check_not_split(self, gi: int, names: list[str]) -> None:
@@ -345,6 +351,12 @@ class SDSAdamW(Optimizer):
         position: dict[int, int] = {}
         has_complex = False
         device_step = bool(group["fused"])  # torch keeps `step` on the device for fused kernels
+        if len(group["params"]) != self._group_sizes[gi]:
+            raise RuntimeError(
+                f"SDSAdamW: param group {gi} now holds {len(group['params'])} tensors instead of the "
+                f"{self._group_sizes[gi]} it was built with, so its LoRA pairs are lost. A wrapper replaced the "
+                "parameters (DeepSpeed ZeRO flattens them into partitions): SDSAdamW supports DDP and FSDP2, not ZeRO."
+            )
         for i, p in enumerate(group["params"]):
             if p.grad is None:
                 continue
@@ -464,7 +476,7 @@ class SDSAdamW(Optimizer):
         work = []
         pending: dict[tuple[Any, ...], list[tuple[int, str, Tensor]]] = defaultdict(list)
         for bucket in self._buckets(gi, group, position):
-            k, r, m = len(bucket.a), bucket.a_shape[0], bucket.b_shape[0]
+            k, r = len(bucket.a), bucket.a_shape[0]
             route = resolve_route(group["route"], params[bucket.a[0]].device)
             dt, tol = algebra_precision(params[bucket.a[0]].dtype, group["linalg_dtype"], group["rank_tol"], route)
             if route == "newton_schulz" and tol < 64 * torch.finfo(dt).eps:
@@ -472,20 +484,22 @@ class SDSAdamW(Optimizer):
                     f"SDSAdamW param group {gi}: rank_tol={tol} is below 64·eps of {dt}, too small a damping for "
                     "the Newton–Schulz route to converge; raise rank_tol, pass linalg_dtype=torch.float64, "
                     "or use route='eigh'.")
-            A = torch.stack([params[i] for i in bucket.a]).to(dt).view(k, r, -1)
-            B = torch.stack([params[i] for i in bucket.b]).to(dt).view(k, m, r)
+            # local shards under FSDP2 (A along n, B along m): Grams are then partial sums, reduced in (2)
+            A = torch.stack([local(params[i]) for i in bucket.a]).to(dt).view(k, r, -1)
+            B = torch.stack([local(params[i]) for i in bucket.b]).to(dt).view(k, -1, r)
             rows = {"A": A, "B": B.transpose(1, 2)}
+            groups = {"A": process_group(params[bucket.a[0]]), "B": process_group(params[bucket.b[0]])}
             needed = {"B"} if bucket.has_a else set()  # g̃A needs P(K_B)
             needed |= {"A"} if bucket.has_b else set()  # g̃B needs P(K_A)
             if sigma:
                 needed |= {s for s, present in (("A", bucket.has_a), ("B", bucket.has_b)) if present}
             for side in sorted(needed):
-                pending[(r, dt, tol, B.device, route)].append((len(work), side, gram(rows[side])))
-            work.append((bucket, dt, rows, {}, {}))
+                pending[(r, dt, tol, B.device, route, groups[side])].append((len(work), side, gram(rows[side])))
+            work.append((bucket, dt, rows, {}, {}, groups))
 
-        # (2) one spectral computation per Gram size
-        for (_, _, tol, _, route), items in pending.items():
-            K = finite_or_zero(torch.cat([K for _, _, K in items]))
+        # (2) one all-reduce (sharded factors only) and one spectral computation per Gram size
+        for (_, _, tol, _, route, pg), items in pending.items():
+            K = finite_or_zero(all_reduce_(torch.cat([K for _, _, K in items]), pg))
             need_spec = route == "eigh" or kw["mode"] != "sds" or sigma
             spec = spectrum(K, tol) if need_spec else None
             P = preconditioner(K, route=route, rank_tol=tol, spec_other=spec, **kw)
@@ -499,27 +513,28 @@ class SDSAdamW(Optimizer):
 
         # (3) the rewrite (R), the singular-value channel, and the hand-over to Adam
         corrections: list[tuple[Tensor, Tensor]] = []
-        for bucket, dt, rows, P, spec in work:
-            k, r, m = len(bucket.a), bucket.a_shape[0], bucket.b_shape[0]
+        for bucket, dt, rows, P, spec, groups in work:
+            k, r = len(bucket.a), bucket.a_shape[0]
             for side, other, ids, present in (("A", "B", bucket.a, bucket.has_a), ("B", "A", bucket.b, bucket.has_b)):
                 if not present:
                     continue
                 pos = [position[i] for i in ids]
-                G = torch.stack([lists["grads"][q] for q in pos]).to(dt)
-                new = P[other] @ G.view(k, r, -1) if side == "A" else G.view(k, m, r) @ P[other]
+                G = torch.stack([local(lists["grads"][q]) for q in pos]).to(dt)
+                new = P[other] @ G.view(k, r, -1) if side == "A" else G.view(k, -1, r) @ P[other]
                 if sigma:
                     new_rows = new if side == "A" else new.transpose(1, 2)
-                    g_sigma, basis = sigma_split(spec[side], rows[side], new_rows)
+                    g_sigma, basis = sigma_split(spec[side], rows[side], new_rows,
+                                                 reduce=lambda t, pg=groups[side]: all_reduce_(t, pg))
                     steps = self._sigma_adam(group, [params[i] for i in ids], g_sigma, lists, pos)
                     delta = sigma_correction(spec[side], rows[side], steps)
                     new = basis if side == "A" else basis.transpose(1, 2)
                     delta = delta if side == "A" else delta.transpose(1, 2)
-                    corrections += [(params[i], d.reshape(params[i].shape).to(params[i].dtype))
-                                    for i, d in zip(ids, delta)]
+                    corrections += [(p, as_like(d.reshape(local(p).shape).to(p.dtype), p))
+                                    for p, d in ((params[i], d) for i, d in zip(ids, delta))]
                 like = params[ids[0]]
-                new = new.to(like.dtype).reshape(k, *like.shape)  # views when 2-D (Linear, embedding)
-                for q, g in zip(pos, new.unbind(0)):
-                    lists["grads"][q] = g
+                new = new.to(like.dtype).reshape(k, *local(like).shape)  # views when 2-D (Linear, embedding)
+                for i, q, g in zip(ids, pos, new.unbind(0)):
+                    lists["grads"][q] = as_like(g, params[i])
         return corrections
 
     def _rewrite_with_capture(
@@ -534,6 +549,11 @@ class SDSAdamW(Optimizer):
         """
         mode, capture = group["mode"], self._capture
         params: list[Tensor] = group["params"]
+        if any(process_group(p) is not None or local(p) is not p for p in params):
+            raise ValueError(
+                f"SDSAdamW mode={mode!r} (sweeps > 1 / full matrices) cannot run on sharded (FSDP2) factors; "
+                "use mode 'sds', 'scaled', 'lora' or 'lorsum' with lorsum_sweeps=1."
+            )
         if capture is None:
             raise RuntimeError(
                 f"SDSAdamW mode={mode!r} needs the LoRA layers' inputs: call opt.attach(model) once before training."

@@ -1,0 +1,114 @@
+"""Sharded LoRA factors (FSDP2 DTensors): layout checks, local views, and the r×r all-reduce.
+
+Under FSDP2 (``torch.distributed.fsdp.fully_shard``) parameters and gradients are DTensor shards.
+The rewrite needs only the r×r Grams of whole factors, which are sums of per-shard Grams when each
+factor is sharded along its *long* dimension:
+
+    K_A = A Aᵀ = Σ_i A_i A_iᵀ      (A, r×n, sharded along n: ``Shard(1)``)
+    K_B = Bᵀ B = Σ_i B_iᵀ B_i      (B, m×r, sharded along m: ``Shard(0)``, FSDP2's default)
+
+so one all-reduce of the stacked r×r Grams per step suffices, and ``g̃A_i = P_B gA_i``,
+``g̃B_i = gB_i P_A`` are then computed locally.  FSDP2 shards dim 0 by default, which for ``A`` is r:
+pass ``shard_placement_fn=lora_shard_placement_fn(model)`` to ``fully_shard``.
+
+DeepSpeed ZeRO flattens parameters into partitions, which destroys the pairing; it is detected and
+refused (see :func:`check_not_deepspeed`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+__all__ = [
+    "all_reduce_",
+    "as_like",
+    "check_not_deepspeed",
+    "check_pair_layout",
+    "local",
+    "lora_shard_placement_fn",
+    "process_group",
+]
+
+try:  # torch >= 2.4
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+except ImportError:  # pragma: no cover - torch without distributed support
+    DTensor = None
+
+
+def is_dtensor(t: Tensor) -> bool:
+    return DTensor is not None and isinstance(t, DTensor)
+
+
+def local(t: Tensor) -> Tensor:
+    """The local shard of a DTensor, the tensor itself otherwise."""
+    return t.to_local() if is_dtensor(t) else t
+
+
+def as_like(value: Tensor, ref: Tensor) -> Tensor:
+    """Wrap a local ``value`` as a DTensor laid out like ``ref`` (identity for plain tensors)."""
+    if not is_dtensor(ref):
+        return value
+    return DTensor.from_local(value, ref.device_mesh, ref.placements, run_check=False, shape=ref.shape,
+                              stride=ref.stride())
+
+
+def process_group(t: Tensor):
+    """The process group over which ``t``'s shards are spread (``None`` for plain or replicated tensors)."""
+    if not is_dtensor(t) or all(isinstance(p, Replicate) for p in t.placements):
+        return None
+    return t.device_mesh.get_group()
+
+
+def check_pair_layout(A: Tensor, B: Tensor, name_a: str, name_b: str) -> None:
+    """Refuse shardings whose Grams are not sums of per-shard Grams (``A`` along r, ``B`` along r)."""
+    if is_dtensor(A) != is_dtensor(B):
+        raise ValueError(f"LoRA pair {name_a} / {name_b}: one factor is a DTensor and the other is not; "
+                         "shard both factors of a pair with the same fully_shard call.")
+    if not is_dtensor(A):
+        return
+    if A.device_mesh != B.device_mesh or A.device_mesh.ndim != 1:
+        raise ValueError(f"LoRA pair {name_a} / {name_b}: both factors must live on the same 1-D device mesh.")
+    ok_a = all(isinstance(p, Replicate) or (isinstance(p, Shard) and p.dim == 1) for p in A.placements)
+    ok_b = all(isinstance(p, Replicate) or (isinstance(p, Shard) and p.dim == 0) for p in B.placements)
+    if not (ok_a and ok_b):
+        raise ValueError(
+            f"LoRA pair {name_a} {A.placements} / {name_b} {B.placements}: SDSAdamW needs A (r×n) sharded along n "
+            "(Shard(1)) and B (m×r) along m (Shard(0)) so that the r×r Grams are sums over shards. Use "
+            "fully_shard(module, shard_placement_fn=sdsopt.distributed.lora_shard_placement_fn(model))."
+        )
+
+
+def lora_shard_placement_fn(model: nn.Module, pairing: Callable | None = None) -> Callable[[nn.Parameter], object]:
+    """A ``shard_placement_fn`` for ``fully_shard`` that shards every LoRA ``A`` along n (``Shard(1)``).
+
+    Other parameters keep FSDP2's default (``None`` → ``Shard(0)``, which is what ``B`` needs).
+    """
+    from .pairing import peft_pairing
+
+    names = [n for n, _ in model.named_parameters()]
+    params = dict(model.named_parameters())
+    a_ids = {id(params[a]) for a, _ in (pairing or peft_pairing)(names)}
+
+    def placement(param: nn.Parameter):
+        return Shard(1) if id(param) in a_ids else None
+
+    return placement
+
+
+def check_not_deepspeed(param: Tensor, label: str) -> None:
+    """DeepSpeed ZeRO-3 parameters carry ``ds_id``; their data lives in flat partitions: refuse them."""
+    if hasattr(param, "ds_id") or hasattr(param, "ds_numel"):
+        raise ValueError(
+            f"SDSAdamW: {label} is a DeepSpeed ZeRO parameter. ZeRO flattens and partitions parameters, "
+            "so LoRA pairs cannot be found or kept; use DDP or FSDP2 (see the README's 'Distributed training')."
+        )
+
+
+def all_reduce_(t: Tensor, group) -> Tensor:
+    """In-place sum over ``group`` (no-op for ``None``)."""
+    if group is not None:
+        torch.distributed.all_reduce(t, group=group)
+    return t
