@@ -81,19 +81,33 @@ def check_pair_layout(A: Tensor, B: Tensor, name_a: str, name_b: str) -> None:
         )
 
 
-def lora_shard_placement_fn(model: nn.Module, pairing: Callable | None = None) -> Callable[[nn.Parameter], object]:
-    """A ``shard_placement_fn`` for ``fully_shard`` that shards every LoRA ``A`` along n (``Shard(1)``).
+def lora_shard_placement_fn(
+    model: nn.Module, pairing: Callable | None = None, mesh_size: int | None = None
+) -> Callable[[nn.Parameter], object]:
+    """A ``shard_placement_fn`` for ``fully_shard`` that shards every LoRA ``A`` (r×n) along n (``Shard(1)``).
 
     Other parameters keep FSDP2's default (``None`` → ``Shard(0)``, which is what ``B`` needs).
+    FSDP2 shards dimensions other than 0 only evenly, so n must be divisible by the mesh size
+    (``mesh_size``, default: the world size); a factor where it is not raises ``ValueError``
+    naming it, when ``fully_shard`` asks for its placement.
     """
     from .pairing import peft_pairing
 
-    names = [n for n, _ in model.named_parameters()]
     params = dict(model.named_parameters())
-    a_ids = {id(params[a]) for a, _ in (pairing or peft_pairing)(names)}
+    a_names = {id(params[a]): a for a, _ in (pairing or peft_pairing)(list(params))}
 
     def placement(param: nn.Parameter):
-        return Shard(1) if id(param) in a_ids else None
+        name = a_names.get(id(param))
+        if name is None:
+            return None
+        size = mesh_size if mesh_size is not None else torch.distributed.get_world_size()
+        if param.shape[1] % size:
+            raise ValueError(
+                f"LoRA factor {name!r} has shape {tuple(param.shape)}: SDSAdamW shards A along n = {param.shape[1]}, "
+                f"which FSDP2 can only do when n is divisible by the mesh size {size}. Leave this module out of "
+                "fully_shard (wrap its parent instead) or choose a mesh size that divides n."
+            )
+        return Shard(1)
 
     return placement
 

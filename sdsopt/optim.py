@@ -461,11 +461,13 @@ class SDSAdamW(Optimizer):
     ) -> list[tuple[Tensor, Tensor]]:
         """Replace the paired grads in ``lists['grads']`` by their rewrite (equation R of :mod:`sdsopt.rewrite`).
 
-        Three phases, so that the number of kernel launches and host synchronisations does not grow
+        In phases, so that the number of kernel launches and host synchronisations does not grow
         with the number of pairs: (1) per bucket of equal shapes, one stack of each factor kind and
-        one batched Gram; (2) all Grams of equal size, over all buckets, in *one* eigh or
-        Newton–Schulz call; (3) per bucket and gradient kind, one stack and one bmm with ``P``,
-        whose output slices are handed to Adam as the rewritten gradients.  Returns the
+        one batched Gram; (2) all Grams of equal size, over all buckets, in *one* all-reduce (FSDP2
+        shards only) and *one* eigh or Newton–Schulz call; (3) per bucket and gradient kind, one
+        stack and one bmm with ``P``; (4)-(5) with the singular-value channel, its r×r products
+        (one more all-reduce per size under FSDP2) and split; the output slices are handed to Adam
+        as the rewritten gradients.  Returns the
         singular-value corrections ``(param, delta)`` to add after the AdamW update.
         """
         params: list[Tensor] = group["params"]
@@ -511,8 +513,8 @@ class SDSAdamW(Optimizer):
                     work[w][4][side] = spec.select(slice(start, stop))
                 start = stop
 
-        # (3) the rewrite (R), the singular-value channel, and the hand-over to Adam
-        corrections: list[tuple[Tensor, Tensor]] = []
+        # (3) the rewrite (R), in row form for the singular-value channel
+        rewritten = []
         for bucket, dt, rows, P, spec, groups in work:
             k, r = len(bucket.a), bucket.a_shape[0]
             for side, other, ids, present in (("A", "B", bucket.a, bucket.has_a), ("B", "A", bucket.b, bucket.has_b)):
@@ -520,21 +522,35 @@ class SDSAdamW(Optimizer):
                     continue
                 pos = [position[i] for i in ids]
                 G = torch.stack([local(lists["grads"][q]) for q in pos]).to(dt)
-                new = P[other] @ G.view(k, r, -1) if side == "A" else G.view(k, -1, r) @ P[other]
-                if sigma:
-                    new_rows = new if side == "A" else new.transpose(1, 2)
-                    g_sigma, basis = sigma_split(spec[side], rows[side], new_rows,
-                                                 reduce=lambda t, pg=groups[side]: all_reduce_(t, pg))
-                    steps = self._sigma_adam(group, [params[i] for i in ids], g_sigma, lists, pos)
-                    delta = sigma_correction(spec[side], rows[side], steps)
-                    new = basis if side == "A" else basis.transpose(1, 2)
-                    delta = delta if side == "A" else delta.transpose(1, 2)
-                    corrections += [(p, as_like(d.reshape(local(p).shape).to(p.dtype), p))
-                                    for p, d in ((params[i], d) for i, d in zip(ids, delta))]
-                like = params[ids[0]]
-                new = new.to(like.dtype).reshape(k, *local(like).shape)  # views when 2-D (Linear, embedding)
-                for i, q, g in zip(ids, pos, new.unbind(0)):
-                    lists["grads"][q] = as_like(g, params[i])
+                new = P[other] @ G.view(k, r, -1) if side == "A" else (G.view(k, -1, r) @ P[other]).transpose(1, 2)
+                rewritten.append((side, ids, pos, new, rows[side], spec.get(side), groups[side]))
+
+        # (4) the singular-value channel's r×r G̃ Xᵀ, summed over shards with one all-reduce per size
+        GXt: list[Tensor | None] = [None] * len(rewritten)
+        if sigma:
+            partial: dict[tuple[Any, ...], list[tuple[int, Tensor]]] = defaultdict(list)
+            for j, (_, _, _, new, X, _, pg) in enumerate(rewritten):
+                partial[(X.shape[1], X.dtype, X.device, pg)].append((j, new @ X.transpose(1, 2)))
+            for (_, _, _, pg), items in partial.items():
+                total = all_reduce_(torch.cat([t for _, t in items]), pg)
+                for (j, _), part in zip(items, total.split([t.shape[0] for _, t in items])):
+                    GXt[j] = part
+
+        # (5) the channel's split (2.3) and Adam on σ (2.4), then the hand-over to Adam
+        corrections: list[tuple[Tensor, Tensor]] = []
+        for (side, ids, pos, new, X, spec_x, _), gxt in zip(rewritten, GXt):
+            if sigma:
+                g_sigma, new = sigma_split(spec_x, X, new, gxt)
+                steps = self._sigma_adam(group, [params[i] for i in ids], g_sigma, lists, pos)
+                delta = sigma_correction(spec_x, X, steps)
+                delta = delta if side == "A" else delta.transpose(1, 2)
+                corrections += [(params[i], as_like(d.reshape(local(params[i]).shape).to(params[i].dtype), params[i]))
+                                for i, d in zip(ids, delta)]
+            like = params[ids[0]]
+            new = new if side == "A" else new.transpose(1, 2)
+            new = new.to(like.dtype).reshape(len(ids), *local(like).shape)  # views when 2-D (Linear, embedding)
+            for i, q, g in zip(ids, pos, new.unbind(0)):
+                lists["grads"][q] = as_like(g, params[i])
         return corrections
 
     def _rewrite_with_capture(

@@ -104,20 +104,18 @@ def preconditioner(
     return spectral_matrix(spec, spectral_function(spec, mode, damping))
 
 
-def sigma_split(
-    spec: Spectrum, X: Tensor, G: Tensor, reduce: Callable[[Tensor], Tensor] | None = None
-) -> tuple[Tensor, Tensor]:
+def sigma_split(spec: Spectrum, X: Tensor, G: Tensor, GXt: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """(2.3): ``(gσ [k, r], basis [k, r, q])`` for row-form factors ``X`` with spectrum ``spec``.
 
     ``gσ = diag(Uᵀ (G Xᵀ) U) ⊙ σ⁺`` and ``basis = G − U diag(gσ ⊙ σ⁺) Uᵀ X``.  Directions off the
     numerical range (2.5) have ``σ⁺ = 0``: they get ``gσ = 0`` and keep their whole gradient in ``basis``.
-    For column shards of ``X`` and ``G`` (FSDP2), ``reduce`` sums the r×r ``G Xᵀ`` over the shards.
+    ``GXt`` is the r×r ``G Xᵀ`` when the caller already has it: for column shards of ``X`` and ``G``
+    (FSDP2) it is the sum of the shards' ``G_i X_iᵀ``; ``None`` computes it from ``G`` and ``X``.
     """
     s_pinv = inv_sqrt(spec)
     U = spec.U
-    GXt = G @ X.transpose(-2, -1)
-    if reduce is not None:
-        GXt = reduce(GXt)
+    if GXt is None:
+        GXt = G @ X.transpose(-2, -1)
     g_sigma = (U.transpose(-2, -1) @ GXt @ U).diagonal(dim1=-2, dim2=-1) * s_pinv
     return g_sigma, G - spectral_matrix(spec, g_sigma * s_pinv) @ X
 

@@ -1,0 +1,211 @@
+"""One rank of the distributed tests (DDP and FSDP2 on CPU/gloo): run as a script by ``test_distributed.py``.
+
+Every rank trains the model of :func:`build_model` on its slice of the global batch of
+:func:`global_batch` and rank 0 writes the results with ``torch.save`` to ``--out``.  The
+unsharded reference runs in the test process itself, from the same builders.
+
+Usage: ``python tests/dist_worker.py {ddp,fsdp} OUT`` with ``RANK``, ``WORLD_SIZE``,
+``MASTER_ADDR`` and ``MASTER_PORT`` set (the test sets them).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from sdsopt import SDSAdamW
+from sdsopt.tasks.lora import LoraLinear
+
+STEPS = 6
+LR = 3e-2
+# (in, out) of the LoRA layers: A (r×in) must shard evenly along in (FSDP2 shards dims > 0 only
+# evenly); B (out×r) shards along out, and the last layer's single row leaves rank 1's B shard empty.
+# The two (6, 6) layers share a shape bucket (stacked rewrite).
+LAYERS = [(8, 6), (6, 6), (6, 6), (6, 1)]
+RANK_R = 3
+BATCH = 8  # global batch; each of 2 ranks gets 4 rows
+
+# (label, SDSAdamW options): every mode that runs on shards, and both r×r routes
+CASES: list[tuple[str, dict[str, Any]]] = [
+    ("sds", {}),
+    ("sds_sigma", {"decouple_sigma": True}),
+    ("sds_newton_schulz", {"route": "newton_schulz"}),
+    ("scaled", {"mode": "scaled", "damping": 1e-3}),
+    ("lorsum_1", {"mode": "lorsum", "lorsum_sweeps": 1, "damping": 1e-3}),
+    ("lora", {"mode": "lora"}),
+]
+
+
+class Model(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(LoraLinear(nn.Linear(i, o, dtype=torch.float64), RANK_R, alpha=6.0)
+                                    for i, o in LAYERS)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for k, layer in enumerate(self.layers):
+            x = layer(x)
+            if k < len(self.layers) - 1:
+                x = torch.tanh(x)
+        return x
+
+
+def build_model(seed: int = 0) -> Model:
+    """The same float64 model on every rank; B ≠ 0 so that every rewrite is exercised from step one."""
+    torch.manual_seed(seed)
+    model = Model()
+    with torch.no_grad():
+        for layer in model.layers:
+            layer.lora_B["default"].weight.normal_(0.0, 0.3)
+    return model
+
+
+def global_batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1000 + step)
+    x = torch.randn(BATCH, LAYERS[0][0], generator=g, dtype=torch.float64)
+    y = torch.randn(BATCH, LAYERS[-1][1], generator=g, dtype=torch.float64)
+    return x, y
+
+
+def train(model: nn.Module, opt: torch.optim.Optimizer, steps: range, rank: int = 0, world: int = 1,
+          on_step=None) -> None:
+    """Mean-squared-error steps on this rank's rows of each global batch (mean: DDP/FSDP average grads)."""
+    for step in steps:
+        x, y = global_batch(step)
+        rows = slice(rank * BATCH // world, (rank + 1) * BATCH // world)
+        loss = (model(x[rows]) - y[rows]).pow(2).mean()
+        loss.backward()
+        if on_step is None:
+            opt.step()
+        else:
+            on_step(opt)
+        opt.zero_grad(set_to_none=True)
+
+
+def full_params(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Parameters by name, gathered to full tensors, with DDP's ``module.`` prefix removed."""
+    out = {}
+    for name, p in model.named_parameters():
+        t = p.full_tensor() if hasattr(p, "full_tensor") else p
+        out[name.removeprefix("module.")] = t.detach().clone()
+    return out
+
+
+class CollectiveLog(TorchDispatchMode):
+    """Records every c10d collective (eager or functional) with the bytes of its tensor arguments."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[str, int]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = str(func)
+        if name.startswith(("c10d.", "_c10d_functional.", "c10d_functional.")) and "wait" not in name:
+            tensors = [t for a in args for t in (a if isinstance(a, (list, tuple)) else [a])
+                       if isinstance(t, torch.Tensor)]
+            nbytes = sum(t.numel() * t.element_size() for t in tensors)
+            self.calls.append((name, nbytes))
+        return func(*args, **(kwargs or {}))
+
+
+def shard(model: nn.Module) -> nn.Module:
+    from torch.distributed.fsdp import fully_shard
+
+    from sdsopt.distributed import lora_shard_placement_fn
+
+    placement = lora_shard_placement_fn(model)
+    for layer in model.layers:
+        fully_shard(layer, shard_placement_fn=placement)
+    return fully_shard(model, shard_placement_fn=placement)
+
+
+def run_ddp(world: int, rank: int) -> dict[str, Any]:
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    results = {}
+    for label, options in CASES:
+        model = DDP(build_model())
+        opt = SDSAdamW(model.named_parameters(), lr=LR, **options)
+        train(model, opt, range(STEPS), rank, world)
+        results[label] = full_params(model)
+    return results
+
+
+def run_fsdp(world: int, rank: int) -> dict[str, Any]:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        get_optimizer_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    results: dict[str, Any] = {"collectives": {}}
+    for label, options in CASES:
+        model = shard(build_model())
+        opt = SDSAdamW(model.named_parameters(), lr=LR, **options)
+        logs: list[list[tuple[str, int]]] = []
+
+        def logged_step(opt):
+            with CollectiveLog() as log:
+                opt.step()
+            logs.append(log.calls)
+
+        train(model, opt, range(STEPS), rank, world, on_step=logged_step)
+        results[label] = full_params(model)
+        results["collectives"][label] = logs
+
+    # the optimizer refuses modes that need whole factors, naming the fix
+    model = shard(build_model())
+    for mode in ("svd_oracle", "lorsum"):
+        opt = SDSAdamW(model.named_parameters(), lr=LR, mode=mode, lorsum_sweeps=2)
+        opt.attach(model)
+        try:
+            train(model, opt, range(1), rank, world)
+        except ValueError as err:
+            results[f"refused_{mode}"] = str(err)
+        opt.zero_grad(set_to_none=True)
+
+    # torch.distributed.checkpoint: save after 3 steps, resume in a fresh model/optimizer, compare
+    ckpt = os.path.join(sys.argv[2], "dcp")
+    options = {"decouple_sigma": True}
+    model = shard(build_model())
+    opt = SDSAdamW(model.named_parameters(), lr=LR, **options)
+    train(model, opt, range(3), rank, world)
+    dcp.save({"model": model.state_dict(), "optim": get_optimizer_state_dict(model, opt)}, checkpoint_id=ckpt)
+    train(model, opt, range(3, STEPS), rank, world)
+    results["dcp_uninterrupted"] = full_params(model)
+
+    model = shard(build_model(seed=123))  # different weights: everything must come from the checkpoint
+    opt = SDSAdamW(model.named_parameters(), lr=LR, **options)
+    state = {"model": model.state_dict(), "optim": get_optimizer_state_dict(model, opt)}
+    dcp.load(state, checkpoint_id=ckpt)
+    model.load_state_dict(state["model"])
+    set_optimizer_state_dict(model, opt, state["optim"])
+    train(model, opt, range(3, STEPS), rank, world)
+    results["dcp_resumed"] = full_params(model)
+    results["state_placements"] = sorted({
+        (type(v).__name__, str(getattr(v, "placements", None)))
+        for s in opt.state.values() for k, v in s.items() if k == "exp_avg"
+    })
+    return results
+
+
+def main() -> None:
+    case, out = sys.argv[1], sys.argv[2]
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    torch.set_num_threads(1)
+    results = {"ddp": run_ddp, "fsdp": run_fsdp}[case](world, rank)
+    if rank == 0:
+        torch.save(results, os.path.join(out, f"{case}.pt"))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,171 @@
+"""SDSAdamW under DDP and FSDP2 (2 CPU processes, gloo) against one process on the same global batch.
+
+The ranks run ``tests/dist_worker.py`` as plain subprocesses (not ``multiprocessing`` inside pytest)
+with a hard timeout, so a stuck rendezvous fails the test instead of hanging CI.  Everything is
+float64, so the tolerances below measure the distributed algebra, not float32 rounding:
+
+* DDP and FSDP2 vs one process: ``1e-12`` absolute after 6 steps (eigh route; sums over 2 shards
+  and gloo's reduction order only reorder float64 additions), ``1e-9`` for the Newton–Schulz route
+  (its damped iteration, δ = 1e-11, amplifies those reorderings).
+* torch.distributed.checkpoint resume: bit-exact.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import dist_worker as worker
+from sdsopt import SDSAdamW
+from sdsopt.distributed import check_pair_layout, lora_shard_placement_fn
+
+pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
+                                reason="torch.distributed with gloo is not available")
+
+WORLD = 2
+TIMEOUT_S = 240
+TOL = {"sds_newton_schulz": 1e-9}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch(case: str, out: Path) -> dict:
+    """Run ``WORLD`` ranks of the worker; return rank 0's results (fail with the ranks' output)."""
+    port = _free_port()
+    procs = []
+    for rank in range(WORLD):
+        env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": str(WORLD), "LOCAL_RANK": str(rank),
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
+        procs.append(subprocess.Popen(
+            [sys.executable, str(Path(worker.__file__)), case, str(out)], env=env,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True))
+    logs = []
+    try:
+        for p in procs:
+            logs.append(p.communicate(timeout=TIMEOUT_S)[0])
+    except subprocess.TimeoutExpired:
+        for p in procs:
+            os.killpg(p.pid, signal.SIGKILL)
+        pytest.fail(f"{case}: the {WORLD} ranks did not finish within {TIMEOUT_S} s")
+    codes = [p.returncode for p in procs]
+    assert codes == [0] * WORLD, f"{case}: ranks exited with {codes}\n" + "\n".join(s[-3000:] for s in logs)
+    return torch.load(out / f"{case}.pt", weights_only=False)
+
+
+def _single_process(options: dict) -> dict[str, torch.Tensor]:
+    model = worker.build_model()
+    opt = SDSAdamW(model.named_parameters(), lr=worker.LR, **options)
+    worker.train(model, opt, range(worker.STEPS))
+    return worker.full_params(model)
+
+
+def _assert_close(label: str, got: dict[str, torch.Tensor], want: dict[str, torch.Tensor], atol: float) -> None:
+    assert got.keys() == want.keys()
+    start = worker.full_params(worker.build_model())
+    for name in want:
+        # the run moved the parameter, so agreement is not trivially the initial value
+        if "lora_" in name:
+            assert (want[name] - start[name]).abs().max() > 1e-3, name
+        torch.testing.assert_close(got[name], want[name], rtol=0, atol=atol, msg=f"{label}: {name}")
+
+
+@pytest.fixture(scope="module")
+def references() -> dict[str, dict[str, torch.Tensor]]:
+    return {label: _single_process(options) for label, options in worker.CASES}
+
+
+@pytest.mark.parametrize("case", ["ddp", "fsdp"])
+def test_matches_one_process(case, references, tmp_path):
+    results = _launch(case, tmp_path)
+    for label, _ in worker.CASES:
+        _assert_close(f"{case}/{label}", results[label], references[label], TOL.get(label, 1e-12))
+    if case == "fsdp":
+        _check_fsdp_extras(results)
+
+
+def _check_fsdp_extras(results: dict) -> None:
+    # communication of the optimizer step: r×r Grams only, one all-reduce per step (two with the
+    # singular-value channel), never a gather of factors
+    pairs, r, f64 = len(worker.LAYERS), worker.RANK_R, 8
+    gram_bytes = 2 * pairs * r * r * f64  # K_A and K_B of every pair, stacked
+    for label, options in worker.CASES:
+        expected = [] if options.get("mode") == "lora" else [("c10d.allreduce_.default", gram_bytes)]
+        if options.get("decouple_sigma"):
+            expected = expected * 2  # + the stacked r×r G̃Xᵀ of both factors of every pair
+        for step, calls in enumerate(results["collectives"][label]):
+            assert calls == expected, f"{label} step {step}: {calls}"
+    # modes that need whole factors refuse with the fix named
+    for mode in ("svd_oracle", "lorsum"):
+        message = results[f"refused_{mode}"]
+        assert "sharded (FSDP2)" in message and "lorsum_sweeps=1" in message
+    # optimizer state is sharded like the parameters; DCP resume is bit-exact
+    assert results["state_placements"] == [("DTensor", "(Shard(dim=0),)"), ("DTensor", "(Shard(dim=1),)")]
+    for name, value in results["dcp_uninterrupted"].items():
+        assert torch.equal(results["dcp_resumed"][name], value), name
+
+
+# ---------------------------------------------------------------- layout and ZeRO checks (one process)
+@pytest.fixture
+def gloo_world_of_one(tmp_path):
+    """A 1-rank gloo process group (file rendezvous), so DTensors can be built in-process."""
+    if dist.is_initialized():
+        pytest.skip("a process group already exists")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rdzv'}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def test_layout_check_names_the_fix(gloo_world_of_one):
+    from torch.distributed.tensor import Shard, distribute_tensor, init_device_mesh
+
+    mesh = init_device_mesh("cpu", (1,))
+    A = distribute_tensor(torch.randn(3, 8), mesh, [Shard(0)])  # along r: Grams are not sums of shards
+    B = distribute_tensor(torch.randn(6, 3), mesh, [Shard(0)])
+    with pytest.raises(ValueError, match=r"lora_A.*Shard\(1\).*lora_shard_placement_fn"):
+        check_pair_layout(A, B, "lora_A", "lora_B")
+    with pytest.raises(ValueError, match="one factor is a DTensor"):
+        check_pair_layout(torch.randn(3, 8), B, "lora_A", "lora_B")
+    A1 = distribute_tensor(torch.randn(3, 8), mesh, [Shard(1)])
+    check_pair_layout(A1, B, "lora_A", "lora_B")  # the layout SDSAdamW needs
+
+
+def test_placement_fn_shards_a_along_n_and_refuses_uneven():
+    model = worker.build_model()
+    placement = lora_shard_placement_fn(model, mesh_size=2)
+    layer = model.layers[0]
+    assert placement(layer.lora_A["default"].weight).dim == 1
+    assert placement(layer.lora_B["default"].weight) is None  # FSDP2's default Shard(0)
+    assert placement(layer.base.weight) is None
+    with pytest.raises(ValueError, match=r"layers\.0\.lora_A\.default\.weight.*divisible by the mesh size 3"):
+        lora_shard_placement_fn(model, mesh_size=3)(layer.lora_A["default"].weight)
+
+
+def test_deepspeed_zero_parameters_are_refused():
+    model = worker.build_model()
+    named = list(model.named_parameters())
+    named[2][1].ds_id = 7  # what ZeRO-3 attaches to the parameters it partitions
+    with pytest.raises(ValueError, match=r"layers\.0\.lora_A\.default\.weight.*DeepSpeed ZeRO.*DDP or FSDP2"):
+        SDSAdamW(named)
+
+
+def test_flattened_param_groups_are_refused():
+    """ZeRO-1/2 replace a group's params by flat partitions after construction: the step says so."""
+    model = worker.build_model()
+    opt = SDSAdamW(model.named_parameters(), lr=1e-2)
+    flat = torch.nn.Parameter(torch.cat([p.detach().flatten() for p in opt.param_groups[0]["params"]]))
+    flat.grad = torch.ones_like(flat)
+    opt.param_groups[0]["params"] = [flat]
+    with pytest.raises(RuntimeError, match="DeepSpeed ZeRO flattens"):
+        opt.step()
