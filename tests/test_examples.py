@@ -46,3 +46,22 @@ def test_peft_trainer_runs(tmp_path):
 def test_ablation_example_runs(tmp_path):
     table = load("ablation").main(["--steps", "5", "--out", str(tmp_path)])
     assert set(table) == {"full", "lora", "sds", "scaled"}
+
+
+def test_distributed_example_ddp_and_fsdp_agree(tmp_path):
+    """The README's torchrun commands: 2 CPU ranks; DDP and FSDP2 print the same losses; DCP saves."""
+    import re
+    import subprocess
+    import sys
+
+    losses = {}
+    for strategy in ("ddp", "fsdp"):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+               str(EXAMPLES / "distributed.py"), "--strategy", strategy, "--steps", "6", "--width", "32",
+               "--block", "32", "--checkpoint", str(tmp_path / strategy)]
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+        assert f"saved {tmp_path / strategy}" in done.stdout
+        losses[strategy] = [float(x) for x in re.findall(r"loss (\d+\.\d+)", done.stdout)]
+    assert len(losses["ddp"]) == 6 and losses["ddp"][-1] < losses["ddp"][0]
+    assert losses["fsdp"] == pytest.approx(losses["ddp"], abs=2e-4)  # printed to 4 decimals
