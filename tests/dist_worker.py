@@ -5,7 +5,8 @@ Every rank trains the model of :func:`build_model` on its slice of the global ba
 unsharded reference runs in the test process itself, from the same builders.
 
 Usage: ``python tests/dist_worker.py {ddp,fsdp} OUT`` with ``RANK``, ``WORLD_SIZE``,
-``MASTER_ADDR`` and ``MASTER_PORT`` set (the test sets them).
+``MASTER_ADDR`` and ``MASTER_PORT`` set (the test sets them).  ``SDSOPT_DIST_DEVICE=cuda`` runs on
+one GPU per rank with NCCL instead of CPUs with gloo.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from sdsopt import SDSAdamW
 from sdsopt.tasks.lora import LoraLinear
 
+DEVICE = os.environ.get("SDSOPT_DIST_DEVICE", "cpu")
 STEPS = 6
 LR = 3e-2
 # (in, out) of the LoRA layers: A (r×in) must shard evenly along in (FSDP2 shards dims > 0 only
@@ -63,14 +65,18 @@ def build_model(seed: int = 0) -> Model:
     with torch.no_grad():
         for layer in model.layers:
             layer.lora_B["default"].weight.normal_(0.0, 0.3)
-    return model
+    return model.to(_device())
+
+
+def _device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if DEVICE == "cuda" else torch.device("cpu")
 
 
 def global_batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(1000 + step)
     x = torch.randn(BATCH, LAYERS[0][0], generator=g, dtype=torch.float64)
     y = torch.randn(BATCH, LAYERS[-1][1], generator=g, dtype=torch.float64)
-    return x, y
+    return x.to(_device()), y.to(_device())
 
 
 def train(model: nn.Module, opt: torch.optim.Optimizer, steps: range, rank: int = 0, world: int = 1,
@@ -93,7 +99,7 @@ def full_params(model: nn.Module) -> dict[str, torch.Tensor]:
     out = {}
     for name, p in model.named_parameters():
         t = p.full_tensor() if hasattr(p, "full_tensor") else p
-        out[name.removeprefix("module.")] = t.detach().clone()
+        out[name.removeprefix("module.")] = t.detach().cpu().clone()
     return out
 
 
@@ -197,7 +203,9 @@ def run_fsdp(world: int, rank: int) -> dict[str, Any]:
 
 def main() -> None:
     case, out = sys.argv[1], sys.argv[2]
-    dist.init_process_group("gloo")
+    if DEVICE == "cuda":
+        torch.cuda.set_device(int(os.environ["RANK"]))
+    dist.init_process_group("nccl" if DEVICE == "cuda" else "gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.set_num_threads(1)
     results = {"ddp": run_ddp, "fsdp": run_fsdp}[case](world, rank)
