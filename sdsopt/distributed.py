@@ -24,10 +24,10 @@ from torch import Tensor, nn
 
 __all__ = [
     "all_reduce_",
-    "as_like",
     "check_not_deepspeed",
     "check_pair_layout",
     "local",
+    "local_grad",
     "lora_shard_placement_fn",
     "process_group",
 ]
@@ -47,12 +47,19 @@ def local(t: Tensor) -> Tensor:
     return t.to_local() if is_dtensor(t) else t
 
 
-def as_like(value: Tensor, ref: Tensor) -> Tensor:
-    """Wrap a local ``value`` as a DTensor laid out like ``ref`` (identity for plain tensors)."""
-    if not is_dtensor(ref):
-        return value
-    return DTensor.from_local(value, ref.device_mesh, ref.placements, run_check=False, shape=ref.shape,
-                              stride=ref.stride())
+def local_grad(param: Tensor, label: str) -> Tensor:
+    """``param.grad``'s local shard, checked to be laid out as ``param``'s (so that Adam, which is
+    elementwise, can run on local shards: the same numbers without DTensor dispatch per op)."""
+    grad = param.grad
+    if not is_dtensor(param):
+        return grad
+    if not is_dtensor(grad) or grad.device_mesh != param.device_mesh or grad.placements != param.placements:
+        raise ValueError(
+            f"SDSAdamW: {label} is a DTensor with placements {param.placements} but its gradient is "
+            f"{getattr(grad, 'placements', 'a plain tensor')}; SDSAdamW needs gradients sharded like their "
+            "parameters, as FSDP2 leaves them after its reduce-scatter (redistribute the gradient first)."
+        )
+    return grad.to_local()
 
 
 def process_group(t: Tensor):

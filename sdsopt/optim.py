@@ -24,7 +24,7 @@ from . import pairing as _pairing
 from .linalg import algebra_precision, finite_or_zero, gram, spectrum
 from .pairing import LoraPair, PairingFn, a_rows, b_matrix, check_pair_shapes
 from .capture import LoraCapture
-from .distributed import all_reduce_, as_like, check_not_deepspeed, check_pair_layout, local, process_group
+from .distributed import all_reduce_, check_not_deepspeed, check_pair_layout, local, local_grad, process_group
 from .rewrite import (
     MODES,
     ROUTES,
@@ -378,12 +378,13 @@ class SDSAdamW(Optimizer):
                 if group["amsgrad"]:
                     state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             position[i] = len(lists["params"])
-            lists["params"].append(p)
-            lists["grads"].append(p.grad)
-            lists["exp_avgs"].append(state["exp_avg"])
-            lists["exp_avg_sqs"].append(state["exp_avg_sq"])
+            # DTensor (FSDP2) shards: the update is elementwise, so Adam runs on the local shards
+            lists["params"].append(local(p))
+            lists["grads"].append(local_grad(p, _param_label(group, i, gi)))
+            lists["exp_avgs"].append(local(state["exp_avg"]))
+            lists["exp_avg_sqs"].append(local(state["exp_avg_sq"]))
             if group["amsgrad"]:
-                lists["max_exp_avg_sqs"].append(state["max_exp_avg_sq"])
+                lists["max_exp_avg_sqs"].append(local(state["max_exp_avg_sq"]))
             lists["state_steps"].append(state["step"])
         return position, lists, has_complex
 
@@ -521,7 +522,7 @@ class SDSAdamW(Optimizer):
                 if not present:
                     continue
                 pos = [position[i] for i in ids]
-                G = torch.stack([local(lists["grads"][q]) for q in pos]).to(dt)
+                G = torch.stack([lists["grads"][q] for q in pos]).to(dt)
                 new = P[other] @ G.view(k, r, -1) if side == "A" else (G.view(k, -1, r) @ P[other]).transpose(1, 2)
                 rewritten.append((side, ids, pos, new, rows[side], spec.get(side), groups[side]))
 
@@ -544,13 +545,13 @@ class SDSAdamW(Optimizer):
                 steps = self._sigma_adam(group, [params[i] for i in ids], g_sigma, lists, pos)
                 delta = sigma_correction(spec_x, X, steps)
                 delta = delta if side == "A" else delta.transpose(1, 2)
-                corrections += [(params[i], as_like(d.reshape(local(params[i]).shape).to(params[i].dtype), params[i]))
-                                for i, d in zip(ids, delta)]
-            like = params[ids[0]]
+                corrections += [(lists["params"][q], d.reshape(lists["params"][q].shape).to(lists["params"][q].dtype))
+                                for q, d in zip(pos, delta)]
+            like = lists["params"][pos[0]]
             new = new if side == "A" else new.transpose(1, 2)
-            new = new.to(like.dtype).reshape(len(ids), *local(like).shape)  # views when 2-D (Linear, embedding)
-            for i, q, g in zip(ids, pos, new.unbind(0)):
-                lists["grads"][q] = as_like(g, params[i])
+            new = new.to(like.dtype).reshape(len(ids), *like.shape)  # views when 2-D (Linear, embedding)
+            for q, g in zip(pos, new.unbind(0)):
+                lists["grads"][q] = g
         return corrections
 
     def _rewrite_with_capture(

@@ -165,6 +165,16 @@ def run_fsdp(world: int, rank: int) -> dict[str, Any]:
         results[label] = full_params(model)
         results["collectives"][label] = logs
 
+    # mode "lora" is AdamW on shards too, bit for bit: SDSAdamW's Adam on the local shards against
+    # torch.optim.AdamW on the DTensors, every parameter trainable
+    results["adamw_parity"] = []
+    for make in (lambda named: SDSAdamW(named, lr=LR, mode="lora"),
+                 lambda named: torch.optim.AdamW([p for _, p in named], lr=LR)):
+        model = build_model().requires_grad_(True)
+        model = shard(model)
+        train(model, make(list(model.named_parameters())), range(STEPS), rank, world)
+        results["adamw_parity"].append(full_params(model))
+
     # the optimizer refuses modes that need whole factors, naming the fix
     model = shard(build_model())
     for mode in ("svd_oracle", "lorsum"):

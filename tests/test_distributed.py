@@ -116,6 +116,9 @@ def _check_fsdp_extras(results: dict) -> None:
     for mode in ("svd_oracle", "lorsum"):
         message = results[f"refused_{mode}"]
         assert "sharded (FSDP2)" in message and "lorsum_sweeps=1" in message
+    ours, torchs = results["adamw_parity"]
+    for name, value in torchs.items():
+        assert torch.equal(ours[name], value), name
     # optimizer state is sharded like the parameters; DCP resume is bit-exact
     assert results["state_placements"] == [("DTensor", "(Shard(dim=0),)"), ("DTensor", "(Shard(dim=1),)")]
     for name, value in results["dcp_uninterrupted"].items():
@@ -145,6 +148,22 @@ def test_layout_check_names_the_fix(gloo_world_of_one):
         check_pair_layout(torch.randn(3, 8), B, "lora_A", "lora_B")
     A1 = distribute_tensor(torch.randn(3, 8), mesh, [Shard(1)])
     check_pair_layout(A1, B, "lora_A", "lora_B")  # the layout SDSAdamW needs
+
+
+def test_gradient_must_be_sharded_like_its_parameter(gloo_world_of_one):
+    from torch.distributed.tensor import Shard, distribute_tensor, init_device_mesh
+
+    mesh = init_device_mesh("cpu", (1,))
+    A = torch.nn.Parameter(distribute_tensor(torch.randn(3, 8), mesh, [Shard(1)]))
+    B = torch.nn.Parameter(distribute_tensor(torch.randn(6, 3), mesh, [Shard(0)]))
+    opt = SDSAdamW([("m.lora_A.weight", A), ("m.lora_B.weight", B)])
+    A.grad = distribute_tensor(torch.randn(3, 8), mesh, [Shard(1)])
+    B.grad = torch.randn(6, 3)  # a plain tensor: not the parameter's layout
+    with pytest.raises(ValueError, match=r"'m\.lora_B\.weight' is a DTensor.*sharded like their parameters"):
+        opt.step()
+    B.grad = distribute_tensor(torch.randn(6, 3), mesh, [Shard(0)])
+    opt.step()
+    assert torch.isfinite(A.full_tensor()).all()
 
 
 def test_placement_fn_shards_a_along_n_and_refuses_uneven():
