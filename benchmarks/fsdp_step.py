@@ -58,6 +58,13 @@ def sharded_model(r: int, device: torch.device) -> nn.Module:
     return fully_shard(model, shard_placement_fn=placement)
 
 
+def allreduce_bytes(label: str, pairs: int, r: int) -> int:
+    """Bytes SDSAdamW all-reduces a step: the stacked float32 r×r Grams, and G̃Xᵀ with the σ channel."""
+    if not label.startswith("SDSAdamW") or "lora" in label:
+        return 0
+    return (4 if "sigma" in label else 2) * pairs * r * r * 4
+
+
 def time_steps(opt: torch.optim.Optimizer, warmup: int, steps: int) -> float:
     times = []
     for k in range(warmup + steps):
@@ -85,7 +92,9 @@ def main() -> None:
     variants = {
         "AdamW foreach": lambda ps: torch.optim.AdamW([p for _, p in ps], lr=1e-4, foreach=True),
         "AdamW fused": lambda ps: torch.optim.AdamW([p for _, p in ps], lr=1e-4, fused=True),
+        "SDSAdamW lora (Adam on local shards)": lambda ps: SDSAdamW(ps, lr=1e-4, mode="lora", fused=True),
         "SDSAdamW sds": lambda ps: SDSAdamW(ps, lr=1e-4),
+        "SDSAdamW sds fused": lambda ps: SDSAdamW(ps, lr=1e-4, fused=True),
         "SDSAdamW sds+sigma": lambda ps: SDSAdamW(ps, lr=1e-4, decouple_sigma=True),
     }
     rows = []
@@ -104,7 +113,7 @@ def main() -> None:
         fused = results["AdamW fused"]
         for label, ms in results.items():
             rows.append(dict(r=r, variant=label, median_ms=ms, ratio_to_fused=ms / fused, pairs=pairs,
-                             allreduce_bytes=(4 if "sigma" in label else 2) * pairs * r * r * 4 if "SDS" in label else 0,
+                             allreduce_bytes=allreduce_bytes(label, pairs, r),
                              gather_bytes_avoided=gather_bytes))
     if dist.get_rank() == 0:
         info = dict(device=torch.cuda.get_device_name(device), world=dist.get_world_size(), torch=torch.__version__,
