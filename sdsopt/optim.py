@@ -160,6 +160,12 @@ class SDSAdamW(Optimizer):
       Low-rank momentum and the K-FAC/Shampoo-scaled variant are not implemented.
     * ``svd_oracle``: Adam runs on the full product ``W = BA`` with the true ``G`` (m×n moments), then
       the factors are replaced by the balanced rank-r factors of ``W`` closest to the current ones.
+    * Distributed: under DDP nothing changes.  Under FSDP2 the factors are DTensor shards (``A``
+      along n, ``B`` along m: :func:`sdsopt.distributed.lora_shard_placement_fn`); the step
+      all-reduces the stacked r×r Grams once (plus the r×r ``G̃Xᵀ`` once with the σ channel) and
+      runs the rewrite and Adam on the local shards.  Adam is elementwise, so that is
+      ``torch.optim.AdamW``'s result bit for bit, without DTensor dispatch per op.  DeepSpeed ZeRO
+      is refused (it flattens the parameters, so pairs do not survive).
     * Non-finite gradients behave as in AdamW: nothing is skipped and nothing raises; the
       non-finite values reach the parameters.  Because the rewrite mixes the r entries of a
       row of ``B`` (a column of ``A``), one non-finite entry spreads along that row (column).  Use
