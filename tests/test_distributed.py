@@ -150,6 +150,14 @@ def test_layout_check_names_the_fix(gloo_world_of_one):
     check_pair_layout(A1, B, "lora_A", "lora_B")  # the layout SDSAdamW needs
 
 
+def test_fully_shard_without_placement_fn_is_refused_at_construction(gloo_world_of_one):
+    from torch.distributed.fsdp import fully_shard
+
+    model = fully_shard(worker.build_model())  # FSDP2's default: every parameter along dim 0, A along r
+    with pytest.raises(ValueError, match=r"layers\.0\.lora_A\.default\.weight.*Shard\(1\).*lora_shard_placement_fn"):
+        SDSAdamW(model.named_parameters())
+
+
 def test_gradient_must_be_sharded_like_its_parameter(gloo_world_of_one):
     from torch.distributed.tensor import Shard, distribute_tensor, init_device_mesh
 
