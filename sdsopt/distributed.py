@@ -10,8 +10,10 @@ factor is sharded along its *long* dimension:
 so one all-reduce of the stacked r×r Grams per step suffices, and ``g̃A_i = P_B gA_i``,
 ``g̃B_i = gB_i P_A`` are then computed locally.  The singular-value channel's ``G̃ Xᵀ`` is likewise
 a sum over shards (one more r×r all-reduce).  Adam, being elementwise, then runs on the local
-shards of parameters, gradients and state (:func:`local`, :func:`local_grad`).  FSDP2 shards dim 0 by default, which for ``A`` is r:
-pass ``shard_placement_fn=lora_shard_placement_fn(model)`` to ``fully_shard``.
+shards of parameters, gradients and state (:func:`local`, :func:`local_grad`).
+
+FSDP2 shards dim 0 by default, which for ``A`` is r: pass
+``shard_placement_fn=lora_shard_placement_fn(model)`` to ``fully_shard``.
 
 DeepSpeed ZeRO flattens parameters into partitions, which destroys the pairing; it is detected and
 refused (see :func:`check_not_deepspeed`).
