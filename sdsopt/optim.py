@@ -474,8 +474,8 @@ class SDSAdamW(Optimizer):
         shards only) and *one* eigh or Newton–Schulz call; (3) per bucket and gradient kind, one
         stack and one bmm with ``P``; (4)-(5) with the singular-value channel, its r×r products
         (one more all-reduce per size under FSDP2) and split; the output slices are handed to Adam
-        as the rewritten gradients.  Returns the
-        singular-value corrections ``(param, delta)`` to add after the AdamW update.
+        as the rewritten gradients.  Returns the singular-value corrections ``(param, delta)``
+        (local shards under FSDP2) to add after the AdamW update.
         """
         params: list[Tensor] = group["params"]
         sigma = group["decouple_sigma"]
@@ -551,8 +551,8 @@ class SDSAdamW(Optimizer):
                 steps = self._sigma_adam(group, [params[i] for i in ids], g_sigma, lists, pos)
                 delta = sigma_correction(spec_x, X, steps)
                 delta = delta if side == "A" else delta.transpose(1, 2)
-                corrections += [(lists["params"][q], d.reshape(lists["params"][q].shape).to(lists["params"][q].dtype))
-                                for q, d in zip(pos, delta)]
+                targets = [lists["params"][q] for q in pos]
+                corrections += [(p, d.reshape(p.shape).to(p.dtype)) for p, d in zip(targets, delta)]
             like = lists["params"][pos[0]]
             new = new if side == "A" else new.transpose(1, 2)
             new = new.to(like.dtype).reshape(len(ids), *like.shape)  # views when 2-D (Linear, embedding)
