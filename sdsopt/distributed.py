@@ -26,6 +26,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
+from .pairing import PairingFn, resolve_pairing
+
 __all__ = [
     "all_reduce_",
     "check_not_deepspeed",
@@ -93,19 +95,17 @@ def check_pair_layout(A: Tensor, B: Tensor, name_a: str, name_b: str) -> None:
 
 
 def lora_shard_placement_fn(
-    model: nn.Module, pairing: Callable | None = None, mesh_size: int | None = None
+    model: nn.Module, pairing: str | PairingFn | None = None, mesh_size: int | None = None
 ) -> Callable[[nn.Parameter], object]:
     """A ``shard_placement_fn`` for ``fully_shard`` that shards every LoRA ``A`` (r×n) along n (``Shard(1)``).
 
     Other parameters keep FSDP2's default (``None`` → ``Shard(0)``, which is what ``B`` needs).
-    FSDP2 shards dimensions other than 0 only evenly, so n must be divisible by the mesh size
+    ``pairing`` is the rule given to :class:`sdsopt.SDSAdamW` (default: PEFT names).  FSDP2 shards dimensions other than 0 only evenly, so n must be divisible by the mesh size
     (``mesh_size``, default: the world size); a factor where it is not raises ``ValueError``
     naming it, when ``fully_shard`` asks for its placement.
     """
-    from .pairing import peft_pairing
-
     params = dict(model.named_parameters())
-    a_names = {id(params[a]): a for a, _ in (pairing or peft_pairing)(list(params))}
+    a_names = {id(params[a]): a for a, _ in resolve_pairing(pairing)(list(params))}
 
     def placement(param: nn.Parameter):
         name = a_names.get(id(param))

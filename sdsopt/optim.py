@@ -205,14 +205,7 @@ class SDSAdamW(Optimizer):
             foreach=foreach, fused=fused,
         )
         _check_hyperparameters(defaults, "defaults")
-        if pairing is None:
-            self._pairing: PairingFn = _pairing.peft_pairing
-        elif isinstance(pairing, str):
-            self._pairing = _pairing.regex_pairing(pairing)
-        elif callable(pairing):
-            self._pairing = pairing
-        else:
-            raise TypeError(f"SDSAdamW: pairing must be None, a regex string or a callable, got {type(pairing).__name__}.")
+        self._pairing: PairingFn = _pairing.resolve_pairing(pairing)
         if isinstance(params, torch.nn.Module):  # e.g. Trainer(optimizer_cls_and_kwargs=(SDSAdamW, {"model": model}))
             params = [(n, p) for n, p in params.named_parameters() if p.requires_grad]
         self._bucket_cache: dict[int, tuple[Any, ...]] = {}

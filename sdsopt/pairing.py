@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from torch import Tensor
 
 __all__ = [
+    "resolve_pairing",
     "PEFT_PATTERN",
     "LoraPair",
     "PairingFn",
@@ -69,6 +70,17 @@ def regex_pairing(pattern: str, a: str = "A", b: str = "B") -> PairingFn:
 
 
 peft_pairing: PairingFn = regex_pairing(PEFT_PATTERN)
+
+
+def resolve_pairing(pairing: str | PairingFn | None) -> PairingFn:
+    """The pairing rule for ``pairing``: ``None`` → PEFT names, a regex → :func:`regex_pairing`, or the function."""
+    if pairing is None:
+        return peft_pairing
+    if isinstance(pairing, str):
+        return regex_pairing(pairing)
+    if callable(pairing):
+        return pairing
+    raise TypeError(f"pairing must be None, a regex string or a callable, got {type(pairing).__name__}.")
 
 
 def lone_factors(names: Sequence[str], pairs: Sequence[tuple[str, str]], pattern: str = PEFT_PATTERN) -> list[str]:

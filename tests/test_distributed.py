@@ -183,6 +183,10 @@ def test_placement_fn_shards_a_along_n_and_refuses_uneven():
     assert placement(layer.base.weight) is None
     with pytest.raises(ValueError, match=r"layers\.0\.lora_A\.default\.weight.*divisible by the mesh size 3"):
         lora_shard_placement_fn(model, mesh_size=3)(layer.lora_A["default"].weight)
+    # the same pairing rules as SDSAdamW: a regex with a named group "factor"
+    custom = lora_shard_placement_fn(model, pairing=r"\.lora_(?P<factor>[AB])\.default\.weight$",
+                                     mesh_size=2)
+    assert custom(layer.lora_A["default"].weight).dim == 1 and custom(layer.lora_B["default"].weight) is None
 
 
 def test_deepspeed_zero_parameters_are_refused():
