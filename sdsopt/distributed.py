@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from .pairing import PairingFn, resolve_pairing
 
 __all__ = [
-    "all_reduce_",
+    "all_reduce_coalesced",
     "check_not_deepspeed",
     "check_pair_layout",
     "local",
@@ -132,8 +132,14 @@ def check_not_deepspeed(param: Tensor, label: str) -> None:
         )
 
 
-def all_reduce_(t: Tensor, group) -> Tensor:
-    """In-place sum over ``group`` (no-op for ``None``)."""
-    if group is not None:
-        torch.distributed.all_reduce(t, group=group)
-    return t
+def all_reduce_coalesced(tensors: list[Tensor], group) -> list[Tensor]:
+    """Each tensor summed over ``group``, by *one* all-reduce of their flat concatenation.
+
+    The tensors must share dtype and device; ``group=None`` (plain or replicated tensors) returns
+    them unchanged, without copying.
+    """
+    if group is None or not tensors:
+        return tensors
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    torch.distributed.all_reduce(flat, group=group)
+    return [part.view_as(t) for part, t in zip(flat.split([t.numel() for t in tensors]), tensors)]

@@ -24,7 +24,7 @@ from . import pairing as _pairing
 from .linalg import algebra_precision, finite_or_zero, gram, spectrum
 from .pairing import LoraPair, PairingFn, a_rows, b_matrix, check_pair_shapes
 from .capture import LoraCapture
-from .distributed import all_reduce_, check_not_deepspeed, check_pair_layout, local, local_grad, process_group
+from .distributed import all_reduce_coalesced, check_not_deepspeed, check_pair_layout, local, local_grad, process_group
 from .rewrite import (
     MODES,
     ROUTES,
@@ -52,6 +52,18 @@ class _Bucket:
     has_b: bool
     a: list[int] = field(default_factory=list)  # indices of the A factors in the group's params
     b: list[int] = field(default_factory=list)
+
+
+def _reduced(parts: dict[Any, Tensor], collective: Callable[[Any], tuple[Any, ...]]) -> dict[Any, Tensor]:
+    """``parts`` summed over their process groups: one all-reduce per ``collective(key)`` =
+    ``(process group, dtype, device)``; parts without a group come back unchanged."""
+    by_collective: dict[tuple[Any, ...], list[Any]] = defaultdict(list)
+    for key in parts:
+        by_collective[collective(key)].append(key)
+    out = dict(parts)
+    for (pg, *_), keys in by_collective.items():
+        out.update(zip(keys, all_reduce_coalesced([parts[k] for k in keys], pg)))
+    return out
 
 
 def _param_label(group: dict[str, Any], index: int, group_index: int) -> str:
@@ -499,9 +511,12 @@ class SDSAdamW(Optimizer):
                 pending[(r, dt, tol, B.device, route, groups[side])].append((len(work), side, gram(rows[side])))
             work.append((bucket, dt, rows, {}, {}, groups))
 
-        # (2) one all-reduce (sharded factors only) and one spectral computation per Gram size
-        for (_, _, tol, _, route, pg), items in pending.items():
-            K = finite_or_zero(all_reduce_(torch.cat([K for _, _, K in items]), pg))
+        # (2) one all-reduce of all Grams (sharded factors only), one spectral computation per Gram size
+        grams = _reduced({key: torch.cat([K for _, _, K in items]) for key, items in pending.items()},
+                         lambda key: (key[5], key[1], key[3]))
+        for key, items in pending.items():
+            tol, route = key[2], key[4]
+            K = finite_or_zero(grams[key])
             need_spec = route == "eigh" or kw["mode"] != "sds" or sigma
             spec = spectrum(K, tol) if need_spec else None
             P = preconditioner(K, route=route, rank_tol=tol, spec_other=spec, **kw)
@@ -525,22 +540,17 @@ class SDSAdamW(Optimizer):
                 new = P[other] @ G.view(k, r, -1) if side == "A" else (G.view(k, -1, r) @ P[other]).transpose(1, 2)
                 rewritten.append((side, ids, pos, new, rows[side], spec.get(side), groups[side]))
 
-        # (4) the singular-value channel's r×r G̃ Xᵀ, summed over shards with one all-reduce per size
-        GXt: list[Tensor | None] = [None] * len(rewritten)
+        # (4) the singular-value channel's r×r G̃ Xᵀ, summed over shards in one all-reduce
+        GXt: dict[int, Tensor] = {}
         if sigma:
-            partial: dict[tuple[Any, ...], list[tuple[int, Tensor]]] = defaultdict(list)
-            for j, (_, _, _, new, X, _, pg) in enumerate(rewritten):
-                partial[(X.shape[1], X.dtype, X.device, pg)].append((j, new @ X.transpose(1, 2)))
-            for (_, _, _, pg), items in partial.items():
-                total = all_reduce_(torch.cat([t for _, t in items]), pg)
-                for (j, _), part in zip(items, total.split([t.shape[0] for _, t in items])):
-                    GXt[j] = part
+            GXt = _reduced({j: new @ X.transpose(1, 2) for j, (_, _, _, new, X, _, _) in enumerate(rewritten)},
+                           lambda j: (rewritten[j][6], rewritten[j][4].dtype, rewritten[j][4].device))
 
         # (5) the channel's split (2.3) and Adam on σ (2.4), then the hand-over to Adam
         corrections: list[tuple[Tensor, Tensor]] = []
-        for (side, ids, pos, new, X, spec_x, _), gxt in zip(rewritten, GXt):
+        for j, (side, ids, pos, new, X, spec_x, _) in enumerate(rewritten):
             if sigma:
-                g_sigma, new = sigma_split(spec_x, X, new, gxt)
+                g_sigma, new = sigma_split(spec_x, X, new, GXt[j])
                 steps = self._sigma_adam(group, [params[i] for i in ids], g_sigma, lists, pos)
                 delta = sigma_correction(spec_x, X, steps)
                 delta = delta if side == "A" else delta.transpose(1, 2)

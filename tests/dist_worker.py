@@ -30,7 +30,7 @@ LR = 3e-2
 # evenly); B (out×r) shards along out, and the last layer's single row leaves rank 1's B shard empty.
 # The two (6, 6) layers share a shape bucket (stacked rewrite).
 LAYERS = [(8, 6), (6, 6), (6, 6), (6, 1)]
-RANK_R = 3
+RANKS = [3, 2, 2, 3]  # LoRA rank per layer: two Gram sizes, still one all-reduce
 BATCH = 8  # global batch; each of 2 ranks gets 4 rows
 
 # (label, SDSAdamW options): every mode that runs on shards, and both r×r routes
@@ -47,8 +47,8 @@ CASES: list[tuple[str, dict[str, Any]]] = [
 class Model(nn.Module):
     def __init__(self) -> None:
         super().__init__()
-        self.layers = nn.ModuleList(LoraLinear(nn.Linear(i, o, dtype=torch.float64), RANK_R, alpha=6.0)
-                                    for i, o in LAYERS)
+        self.layers = nn.ModuleList(LoraLinear(nn.Linear(i, o, dtype=torch.float64), r, alpha=6.0)
+                                    for (i, o), r in zip(LAYERS, RANKS))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for k, layer in enumerate(self.layers):
