@@ -69,27 +69,39 @@ def local_grad(param: Tensor, label: str) -> Tensor:
 
 
 def process_group(t: Tensor):
-    """The process group over which ``t``'s shards are spread (``None`` for plain or replicated tensors)."""
-    if not is_dtensor(t) or all(isinstance(p, Replicate) for p in t.placements):
+    """The process group over which ``t``'s shards are spread: that of the mesh dimension holding its
+    ``Shard`` placement (HSDP: the shard dimension; replicas hold equal sums already).  ``None`` for
+    plain or replicated tensors and for a shard group of one rank (nothing to sum)."""
+    if not is_dtensor(t):
         return None
-    return t.device_mesh.get_group()
+    dims = [d for d, p in enumerate(t.placements) if isinstance(p, Shard)]
+    if not dims:
+        return None
+    group = t.device_mesh.get_group(mesh_dim=dims[0])
+    return group if torch.distributed.get_world_size(group) > 1 else None
 
 
 def check_pair_layout(A: Tensor, B: Tensor, name_a: str, name_b: str) -> None:
-    """Refuse shardings whose Grams are not sums of per-shard Grams (``A`` along r, ``B`` along r)."""
+    """Refuse shardings whose Grams are not sums of per-shard Grams (``A`` along r, ``B`` along r,
+    a factor sharded over two mesh dimensions as in tensor parallelism, or a non-DTensor partner)."""
     if is_dtensor(A) != is_dtensor(B):
         raise ValueError(f"LoRA pair {name_a} / {name_b}: one factor is a DTensor and the other is not; "
                          "shard both factors of a pair with the same fully_shard call.")
     if not is_dtensor(A):
         return
-    if A.device_mesh != B.device_mesh or A.device_mesh.ndim != 1:
-        raise ValueError(f"LoRA pair {name_a} / {name_b}: both factors must live on the same 1-D device mesh.")
-    ok_a = all(isinstance(p, Replicate) or (isinstance(p, Shard) and p.dim == 1) for p in A.placements)
-    ok_b = all(isinstance(p, Replicate) or (isinstance(p, Shard) and p.dim == 0) for p in B.placements)
-    if not (ok_a and ok_b):
+    if A.device_mesh != B.device_mesh:
+        raise ValueError(f"LoRA pair {name_a} / {name_b}: both factors must live on the same device mesh.")
+
+    def sharded_along(t: Tensor, dim: int) -> bool:
+        shards = [p for p in t.placements if isinstance(p, Shard)]
+        return (all(isinstance(p, (Replicate, Shard)) for p in t.placements) and len(shards) <= 1
+                and all(p.dim == dim for p in shards))
+
+    if not (sharded_along(A, 1) and sharded_along(B, 0)):
         raise ValueError(
             f"LoRA pair {name_a} {A.placements} / {name_b} {B.placements}: SDSAdamW needs A (r×n) sharded along n "
-            "(Shard(1)) and B (m×r) along m (Shard(0)) so that the r×r Grams are sums over shards. Use "
+            "(Shard(1)) and B (m×r) along m (Shard(0)), over one mesh dimension (FSDP2 or HSDP; other mesh "
+            "dimensions Replicate), so that the r×r Grams are sums over shards. Use "
             "fully_shard(module, shard_placement_fn=sdsopt.distributed.lora_shard_placement_fn(model))."
         )
 

@@ -4,7 +4,7 @@ Every rank trains the model of :func:`build_model` on its slice of the global ba
 :func:`global_batch` and rank 0 writes the results with ``torch.save`` to ``--out``.  The
 unsharded reference runs in the test process itself, from the same builders.
 
-Usage: ``python tests/dist_worker.py {ddp,fsdp} OUT`` with ``RANK``, ``WORLD_SIZE``,
+Usage: ``python tests/dist_worker.py {ddp,fsdp,hsdp} OUT`` with ``RANK``, ``WORLD_SIZE``,
 ``MASTER_ADDR`` and ``MASTER_PORT`` set (the test sets them).  ``SDSOPT_DIST_DEVICE=cuda`` runs on
 one GPU per rank with NCCL instead of CPUs with gloo.
 """
@@ -120,15 +120,40 @@ class CollectiveLog(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def shard(model: nn.Module) -> nn.Module:
+def shard(model: nn.Module, mesh=None) -> nn.Module:
+    """``fully_shard`` every layer and the root, LoRA ``A`` along n; a 2-D ``mesh`` makes it HSDP."""
     from torch.distributed.fsdp import fully_shard
 
     from sdsopt.distributed import lora_shard_placement_fn
 
-    placement = lora_shard_placement_fn(model)
+    shards = mesh.size(mesh.ndim - 1) if mesh is not None else None
+    placement = lora_shard_placement_fn(model, mesh_size=shards)
     for layer in model.layers:
-        fully_shard(layer, shard_placement_fn=placement)
-    return fully_shard(model, shard_placement_fn=placement)
+        fully_shard(layer, mesh=mesh, shard_placement_fn=placement)
+    return fully_shard(model, mesh=mesh, shard_placement_fn=placement)
+
+
+def run_hsdp(world: int, rank: int) -> dict[str, Any]:
+    """HSDP (2-D mesh: replicate × shard) in both shapes a world of 2 allows."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    results: dict[str, Any] = {"collectives": {}}
+    for shape in ((1, world), (world, 1)):
+        mesh = init_device_mesh(_device().type, shape, mesh_dim_names=("replicate", "shard"))
+        for label, options in CASES[:2]:  # sds, and sds with the singular-value channel
+            model = shard(build_model(), mesh)
+            opt = SDSAdamW(model.named_parameters(), lr=LR, **options)
+            logs: list[list[tuple[str, int]]] = []
+
+            def logged_step(opt):
+                with CollectiveLog() as log:
+                    opt.step()
+                logs.append(log.calls)
+
+            train(model, opt, range(STEPS), rank, world, on_step=logged_step)
+            results[(shape, label)] = full_params(model)
+            results["collectives"][(shape, label)] = logs
+    return results
 
 
 def run_ddp(world: int, rank: int) -> dict[str, Any]:
@@ -218,7 +243,7 @@ def main() -> None:
     dist.init_process_group("nccl" if DEVICE == "cuda" else "gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.set_num_threads(1)
-    results = {"ddp": run_ddp, "fsdp": run_fsdp}[case](world, rank)
+    results = {"ddp": run_ddp, "fsdp": run_fsdp, "hsdp": run_hsdp}[case](world, rank)
     if rank == 0:
         torch.save(results, os.path.join(out, f"{case}.pt"))
     dist.barrier()

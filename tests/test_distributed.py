@@ -1,10 +1,10 @@
-"""SDSAdamW under DDP and FSDP2 (2 CPU processes, gloo) against one process on the same global batch.
+"""SDSAdamW under DDP, FSDP2 and HSDP (2 CPU processes, gloo) against one process on the same global batch.
 
 The ranks run ``tests/dist_worker.py`` as plain subprocesses (not ``multiprocessing`` inside pytest)
 with a hard timeout, so a stuck rendezvous fails the test instead of hanging CI.  Everything is
 float64, so the tolerances below measure the distributed algebra, not float32 rounding:
 
-* DDP and FSDP2 vs one process: ``1e-12`` absolute after 6 steps (eigh route; sums over 2 shards
+* DDP, FSDP2 and HSDP vs one process: ``1e-12`` absolute after 6 steps (eigh route; sums over 2 shards
   and gloo's reduction order only reorder float64 additions), ``1e-9`` for the Newton–Schulz route
   (its damped iteration, δ = 1e-11, amplifies those reorderings).
 * torch.distributed.checkpoint resume: bit-exact.
@@ -101,6 +101,19 @@ def test_matches_one_process(case, references, tmp_path):
         _check_fsdp_extras(results)
 
 
+def test_hsdp_matches_one_process(references, tmp_path):
+    """HSDP (2-D mesh replicate × shard): Grams are summed over the shard dimension only."""
+    results = _launch("hsdp", tmp_path)
+    gram_bytes = sum(2 * r * r * 8 for r in worker.RANKS)
+    for (shape, label), logs in results["collectives"].items():
+        _assert_close(f"hsdp {shape}/{label}", results[(shape, label)], references[label], DEFAULT_TOL)
+        calls = 2 if label == "sds_sigma" else 1
+        # a shard dimension of one rank has nothing to sum: no collective at all
+        expected = [("c10d.allreduce_.default", gram_bytes)] * calls if shape[1] > 1 else []
+        assert all(step == expected for step in logs), f"{shape}/{label}: {logs}"
+    assert len(results["collectives"]) == 4
+
+
 def _check_fsdp_extras(results: dict) -> None:
     # communication of the optimizer step: r×r Grams only, one all-reduce per step (two with the
     # singular-value channel) whatever the mix of ranks, never a gather of factors
@@ -136,7 +149,7 @@ def gloo_world_of_one(tmp_path):
 
 
 def test_layout_check_names_the_fix(gloo_world_of_one):
-    from torch.distributed.tensor import Shard, distribute_tensor, init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor, init_device_mesh
 
     mesh = init_device_mesh("cpu", (1,))
     A = distribute_tensor(torch.randn(3, 8), mesh, [Shard(0)])  # along r: Grams are not sums of shards
@@ -147,6 +160,12 @@ def test_layout_check_names_the_fix(gloo_world_of_one):
         check_pair_layout(torch.randn(3, 8), B, "lora_A", "lora_B")
     A1 = distribute_tensor(torch.randn(3, 8), mesh, [Shard(1)])
     check_pair_layout(A1, B, "lora_A", "lora_B")  # the layout SDSAdamW needs
+    mesh2 = init_device_mesh("cpu", (1, 1))
+    A2 = distribute_tensor(torch.randn(3, 8), mesh2, [Shard(1), Shard(1)])  # two mesh dims, as with TP
+    B2 = distribute_tensor(torch.randn(6, 3), mesh2, [Replicate(), Shard(0)])
+    with pytest.raises(ValueError, match=r"over one mesh dimension"):
+        check_pair_layout(A2, B2, "lora_A", "lora_B")
+    check_pair_layout(distribute_tensor(torch.randn(3, 8), mesh2, [Replicate(), Shard(1)]), B2, "lora_A", "lora_B")
 
 
 def test_fully_shard_without_placement_fn_is_refused_at_construction(gloo_world_of_one):
