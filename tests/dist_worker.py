@@ -80,17 +80,22 @@ def global_batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def train(model: nn.Module, opt: torch.optim.Optimizer, steps: range, rank: int = 0, world: int = 1,
-          on_step=None) -> None:
-    """Mean-squared-error steps on this rank's rows of each global batch (mean: DDP/FSDP average grads)."""
+          collectives: list[list[tuple[str, int]]] | None = None) -> None:
+    """Mean-squared-error steps on this rank's rows of each global batch (mean: DDP/FSDP average grads).
+
+    With ``collectives``, each ``opt.step()``'s c10d calls (:class:`CollectiveLog`) are appended to it.
+    """
     for step in steps:
         x, y = global_batch(step)
         rows = slice(rank * BATCH // world, (rank + 1) * BATCH // world)
         loss = (model(x[rows]) - y[rows]).pow(2).mean()
         loss.backward()
-        if on_step is None:
+        if collectives is None:
             opt.step()
         else:
-            on_step(opt)
+            with CollectiveLog() as log:
+                opt.step()
+            collectives.append(log.calls)
         opt.zero_grad(set_to_none=True)
 
 
@@ -144,13 +149,7 @@ def run_hsdp(world: int, rank: int) -> dict[str, Any]:
             model = shard(build_model(), mesh)
             opt = SDSAdamW(model.named_parameters(), lr=LR, **options)
             logs: list[list[tuple[str, int]]] = []
-
-            def logged_step(opt):
-                with CollectiveLog() as log:
-                    opt.step()
-                logs.append(log.calls)
-
-            train(model, opt, range(STEPS), rank, world, on_step=logged_step)
+            train(model, opt, range(STEPS), rank, world, collectives=logs)
             results[(shape, label)] = full_params(model)
             results["collectives"][(shape, label)] = logs
     return results
@@ -180,13 +179,7 @@ def run_fsdp(world: int, rank: int) -> dict[str, Any]:
         model = shard(build_model())
         opt = SDSAdamW(model.named_parameters(), lr=LR, **options)
         logs: list[list[tuple[str, int]]] = []
-
-        def logged_step(opt):
-            with CollectiveLog() as log:
-                opt.step()
-            logs.append(log.calls)
-
-        train(model, opt, range(STEPS), rank, world, on_step=logged_step)
+        train(model, opt, range(STEPS), rank, world, collectives=logs)
         results[label] = full_params(model)
         results["collectives"][label] = logs
 
