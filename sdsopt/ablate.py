@@ -36,7 +36,7 @@ from .optim import SDSAdamW
 
 __all__ = ["ABLATION_MODES", "main", "make_task", "run_grid"]
 
-ABLATION_MODES = ("full", "lora", "sds", "sds_sigma", "scaled", "lorsum", "svd_oracle")
+ABLATION_MODES = ("full", "lora", "sds", "sds_polar", "sds_sigma", "scaled", "lorsum", "svd_oracle")
 DEFAULT_LRS = {"linear": [1e-3, 3e-3, 1e-2, 3e-2], "digits": [3e-4, 1e-3, 3e-3, 1e-2], "textlm": [1e-3, 3e-3, 1e-2, 3e-2]}
 DEFAULT_STEPS = {"linear": 300, "digits": 300, "textlm": 300}
 
@@ -65,7 +65,7 @@ def make_optimizer(mode: str, model: nn.Module, lr: float, betas: tuple[float, f
     if mode == "full":
         return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, betas=betas,
                                  weight_decay=weight_decay, foreach=False)
-    kw: dict[str, Any] = dict(mode="sds", decouple_sigma=True) if mode == "sds_sigma" else dict(mode=mode)
+    kw: dict[str, Any] = dict(mode="sds_polar", decouple_sigma=True) if mode == "sds_sigma" else dict(mode=mode)
     opt = SDSAdamW([(n, p) for n, p in model.named_parameters() if p.requires_grad], lr=lr, betas=betas,
                    weight_decay=weight_decay, **kw)
     return opt

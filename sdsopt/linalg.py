@@ -35,6 +35,7 @@ __all__ = [
     "DEFAULT_RANK_TOL",
     "Spectrum",
     "algebra_precision",
+    "cholesky_lower",
     "default_rank_tol",
     "finite_or_zero",
     "gram",
@@ -52,6 +53,10 @@ DEFAULT_RANK_TOL: dict[tuple[str, torch.dtype], float] = {
     # so δ ≈ √ε·(typical λ̂): measured worst relative error on rank-deficient Grams 5e-4 (float32), 1e-7 (float64).
     ("newton_schulz", torch.float32): 1e-5,
     ("newton_schulz", torch.float64): 1e-11,
+    # Cholesky (modes ``sds`` and ``scaled``): τ is the relative shift of (2.5), K + τ·trace(K)·I.  In float32 the
+    # rounding error of a Gram is ~ r·ε·trace K, so 1e-5 keeps rank-deficient Grams factorable up to r ≈ 128.
+    ("cholesky", torch.float32): 1e-5,
+    ("cholesky", torch.float64): 1e-13,
 }
 
 
@@ -71,6 +76,39 @@ def algebra_precision(
 def gram(X: Tensor) -> Tensor:
     """``K = X Xᵀ`` for row-form factors ``[k, r, p]`` (one bmm; see :func:`finite_or_zero`)."""
     return X @ X.transpose(-2, -1)
+
+
+def cholesky_lower(K: Tensor, rank_tol: float, shift: float = 0.0) -> Tensor:
+    """Lower-triangular ``L`` with ``L Lᵀ = K + (τ·trace K + shift)·I`` for Grams ``K`` ``[k, r, r]`` (MATH 2.1, 2.5).
+
+    ``R = Lᵀ`` is the upper-triangular factor of the sign-fixed thin QR of the factor (``X = Q R``
+    with ``diag R > 0``), up to the relative shift ``τ`` that keeps rank-deficient factors (LoRA's
+    ``B = 0`` start, a collapsed column, ``r > min(m, n)``) factorable.  The shift is applied always,
+    not only when the factorisation fails, so that nothing here waits for the device: on a
+    well-conditioned factor it changes ``R`` by a relative ``O(τ)`` (τ = 1e-5 in float32, 1e-13 in
+    float64), and any invertible ``R`` is an exact change of coordinates (MATH 2.2), so the shift
+    only makes ``Q = X R^{-1}`` orthonormal to within ``O(τ·κ²)`` instead of exactly.
+
+    Sync-free fallbacks (``torch.where``, no Python branch on data):
+
+    * ``K`` non-finite or ``trace K ≤ tiny`` (``B = 0``): ``L = I``, so the pair's coordinates are
+      the factors themselves and it takes a plain AdamW step (MATH 2.5);
+    * the factorisation still fails (float32 rounding on a badly rank-deficient Gram with large r):
+      ``L = √(trace K / r)·I``, an isotropic coordinate system of the factor's scale.
+
+    ``shift`` is an absolute addition (mode ``scaled``'s damping δ).
+    """
+    r = K.shape[-1]
+    eye = torch.eye(r, dtype=K.dtype, device=K.device)
+    K = finite_or_zero(K)
+    t = K.diagonal(dim1=-2, dim2=-1).sum(-1)[..., None, None]
+    L, info = torch.linalg.cholesky_ex(K + (rank_tol * t + shift) * eye)
+    empty = t <= torch.finfo(K.dtype).tiny
+    if shift > 0.0:
+        empty = torch.zeros_like(empty)  # K + δI is positive definite even for K = 0
+    failed = (info != 0)[..., None, None] | ~L.isfinite().all(dim=(-2, -1), keepdim=True)
+    fallback = torch.where(empty, eye, ((t + shift) / r).clamp_min(torch.finfo(K.dtype).tiny).sqrt() * eye)
+    return torch.where(failed | empty, fallback, L)
 
 
 def finite_or_zero(K: Tensor) -> Tensor:

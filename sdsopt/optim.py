@@ -21,11 +21,13 @@ from torch.optim.adam import adam
 from torch.optim.optimizer import Optimizer
 
 from . import pairing as _pairing
-from .linalg import algebra_precision, finite_or_zero, gram, spectrum
+from .coordinates import resplit_maps, to_coordinates, to_factors
+from .linalg import algebra_precision, cholesky_lower, finite_or_zero, gram, spectrum
 from .pairing import LoraPair, PairingFn, a_rows, b_matrix, check_pair_shapes
 from .capture import LoraCapture
 from .distributed import all_reduce_coalesced, check_not_deepspeed, check_pair_layout, local, local_grad, process_group
 from .rewrite import (
+    MODE_ROUTES,
     MODES,
     ROUTES,
     SPECTRAL_MODES,
@@ -50,8 +52,31 @@ class _Bucket:
     b_shape: torch.Size
     has_a: bool
     has_b: bool
+    coordinates: bool = False  # mode sds: past the warm-up, Adam runs in the bases' coordinates
     a: list[int] = field(default_factory=list)  # indices of the A factors in the group's params
     b: list[int] = field(default_factory=list)
+
+
+@dataclass
+class _CoordinateBlock:
+    """Mode ``sds``: one bucket's factors of one kind handed to Adam in coordinates (MATH 2.2).
+
+    ``before`` holds the coordinates Adam starts from and ``after`` the buffer Adam updates (both
+    in the parameter's dtype); :meth:`leave` adds the mapped change ``R^{-1}(after − before)`` to
+    the factors ``X`` (float32 or better) and writes them into ``targets``.
+    """
+
+    side: str
+    L: Tensor
+    X: Tensor
+    before: Tensor
+    after: Tensor
+    targets: list[Tensor]
+
+    def leave(self) -> None:
+        delta = to_factors(self.L, self.after.to(self.X.dtype) - self.before.to(self.X.dtype), self.side)
+        new = (self.X + delta).to(self.targets[0].dtype)
+        torch._foreach_copy_(self.targets, [t.view(p.shape) for t, p in zip(new.unbind(0), self.targets)])
 
 
 def _reduced(parts: dict[Any, Tensor], collective: Callable[[Any], tuple[Any, ...]]) -> dict[Any, Tensor]:
@@ -91,8 +116,17 @@ def _check_hyperparameters(group: dict[str, Any], where: str) -> None:
 
         (group["damping"] > 0.0, f"damping={group['damping']} must be > 0 (mode 'scaled' inverts K + damping·I)"),
         (group["sigma_lr_ratio"] >= 0.0, f"sigma_lr_ratio={group['sigma_lr_ratio']} must be >= 0"),
-        (not (group["decouple_sigma"] and group["mode"] not in SPECTRAL_MODES),
+        (group["mode"] not in MODE_ROUTES or group["route"] in ("auto", *MODE_ROUTES[group["mode"]]),
+         f"route={group['route']!r} does not apply to mode={group['mode']!r}; it takes 'auto' or one of "
+         f"{MODE_ROUTES.get(group['mode'])}"),
+        (not (group["decouple_sigma"] and group["mode"] == "sds"),
+         "decouple_sigma=True is not defined for mode='sds' (its singular values live in the r×r core "
+         "R_B·R_Aᵀ and move through both coordinates); use mode='sds_polar' for the singular-value channel"),
+        (not (group["decouple_sigma"] and group["mode"] not in SPECTRAL_MODES + ("sds",)),
          f"decouple_sigma=True works with modes {SPECTRAL_MODES}, not mode={group['mode']!r}"),
+        (isinstance(group["warmup_steps"], int) and not isinstance(group["warmup_steps"], bool)
+         and group["warmup_steps"] >= 0, f"warmup_steps={group['warmup_steps']!r} must be an int >= 0"),
+        (isinstance(group["resplit"], bool), f"resplit={group['resplit']!r} must be True or False"),
         (isinstance(group["lorsum_sweeps"], int) and group["lorsum_sweeps"] >= 1,
          f"lorsum_sweeps={group['lorsum_sweeps']!r} must be an int >= 1"),
         (isinstance(group["oracle_max_numel"], int) and group["oracle_max_numel"] > 0,
@@ -105,16 +139,22 @@ def _check_hyperparameters(group: dict[str, Any], where: str) -> None:
 
 
 class SDSAdamW(Optimizer):
-    r"""AdamW for LoRA whose factor gradients act only through the other factor's orthonormal basis.
+    r"""AdamW for LoRA that runs Adam in the coordinates of the factors' orthonormal bases (SDS-LoRA).
 
-    For a LoRA pair ``ΔW = s·B·A`` the gradients ``gB = s·G·Aᵀ``, ``gA = s·Bᵀ·G`` are rewritten
-    before the AdamW update (MATH.md 2.2)::
+    For a LoRA pair ``ΔW = s·B·A`` with thin QRs ``B = Q_B R_B``, ``Aᵀ = Q_A R_A`` (the r×r ``R``
+    from Cholesky factors of the Grams ``BᵀB``, ``AAᵀ``; ``Q`` never formed), mode ``"sds"`` runs
+    torch's AdamW on the coordinates ``Ã = R_B·A``, ``B̃ = B·R_Aᵀ`` with their gradients::
 
-        g̃B = gB · (A Aᵀ)^{-1/2}        g̃A = (Bᵀ B)^{-1/2} · gA
+        g̃A = R_B^{-T}·gA = s·Q_Bᵀ·G        g̃B = gB·R_A^{-1} = s·G·Q_A
 
-    i.e. ``g̃B = s·G·Ω_Aᵀ``, ``g̃A = s·Ω_Bᵀ·G`` with ``Ω`` the polar (orthonormal) factors: the other
-    factor's singular values no longer scale the gradient.  Everything else is
-    ``torch.optim.AdamW``; parameters outside pairs get exactly AdamW.
+    and maps the step back with two triangular solves (``A ← R_B^{-1}·Ã'``, ``B ← B̃'·R_Aᵀ^{-1}``).
+    The full gradient ``G`` reaches the factors only through orthonormal bases, and the factors'
+    singular values never multiply the weight-space step: to first order it is
+    ``δW = −η·s·(Q_B·u_A + u_B·Q_Aᵀ)`` (``u`` the Adam directions), the step of the SDS-LoRA layer.
+    The first ``warmup_steps`` steps of each pair are plain AdamW (LoRA's ``B = 0`` has no basis);
+    then the pair is re-split without changing ``BA`` (``B = Q_B U Σ^{1/2}``, ``A = Σ^{1/2} Vᵀ Q_Aᵀ``
+    from the SVD of the r×r core ``R_B R_Aᵀ``) and its Adam state is reset.  Parameters outside
+    pairs get exactly ``torch.optim.AdamW``.
 
     Args:
         params: ``model.named_parameters()`` (pairs found by name, see ``pairing``), a model
@@ -123,40 +163,71 @@ class SDSAdamW(Optimizer):
             group may list explicit pairs: ``{"params": [...], "lora_pairs": [(A, B), ...]}``.
         lr, betas, eps, weight_decay, amsgrad, maximize, foreach, fused: as ``torch.optim.AdamW``
             (same defaults).
-        mode: ``"sds"`` (default), ``"lora"`` (identity: plain AdamW on the factors),
-            ``"scaled"`` (``gB (K_A + δI)^{-1}``, ``(K_B + δI)^{-1} gA``; Zhang & Pilanci 2024),
-            ``"lorsum"`` (LoRSum/PSI-LoRA: ``lorsum_sweeps`` proximal ALS sweeps towards the full step,
+        mode: ``"sds"`` (default, above), ``"sds_polar"`` (sdsopt 0.1's ``sds``: a one-sided rewrite
+            ``g̃B = gB (AAᵀ)^{-1/2}``, ``g̃A = (BᵀB)^{-1/2} gA`` with Adam on the plain factors),
+            ``"lora"`` (identity: plain AdamW on the factors), ``"scaled"``
+            (``gB (K_A + δI)^{-1}``, ``(K_B + δI)^{-1} gA``; Zhang & Pilanci 2024), ``"lorsum"``
+            (LoRSum/PSI-LoRA: ``lorsum_sweeps`` proximal ALS sweeps towards the full step,
             rewritten gradient = displacement / lr; one sweep is ``"scaled"``) or ``"svd_oracle"``
             (Adam on the full ``W = BA`` with the true ``G``, then the best rank-r re-factorisation;
             needs ``m·n ≤ oracle_max_numel``).  ``lorsum`` with more than one sweep and
             ``svd_oracle`` need the layers' inputs: call :meth:`attach` with the model once.
-        decouple_sigma: the singular-value channel (2.3)–(2.4): each factor's gradient is split
-            into a singular-value part ``gσ`` (its own r-vector Adam state, step size
-            ``lr·sigma_lr_ratio``) and a basis part (the usual elementwise Adam).  Off by default:
-            MATH.md's first evidence found it slower than plain SDS.
+        warmup_steps: mode ``"sds"``: plain AdamW steps of each pair before its coordinate steps
+            (default 10, as the paper; 0 starts in coordinates at once, e.g. for non-zero ``B``).
+        resplit: mode ``"sds"``: re-split the pair at the end of its warm-up (default True).  The
+            pair's Adam state is reset there either way (moments of the plain factors do not
+            carry over to coordinates).
+        decouple_sigma: the singular-value channel of ``"sds_polar"`` (MATH 2.8): each factor's
+            gradient is split into a singular-value part ``gσ`` (its own r-vector Adam state, step
+            size ``lr·sigma_lr_ratio``) and a basis part (the usual elementwise Adam).  Off by
+            default; refused with ``"sds"``, whose singular values live in the r×r core.
         sigma_lr_ratio: step-size ratio of the singular-value channel.
-        route: how ``(·)^{-1/2}`` of the r×r Grams is computed: ``"eigh"`` (eigendecomposition, exact
-            hard cut of (2.5)), ``"newton_schulz"`` (matmul-only damped inverse root; ``sds`` only,
-            falls back to eigh where it does not converge) or ``"auto"`` (default: Newton–Schulz for
-            CUDA parameters, where batched eigh is slow and synchronises, eigh elsewhere).
-        rank_tol: τ of MATH (2.5): Gram eigenvalues ``≤ τ·λ_max`` are outside the factor's range and
-            pass no gradient.  ``None``: 1e-6 for float32 algebra, 1e-14 for float64; for
-            ``route="newton_schulz"`` it is the relative damping δ (defaults 1e-5 and 1e-11).
+        route: how the r×r algebra is done.  ``"sds"``: ``"cholesky"`` only.  ``"scaled"``:
+            ``"cholesky"`` (default) or ``"eigh"``.  ``"sds_polar"``: ``"eigh"`` (exact hard cut of
+            (2.5)) or ``"newton_schulz"`` (matmul-only damped inverse root).  ``"auto"`` (default)
+            picks Cholesky for ``sds``/``scaled`` and, for ``sds_polar``, Newton–Schulz on CUDA
+            (where batched eigh is slow and synchronises) and eigh elsewhere.
+        rank_tol: τ of MATH (2.5).  Cholesky route: the relative shift ``K + τ·trace(K)·I``
+            (``None``: 1e-5 in float32 algebra, 1e-13 in float64).  eigh route: Gram eigenvalues
+            ``≤ τ·λ_max`` pass no gradient (1e-6, 1e-14).  Newton–Schulz: the relative damping δ
+            (1e-5, 1e-11).
         damping: δ of mode ``"scaled"`` and the proximal λ of ``"lorsum"`` (absolute, > 0).
         lorsum_sweeps: ALS sweeps of mode ``"lorsum"`` (1 = ``"scaled"``).
         oracle_max_numel: largest ``m·n`` for which ``"svd_oracle"`` forms the full matrices.
-        linalg_dtype: dtype of the r×r algebra; ``None`` means float32, or float64 for float64
-            parameters.  Never lower than float32, whatever the parameter dtype; the rewritten
-            gradient is cast back to the parameter's dtype before the AdamW update.
+        linalg_dtype: dtype of the r×r algebra and of the coordinate maps; ``None`` means float32,
+            or float64 for float64 parameters.  Never lower than float32, whatever the parameter
+            dtype.
         pairing: how names become pairs: ``None`` (PEFT names), a regex with a named group
             ``factor`` reading ``A``/``B`` (see :func:`sdsopt.pairing.regex_pairing` for other
             tags), or a function ``names -> [(name_A, name_B), ...]``.
 
     Design choices where MATH.md leaves one open:
 
+    * ``sds``, the map back: Adam runs on a copy of the coordinates (in the parameter's dtype, so
+      torch's foreach/fused kernels and AdamW's exact semantics apply, weight decay included:
+      ``Ã(1−ηλ)`` is ``A(1−ηλ)``), and the factor is updated by the mapped *change*,
+      ``A ← A + R_B^{-1}(Ã' − Ã)`` (float32 or better), not rebuilt from ``R_B^{-1}Ã'``: a step
+      that Adam leaves at zero leaves the factor bit-identical, and bf16/fp16 factors are rounded
+      once per step as under AdamW.  Coordinates, gradients and moments are never stored between
+      steps (state stays AdamW-sized: ``exp_avg``/``exp_avg_sq`` live in coordinates, plus the
+      pair's warm-up count ``sds_warmup`` on both factors' state).
+    * ``sds``, rank deficiency (2.5): the Cholesky factors are of ``K + τ·trace(K)·I`` always (no
+      data-dependent branch, no host synchronisation), ``K = 0`` gives ``R = I`` (a plain AdamW
+      step) and a failed factorisation an isotropic ``R``; any invertible ``R`` is an exact change
+      of coordinates, so this changes only how orthonormal ``Q`` is, never the gradient's
+      correctness.  The re-split keeps weak directions (σ below 1e-3·σ_max) trainable by leaving
+      ``A``'s part at ``√(1e-3·σ_max)`` (:func:`sdsopt.coordinates.resplit_maps`).
+    * ``sds``, what the paper's layer does differently (:mod:`sdsopt.reference`): its bases are
+      refreshed on a schedule and its update between refreshes is linear in ``(A, B)`` (rank 2r,
+      no ``δB·δA`` term); here the bases follow the factors every step and the step is the
+      product of the updated factors, whose cross term ``δB̃·(R_B R_Aᵀ)^{-1}·δÃ`` is of size
+      ``η²/σ_min(BA)``.
+    * ``sds``, LoRA-FA style pairs (one factor frozen): only the trainable factor moves, in its
+      coordinates; the warm-up count advances when either factor has a gradient.
+
     * Each factor is divided by ``max|X|`` before its Gram is formed, so factors near the float32
       range limits give finite Grams; the threshold of (2.5) is relative to that scale.
-    * Singular-value channel: ``gσ``, the ``U, V`` of (2.4) and the correction all use the factor
+    * Singular-value channel (``sds_polar``): ``gσ``, the ``U, V`` of (2.8) and the correction all use the factor
       *before* the step; weight decay (decoupled, as AdamW) acts on the parameter, the
       correction ``U diag(Δσ) Vᵀ`` is added after the AdamW update, undecayed.  The channel's
       Adam moments are kept in the parameter's dtype (so checkpoints round-trip exactly under
@@ -164,7 +235,7 @@ class SDSAdamW(Optimizer):
     * Route ``newton_schulz`` computes a *damped* root ``(K + δ·trace K·I)^{-1/2}`` instead of the
       hard cut of (2.5) (a filtered pseudo-inverse amplifies rounding noise by ``δ^{-3/2}``); it agrees
       with eigh to ``O(δ/λ)`` on the range (tested, P6).  ``route="auto"`` uses it on CUDA only.
-    * With repeated singular values the split (2.3) depends on the eigenbasis the solver returns
+    * With repeated singular values the split (2.8) depends on the eigenbasis the solver returns
       (``diag(Uᵀ G V)`` is not invariant inside an eigenspace); the channel's tests use distinct ones.
     * ``lorsum``: the full step of MATH 3.1 is taken with ``η = lr``, its first sweep updates both
       factors from the current ones (so one sweep is exactly ``scaled``), later sweeps are
@@ -183,8 +254,9 @@ class SDSAdamW(Optimizer):
       non-finite values reach the parameters.  Because the rewrite mixes the r entries of a
       row of ``B`` (a column of ``A``), one non-finite entry spreads along that row (column).  Use
       ``torch.amp.GradScaler``, which skips steps with non-finite gradients, as with AdamW.  A
-      non-finite *factor* is treated as rank 0 (its partner's gradient is zeroed) instead of
-      making the eigensolver raise.
+      non-finite *factor* is treated as rank 0 by ``sds_polar``/``scaled`` (its partner's gradient
+      is zeroed) and as ``R = I`` by ``sds`` (its partner takes a plain AdamW step) instead of
+      making a factorisation raise.
     """
 
     def __init__(
@@ -197,6 +269,8 @@ class SDSAdamW(Optimizer):
         amsgrad: bool = False,
         *,
         mode: str = "sds",
+        warmup_steps: int = 10,
+        resplit: bool = True,
         decouple_sigma: bool = False,
         sigma_lr_ratio: float = 1.0,
         route: str = "auto",
@@ -212,7 +286,7 @@ class SDSAdamW(Optimizer):
     ) -> None:
         defaults = dict(
             lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
-            mode=mode, decouple_sigma=decouple_sigma, sigma_lr_ratio=sigma_lr_ratio, route=route,
+            mode=mode, warmup_steps=warmup_steps, resplit=resplit, decouple_sigma=decouple_sigma, sigma_lr_ratio=sigma_lr_ratio, route=route,
             rank_tol=rank_tol, damping=damping, lorsum_sweeps=lorsum_sweeps, oracle_max_numel=oracle_max_numel,
             linalg_dtype=linalg_dtype, maximize=maximize,
             foreach=foreach, fused=fused,
@@ -335,6 +409,15 @@ class SDSAdamW(Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """As ``Optimizer.load_state_dict``; refuses a checkpoint whose LoRA pairs differ from this optimizer's."""
         saved = state_dict.get("param_groups", [])
+        for gi, theirs in enumerate(saved):
+            if theirs.get("mode") == "sds" and "warmup_steps" not in theirs and state_dict.get("state"):
+                raise ValueError(
+                    f"SDSAdamW.load_state_dict: param group {gi} of the checkpoint was written by sdsopt 0.1, whose "
+                    "mode 'sds' kept Adam moments of the plain factors. Since 0.2, 'sds' runs Adam in the bases' "
+                    "coordinates and those moments do not apply. Resume with mode='sds_polar' (0.1's 'sds' under "
+                    "its new name) and rewrite the checkpoint's param_groups[i]['mode'] to 'sds_polar', or start "
+                    "the optimizer state afresh with mode='sds'."
+                )
         for gi, (mine, theirs) in enumerate(zip(self.param_groups, saved)):
             ours = [tuple(p) for p in mine["lora_pairs"]]
             other = [tuple(p) for p in theirs.get("lora_pairs", [])]
@@ -379,7 +462,7 @@ class SDSAdamW(Optimizer):
                 )
             has_complex |= torch.is_complex(p)
             state = self.state[p]
-            if not state:
+            if "step" not in state:  # (mode sds may have put the pair's warm-up count there)
                 state["step"] = (
                     torch.zeros((), dtype=torch.float32, device=p.device)
                     if device_step
@@ -430,12 +513,19 @@ class SDSAdamW(Optimizer):
                 continue
             corrections: list[tuple[Tensor, Tensor]] = []
             replaced: list[tuple[Tensor, Tensor]] = []
+            coordinates: list[_CoordinateBlock] = []
             mode = group["mode"]
-            if mode in SPECTRAL_MODES or (mode == "lorsum" and group["lorsum_sweeps"] == 1):
+            if mode == "sds":
+                coordinates = self._enter_coordinates(gi, group, position, lists)
+            elif mode in SPECTRAL_MODES or (mode == "lorsum" and group["lorsum_sweeps"] == 1):
                 corrections = self._rewrite_group(gi, group, position, lists)
             elif mode in ("lorsum", "svd_oracle"):
                 replaced = self._rewrite_with_capture(gi, group, position, lists)
             self._adam(group, lists, lr=group["lr"], weight_decay=group["weight_decay"], has_complex=has_complex)
+            for block in coordinates:
+                block.leave()
+            if mode == "sds":
+                self._advance_warmup(group, position)
             if corrections:
                 targets, deltas = zip(*corrections)
                 torch._foreach_add_(list(targets), list(deltas))
@@ -445,29 +535,154 @@ class SDSAdamW(Optimizer):
             self._capture.clear()
         return loss
 
-    def _buckets(self, gi: int, group: dict[str, Any], position: dict[int, int]) -> list[_Bucket]:
-        """Pairs with a gradient, grouped into buckets of equal shapes, dtypes, device and grad presence.
+    def _in_coordinates(self, group: dict[str, Any], ia: int) -> bool:
+        """Mode ``sds``: has the pair whose A factor is ``group['params'][ia]`` finished its warm-up?"""
+        return self.state.get(group["params"][ia], {}).get("sds_warmup", 0) >= group["warmup_steps"]
 
-        Cached per group: recomputed only when which factors have gradients changes.
+    def _buckets(self, gi: int, group: dict[str, Any], position: dict[int, int]) -> list[_Bucket]:
+        """Pairs with a gradient, grouped into buckets of equal shapes, dtypes, device, grad presence
+        and (mode ``sds``) phase: warm-up or coordinates.
+
+        Cached per group: recomputed only when which factors have gradients, or a pair's phase, changes.
         """
         pairs = group["lora_pairs"]
-        key = tuple((ia in position, ib in position) for ia, ib in pairs)
+        sds = group["mode"] == "sds"
+        key = tuple((ia in position, ib in position, sds and self._in_coordinates(group, ia)) for ia, ib in pairs)
         cached = self._bucket_cache.get(gi)
         if cached is not None and cached[0] == key and cached[1] is pairs:
             return cached[2]
         params: list[Tensor] = group["params"]
         found: dict[tuple[Any, ...], _Bucket] = {}
-        for (ia, ib), (has_a, has_b) in zip(pairs, key):
+        for (ia, ib), (has_a, has_b, coordinates) in zip(pairs, key):
             if not (has_a or has_b):
                 continue
             A, B = params[ia], params[ib]
-            k = (A.shape, B.shape, A.dtype, B.dtype, A.device, has_a, has_b)
-            bucket = found.setdefault(k, _Bucket(a_shape=A.shape, b_shape=B.shape, has_a=has_a, has_b=has_b))
+            k = (A.shape, B.shape, A.dtype, B.dtype, A.device, has_a, has_b, coordinates)
+            bucket = found.setdefault(k, _Bucket(a_shape=A.shape, b_shape=B.shape, has_a=has_a, has_b=has_b,
+                                                 coordinates=coordinates))
             bucket.a.append(ia)
             bucket.b.append(ib)
         buckets = list(found.values())
         self._bucket_cache[gi] = (key, pairs, buckets)
         return buckets
+
+    def _factors(self, group: dict[str, Any], ids_a: list[int], ids_b: list[int], dt: torch.dtype
+                 ) -> tuple[Tensor, Tensor]:
+        """The pairs' factors stacked in ``dt``, natural layout: ``A`` ``[k, r, n]``, ``B`` ``[k, m, r]``
+        (local shards under FSDP2)."""
+        params: list[Tensor] = group["params"]
+        A = torch.stack([a_rows(local(params[i])) for i in ids_a]).to(dt)
+        B = torch.stack([b_matrix(local(params[i])) for i in ids_b]).to(dt)
+        return A, B
+
+    @staticmethod
+    def _cholesky_all(requests: list[tuple[Tensor, Any, float]]) -> list[Tensor]:
+        """Lower Cholesky factors (MATH 2.1, 2.5) of every Gram batch in ``requests`` = ``(K, process group, τ)``.
+
+        All Grams of a step that share an r, dtype, device, τ and process group go through *one*
+        all-reduce (FSDP2 shards: the Grams of local shards are partial sums) and *one*
+        ``cholesky_ex`` call, so neither the collectives nor the launches grow with the pair count.
+        """
+        pending: dict[tuple[Any, ...], list[int]] = defaultdict(list)
+        for j, (K, pg, tol) in enumerate(requests):
+            pending[(K.shape[-1], K.dtype, K.device, tol, pg)].append(j)
+        stacked = _reduced({key: torch.cat([requests[j][0] for j in js]) for key, js in pending.items()},
+                           lambda key: (key[4], key[1], key[2]))
+        out: list[Tensor] = [torch.empty(0)] * len(requests)
+        for key, js in pending.items():
+            L = cholesky_lower(stacked[key], key[3]).split([requests[j][0].shape[0] for j in js])
+            for j, part in zip(js, L):
+                out[j] = part
+        return out
+
+    def _enter_coordinates(self, gi: int, group: dict[str, Any], position: dict[int, int],
+                           lists: dict[str, list[Tensor]]) -> list[_CoordinateBlock]:
+        """Mode ``sds`` before Adam: hand Adam the coordinates (2.2) of every pair past its warm-up.
+
+        Per shape bucket: one stack of each factor and one batched Gram; then all Cholesky factors of
+        the step at once (:meth:`_cholesky_all`); then per bucket and factor one triangular product
+        and one triangular solve.  ``lists['params']``/``['grads']`` of these factors are replaced by
+        the coordinates and their gradients; the returned blocks map Adam's change back (``leave``).
+        """
+        if group["route"] not in ("auto", "cholesky"):
+            raise ValueError(f"SDSAdamW param group {gi}: mode 'sds' takes route 'auto' or 'cholesky'.")
+        requests: list[tuple[Tensor, Any, float]] = []
+        work = []
+        for bucket in self._buckets(gi, group, position):
+            if not bucket.coordinates:
+                continue  # warm-up: plain AdamW on the factors
+            params: list[Tensor] = group["params"]
+            dt, tol = algebra_precision(params[bucket.a[0]].dtype, group["linalg_dtype"], group["rank_tol"], "cholesky")
+            A, B = self._factors(group, bucket.a, bucket.b, dt)
+            sides = []
+            if bucket.has_a:  # Ã needs R_B
+                sides.append(("A", A, bucket.a, len(requests)))
+                requests.append((gram(B.mT), process_group(params[bucket.b[0]]), tol))
+            if bucket.has_b:  # B̃ needs R_A
+                sides.append(("B", B, bucket.b, len(requests)))
+                requests.append((gram(A), process_group(params[bucket.a[0]]), tol))
+            work.append((dt, sides))
+        factors = self._cholesky_all(requests)
+        blocks = []
+        for dt, sides in work:
+            for side, X, ids, j in sides:
+                pos = [position[i] for i in ids]
+                like = lists["params"][pos[0]]
+                G = torch.stack([lists["grads"][q] for q in pos]).to(dt).view(X.shape)
+                X_t, g_t = to_coordinates(factors[j], X, G, side)
+                before = X_t.to(like.dtype)
+                adam_view = before.clone()
+                block = _CoordinateBlock(side=side, L=factors[j], X=X, before=before, after=adam_view,
+                                         targets=[lists["params"][q] for q in pos])
+                g_t = g_t.to(like.dtype)
+                for k, q in enumerate(pos):
+                    lists["params"][q] = adam_view[k].view(like.shape)
+                    lists["grads"][q] = g_t[k].view(like.shape)
+                blocks.append(block)
+        return blocks
+
+    def _advance_warmup(self, group: dict[str, Any], position: dict[int, int]) -> None:
+        """Mode ``sds`` after Adam: count warm-up steps; pairs that just finished are re-split (2.4)
+        (if ``resplit``) and their Adam state reset, so that their moments start in coordinates."""
+        params: list[Tensor] = group["params"]
+        finished: list[tuple[int, int]] = []
+        for ia, ib in group["lora_pairs"]:
+            if not (ia in position or ib in position) or self._in_coordinates(group, ia):
+                continue
+            count = self.state[params[ia]].get("sds_warmup", 0) + 1
+            for i in (ia, ib):
+                self.state[params[i]]["sds_warmup"] = count
+            if count >= group["warmup_steps"]:
+                finished.append((ia, ib))
+        if not finished:
+            return
+        if group["resplit"]:
+            self._resplit(group, finished)
+        for pair in finished:
+            for i in pair:
+                state = self.state[params[i]]
+                for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "step"):
+                    if key in state:
+                        state[key].zero_()
+
+    def _resplit(self, group: dict[str, Any], pairs: list[tuple[int, int]]) -> None:
+        """(2.4) for ``pairs``: ``B ← B·M_B``, ``A ← M_A·A`` with ``B'A' = BA`` (one batched SVD per shape;
+        under FSDP2 one all-reduce of the Grams, on this one step of the pair's life)."""
+        params: list[Tensor] = group["params"]
+        by_shape: dict[tuple[Any, ...], list[tuple[int, int]]] = defaultdict(list)
+        for ia, ib in pairs:
+            A, B = params[ia], params[ib]
+            by_shape[(A.shape, B.shape, A.dtype, B.dtype, A.device)].append((ia, ib))
+        for (_, _, dtype, _, _), members in by_shape.items():
+            ids_a, ids_b = [ia for ia, _ in members], [ib for _, ib in members]
+            dt, tol = algebra_precision(dtype, group["linalg_dtype"], group["rank_tol"], "cholesky")
+            A, B = self._factors(group, ids_a, ids_b, dt)
+            grams = _reduced({"A": gram(A), "B": gram(B.mT)},
+                             lambda side: (process_group(params[(ids_a if side == "A" else ids_b)[0]]), dt, A.device))
+            M_A, M_B = resplit_maps(grams["A"], grams["B"], tol)
+            for ids, new in ((ids_a, M_A @ A), (ids_b, B @ M_B)):
+                targets = [local(params[i]) for i in ids]
+                torch._foreach_copy_(targets, [t.to(p.dtype).view(p.shape) for t, p in zip(new.unbind(0), targets)])
 
     def _rewrite_group(
         self, gi: int, group: dict[str, Any], position: dict[int, int], lists: dict[str, list[Tensor]]
@@ -492,7 +707,7 @@ class SDSAdamW(Optimizer):
         pending: dict[tuple[Any, ...], list[tuple[int, str, Tensor]]] = defaultdict(list)
         for bucket in self._buckets(gi, group, position):
             k, r = len(bucket.a), bucket.a_shape[0]
-            route = resolve_route(group["route"], params[bucket.a[0]].device)
+            route = resolve_route(group["route"], params[bucket.a[0]].device, kw["mode"])
             dt, tol = algebra_precision(params[bucket.a[0]].dtype, group["linalg_dtype"], group["rank_tol"], route)
             if route == "newton_schulz" and tol < 64 * torch.finfo(dt).eps:
                 raise ValueError(
@@ -518,7 +733,7 @@ class SDSAdamW(Optimizer):
         for key, items in pending.items():
             tol, route = key[2], key[4]
             K = finite_or_zero(grams[key])
-            need_spec = route == "eigh" or kw["mode"] != "sds" or sigma
+            need_spec = route == "eigh" or sigma
             spec = spectrum(K, tol) if need_spec else None
             P = preconditioner(K, route=route, rank_tol=tol, spec_other=spec, **kw)
             start = 0

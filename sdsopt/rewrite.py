@@ -1,4 +1,7 @@
-"""The gradient rewrites of MATH.md §2–§3, as pure functions on batches of row-form factors.
+"""The gradient rewrites of MATH.md §2.7–§3 (modes ``sds_polar``, ``scaled``), as pure functions on row-form factors.
+
+(Mode ``sds`` is not a rewrite in front of Adam but a change of coordinates around it:
+:mod:`sdsopt.coordinates`.)
 
 Row form (see :mod:`sdsopt.linalg`): ``A`` is used as is (``r × n``), ``B`` as ``Bᵀ`` (``r × m``).
 Every mode of MATH §3 that acts on the pair's gradients is *one* formula,
@@ -9,22 +12,26 @@ Every mode of MATH §3 that acts on the pair's gradients is *one* formula,
 formed once per factor and applied with one batched matmul; the mode only chooses the spectral
 function ``P = U diag(f(λ)) Uᵀ``:
 
-=========  ==========================================  =============================
-mode       f(λ)                                        MATH
-=========  ==========================================  =============================
-``sds``    ``λ^{-1/2}`` on the numerical range, else 0  (2.2), (2.5)
-``scaled`` ``1 / (λ + δ)``                              §3, Zhang & Pilanci 2024
-=========  ==========================================  =============================
+=============  ==========================================  =============================
+mode           f(λ)                                        MATH
+=============  ==========================================  =============================
+``sds_polar``  ``λ^{-1/2}`` on the numerical range, else 0  (2.7), (2.5)
+``scaled``     ``1 / (λ + δ)``                              §3, Zhang & Pilanci 2024
+=============  ==========================================  =============================
+
+``scaled`` needs no eigenvectors: its default route forms ``P = (K + δI)^{-1}`` from a Cholesky
+factor (``torch.cholesky_inverse``), as cheap as mode ``sds``'s maps; ``route='eigh'`` keeps the
+spectral form.
 
 (``lora`` is the identity and never reaches this module.)  ``lorsum`` (:func:`lorsum_sweeps`) and
 ``svd_oracle`` (:func:`svd_refactor`) need the full gradient applied to new vectors, which the
 layers' recorded inputs provide (:mod:`sdsopt.capture`).
 
-The singular-value channel (2.3)–(2.4) splits a rewritten gradient ``G`` of a row-form factor
+The singular-value channel (2.8) splits a rewritten gradient ``G`` of a row-form factor
 ``X = U Σ Vᵀ`` (``U`` from the eigendecomposition of ``K = X Xᵀ``, ``V = Xᵀ U Σ⁺``):
 
-    (2.3)  gσ = diag(Uᵀ G V) = diag(Uᵀ G Xᵀ U) ⊙ σ⁺           basis = G − U diag(gσ ⊙ σ⁺) Uᵀ X
-    (2.4)  correction = −U diag(Δσ) Vᵀ = U diag(δ ⊙ σ⁺) Uᵀ X   with δ = −Δσ the Adam step on σ
+    (2.8)  gσ = diag(Uᵀ G V) = diag(Uᵀ G Xᵀ U) ⊙ σ⁺           basis = G − U diag(gσ ⊙ σ⁺) Uᵀ X
+    (2.8') correction = −U diag(Δσ) Vᵀ = U diag(δ ⊙ σ⁺) Uᵀ X   with δ = −Δσ the Adam step on σ
 
 The Adam statistics of ``gσ`` belong to the optimizer; this module only provides the maps.
 """
@@ -39,6 +46,7 @@ from torch import Tensor
 from .linalg import (
     Spectrum,
     algebra_precision,
+    cholesky_lower,
     finite_or_zero,
     gram,
     inv_sqrt,
@@ -46,10 +54,12 @@ from .linalg import (
     spectral_matrix,
     spectrum,
 )
+from .coordinates import to_coordinates
 from .pairing import a_rows, b_matrix, b_rows
 
 __all__ = [
     "MODES",
+    "MODE_ROUTES",
     "ROUTES",
     "lorsum_sweeps",
     "preconditioner",
@@ -61,21 +71,26 @@ __all__ = [
     "svd_refactor",
 ]
 
-MODES = ("lora", "sds", "scaled", "lorsum", "svd_oracle")
-SPECTRAL_MODES = ("sds", "scaled")  # modes that are one spectral function of the other factor's Gram
-ROUTES = ("auto", "eigh", "newton_schulz")
+MODES = ("lora", "sds", "sds_polar", "scaled", "lorsum", "svd_oracle")
+SPECTRAL_MODES = ("sds_polar", "scaled")  # modes that are one spectral function of the other factor's Gram
+ROUTES = ("auto", "cholesky", "eigh", "newton_schulz")
+MODE_ROUTES = {"sds": ("cholesky",), "sds_polar": ("eigh", "newton_schulz"), "scaled": ("cholesky", "eigh")}
+"""The routes each mode can take (``'auto'`` resolves to one of them, :func:`resolve_route`)."""
 
 
-def resolve_route(route: str, device: torch.device) -> str:
-    """``'auto'`` → ``'newton_schulz'`` on CUDA (batched eigh is slow there for r ≥ 32 and syncs), else ``'eigh'``."""
-    if route == "auto":
+def resolve_route(route: str, device: torch.device, mode: str = "sds_polar") -> str:
+    """The r×r route of ``mode``: ``'auto'`` → ``'cholesky'`` for ``sds`` and ``scaled``; for ``sds_polar``
+    ``'newton_schulz'`` on CUDA (batched eigh is slow there for r ≥ 32 and syncs), else ``'eigh'``."""
+    if route != "auto":
+        return route
+    if mode == "sds_polar":
         return "newton_schulz" if device.type == "cuda" else "eigh"
-    return route
+    return "cholesky"
 
 
 def spectral_function(spec: Spectrum, mode: str, damping: float) -> Tensor:
     """``[k, r]`` eigenvalues ``f(λ)`` of the preconditioner ``P(K)`` for ``mode`` (table above)."""
-    if mode == "sds":
+    if mode == "sds_polar":
         return inv_sqrt(spec)
     if mode == "scaled":
         return 1.0 / (spec.lam + damping)
@@ -95,11 +110,15 @@ def preconditioner(
 
     ``K_other`` must have passed :func:`sdsopt.linalg.finite_or_zero`.  ``route='eigh'`` builds ``P``
     from the eigendecomposition of the Gram (``spec_other`` may be passed to reuse one, which every
-    route then does); ``route='newton_schulz'`` (``sds`` only) uses the matmul-only iteration of
-    :func:`sdsopt.linalg.inv_sqrt_newton_schulz`.
+    route then does); ``route='newton_schulz'`` (``sds_polar``) uses the matmul-only iteration of
+    :func:`sdsopt.linalg.inv_sqrt_newton_schulz`; ``route='cholesky'`` (``scaled``) inverts the Cholesky
+    factor of ``K + (δ + τ·trace K)·I`` (the relative τ only guards float32 rounding, see
+    :func:`sdsopt.linalg.cholesky_lower`).
     """
-    if mode == "sds" and route == "newton_schulz" and spec_other is None:
+    if spec_other is None and route == "newton_schulz" and mode == "sds_polar":
         return inv_sqrt_newton_schulz(K_other, rank_tol)[0]
+    if spec_other is None and route == "cholesky" and mode == "scaled":
+        return torch.cholesky_inverse(cholesky_lower(K_other, rank_tol, shift=damping))
     spec = spec_other if spec_other is not None else spectrum(K_other, rank_tol)
     return spectral_matrix(spec, spectral_function(spec, mode, damping))
 
@@ -140,22 +159,32 @@ def rewrite_pair(
     damping: float = 1e-6,
     linalg_dtype: torch.dtype | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Rewrite one pair's gradients ``(gA, gB) → (g̃A, g̃B)`` as :class:`sdsopt.SDSAdamW` does (no Adam).
+    """The gradients ``(g̃A, g̃B)`` that Adam sees for one pair in ``mode`` (no Adam step).
 
-    A convenience for tests and analysis (e.g. property-based checks of the gradient rescaling).
-    Shapes are PEFT's: ``A (r, …)``, ``B (m, r, 1, …)``; results have the gradients' shapes and dtypes.
+    A convenience for tests and analysis (e.g. property-based checks of the gradient rescaling):
+    ``sds`` gives the coordinates' gradients (2.2) ``g̃A = R_B^{-T} gA = s·Q_Bᵀ G``,
+    ``g̃B = gB R_A^{-1} = s·G Q_A``; ``sds_polar`` and ``scaled`` their rewrites (R); ``lora`` the
+    gradients themselves.  Shapes are PEFT's: ``A (r, …)``, ``B (m, r, 1, …)``; results have the
+    gradients' shapes and dtypes.
     """
-    if mode not in MODES or route not in ROUTES:
-        raise ValueError(f"mode must be one of {MODES} and route one of {ROUTES}; got {mode!r}, {route!r}")
+    if mode not in ("lora", "sds", *SPECTRAL_MODES):
+        raise ValueError(f"rewrite_pair: mode must be one of {('lora', 'sds', *SPECTRAL_MODES)}, got {mode!r} "
+                         "(lorsum and svd_oracle need the layers' inputs: use SDSAdamW.attach).")
+    if route not in ROUTES:
+        raise ValueError(f"rewrite_pair: route must be one of {ROUTES}, got {route!r}")
     if mode == "lora":
         return gA, gB
-    route = resolve_route(route, A.device)
+    route = resolve_route(route, A.device, mode)
     dt, tol = algebra_precision(A.dtype, linalg_dtype, rank_tol, route)
-    kw = dict(mode=mode, route=route, rank_tol=tol, damping=damping)
-    P_B = preconditioner(finite_or_zero(gram(b_rows(B).to(dt)[None])), **kw)[0]
-    P_A = preconditioner(finite_or_zero(gram(a_rows(A).to(dt)[None])), **kw)[0]
-    new_a = P_B @ a_rows(gA).to(dt)
-    new_b = b_matrix(gB).to(dt) @ P_A
+    Ar, Bm = a_rows(A).to(dt)[None], b_matrix(B).to(dt)[None]
+    gAr, gBm = a_rows(gA).to(dt)[None], b_matrix(gB).to(dt)[None]
+    if mode == "sds":
+        new_a = to_coordinates(cholesky_lower(gram(b_rows(B).to(dt)[None]), tol), Ar, gAr, "A")[1][0]
+        new_b = to_coordinates(cholesky_lower(gram(Ar), tol), Bm, gBm, "B")[1][0]
+    else:
+        kw = dict(mode=mode, route=route, rank_tol=tol, damping=damping)
+        new_a = (preconditioner(finite_or_zero(gram(b_rows(B).to(dt)[None])), **kw) @ gAr)[0]
+        new_b = (gBm @ preconditioner(finite_or_zero(gram(Ar)), **kw))[0]
     return new_a.reshape(gA.shape).to(gA.dtype), new_b.reshape(gB.shape).to(gB.dtype)
 
 

@@ -140,7 +140,7 @@ def test_p7_unpaired_follow_adamw_bit_for_bit(fn, start, kw):
     xy_ref = nn.Parameter(torch.tensor(start))
     model = fresh(zero_b=False)
     x, y = make_data()
-    opt = SDSAdamW([("xy", xy), *model.named_parameters()], lr=1e-2, decouple_sigma=True, **kw)
+    opt = SDSAdamW([("xy", xy), *model.named_parameters()], lr=1e-2, mode="sds_polar", decouple_sigma=True, **kw)
     ref = torch.optim.AdamW([xy_ref], lr=1e-2, foreach=False, **kw)
     for _ in range(200):
         opt.zero_grad()
@@ -201,7 +201,7 @@ def test_first_step_matches_svd_closed_form(route):
     (torch.tanh(x @ W.T + layer.base.bias.detach()) ** 2).sum().backward()
     G = W.grad
     lr, eps, wd = 1e-3, 1e-8, 0.1
-    opt = SDSAdamW(layer.named_parameters(), lr=lr, eps=eps, weight_decay=wd, route=route)
+    opt = SDSAdamW(layer.named_parameters(), lr=lr, eps=eps, weight_decay=wd, mode="sds_polar", route=route)
     (torch.tanh(layer(x)) ** 2).sum().backward()
     opt.step()
     ref_a, ref_b = sds_reference(A0, B0, G, 1.5)
@@ -222,7 +222,7 @@ def test_sigma_channel_first_step_closed_form():
     W = (layer.base.weight.detach() + B0 @ A0).requires_grad_()
     (torch.sin(x @ W.T + layer.base.bias.detach())).sum().backward()
     lr, ratio, eps, wd = 1e-3, 0.5, 1e-8, 0.0
-    opt = SDSAdamW(layer.named_parameters(), lr=lr, eps=eps, weight_decay=wd, decouple_sigma=True, sigma_lr_ratio=ratio)
+    opt = SDSAdamW(layer.named_parameters(), lr=lr, eps=eps, weight_decay=wd, mode="sds_polar", decouple_sigma=True, sigma_lr_ratio=ratio)
     torch.sin(layer(x)).sum().backward()
     opt.step()
     ref_a, ref_b = sds_reference(A0, B0, W.grad, 1.0)
@@ -245,7 +245,7 @@ def test_directional_derivative_by_finite_differences():
     A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
     from sdsopt import rewrite_pair
 
-    new_a, new_b = rewrite_pair(A.detach(), B.detach(), A.grad, B.grad)
+    new_a, new_b = rewrite_pair(A.detach(), B.detach(), A.grad, B.grad, mode="sds_polar")
     predicted = -((A.grad * new_a).sum() + (B.grad * new_b).sum()).item()
     h = 1e-6
     with torch.no_grad():
@@ -337,9 +337,14 @@ def assert_resume_is_bit_exact(make_opt, before=4, after=4):
     return losses
 
 
-@pytest.mark.parametrize("kw", [dict(), dict(decouple_sigma=True), dict(decouple_sigma=True, amsgrad=True),
-                                dict(route="newton_schulz"), dict(mode="scaled"), dict(fused=True)])
+@pytest.mark.parametrize("kw", [
+    dict(warmup_steps=2), dict(warmup_steps=4), dict(warmup_steps=6), dict(warmup_steps=3, amsgrad=True),
+    dict(warmup_steps=3, fused=True), dict(warmup_steps=0, resplit=False),
+    dict(mode="sds_polar", decouple_sigma=True), dict(mode="sds_polar", decouple_sigma=True, amsgrad=True),
+    dict(mode="sds_polar", route="newton_schulz"), dict(mode="scaled"), dict(mode="scaled", route="eigh"),
+])
 def test_checkpoint_resume_is_bit_exact(kw):
+    """Saved before, at (warmup_steps=4: the re-split step) and after the end of sds's warm-up, and in other modes."""
     assert_resume_is_bit_exact(lambda m: SDSAdamW(m.named_parameters(), lr=1e-2, **kw))
 
 
@@ -365,7 +370,7 @@ def test_lookahead_trains_and_resumes_bit_exactly():
 # ----------------------------------------------------------------------------- precision and non-finite input
 def test_bf16_params_train_with_fp32_algebra():
     model = fresh(dtype=torch.bfloat16)
-    opt = SDSAdamW(model.named_parameters(), lr=1e-2, decouple_sigma=True)
+    opt = SDSAdamW(model.named_parameters(), lr=1e-2, mode="sds_polar", decouple_sigma=True)
     losses = train(model, opt, steps=30, dtype=torch.bfloat16)
     assert losses[-1] < losses[0]
     for p in model.parameters():
@@ -376,7 +381,7 @@ def test_bf16_params_train_with_fp32_algebra():
 def test_non_finite_gradients_propagate_like_adamw():
     """Documented: nothing raises, no step is skipped; a NaN in row i of gB reaches row i of B only."""
     model = fresh(zero_b=False)
-    opt = SDSAdamW(model.named_parameters(), lr=1e-2)
+    opt = SDSAdamW(model.named_parameters(), lr=1e-2, warmup_steps=0)
     x, y = make_data()
     ((model(x) - y) ** 2).mean().backward()
     B = model.l1.lora_B["default"].weight

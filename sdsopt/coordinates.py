@@ -1,0 +1,91 @@
+"""Mode ``sds``: the LoRA factors in the coordinates of their partner's orthonormal basis (MATH.md §2).
+
+Pure functions on batches of ``k`` pairs of equal shapes, in natural layout: ``A`` ``[k, r, n]``,
+``B`` ``[k, m, r]``.  With the Cholesky factors of the Grams (:func:`sdsopt.linalg.cholesky_lower`)
+
+    (2.1)  K_B = Bᵀ B = R_Bᵀ R_B = L_B L_Bᵀ        K_A = A Aᵀ = R_Aᵀ R_A = L_A L_Aᵀ     (R = Lᵀ)
+
+the thin QRs are ``B = Q_B R_B`` and ``Aᵀ = Q_A R_A`` (``Q`` never formed), and the coordinates
+of each factor in its partner's basis, with their gradients (bases held constant), are
+
+    (2.2)  Ã = R_B A          g̃A = R_B^{-T} gA = s·Q_Bᵀ G          A = R_B^{-1} Ã
+           B̃ = B R_Aᵀ         g̃B = gB R_A^{-1} = s·G Q_A           B = B̃ R_A^{-T}
+
+so ``Q_B Ã = B̃ Q_Aᵀ = B A``.  Each map is one triangular product or solve per factor.  Adam runs on
+``(Ã, g̃A)`` and ``(B̃, g̃B)``; the change it makes is mapped back with :func:`to_factors`.
+
+The re-split (2.4) at the end of the warm-up, from the r×r core ``C = R_B R_Aᵀ = U Σ Vᵀ``:
+
+    B ← Q_B U D_B = B · (R_B^{-1} U D_B)        A ← D_A Vᵀ Q_Aᵀ = (D_A Vᵀ R_A^{-T}) · A,     D_B D_A = Σ
+
+so ``B' A' = B A`` exactly for any invertible ``R`` (so also for the shifted ones of (2.5)), and
+under FSDP2 the maps are r×r matrices applied to local shards.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .linalg import cholesky_lower, finite_or_zero
+
+__all__ = ["to_coordinates", "to_factors", "resplit_maps", "RESPLIT_FLOOR"]
+
+RESPLIT_FLOOR = 1e-3
+"""Relative floor of the re-split: ``D_A = diag(√max(σ, floor·σ_max))``, ``D_B = Σ D_A^{-1}``."""
+
+
+def _solve(L: Tensor, X: Tensor, *, transpose: bool, left: bool) -> Tensor:
+    """``L^{-1} X`` / ``L^{-T} X`` (``left``) or ``X L^{-1}`` / ``X L^{-T}`` for lower-triangular ``L``."""
+    if transpose:
+        return torch.linalg.solve_triangular(L.mT, X, upper=True, left=left)
+    return torch.linalg.solve_triangular(L, X, upper=False, left=left)
+
+
+def to_coordinates(L_other: Tensor, X: Tensor, g: Tensor, side: str) -> tuple[Tensor, Tensor]:
+    """(2.2): the coordinates of factor ``X`` and their gradient, ``(X̃, g̃)``.
+
+    ``side='A'``: ``L_other = L_B``, ``Ã = L_Bᵀ A`` and ``g̃A = L_B^{-1} gA``.
+    ``side='B'``: ``L_other = L_A``, ``B̃ = B L_A`` and ``g̃B = gB L_A^{-T}``.
+    """
+    if side == "A":
+        return L_other.mT @ X, _solve(L_other, g, transpose=False, left=True)
+    return X @ L_other, _solve(L_other, g, transpose=True, left=False)
+
+
+def to_factors(L_other: Tensor, delta: Tensor, side: str) -> Tensor:
+    """(2.2) backwards: the change of factor ``X`` for a change ``delta`` of its coordinates.
+
+    ``side='A'``: ``ΔA = R_B^{-1} ΔÃ = L_B^{-T} ΔÃ``;  ``side='B'``: ``ΔB = ΔB̃ R_A^{-T} = ΔB̃ L_A^{-1}``.
+    """
+    if side == "A":
+        return _solve(L_other, delta, transpose=True, left=True)
+    return _solve(L_other, delta, transpose=False, left=False)
+
+
+def resplit_maps(K_A: Tensor, K_B: Tensor, rank_tol: float, floor: float = RESPLIT_FLOOR) -> tuple[Tensor, Tensor]:
+    """(2.4): r×r maps ``(M_A, M_B)`` with ``A' = M_A A``, ``B' = B M_B`` and ``B' A' = B A``.
+
+    ``K_A``, ``K_B``: the pairs' Grams ``[k, r, r]`` (summed over shards under FSDP2), factored by
+    :func:`sdsopt.linalg.cholesky_lower` with relative shift ``rank_tol``.
+
+    ``M_B = R_B^{-1} U D_B`` and ``M_A = D_A Vᵀ R_A^{-T}`` from the SVD of the core ``R_B R_Aᵀ``.
+    Directions with ``σ ≥ floor·σ_max`` are balanced (``D_A = D_B = Σ^{1/2}``); weaker ones keep
+    ``A``'s part at ``√(floor·σ_max)`` and ``B``'s at ``σ/√(floor·σ_max)`` (``B``'s column is zero
+    where ``σ = 0``, as at LoRA's start), so no direction of both factors collapses to zero and
+    the pair stays trainable.  A pair with a zero core (``B A = 0``: a layer that received no
+    gradient in the warm-up) is left as it is (identity maps).
+    """
+    L_A, L_B = cholesky_lower(K_A, rank_tol), cholesky_lower(K_B, rank_tol)
+    U, S, Vh = torch.linalg.svd(L_B.mT @ L_A)
+    tiny = torch.finfo(S.dtype).tiny
+    zero = (finite_or_zero(K_A).diagonal(dim1=-2, dim2=-1).sum(-1) <= tiny) | (
+        finite_or_zero(K_B).diagonal(dim1=-2, dim2=-1).sum(-1) <= tiny)
+    top = S[..., :1]
+    d_a = torch.maximum(S, floor * top).clamp_min(tiny).sqrt()
+    d_b = S / d_a
+    M_B = _solve(L_B, U * d_b[..., None, :], transpose=True, left=True)
+    M_A = _solve(L_A, d_a[..., :, None] * Vh, transpose=False, left=False)
+    eye = torch.eye(S.shape[-1], dtype=S.dtype, device=S.device)
+    empty = zero[..., None, None] | (top <= tiny)[..., None]
+    return torch.where(empty, eye, M_A), torch.where(empty, eye, M_B)
