@@ -56,11 +56,12 @@ def lora_params(shape: str, r: int, dtype: torch.dtype, device: torch.device, se
 def variants(device: torch.device, modes: list[str], routes: list[str]):
     out = {"AdamW foreach": lambda named: torch.optim.AdamW([p for _, p in named], lr=1e-4, foreach=True),
            "AdamW fused": lambda named: torch.optim.AdamW([p for _, p in named], lr=1e-4, fused=True)}
-    for mode in modes:
-        for route in routes if mode == "sds" else ["eigh"]:
-            label = f"SDSAdamW {mode}" + (f" {route}" if mode == "sds" else "")
-            out[label] = (lambda mode, route: lambda named: SDSAdamW(
-                named, lr=1e-4, mode=mode, route=route, fused=True))(mode, route)
+    for mode in modes:  # sds measured in its coordinate phase (warmup_steps=0); its route is Cholesky
+        for route in routes if mode == "sds_polar" else ["auto"]:
+            label = f"SDSAdamW {mode}" + (f" {route}" if mode == "sds_polar" else "")
+            extra = {"warmup_steps": 0} if mode == "sds" else {}
+            out[label] = (lambda mode, route, extra: lambda named: SDSAdamW(
+                named, lr=1e-4, mode=mode, route=route, fused=True, **extra))(mode, route, extra)
     return out
 
 
@@ -121,8 +122,8 @@ def main(argv=None):
     ap.add_argument("--shape", choices=SHAPES, default=None)
     ap.add_argument("--ranks", type=int, nargs="+", default=None)
     ap.add_argument("--dtypes", nargs="+", choices=DTYPES, default=["fp32", "bf16"])
-    ap.add_argument("--modes", nargs="+", default=["sds", "scaled"])
-    ap.add_argument("--routes", nargs="+", default=["eigh", "newton_schulz"])
+    ap.add_argument("--modes", nargs="+", default=["sds", "scaled", "sds_polar"])
+    ap.add_argument("--routes", nargs="+", default=["newton_schulz"], help="routes of sds_polar")
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--check", action="store_true", help="check the device step against float64 CPU")

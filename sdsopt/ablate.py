@@ -6,8 +6,10 @@
 
 For each seed the task builds one pre-trained base and one LoRA initialisation; every (mode, lr) run
 starts from a copy of them and sees the same batches in the same order, so an A/B changes exactly
-the optimizer's rewrite.  Modes are :data:`sdsopt.MODES` plus ``sds_sigma`` (``sds`` with the
-singular-value channel) and ``full`` (full fine-tuning with AdamW, the reference).
+the optimizer's rewrite.  Modes are :data:`sdsopt.MODES` plus ``sds_sigma`` (``sds_polar`` with the
+singular-value channel), ``sds_undamped`` (``sds`` with ``step_damping=0``), ``sds_layer`` (the paper's
+re-parameterised layer, :class:`sdsopt.reference.PaperSDSLayers`, with AdamW) and ``full`` (full
+fine-tuning with AdamW, the reference).
 
 Writes to ``--out``: ``curves.csv`` (train loss per step), ``metrics.csv`` (MATH §5 metrics every
 ``--metrics-every`` steps, averaged over the model's pairs), ``summary.json``, and the plots
@@ -33,10 +35,12 @@ from torch import nn
 
 from .metrics import pair_metrics
 from .optim import SDSAdamW
+from .reference import PaperSDSLayers
 
 __all__ = ["ABLATION_MODES", "main", "make_task", "run_grid"]
 
-ABLATION_MODES = ("full", "lora", "sds", "sds_polar", "sds_sigma", "scaled", "lorsum", "svd_oracle")
+ABLATION_MODES = ("full", "lora", "sds", "sds_undamped", "sds_polar", "sds_sigma", "scaled", "sds_layer", "lorsum",
+                  "svd_oracle")
 DEFAULT_LRS = {"linear": [1e-3, 3e-3, 1e-2, 3e-2], "digits": [3e-4, 1e-3, 3e-3, 1e-2], "textlm": [1e-3, 3e-3, 1e-2, 3e-2]}
 DEFAULT_STEPS = {"linear": 300, "digits": 300, "textlm": 300}
 
@@ -62,10 +66,11 @@ def make_task(name: str, args: argparse.Namespace):
 
 def make_optimizer(mode: str, model: nn.Module, lr: float, betas: tuple[float, float], weight_decay: float):
     """The optimizer of one run: AdamW for ``full``, else SDSAdamW in ``mode`` (same Adam everywhere)."""
-    if mode == "full":
+    if mode in ("full", "sds_layer"):  # sds_layer: AdamW on the paper's layer (PaperSDSLayers in run_one)
         return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, betas=betas,
                                  weight_decay=weight_decay, foreach=False)
-    kw: dict[str, Any] = dict(mode="sds_polar", decouple_sigma=True) if mode == "sds_sigma" else dict(mode=mode)
+    kw: dict[str, Any] = {"sds_sigma": dict(mode="sds_polar", decouple_sigma=True),
+                          "sds_undamped": dict(mode="sds", step_damping=0.0)}.get(mode, dict(mode=mode))
     opt = SDSAdamW([(n, p) for n, p in model.named_parameters() if p.requires_grad], lr=lr, betas=betas,
                    weight_decay=weight_decay, **kw)
     return opt
@@ -98,7 +103,8 @@ def run_one(task, mode: str, lr: float, seed: int, args: argparse.Namespace, pro
     betas = (args.beta1, 0.999)
     opt = make_optimizer(mode, model, lr, betas, args.weight_decay)
     recorder = None
-    if mode != "full" and (mode in ("lorsum", "svd_oracle") or args.metrics_every):
+    layers = PaperSDSLayers(model, total_steps=args.steps) if mode == "sds_layer" else None
+    if mode not in ("full", "sds_layer") and (mode in ("lorsum", "svd_oracle") or args.metrics_every):
         opt.attach(model)
         recorder = MetricsRecorder(opt) if args.metrics_every else None
     batches = task.batches(seed)
@@ -113,6 +119,8 @@ def run_one(task, mode: str, lr: float, seed: int, args: argparse.Namespace, pro
         if record:
             recorder.before()
         opt.step()
+        if layers is not None:
+            layers.after_step(opt)
         if record:
             metrics.append({"step": step, **recorder.after()})
         value = float(loss.detach())

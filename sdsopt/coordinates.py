@@ -12,7 +12,8 @@ of each factor in its partner's basis, with their gradients (bases held constant
            B̃ = B R_Aᵀ         g̃B = gB R_A^{-1} = s·G Q_A           B = B̃ R_A^{-T}
 
 so ``Q_B Ã = B̃ Q_Aᵀ = B A``.  Each map is one triangular product or solve per factor.  Adam runs on
-``(Ã, g̃A)`` and ``(B̃, g̃B)``; the change it makes is mapped back with :func:`to_factors`.
+``(Ã, g̃A)`` and ``(B̃, g̃B)``; the change it makes is mapped back with :func:`to_factors` by the r×r
+matrix of :func:`factor_map` (``R^{-1}`` with the rank filter of (2.5)), one batched matmul.
 
 The re-split (2.4) at the end of the warm-up, from the r×r core ``C = R_B R_Aᵀ = U Σ Vᵀ``:
 
@@ -29,7 +30,7 @@ from torch import Tensor
 
 from .linalg import cholesky_lower, finite_or_zero
 
-__all__ = ["to_coordinates", "to_factors", "resplit_maps", "RESPLIT_FLOOR"]
+__all__ = ["RESPLIT_FLOOR", "balance_scales", "factor_map", "resplit_maps", "to_coordinates", "to_factors"]
 
 RESPLIT_FLOOR = 1e-3
 """Relative floor of the re-split: ``D_A = diag(√max(σ, floor·σ_max))``, ``D_B = Σ D_A^{-1}``."""
@@ -53,14 +54,35 @@ def to_coordinates(L_other: Tensor, X: Tensor, g: Tensor, side: str) -> tuple[Te
     return X @ L_other, _solve(L_other, g, transpose=True, left=False)
 
 
-def to_factors(L_other: Tensor, delta: Tensor, side: str) -> Tensor:
+def factor_map(K_other: Tensor, L_other: Tensor, step_shift: float = 0.0) -> Tensor:
+    """The r×r map back from coordinates, ``M = (K + μ_s I)(K + μI)^{-1} R^{-1}`` (``R = L_otherᵀ``, ``L Lᵀ = K + μI``,
+    ``μ = τ·trace K + μ_s``, ``μ_s`` the step damping).
+
+    On a well-conditioned factor ``M = R^{-1}(1 + O(μ/λ_min))``, the exact inverse map of (2.2).
+    The filter ``K (K + μI)^{-1}`` is (2.5) for the map back: a Cholesky frame is ``R = O·(K+μI)^{1/2}``
+    for some rotation ``O``, which mixes the partner's null directions into every coordinate, so
+    Adam's per-coordinate step has components there that ``R^{-1}`` would amplify by ``μ^{-1/2}``
+    (the factor would jump by ~1e3–1e6 in directions that do not change ``BA``: ``r > min(m, n)``,
+    a collapsed column).  The filter removes them; its gain ``λ (λ+μ)^{-3/2}`` is at most
+    ``0.39 μ^{-1/2}``, no more than that of a genuine singular value of size ``√(2μ)``.  With a step
+    damping ``μ_s ≫ τ·trace K`` the null directions are not filtered but damped: gain ``≈ μ_s^{-1/2}``.
+    ``K = 0`` (the ``R = I`` fallback) gives ``M = I``: a plain AdamW step.
+    """
+    eye = torch.eye(K_other.shape[-1], dtype=K_other.dtype, device=K_other.device)
+    L_inv = torch.linalg.solve_triangular(L_other, eye.expand_as(L_other), upper=False)
+    K = finite_or_zero(K_other)
+    M = (K + step_shift * eye) @ (L_inv.mT @ L_inv) @ L_inv.mT
+    empty = K.diagonal(dim1=-2, dim2=-1).sum(-1)[..., None, None] <= torch.finfo(K.dtype).tiny
+    return torch.where(empty, eye, M)
+
+
+def to_factors(M_other: Tensor, delta: Tensor, side: str) -> Tensor:
     """(2.2) backwards: the change of factor ``X`` for a change ``delta`` of its coordinates.
 
-    ``side='A'``: ``ΔA = R_B^{-1} ΔÃ = L_B^{-T} ΔÃ``;  ``side='B'``: ``ΔB = ΔB̃ R_A^{-T} = ΔB̃ L_A^{-1}``.
+    ``side='A'``: ``ΔA = M_B ΔÃ`` (≈ ``R_B^{-1} ΔÃ``);  ``side='B'``: ``ΔB = ΔB̃ M_Aᵀ`` (≈ ``ΔB̃ R_A^{-T}``),
+    with ``M`` from :func:`factor_map`.
     """
-    if side == "A":
-        return _solve(L_other, delta, transpose=True, left=True)
-    return _solve(L_other, delta, transpose=False, left=False)
+    return M_other @ delta if side == "A" else delta @ M_other.mT
 
 
 def resplit_maps(K_A: Tensor, K_B: Tensor, rank_tol: float, floor: float = RESPLIT_FLOOR) -> tuple[Tensor, Tensor]:
@@ -89,3 +111,18 @@ def resplit_maps(K_A: Tensor, K_B: Tensor, rank_tol: float, floor: float = RESPL
     eye = torch.eye(S.shape[-1], dtype=S.dtype, device=S.device)
     empty = zero[..., None, None] | (top <= tiny)[..., None]
     return torch.where(empty, eye, M_A), torch.where(empty, eye, M_B)
+
+
+def balance_scales(K_A: Tensor, K_B: Tensor) -> tuple[Tensor, Tensor]:
+    """``(c, 1/c)`` as ``[k, 1, 1]`` with ``c = (trace K_B / trace K_A)^{1/4} = (‖B‖_F/‖A‖_F)^{1/2}``.
+
+    ``(cA, B/c)`` has equal factor norms and the same ``BA``, coordinates (2.2), coordinate
+    gradients and Adam state (all invariant under the scaling, MATH P1).  ``1`` where either
+    factor is zero or non-finite.
+    """
+    t_a = finite_or_zero(K_A).diagonal(dim1=-2, dim2=-1).sum(-1)[..., None, None]
+    t_b = finite_or_zero(K_B).diagonal(dim1=-2, dim2=-1).sum(-1)[..., None, None]
+    tiny = torch.finfo(K_A.dtype).tiny
+    ok = (t_a > tiny) & (t_b > tiny)
+    c = torch.where(ok, (t_b / torch.where(ok, t_a, 1.0)).pow(0.25), 1.0)
+    return c, 1.0 / c

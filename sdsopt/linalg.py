@@ -78,7 +78,7 @@ def gram(X: Tensor) -> Tensor:
     return X @ X.transpose(-2, -1)
 
 
-def cholesky_lower(K: Tensor, rank_tol: float, shift: float = 0.0) -> Tensor:
+def cholesky_lower(K: Tensor, rank_tol: float, shift: float = 0.0, empty_identity: bool = True) -> Tensor:
     """Lower-triangular ``L`` with ``L Lᵀ = K + (τ·trace K + shift)·I`` for Grams ``K`` ``[k, r, r]`` (MATH 2.1, 2.5).
 
     ``R = Lᵀ`` is the upper-triangular factor of the sign-fixed thin QR of the factor (``X = Q R``
@@ -96,7 +96,8 @@ def cholesky_lower(K: Tensor, rank_tol: float, shift: float = 0.0) -> Tensor:
     * the factorisation still fails (float32 rounding on a badly rank-deficient Gram with large r):
       ``L = √(trace K / r)·I``, an isotropic coordinate system of the factor's scale.
 
-    ``shift`` is an absolute addition (mode ``scaled``'s damping δ).
+    ``shift`` is an absolute addition (mode ``scaled``'s damping δ, mode ``sds``'s step damping);
+    ``empty_identity=False`` factors ``K = 0`` as ``√shift·I`` instead of the identity (``scaled``).
     """
     r = K.shape[-1]
     eye = torch.eye(r, dtype=K.dtype, device=K.device)
@@ -104,7 +105,7 @@ def cholesky_lower(K: Tensor, rank_tol: float, shift: float = 0.0) -> Tensor:
     t = K.diagonal(dim1=-2, dim2=-1).sum(-1)[..., None, None]
     L, info = torch.linalg.cholesky_ex(K + (rank_tol * t + shift) * eye)
     empty = t <= torch.finfo(K.dtype).tiny
-    if shift > 0.0:
+    if not empty_identity:
         empty = torch.zeros_like(empty)  # K + δI is positive definite even for K = 0
     failed = (info != 0)[..., None, None] | ~L.isfinite().all(dim=(-2, -1), keepdim=True)
     fallback = torch.where(empty, eye, ((t + shift) / r).clamp_min(torch.finfo(K.dtype).tiny).sqrt() * eye)

@@ -118,7 +118,7 @@ def preconditioner(
     if spec_other is None and route == "newton_schulz" and mode == "sds_polar":
         return inv_sqrt_newton_schulz(K_other, rank_tol)[0]
     if spec_other is None and route == "cholesky" and mode == "scaled":
-        return torch.cholesky_inverse(cholesky_lower(K_other, rank_tol, shift=damping))
+        return torch.cholesky_inverse(cholesky_lower(K_other, rank_tol, shift=damping, empty_identity=False))
     spec = spec_other if spec_other is not None else spectrum(K_other, rank_tol)
     return spectral_matrix(spec, spectral_function(spec, mode, damping))
 

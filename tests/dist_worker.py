@@ -35,9 +35,10 @@ BATCH = 8  # global batch; each of 2 ranks gets 4 rows
 
 # (label, SDSAdamW options): every mode that runs on shards, and both r×r routes
 CASES: list[tuple[str, dict[str, Any]]] = [
-    ("sds", {}),
-    ("sds_sigma", {"decouple_sigma": True}),
-    ("sds_newton_schulz", {"route": "newton_schulz"}),
+    ("sds", {"warmup_steps": 0}),  # coordinates from step one
+    ("sds_sigma", {"mode": "sds_polar", "decouple_sigma": True}),
+    ("sds_warmup", {"warmup_steps": 2}),  # two AdamW steps, the re-split, then coordinates
+    ("sds_polar_newton_schulz", {"mode": "sds_polar", "route": "newton_schulz"}),
     ("scaled", {"mode": "scaled", "damping": 1e-3}),
     ("lorsum_1", {"mode": "lorsum", "lorsum_sweeps": 1, "damping": 1e-3}),
     ("lora", {"mode": "lora"}),
@@ -145,7 +146,7 @@ def run_hsdp(world: int, rank: int) -> dict[str, Any]:
     results: dict[str, Any] = {"collectives": {}}
     for shape in ((1, world), (world, 1)):
         mesh = init_device_mesh(_device().type, shape, mesh_dim_names=("replicate", "shard"))
-        for label, options in CASES[:2]:  # sds, and sds with the singular-value channel
+        for label, options in CASES[:2]:  # sds, and sds_polar with the singular-value channel
             model = shard(build_model(), mesh)
             opt = SDSAdamW(model.named_parameters(), lr=LR, **options)
             logs: list[list[tuple[str, int]]] = []
