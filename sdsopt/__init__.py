@@ -9,4 +9,4 @@ from .pairing import PEFT_PATTERN, LoraPair, peft_pairing, regex_pairing
 from .rewrite import MODES, rewrite_pair
 
 __all__ = ["MODES", "PEFT_PATTERN", "LoraPair", "SDSAdamW", "peft_pairing", "regex_pairing", "rewrite_pair"]
-__version__ = "0.1.0"
+__version__ = "0.2.0"

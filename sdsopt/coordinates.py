@@ -30,7 +30,7 @@ from torch import Tensor
 
 from .linalg import cholesky_lower, finite_or_zero
 
-__all__ = ["RESPLIT_FLOOR", "balance_scales", "factor_map", "resplit_maps", "to_coordinates", "to_factors"]
+__all__ = ["RESPLIT_FLOOR", "balance_scales", "factor_map", "lower_inverse", "resplit_maps", "to_coordinates", "to_factors"]
 
 RESPLIT_FLOOR = 1e-3
 """Relative floor of the re-split: ``D_A = diag(√max(σ, floor·σ_max))``, ``D_B = Σ D_A^{-1}``."""
@@ -43,20 +43,31 @@ def _solve(L: Tensor, X: Tensor, *, transpose: bool, left: bool) -> Tensor:
     return torch.linalg.solve_triangular(L, X, upper=False, left=left)
 
 
-def to_coordinates(L_other: Tensor, X: Tensor, g: Tensor, side: str) -> tuple[Tensor, Tensor]:
+def to_coordinates(L_other: Tensor, X: Tensor, g: Tensor, side: str, L_inv: Tensor | None = None
+                   ) -> tuple[Tensor, Tensor]:
     """(2.2): the coordinates of factor ``X`` and their gradient, ``(X̃, g̃)``.
 
     ``side='A'``: ``L_other = L_B``, ``Ã = L_Bᵀ A`` and ``g̃A = L_B^{-1} gA``.
     ``side='B'``: ``L_other = L_A``, ``B̃ = B L_A`` and ``g̃B = gB L_A^{-T}``.
+    ``L_inv`` (the r×r inverse of ``L_other``, as :func:`factor_map` forms it) turns the triangular
+    solves into batched matmuls, which are much faster on GPUs for many small r×r blocks.
     """
+    if L_inv is not None:
+        return (L_other.mT @ X, L_inv @ g) if side == "A" else (X @ L_other, g @ L_inv.mT)
     if side == "A":
         return L_other.mT @ X, _solve(L_other, g, transpose=False, left=True)
     return X @ L_other, _solve(L_other, g, transpose=True, left=False)
 
 
-def factor_map(K_other: Tensor, L_other: Tensor, step_shift: float = 0.0) -> Tensor:
-    """The r×r map back from coordinates, ``M = (K + μ_s I)(K + μI)^{-1} R^{-1}`` (``R = L_otherᵀ``, ``L Lᵀ = K + μI``,
-    ``μ = τ·trace K + μ_s``, ``μ_s`` the step damping).
+def lower_inverse(L: Tensor) -> Tensor:
+    """``L^{-1}`` of a batch of lower-triangular r×r factors (one batched triangular solve)."""
+    eye = torch.eye(L.shape[-1], dtype=L.dtype, device=L.device)
+    return torch.linalg.solve_triangular(L, eye.expand_as(L), upper=False)
+
+
+def factor_map(K_other: Tensor, L_inv: Tensor, step_shift: float = 0.0) -> Tensor:
+    """The r×r map back from coordinates, ``M = (K + μ_s I)(K + μI)^{-1} R^{-1}`` (``R = Lᵀ``, ``L Lᵀ = K + μI``,
+    ``μ = τ·trace K + μ_s``, ``μ_s`` the step damping), from ``L_inv = L^{-1}`` (:func:`lower_inverse`).
 
     On a well-conditioned factor ``M = R^{-1}(1 + O(μ/λ_min))``, the exact inverse map of (2.2).
     The filter ``K (K + μI)^{-1}`` is (2.5) for the map back: a Cholesky frame is ``R = O·(K+μI)^{1/2}``
@@ -69,7 +80,6 @@ def factor_map(K_other: Tensor, L_other: Tensor, step_shift: float = 0.0) -> Ten
     ``K = 0`` (the ``R = I`` fallback) gives ``M = I``: a plain AdamW step.
     """
     eye = torch.eye(K_other.shape[-1], dtype=K_other.dtype, device=K_other.device)
-    L_inv = torch.linalg.solve_triangular(L_other, eye.expand_as(L_other), upper=False)
     K = finite_or_zero(K_other)
     M = (K + step_shift * eye) @ (L_inv.mT @ L_inv) @ L_inv.mT
     empty = K.diagonal(dim1=-2, dim2=-1).sum(-1)[..., None, None] <= torch.finfo(K.dtype).tiny

@@ -22,7 +22,7 @@ from torch.optim.adam import adam
 from torch.optim.optimizer import Optimizer
 
 from . import pairing as _pairing
-from .coordinates import balance_scales, factor_map, resplit_maps, to_coordinates, to_factors
+from .coordinates import balance_scales, factor_map, lower_inverse, resplit_maps, to_coordinates, to_factors
 from .linalg import algebra_precision, cholesky_lower, finite_or_zero, gram, spectrum
 from .pairing import LoraPair, PairingFn, a_rows, b_matrix, check_pair_shapes
 from .capture import LoraCapture
@@ -661,12 +661,13 @@ class SDSAdamW(Optimizer):
                 like = lists["params"][pos[0]]
                 G = torch.stack([lists["grads"][q] for q in pos]).to(dt).view(X.shape)
                 K, L = factors[j]
-                X_t, g_t = to_coordinates(L, X, G, side)
+                L_inv = lower_inverse(L)
+                X_t, g_t = to_coordinates(L, X, G, side, L_inv)
                 before = X_t.to(like.dtype)
                 adam_view = before.clone()
-                block = _CoordinateBlock(side=side, M=factor_map(K, L, shift), X=X, before=before, after=adam_view,
+                block = _CoordinateBlock(side=side, M=factor_map(K, L_inv, shift), X=X, before=before, after=adam_view,
                                          targets=[lists["params"][q] for q in pos], scale=scales.get(side))
-                g_t = g_t.to(like.dtype)
+                g_t = g_t.to(like.dtype).contiguous()  # (a right triangular solve may return column-major)
                 for k, q in enumerate(pos):
                     lists["params"][q] = adam_view[k].view(like.shape)
                     lists["grads"][q] = g_t[k].view(like.shape)

@@ -159,7 +159,7 @@ def test_p8_zero_b_start_in_coordinates(m, n, r, seed, dtype):
         x, y, steps=1)
     torch.testing.assert_close(factors(layer)[0], factors(ref)[0], rtol=1e-2 if dtype == torch.bfloat16 else 1e-6,
                                atol=0)
-    if r <= n and dtype != torch.bfloat16:
+    if 2 * r <= n and dtype != torch.bfloat16:  # a well-conditioned A: the τ shift is negligible
         step = (factors(layer)[1].double() @ A0.double()).norm().item()
         assert step == pytest.approx(lr * math.sqrt(m * r), rel=1e-3)
     opt = SDSAdamW(layer.named_parameters(), lr=lr, warmup_steps=0)
