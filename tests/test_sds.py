@@ -233,7 +233,7 @@ def test_p11_gradient_descent_limit_is_scaled_with_zero_damping(case, log_s):
     A, B, x, y = case
     s = 10**log_s
     alpha = s * A.shape[0]
-    eps, lr = 1e10, 1.0  # the step is lr/eps · g̃ = 1e-10 · g̃: |g| ≪ eps, and the δB·δA term ∝ step² is negligible
+    eps, lr = 1e10, 1.0  # step 1e-10·g̃: |g| ≪ eps, δB·δA ∝ step² negligible; rounding of W (~1) limits to ~1e-4
     layer = layer_with(A, B, alpha=alpha)
     W0 = product(layer)
     W = (layer.base.weight + W0).requires_grad_(True)
@@ -246,7 +246,7 @@ def test_p11_gradient_descent_limit_is_scaled_with_zero_damping(case, log_s):
         opt = SDSAdamW(lay.named_parameters(), lr=lr, eps=eps, betas=(0.0, 0.0), weight_decay=0.0, mode=mode, **kw)
         steps[mode] = run(lay, opt, x, y, 1)[0] - W0
     for mode, step in steps.items():
-        assert rel(step, expected) <= 1e-5, mode
+        assert rel(step, expected) <= 5e-4, mode
 
 
 # ----------------------------------------------------------------------------- extremes, dtypes
