@@ -206,7 +206,7 @@ def run_fsdp(world: int, rank: int) -> dict[str, Any]:
 
     # torch.distributed.checkpoint: save after 3 steps, resume in a fresh model/optimizer, compare
     ckpt = os.path.join(sys.argv[2], "dcp")
-    options = {"decouple_sigma": True}
+    options = {"mode": "sds_polar", "decouple_sigma": True}
     model = shard(build_model())
     opt = SDSAdamW(model.named_parameters(), lr=LR, **options)
     train(model, opt, range(3), rank, world)
