@@ -11,7 +11,7 @@ of each factor in its partner's basis, with their gradients (bases held constant
     (2.2)  Ã = R_B A          g̃A = R_B^{-T} gA = s·Q_Bᵀ G          A = R_B^{-1} Ã
            B̃ = B R_Aᵀ         g̃B = gB R_A^{-1} = s·G Q_A           B = B̃ R_A^{-T}
 
-so ``Q_B Ã = B̃ Q_Aᵀ = B A``.  Each map is one triangular product or solve per factor.  Adam runs on
+so ``Q_B Ã = B̃ Q_Aᵀ = B A``.  Each map is one r×r product per factor.  Adam runs on
 ``(Ã, g̃A)`` and ``(B̃, g̃B)``; the change it makes is mapped back with :func:`to_factors` by the r×r
 matrix of :func:`factor_map` (``R^{-1}`` with the rank filter of (2.5)), one batched matmul.
 
@@ -28,7 +28,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .linalg import cholesky_lower, finite_or_zero
+from .linalg import cholesky_lower, finite_or_zero, trace
 
 __all__ = ["RESPLIT_FLOOR", "balance_scales", "factor_map", "lower_inverse", "resplit_maps", "to_coordinates", "to_factors"]
 
@@ -43,20 +43,17 @@ def _solve(L: Tensor, X: Tensor, *, transpose: bool, left: bool) -> Tensor:
     return torch.linalg.solve_triangular(L, X, upper=False, left=left)
 
 
-def to_coordinates(L_other: Tensor, X: Tensor, g: Tensor, side: str, L_inv: Tensor | None = None
-                   ) -> tuple[Tensor, Tensor]:
-    """(2.2): the coordinates of factor ``X`` and their gradient, ``(X̃, g̃)``.
+def to_coordinates(L_other: Tensor, L_inv: Tensor, X: Tensor, g: Tensor, side: str) -> tuple[Tensor, Tensor]:
+    """(2.2): the coordinates of factor ``X`` and their gradient, ``(X̃, g̃)``, by batched matmuls.
 
     ``side='A'``: ``L_other = L_B``, ``Ã = L_Bᵀ A`` and ``g̃A = L_B^{-1} gA``.
     ``side='B'``: ``L_other = L_A``, ``B̃ = B L_A`` and ``g̃B = gB L_A^{-T}``.
-    ``L_inv`` (the r×r inverse of ``L_other``, as :func:`factor_map` forms it) turns the triangular
-    solves into batched matmuls, which are much faster on GPUs for many small r×r blocks.
+    ``L_inv = L_other^{-1}`` (:func:`lower_inverse`): one r×r inverse per factor, then plain bmm, which is
+    faster on GPUs than a triangular solve against every r×n block and is shared with :func:`factor_map`.
     """
-    if L_inv is not None:
-        return (L_other.mT @ X, L_inv @ g) if side == "A" else (X @ L_other, g @ L_inv.mT)
     if side == "A":
-        return L_other.mT @ X, _solve(L_other, g, transpose=False, left=True)
-    return X @ L_other, _solve(L_other, g, transpose=True, left=False)
+        return L_other.mT @ X, L_inv @ g
+    return X @ L_other, g @ L_inv.mT
 
 
 def lower_inverse(L: Tensor) -> Tensor:
@@ -82,7 +79,7 @@ def factor_map(K_other: Tensor, L_inv: Tensor, step_shift: float = 0.0) -> Tenso
     eye = torch.eye(K_other.shape[-1], dtype=K_other.dtype, device=K_other.device)
     K = finite_or_zero(K_other)
     M = (K + step_shift * eye) @ (L_inv.mT @ L_inv) @ L_inv.mT
-    empty = K.diagonal(dim1=-2, dim2=-1).sum(-1)[..., None, None] <= torch.finfo(K.dtype).tiny
+    empty = trace(K) <= torch.finfo(K.dtype).tiny
     return torch.where(empty, eye, M)
 
 
@@ -111,15 +108,14 @@ def resplit_maps(K_A: Tensor, K_B: Tensor, rank_tol: float, floor: float = RESPL
     L_A, L_B = cholesky_lower(K_A, rank_tol), cholesky_lower(K_B, rank_tol)
     U, S, Vh = torch.linalg.svd(L_B.mT @ L_A)
     tiny = torch.finfo(S.dtype).tiny
-    zero = (finite_or_zero(K_A).diagonal(dim1=-2, dim2=-1).sum(-1) <= tiny) | (
-        finite_or_zero(K_B).diagonal(dim1=-2, dim2=-1).sum(-1) <= tiny)
+    zero = (trace(finite_or_zero(K_A)) <= tiny) | (trace(finite_or_zero(K_B)) <= tiny)
     top = S[..., :1]
     d_a = torch.maximum(S, floor * top).clamp_min(tiny).sqrt()
     d_b = S / d_a
     M_B = _solve(L_B, U * d_b[..., None, :], transpose=True, left=True)
     M_A = _solve(L_A, d_a[..., :, None] * Vh, transpose=False, left=False)
     eye = torch.eye(S.shape[-1], dtype=S.dtype, device=S.device)
-    empty = zero[..., None, None] | (top <= tiny)[..., None]
+    empty = zero | (top <= tiny)[..., None]
     return torch.where(empty, eye, M_A), torch.where(empty, eye, M_B)
 
 
@@ -130,8 +126,7 @@ def balance_scales(K_A: Tensor, K_B: Tensor) -> tuple[Tensor, Tensor]:
     gradients and Adam state (all invariant under the scaling, MATH P1).  ``1`` where either
     factor is zero or non-finite.
     """
-    t_a = finite_or_zero(K_A).diagonal(dim1=-2, dim2=-1).sum(-1)[..., None, None]
-    t_b = finite_or_zero(K_B).diagonal(dim1=-2, dim2=-1).sum(-1)[..., None, None]
+    t_a, t_b = trace(finite_or_zero(K_A)), trace(finite_or_zero(K_B))
     tiny = torch.finfo(K_A.dtype).tiny
     ok = (t_a > tiny) & (t_b > tiny)
     c = torch.where(ok, (t_b / torch.where(ok, t_a, 1.0)).pow(0.25), 1.0)

@@ -44,6 +44,7 @@ __all__ = [
     "inv_sqrt_newton_schulz",
     "ns_iterations",
     "spectral_matrix",
+    "trace",
 ]
 
 DEFAULT_RANK_TOL: dict[tuple[str, torch.dtype], float] = {
@@ -78,6 +79,11 @@ def gram(X: Tensor) -> Tensor:
     return X @ X.transpose(-2, -1)
 
 
+def trace(K: Tensor) -> Tensor:
+    """``trace K`` of a batch of r×r matrices, shaped ``[..., 1, 1]`` to scale or mask them."""
+    return K.diagonal(dim1=-2, dim2=-1).sum(-1)[..., None, None]
+
+
 def cholesky_lower(K: Tensor, rank_tol: float, shift: float = 0.0, empty_identity: bool = True) -> Tensor:
     """Lower-triangular ``L`` with ``L Lᵀ = K + (τ·trace K + shift)·I`` for Grams ``K`` ``[k, r, r]`` (MATH 2.1, 2.5).
 
@@ -102,7 +108,7 @@ def cholesky_lower(K: Tensor, rank_tol: float, shift: float = 0.0, empty_identit
     r = K.shape[-1]
     eye = torch.eye(r, dtype=K.dtype, device=K.device)
     K = finite_or_zero(K)
-    t = K.diagonal(dim1=-2, dim2=-1).sum(-1)[..., None, None]
+    t = trace(K)
     L, info = torch.linalg.cholesky_ex(K + (rank_tol * t + shift) * eye)
     empty = t <= torch.finfo(K.dtype).tiny
     if not empty_identity:
@@ -222,7 +228,7 @@ def inv_sqrt_newton_schulz(K: Tensor, rank_tol: float, iters: int | None = None)
     """
     r = K.shape[-1]
     eye = torch.eye(r, dtype=K.dtype, device=K.device).expand_as(K)
-    t = K.diagonal(dim1=-2, dim2=-1).sum(-1)[:, None, None]
+    t = trace(K)
     negligible = t <= torch.finfo(K.dtype).tiny
     t = torch.where(negligible, torch.ones_like(t), t)
     delta = rank_tol

@@ -127,7 +127,7 @@ def _check_hyperparameters(group: dict[str, Any], where: str) -> None:
         (not (group["decouple_sigma"] and group["mode"] == "sds"),
          "decouple_sigma=True is not defined for mode='sds' (its singular values live in the r×r core "
          "R_B·R_Aᵀ and move through both coordinates); use mode='sds_polar' for the singular-value channel"),
-        (not (group["decouple_sigma"] and group["mode"] not in SPECTRAL_MODES + ("sds",)),
+        (not (group["decouple_sigma"] and group["mode"] not in SPECTRAL_MODES),
          f"decouple_sigma=True works with modes {SPECTRAL_MODES}, not mode={group['mode']!r}"),
         (isinstance(group["warmup_steps"], int) and not isinstance(group["warmup_steps"], bool)
          and group["warmup_steps"] >= 0, f"warmup_steps={group['warmup_steps']!r} must be an int >= 0"),
@@ -154,7 +154,7 @@ class SDSAdamW(Optimizer):
 
         g̃A = R_B^{-T}·gA = s·Q_Bᵀ·G        g̃B = gB·R_A^{-1} = s·G·Q_A
 
-    and maps the step back with two triangular solves (``A ← R_B^{-1}·Ã'``, ``B ← B̃'·R_Aᵀ^{-1}``).
+    and maps the step back with r×r products (``A ← R_B^{-1}·Ã'``, ``B ← B̃'·R_A^{-T}``).
     The full gradient ``G`` reaches the factors only through orthonormal bases, and the factors'
     singular values never multiply the weight-space step: to first order it is
     ``δW = −η·s·(Q_B·u_A + u_B·Q_Aᵀ)`` (``u`` the Adam directions), the step of the SDS-LoRA layer.
@@ -245,7 +245,9 @@ class SDSAdamW(Optimizer):
       product of the updated factors, whose cross term ``δB̃·(R_B R_Aᵀ)^{-1}·δÃ`` is of size
       ``η²/σ_min(BA)``.
     * ``sds``, LoRA-FA style pairs (one factor frozen): only the trainable factor moves, in its
-      coordinates; the warm-up count advances when either factor has a gradient.
+      coordinates; the warm-up count advances when either factor has a gradient.  Such pairs, and
+      pairs with ``r > min(m, n)`` (whose core is rank-deficient, so the re-split's null-space basis
+      would be set by rounding), are not re-split; their Adam state is still reset.
 
     * Each factor is divided by ``max|X|`` before its Gram is formed, so factors near the float32
       range limits give finite Grams; the threshold of (2.5) is relative to that scale.
@@ -310,7 +312,8 @@ class SDSAdamW(Optimizer):
     ) -> None:
         defaults = dict(
             lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
-            mode=mode, warmup_steps=warmup_steps, resplit=resplit, rebalance=rebalance, step_damping=step_damping, decouple_sigma=decouple_sigma, sigma_lr_ratio=sigma_lr_ratio, route=route,
+            mode=mode, warmup_steps=warmup_steps, resplit=resplit, rebalance=rebalance, step_damping=step_damping,
+            decouple_sigma=decouple_sigma, sigma_lr_ratio=sigma_lr_ratio, route=route,
             rank_tol=rank_tol, damping=damping, lorsum_sweeps=lorsum_sweeps, oracle_max_numel=oracle_max_numel,
             linalg_dtype=linalg_dtype, maximize=maximize,
             foreach=foreach, fused=fused,
@@ -626,12 +629,10 @@ class SDSAdamW(Optimizer):
         """Mode ``sds`` before Adam: hand Adam the coordinates (2.2) of every pair past its warm-up.
 
         Per shape bucket: one stack of each factor and one batched Gram; then all Cholesky factors of
-        the step at once (:meth:`_cholesky_all`); then per bucket and factor one triangular product
-        and one triangular solve.  ``lists['params']``/``['grads']`` of these factors are replaced by
+        the step at once (:meth:`_cholesky_all`); then per bucket and factor one r×r triangular
+        inverse and two batched matmuls (coordinates and their gradient).  ``lists['params']``/``['grads']`` of these factors are replaced by
         the coordinates and their gradients; the returned blocks map Adam's change back (``leave``).
         """
-        if group["route"] not in ("auto", "cholesky"):
-            raise ValueError(f"SDSAdamW param group {gi}: mode 'sds' takes route 'auto' or 'cholesky'.")
         requests: list[tuple[Tensor, Any, float, float]] = []
         work = []
         for bucket in self._buckets(gi, group, position):
@@ -640,8 +641,10 @@ class SDSAdamW(Optimizer):
             params: list[Tensor] = group["params"]
             dt, tol = algebra_precision(params[bucket.a[0]].dtype, group["linalg_dtype"], group["rank_tol"], "cholesky")
             A, B = self._factors(group, bucket.a, bucket.b, dt)
-            # the step damping μ_s = γ·lr·√min(m, n): see the class docstring
-            shift = group["step_damping"] * group["lr"] * math.sqrt(min(B.shape[1], A.shape[2]))
+            # the step damping μ_s = γ·lr·√min(m, n) (see the class docstring), from the whole factors'
+            # shapes: under FSDP2 A and B are local shards, and every rank must take the same step
+            m, n = bucket.b_shape[0], math.prod(bucket.a_shape[1:])
+            shift = group["step_damping"] * group["lr"] * math.sqrt(min(m, n))
             sides = []
             if bucket.has_a:  # Ã needs R_B
                 sides.append(("A", A, bucket.a, len(requests)))
@@ -655,19 +658,20 @@ class SDSAdamW(Optimizer):
         for dt, sides, shift in work:
             scales = {}
             if group["rebalance"] and len(sides) == 2:
-                scales = dict(zip("AB", balance_scales(factors[sides[1][3]][0], factors[sides[0][3]][0])))
+                (_, _, _, j_a), (_, _, _, j_b) = sides  # side A's request holds K_B, side B's holds K_A
+                scales = dict(zip("AB", balance_scales(K_A=factors[j_b][0], K_B=factors[j_a][0])))
             for side, X, ids, j in sides:
                 pos = [position[i] for i in ids]
                 like = lists["params"][pos[0]]
                 G = torch.stack([lists["grads"][q] for q in pos]).to(dt).view(X.shape)
                 K, L = factors[j]
                 L_inv = lower_inverse(L)
-                X_t, g_t = to_coordinates(L, X, G, side, L_inv)
+                X_t, g_t = to_coordinates(L, L_inv, X, G, side)
                 before = X_t.to(like.dtype)
                 adam_view = before.clone()
                 block = _CoordinateBlock(side=side, M=factor_map(K, L_inv, shift), X=X, before=before, after=adam_view,
                                          targets=[lists["params"][q] for q in pos], scale=scales.get(side))
-                g_t = g_t.to(like.dtype).contiguous()  # (a right triangular solve may return column-major)
+                g_t = g_t.to(like.dtype).contiguous()  # fused Adam needs the params' layout
                 for k, q in enumerate(pos):
                     lists["params"][q] = adam_view[k].view(like.shape)
                     lists["grads"][q] = g_t[k].view(like.shape)
@@ -689,9 +693,15 @@ class SDSAdamW(Optimizer):
                 finished.append((ia, ib))
         if not finished:
             return
-        both_trained = [(ia, ib) for ia, ib in finished if params[ia].requires_grad and params[ib].requires_grad]
-        if group["resplit"] and both_trained:  # a frozen factor (LoRA-FA) is never rewritten
-            self._resplit(group, both_trained)
+        # a frozen factor (LoRA-FA) is never rewritten; with r > min(m, n) the core R_B R_Aᵀ is rank-deficient by
+        # construction, its SVD's null-space basis is whatever rounding makes it, and the coordinate steps after a
+        # re-split would depend on that arbitrary choice (measured: a 1e-15 perturbation of the gradients moved the
+        # parameters by 9e-5 after four steps), so such pairs keep their factors
+        splittable = [(ia, ib) for ia, ib in finished
+                      if params[ia].requires_grad and params[ib].requires_grad
+                      and params[ia].shape[0] <= min(params[ib].shape[0], math.prod(params[ia].shape[1:]))]
+        if group["resplit"] and splittable:
+            self._resplit(group, splittable)
         for pair in finished:
             for i in pair:
                 state = self.state[params[i]]

@@ -54,7 +54,7 @@ from .linalg import (
     spectral_matrix,
     spectrum,
 )
-from .coordinates import to_coordinates
+from .coordinates import lower_inverse, to_coordinates
 from .pairing import a_rows, b_matrix, b_rows
 
 __all__ = [
@@ -179,8 +179,9 @@ def rewrite_pair(
     Ar, Bm = a_rows(A).to(dt)[None], b_matrix(B).to(dt)[None]
     gAr, gBm = a_rows(gA).to(dt)[None], b_matrix(gB).to(dt)[None]
     if mode == "sds":
-        new_a = to_coordinates(cholesky_lower(gram(b_rows(B).to(dt)[None]), tol), Ar, gAr, "A")[1][0]
-        new_b = to_coordinates(cholesky_lower(gram(Ar), tol), Bm, gBm, "B")[1][0]
+        L_B, L_A = cholesky_lower(gram(b_rows(B).to(dt)[None]), tol), cholesky_lower(gram(Ar), tol)
+        new_a = to_coordinates(L_B, lower_inverse(L_B), Ar, gAr, "A")[1][0]
+        new_b = to_coordinates(L_A, lower_inverse(L_A), Bm, gBm, "B")[1][0]
     else:
         kw = dict(mode=mode, route=route, rank_tol=tol, damping=damping)
         new_a = (preconditioner(finite_or_zero(gram(b_rows(B).to(dt)[None])), **kw) @ gAr)[0]

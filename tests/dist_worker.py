@@ -35,8 +35,10 @@ BATCH = 8  # global batch; each of 2 ranks gets 4 rows
 
 # (label, SDSAdamW options): every mode that runs on shards, and both r×r routes
 CASES: list[tuple[str, dict[str, Any]]] = [
-    ("sds_polar", {"mode": "sds_polar"}),  # (mode sds on FSDP2/HSDP shards: not yet passing, see RESULTS.md)
+    ("sds", {"warmup_steps": 0}),  # coordinates from step one
     ("sds_sigma", {"mode": "sds_polar", "decouple_sigma": True}),
+    ("sds_warmup", {"warmup_steps": 2}),  # two AdamW steps, the re-split, then coordinates
+    ("sds_polar", {"mode": "sds_polar"}),
     ("sds_polar_newton_schulz", {"mode": "sds_polar", "route": "newton_schulz"}),
     ("scaled", {"mode": "scaled", "damping": 1e-3}),
     ("lorsum_1", {"mode": "lorsum", "lorsum_sweeps": 1, "damping": 1e-3}),

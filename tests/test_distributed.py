@@ -122,11 +122,15 @@ def _check_fsdp_extras(results: dict) -> None:
         expected = [] if options.get("mode") == "lora" else [("c10d.allreduce_.default", gram_bytes)]
         if options.get("decouple_sigma"):
             expected = expected * 2  # + the stacked r×r G̃Xᵀ of both factors of every pair
+        # sds's last warm-up step reduces only the Grams of the pairs it re-splits (r ≤ min(m, n))
+        resplit_bytes = sum(2 * r * r * 8 for (i, o), r in zip(worker.LAYERS, worker.RANKS) if r <= min(i, o))
+        warmup = options.get("warmup_steps", 0)
         for step, calls in enumerate(results["collectives"][label]):
-            warmup = options.get("warmup_steps", 0)
-            if step < warmup - 1:  # sds's warm-up: plain AdamW, nothing to reduce
+            if step < warmup - 1:  # plain AdamW: nothing to reduce
                 assert calls == [], f"{label} step {step}: {calls}"
-            else:  # the last warm-up step's one all-reduce is the re-split's Grams
+            elif step == warmup - 1:
+                assert calls == [("c10d.allreduce_.default", resplit_bytes)], f"{label} step {step}: {calls}"
+            else:
                 assert calls == expected, f"{label} step {step}: {calls}"
     # modes that need whole factors refuse with the fix named
     for mode in ("svd_oracle", "lorsum"):
