@@ -1,7 +1,8 @@
-"""``SDSAdamW``: AdamW with the LoRA gradient rewrite of MATH.md §2 in front of it.
+"""``SDSAdamW``: AdamW for LoRA pairs in the coordinates of their orthonormal bases (docs/math.md §2), and the
+comparison modes of §3.
 
-The class validates, pairs and holds state; the geometry lives in :mod:`sdsopt.rewrite` /
-:mod:`sdsopt.linalg`, and the Adam update itself is torch's functional
+The class validates, pairs and holds state; the geometry lives in :mod:`sdsopt.coordinates` (mode ``sds``),
+:mod:`sdsopt.rewrite` (gradient rewrites) and :mod:`sdsopt.linalg`, and the Adam update itself is torch's functional
 ``torch.optim.adam.adam(..., decoupled_weight_decay=True)`` — the very kernel behind
 ``torch.optim.AdamW`` — so foreach/fused kernels and AdamW's exact semantics are inherited, and
 parameters outside LoRA pairs follow ``torch.optim.AdamW`` bit for bit (MATH P7).
