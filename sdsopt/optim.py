@@ -27,6 +27,7 @@ from .coordinates import balance_scales, factor_map, lower_inverse, resplit_maps
 from .linalg import algebra_precision, cholesky_lower, finite_or_zero, gram, spectrum
 from .pairing import LoraPair, PairingFn, a_rows, b_matrix, check_pair_shapes
 from .capture import LoraCapture
+from .guard import SkipLog, nonfinite_flags
 from .distributed import all_reduce_coalesced, check_not_deepspeed, check_pair_layout, local, local_grad, process_group
 from .rewrite import (
     MODE_ROUTES,
@@ -310,7 +311,12 @@ class SDSAdamW(Optimizer):
         maximize: bool = False,
         foreach: bool | None = None,
         fused: bool | None = None,
+        skip_nonfinite: bool = False,
     ) -> None:
+        if not isinstance(skip_nonfinite, bool):
+            raise ValueError(f"SDSAdamW: skip_nonfinite={skip_nonfinite!r} must be True or False.")
+        self.skip_nonfinite = skip_nonfinite
+        self._skips = SkipLog()
         defaults = dict(
             lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
             mode=mode, warmup_steps=warmup_steps, resplit=resplit, rebalance=rebalance, step_damping=step_damping,
@@ -434,28 +440,74 @@ class SDSAdamW(Optimizer):
                 ))
         return out
 
+    def state_dict(self) -> dict[str, Any]:
+        """As ``Optimizer.state_dict``; ``param_groups[0]['skipped_steps']`` carries :attr:`skipped_steps`
+        (in a param group, so that ``torch.distributed.checkpoint``'s optimizer state dicts keep it)."""
+        out = super().state_dict()
+        if out["param_groups"]:
+            out["param_groups"][0]["skipped_steps"] = self.skipped_steps
+        return out
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """As ``Optimizer.load_state_dict``; refuses a checkpoint whose LoRA pairs differ from this optimizer's."""
-        saved = state_dict.get("param_groups", [])
-        for gi, theirs in enumerate(saved):
-            if theirs.get("mode") == "sds" and "warmup_steps" not in theirs and state_dict.get("state"):
+        """As ``Optimizer.load_state_dict``, after checking that the checkpoint fits this optimizer.
+
+        Raises ``ValueError`` (naming the param group or parameter, and what to do) before anything is
+        changed when the checkpoint has other param groups, other LoRA pairs, another mode, or state
+        tensors whose shapes differ from the parameters'.
+        """
+        self._check_state_dict(state_dict)
+        skipped = int(state_dict["param_groups"][0].get("skipped_steps", 0)) if state_dict["param_groups"] else 0
+        super().load_state_dict(state_dict)
+        for group in self.param_groups:
+            group.pop("skipped_steps", None)
+        self._skips.reset(skipped)
+
+    def _check_state_dict(self, state_dict: dict[str, Any]) -> None:
+        where = "SDSAdamW.load_state_dict"
+        if not isinstance(state_dict, dict) or not {"state", "param_groups"} <= state_dict.keys():
+            raise ValueError(f"{where}: expected an optimizer state dict with 'state' and 'param_groups' "
+                             "(what SDSAdamW.state_dict() returns).")
+        saved = state_dict["param_groups"]
+        if len(saved) != len(self.param_groups):
+            raise ValueError(f"{where}: the checkpoint has {len(saved)} param group(s), this optimizer "
+                             f"{len(self.param_groups)}; build it with the same param groups as the one that was saved.")
+        for gi, (mine, theirs) in enumerate(zip(self.param_groups, saved)):
+            if theirs.get("mode") == "sds" and "warmup_steps" not in theirs and state_dict["state"]:
                 raise ValueError(
-                    f"SDSAdamW.load_state_dict: param group {gi} of the checkpoint was written by sdsopt 0.1, whose "
+                    f"{where}: param group {gi} of the checkpoint was written by sdsopt 0.1, whose "
                     "mode 'sds' kept Adam moments of the plain factors. Since 0.2, 'sds' runs Adam in the bases' "
                     "coordinates and those moments do not apply. Resume with mode='sds_polar' (0.1's 'sds' under "
                     "its new name) and rewrite the checkpoint's param_groups[i]['mode'] to 'sds_polar', or start "
                     "the optimizer state afresh with mode='sds'."
                 )
-        for gi, (mine, theirs) in enumerate(zip(self.param_groups, saved)):
             ours = [tuple(p) for p in mine["lora_pairs"]]
             other = [tuple(p) for p in theirs.get("lora_pairs", [])]
             if ours != other:
                 raise ValueError(
-                    f"SDSAdamW.load_state_dict: param group {gi} of the checkpoint has LoRA pairs {other[:3]}... "
+                    f"{where}: param group {gi} of the checkpoint has LoRA pairs {other[:3]}... "
                     f"but this optimizer has {ours[:3]}...; build the optimizer from the same model and "
                     "parameter order (and pairing rule) as the one that was saved."
                 )
-        super().load_state_dict(state_dict)
+            if len(theirs["params"]) != len(mine["params"]):
+                raise ValueError(f"{where}: param group {gi} of the checkpoint holds {len(theirs['params'])} "
+                                 f"parameters, this optimizer's {len(mine['params'])}; build the optimizer from the "
+                                 "same model and parameter order as the one that was saved.")
+            if theirs.get("mode", mine["mode"]) != mine["mode"]:
+                raise ValueError(
+                    f"{where}: param group {gi} of the checkpoint ran mode={theirs['mode']!r}, this optimizer "
+                    f"mode={mine['mode']!r}; its Adam moments are of other gradients (or other coordinates). "
+                    f"Resume with mode={theirs['mode']!r}, or switch modes by loading only the model's "
+                    "weights and starting the optimizer state afresh."
+                )
+            for i, (pid, p) in enumerate(zip(theirs["params"], mine["params"])):
+                for key, value in state_dict["state"].get(pid, {}).items():
+                    if key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq") and isinstance(value, Tensor) \
+                            and tuple(value.shape) != tuple(p.shape):
+                        raise ValueError(
+                            f"{where}: {_param_label(mine, i, gi)} is {tuple(p.shape)} but the checkpoint's "
+                            f"{key} for it is {tuple(value.shape)} (LoRA rank or model changed?); build the model "
+                            "with the shapes it was saved with, or start the optimizer state afresh."
+                        )
 
     def attach(self, model: torch.nn.Module) -> LoraCapture:
         """Record the LoRA layers' inputs and output gradients (modes ``lorsum`` with sweeps > 1, ``svd_oracle``).
@@ -512,12 +564,12 @@ class SDSAdamW(Optimizer):
         return position, lists, has_complex
 
     def _adam(self, group: dict[str, Any], lists: dict[str, list[Tensor]], *, lr: float,
-              weight_decay: float, has_complex: bool = False) -> None:
+              weight_decay: float, has_complex: bool = False, found_inf: Tensor | None = None) -> None:
         beta1, beta2 = group["betas"]
         adam(
             lists["params"], lists["grads"], lists["exp_avgs"], lists["exp_avg_sqs"],
             lists["max_exp_avg_sqs"], lists["state_steps"],
-            foreach=group["foreach"], fused=group["fused"], has_complex=has_complex,
+            foreach=group["foreach"], fused=group["fused"], has_complex=has_complex, found_inf=found_inf,
             decoupled_weight_decay=True, amsgrad=group["amsgrad"], beta1=beta1, beta2=beta2,
             lr=lr, weight_decay=weight_decay, eps=group["eps"], maximize=group["maximize"],
         )
@@ -535,8 +587,15 @@ class SDSAdamW(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for gi, group in enumerate(self.param_groups):
-            position, lists, has_complex = self._init_group(group, gi)
+        prepared = [(gi, group, *self._init_group(group, gi)) for gi, group in enumerate(self.param_groups)]
+        found_inf = None
+        if self.skip_nonfinite:
+            skip, found_inf = self._guard(prepared)
+            if skip:
+                if self._capture is not None:
+                    self._capture.clear()
+                return loss
+        for gi, group, position, lists, has_complex in prepared:
             if not lists["params"]:
                 continue
             corrections: list[tuple[Tensor, Tensor]] = []
@@ -544,12 +603,13 @@ class SDSAdamW(Optimizer):
             coordinates: list[_CoordinateBlock] = []
             mode = group["mode"]
             if mode == "sds":
-                coordinates = self._enter_coordinates(gi, group, position, lists)
+                coordinates = self._enter_coordinates(gi, group, position, lists, found_inf)
             elif mode in SPECTRAL_MODES or (mode == "lorsum" and group["lorsum_sweeps"] == 1):
                 corrections = self._rewrite_group(gi, group, position, lists)
             elif mode in ("lorsum", "svd_oracle"):
                 replaced = self._rewrite_with_capture(gi, group, position, lists)
-            self._adam(group, lists, lr=group["lr"], weight_decay=group["weight_decay"], has_complex=has_complex)
+            self._adam(group, lists, lr=group["lr"], weight_decay=group["weight_decay"], has_complex=has_complex,
+                       found_inf=found_inf)
             for block in coordinates:
                 block.leave()
             if mode == "sds":
@@ -562,6 +622,51 @@ class SDSAdamW(Optimizer):
         if self._capture is not None:
             self._capture.clear()
         return loss
+
+    @property
+    def skipped_steps(self) -> int:
+        """Steps skipped by ``skip_nonfinite=True`` (saved in and restored from checkpoints)."""
+        return self._skips.total
+
+    def _guard(self, prepared: list[tuple[Any, ...]]) -> tuple[bool, Tensor | None]:
+        """``skip_nonfinite``: is any gradient this step would use NaN/Inf?  Returns ``(skip now, found_inf)``.
+
+        Under FSDP2 a shard's flag is summed over its process group (one all-reduce of one number per
+        group), so that all ranks skip together; DDP's gradients are equal on all ranks already.  The
+        decision stays on the device (``found_inf`` for torch's fused Adam, no host sync) when every
+        gradient is on CUDA, every group has ``fused=True`` and no step of the group needs a host decision
+        (``sds``'s warm-up counts, the σ channel's Adam, the capture modes); otherwise it is read on the host
+        and a skipped step returns at once.
+        """
+        grads, labels, groups_of = [], [], []
+        for gi, group, position, lists, _ in prepared:
+            for i, q in position.items():
+                if lists["grads"][q].numel():
+                    grads.append(lists["grads"][q])
+                    labels.append(_param_label(group, i, gi))
+                    groups_of.append(process_group(group["params"][i]))
+        if not grads:
+            return False, None
+        bad = nonfinite_flags(grads)
+        found = bad.any().to(torch.float32)
+        sharded = {pg: bad[torch.tensor([j for j, g in enumerate(groups_of) if g is pg], device=bad.device)]
+                   .any().to(torch.float32).reshape(1) for pg in {g for g in groups_of if g is not None}}
+        for flag in _reduced(sharded, lambda pg: (pg, torch.float32, bad.device)).values():
+            found = torch.maximum(found, (flag > 0).to(torch.float32).reshape(()))
+        host_decisions = any(
+            not group["fused"] or group["decouple_sigma"] or group["mode"] in ("svd_oracle", "lorsum")
+            or (group["mode"] == "sds" and any(not self._in_coordinates(group, ia) for ia, _ in group["lora_pairs"]))
+            for _, group, _, lists, _ in prepared if lists["params"]
+        )
+        if not host_decisions and all(g.is_cuda for g in grads):
+            self._skips.poll()
+            self._skips.skipped_on_device(found, bad, labels)
+            return False, found
+        if not found.item():
+            return False, None
+        self._skips.skipped_on_host(labels[int(torch.argmax(bad.to(torch.uint8)))] if bad.any()
+                                    else "a gradient on another rank")
+        return True, None
 
     def _in_coordinates(self, group: dict[str, Any], ia: int) -> bool:
         """Mode ``sds``: has the pair whose A factor is ``group['params'][ia]`` finished its warm-up?"""
@@ -626,7 +731,7 @@ class SDSAdamW(Optimizer):
         return out
 
     def _enter_coordinates(self, gi: int, group: dict[str, Any], position: dict[int, int],
-                           lists: dict[str, list[Tensor]]) -> list[_CoordinateBlock]:
+                           lists: dict[str, list[Tensor]], found_inf: Tensor | None = None) -> list[_CoordinateBlock]:
         """Mode ``sds`` before Adam: hand Adam the coordinates (2.2) of every pair past its warm-up.
 
         Per shape bucket: one stack of each factor and one batched Gram; then all Cholesky factors of
@@ -658,9 +763,11 @@ class SDSAdamW(Optimizer):
         blocks = []
         for dt, sides, shift in work:
             scales = {}
-            if group["rebalance"] and len(sides) == 2:
+            if group["rebalance"] and group["lr"] > 0 and len(sides) == 2:  # lr = 0 (a scheduler) moves nothing
                 (_, _, _, j_a), (_, _, _, j_b) = sides  # side A's request holds K_B, side B's holds K_A
                 scales = dict(zip("AB", balance_scales(K_A=factors[j_b][0], K_B=factors[j_a][0])))
+                if found_inf is not None:  # a step skipped on the device leaves the factors as they are
+                    scales = {k: torch.where(found_inf > 0, torch.ones_like(c), c) for k, c in scales.items()}
             for side, X, ids, j in sides:
                 pos = [position[i] for i in ids]
                 like = lists["params"][pos[0]]

@@ -1,0 +1,98 @@
+"""The non-finite guard of ``SDSAdamW(skip_nonfinite=True)``: find NaN/Inf gradients without a host sync.
+
+A step is skipped as ``torch.amp.GradScaler`` skips one: parameters, moments and step counts are left
+untouched.  On CUDA with ``fused=True`` the decision stays on the device (torch's fused Adam kernel takes a
+``found_inf`` tensor and does nothing when it is non-zero) and the warning that names the offending
+parameter is issued once the flag has reached the host by a non-blocking copy; elsewhere the flag is read
+on the host at once.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+
+def nonfinite_flags(tensors: list[Tensor]) -> Tensor:
+    """Bool vector on ``tensors[0]``'s device: ``flags[i]`` is True iff ``tensors[i]`` holds a NaN or ±Inf.
+
+    One ``_foreach_norm(·, ∞)`` pass per device: ``max|x|`` is finite iff every entry is (NaN propagates
+    through the max), and unlike a 2-norm it cannot overflow on large finite values.  Empty tensors are
+    finite.
+    """
+    device = tensors[0].device
+    flags = torch.zeros(len(tensors), dtype=torch.bool, device=device)
+    by_device: dict[torch.device, list[int]] = {}
+    for i, t in enumerate(tensors):
+        if t.numel():
+            by_device.setdefault(t.device, []).append(i)
+    for dev, idx in by_device.items():
+        norms = torch._foreach_norm([tensors[i] for i in idx], float("inf"))
+        bad = ~torch.isfinite(torch.stack([n.reshape(()) for n in norms]))
+        flags[torch.tensor(idx, device=device)] = bad.to(device)
+    return flags
+
+
+@dataclass
+class SkipLog:
+    """Count of skipped steps and the once-per-optimizer warning.
+
+    ``host`` counts steps decided on the host; ``device`` (a float32 scalar on the GPU, created on first
+    use) accumulates the ``found_inf`` flags of sync-free steps.  ``pending`` holds, per sync-free step, a
+    pinned host copy of ``(found_inf, index of the first offending gradient, local flag)`` still in
+    flight, the CUDA event that completes it and the step's gradient labels.
+    """
+
+    host: int = 0
+    device: Tensor | None = None
+    warned: bool = False
+    pending: list[tuple[Tensor, torch.cuda.Event, list[str]]] = field(default_factory=list)
+
+    def skipped_on_host(self, label: str) -> None:
+        self.host += 1
+        self.warn(label)
+
+    def skipped_on_device(self, found_inf: Tensor, bad: Tensor, labels: list[str]) -> None:
+        """Record a sync-free step's flag: added to the device count, copied to the host without waiting."""
+        self.device = found_inf.clone() if self.device is None else self.device + found_inf
+        info = torch.stack([found_inf, torch.argmax(bad.to(torch.uint8)).to(torch.float32), bad.any().to(torch.float32)])
+        host = torch.empty(3, dtype=torch.float32, pin_memory=True)
+        host.copy_(info, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        self.pending.append((host, event, labels))
+
+    def poll(self, wait: bool = False) -> None:
+        """Issue the warning for sync-free steps whose flag has reached the host (all of them if ``wait``)."""
+        still = []
+        for host, event, labels in self.pending:
+            if not (wait or event.query()):
+                still.append((host, event, labels))
+                continue
+            event.synchronize()
+            found, first, local_bad = host.tolist()
+            if found:
+                self.warn(labels[int(first)] if local_bad else "a gradient on another rank")
+        self.pending = still
+
+    @property
+    def total(self) -> int:
+        self.poll(wait=True)
+        return self.host + (int(self.device.item()) if self.device is not None else 0)
+
+    def reset(self, count: int) -> None:
+        self.host, self.device, self.pending = count, None, []
+
+    def warn(self, label: str) -> None:
+        if self.warned:
+            return
+        self.warned = True
+        warnings.warn(
+            f"SDSAdamW(skip_nonfinite=True) skipped a step: the gradient of {label} is not finite. Parameters, "
+            "moments and step counts were left as they were; further skips are counted in opt.skipped_steps "
+            "without another warning.",
+            RuntimeWarning, stacklevel=4,
+        )
