@@ -75,7 +75,7 @@ class SkipLog:
             event.synchronize()
             found, first, local_bad = host.tolist()
             if found:
-                self.warn(labels[int(first)] if local_bad else "a gradient on another rank")
+                self.warn(labels[int(first)] if local_bad else "a parameter on another rank")
         self.pending = still
 
     @property

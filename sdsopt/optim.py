@@ -221,6 +221,17 @@ class SDSAdamW(Optimizer):
         linalg_dtype: dtype of the r×r algebra and of the coordinate maps; ``None`` means float32,
             or float64 for float64 parameters.  Never lower than float32, whatever the parameter
             dtype.
+        skip_nonfinite: skip the whole step when any gradient it would use holds a NaN/Inf, as
+            ``torch.amp.GradScaler`` does: parameters, moments, step counts and ``sds``'s warm-up count
+            stay bit-identical; :attr:`skipped_steps` counts the skips (saved in ``state_dict()``'s
+            ``param_groups[0]['skipped_steps']``) and the first skip warns with the offending parameter's
+            name.  Default False (AdamW's behaviour).  With ``fused=True`` on CUDA the check
+            (one ``_foreach_norm(·, ∞)`` pass) feeds torch's fused Adam kernel its ``found_inf`` flag and
+            the host never waits (CUDA-graph friendly; the warning arrives a step later), except while a
+            step needs a host decision: pairs in ``sds``'s warm-up, ``decouple_sigma``, ``lorsum`` with
+            sweeps > 1, ``svd_oracle``.  Otherwise (CPU, foreach, those cases) the flag is read on the
+            host.  Under FSDP2 the flag is summed over each shard group (one all-reduce of one number
+            per group and step while the guard is on), so all ranks skip together.
         pairing: how names become pairs: ``None`` (PEFT names), a regex with a named group
             ``factor`` reading ``A``/``B`` (see :func:`sdsopt.pairing.regex_pairing` for other
             tags), or a function ``names -> [(name_A, name_B), ...]``.
@@ -276,10 +287,10 @@ class SDSAdamW(Optimizer):
       runs the rewrite and Adam on the local shards.  Adam is elementwise, so that is
       ``torch.optim.AdamW``'s result bit for bit, without DTensor dispatch per op.  DeepSpeed ZeRO
       is refused (it flattens the parameters, so pairs do not survive).
-    * Non-finite gradients behave as in AdamW: nothing is skipped and nothing raises; the
-      non-finite values reach the parameters.  Because the rewrite mixes the r entries of a
-      row of ``B`` (a column of ``A``), one non-finite entry spreads along that row (column).  Use
-      ``torch.amp.GradScaler``, which skips steps with non-finite gradients, as with AdamW.  A
+    * Non-finite gradients, ``skip_nonfinite=False`` (default): as in AdamW, nothing is skipped and
+      nothing raises; the non-finite values reach the parameters.  Because the rewrite mixes the r
+      entries of a row of ``B`` (a column of ``A``), one non-finite entry spreads along that row
+      (column).  ``skip_nonfinite=True`` skips such steps instead (below).  A
       non-finite *factor* is treated as rank 0 by ``sds_polar``/``scaled`` (its partner's gradient
       is zeroed) and as ``R = I`` by ``sds`` (its partner takes a plain AdamW step) instead of
       making a factorisation raise.
@@ -665,7 +676,7 @@ class SDSAdamW(Optimizer):
         if not found.item():
             return False, None
         self._skips.skipped_on_host(labels[int(torch.argmax(bad.to(torch.uint8)))] if bad.any()
-                                    else "a gradient on another rank")
+                                    else "a parameter on another rank")
         return True, None
 
     def _in_coordinates(self, group: dict[str, Any], ia: int) -> bool:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from typing import Any
 
 import torch
@@ -32,6 +33,7 @@ LR = 3e-2
 LAYERS = [(8, 6), (6, 6), (6, 6), (6, 1)]
 RANKS = [3, 2, 2, 3]  # LoRA rank per layer: two Gram sizes, still one all-reduce
 BATCH = 8  # global batch; each of 2 ranks gets 4 rows
+GUARD_STEP = 3  # the step whose gradient rank 1 makes NaN (skip_nonfinite)
 
 # (label, SDSAdamW options): every mode that runs on shards, and both r×r routes
 CASES: list[tuple[str, dict[str, Any]]] = [
@@ -205,6 +207,23 @@ def run_fsdp(world: int, rank: int) -> dict[str, Any]:
         except ValueError as err:
             results[f"refused_{mode}"] = str(err)
         opt.zero_grad(set_to_none=True)
+
+    # skip_nonfinite: a NaN in rank 1's shard alone makes every rank skip the step (the flag is reduced)
+    model = shard(build_model())
+    opt = SDSAdamW(model.named_parameters(), lr=LR, warmup_steps=0, skip_nonfinite=True)
+    for step in range(STEPS):
+        x, y = global_batch(step)
+        rows = slice(rank * BATCH // world, (rank + 1) * BATCH // world)
+        (model(x[rows]) - y[rows]).pow(2).mean().backward()
+        if step == GUARD_STEP and rank == 1:
+            model.layers[0].lora_A["default"].weight.grad.to_local()[0, 0] = float("nan")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            opt.step()
+        results.setdefault("guard_warnings", []).extend(str(w.message) for w in caught)
+        opt.zero_grad(set_to_none=True)
+    results["guard"] = full_params(model)
+    results["guard_skipped"] = opt.skipped_steps
 
     # torch.distributed.checkpoint: save after 3 steps, resume in a fresh model/optimizer, compare
     ckpt = os.path.join(sys.argv[2], "dcp")

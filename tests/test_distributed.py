@@ -132,6 +132,16 @@ def _check_fsdp_extras(results: dict) -> None:
                 assert calls == [("c10d.allreduce_.default", resplit_bytes)], f"{label} step {step}: {calls}"
             else:
                 assert calls == expected, f"{label} step {step}: {calls}"
+    # skip_nonfinite: rank 1's NaN made both ranks skip; the result is one process that never took that step
+    model = worker.build_model()
+    opt = SDSAdamW(model.named_parameters(), lr=worker.LR, warmup_steps=0)
+    worker.train(model, opt, [s for s in range(worker.STEPS) if s != worker.GUARD_STEP])
+    _assert_close("fsdp/guard", results["guard"], worker.full_params(model), DEFAULT_TOL)
+    assert results["guard_skipped"] == 1
+    assert [m for m in results["guard_warnings"] if "skipped a step" in m] == [
+        "SDSAdamW(skip_nonfinite=True) skipped a step: the gradient of a parameter on another rank is not finite. "
+        "Parameters, moments and step counts were left as they were; further skips are counted in "
+        "opt.skipped_steps without another warning."]
     # modes that need whole factors refuse with the fix named
     for mode in ("svd_oracle", "lorsum"):
         message = results[f"refused_{mode}"]
