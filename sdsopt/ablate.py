@@ -41,12 +41,13 @@ __all__ = ["ABLATION_MODES", "main", "make_task", "run_grid"]
 
 ABLATION_MODES = ("full", "lora", "sds", "sds_undamped", "sds_polar", "sds_sigma", "scaled", "sds_layer", "lorsum",
                   "svd_oracle")
-DEFAULT_LRS = {"linear": [1e-3, 3e-3, 1e-2, 3e-2], "digits": [3e-4, 1e-3, 3e-3, 1e-2], "textlm": [1e-3, 3e-3, 1e-2, 3e-2]}
-DEFAULT_STEPS = {"linear": 300, "digits": 300, "textlm": 300}
+DEFAULT_LRS = {"linear": [1e-3, 3e-3, 1e-2, 3e-2], "digits": [3e-4, 1e-3, 3e-3, 1e-2], "textlm": [1e-3, 3e-3, 1e-2, 3e-2],
+               "minilm": [1e-4, 3e-4, 1e-3, 3e-3, 1e-2]}
+DEFAULT_STEPS = {"linear": 300, "digits": 300, "textlm": 300, "minilm": 300}
 
 
 def make_task(name: str, args: argparse.Namespace):
-    """Build a task from the command line (``linear``, ``digits``, ``textlm``)."""
+    """Build a task from the command line (``linear``, ``digits``, ``textlm``, ``minilm``)."""
     if name == "linear":
         from .tasks.linear import LinearTask
 
@@ -61,7 +62,11 @@ def make_task(name: str, args: argparse.Namespace):
 
         return TextLMTask(rank=args.rank, width=args.width, layers=args.layers, block=args.block,
                           pretrain_steps=args.pretrain_steps, device=args.device)
-    raise ValueError(f"unknown task {name!r}; choose linear, digits or textlm")
+    if name == "minilm":
+        from .tasks.minilm import MiniLMTopicsTask
+
+        return MiniLMTopicsTask(rank=args.rank, max_len=args.max_len, model_dir=args.model_dir, device=args.device)
+    raise ValueError(f"unknown task {name!r}; choose linear, digits, textlm or minilm")
 
 
 def make_optimizer(mode: str, model: nn.Module, lr: float, betas: tuple[float, float], weight_decay: float):
@@ -133,8 +138,9 @@ def run_one(task, mode: str, lr: float, seed: int, args: argparse.Namespace, pro
                 progress.update(args.steps - step)
             break
     tail = [v for v in curve[-max(1, args.steps // 20):]]
+    extra = {"accuracy": task.eval_accuracy(model)} if hasattr(task, "eval_accuracy") else {}
     return {"mode": mode, "lr": lr, "seed": seed, "curve": curve, "metrics": metrics,
-            "final_train": statistics.fmean(tail), "eval": task.eval_loss(model)}
+            "final_train": statistics.fmean(tail), "eval": task.eval_loss(model), **extra}
 
 
 def run_grid(task, modes: Iterable[str], lrs: list[float], seeds: int, args: argparse.Namespace) -> list[dict]:
@@ -168,6 +174,10 @@ def summarise(runs: list[dict]) -> dict[str, dict[str, Any]]:
             table[mode] = {"lr": lr, "eval": score,
                            "eval_std": statistics.pstdev(evals) if len(evals) > 1 else 0.0,
                            "final_train": statistics.fmean(r["final_train"] for r in group)}
+            if all("accuracy" in r for r in group):
+                accuracy = [r["accuracy"] for r in group]
+                table[mode]["accuracy"] = statistics.fmean(accuracy)
+                table[mode]["accuracy_std"] = statistics.pstdev(accuracy) if len(accuracy) > 1 else 0.0
     for mode in table:
         table[mode]["lr_sensitivity"] = {lr: statistics.fmean(r["eval"] for r in group)
                                          for (m, lr), group in sorted(by.items()) if m == mode}
@@ -253,14 +263,15 @@ def format_table(task_name: str, table: dict) -> str:
         e = table[mode]
         gap = e.get("gap_closed")
         std = f" ± {e['eval_std']:.2g}" if e["eval_std"] else ""
-        lines.append(f"| {mode} | {e['lr']:g} | {e['eval']:.4g}{std} | {e['final_train']:.4g} | "
+        accuracy = f" (accuracy {e['accuracy']:.3f} ± {e['accuracy_std']:.2g})" if "accuracy" in e else ""
+        lines.append(f"| {mode} | {e['lr']:g} | {e['eval']:.4g}{std}{accuracy} | {e['final_train']:.4g} | "
                      + (f"{gap:.2f} |" if gap is not None and math.isfinite(gap) else "– |"))
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(prog="sdsopt-ablate", description=__doc__.splitlines()[0])
-    ap.add_argument("--task", choices=["linear", "digits", "textlm"], default="linear")
+    ap.add_argument("--task", choices=["linear", "digits", "textlm", "minilm"], default="linear")
     ap.add_argument("--modes", nargs="+", choices=ABLATION_MODES, default=list(ABLATION_MODES))
     ap.add_argument("--lrs", type=float, nargs="+", default=None, help="≥ 4 per mode recommended")
     ap.add_argument("--seeds", type=int, default=1)
@@ -283,6 +294,8 @@ def main(argv: list[str] | None = None) -> dict:
     g.add_argument("--width", type=int, default=64)
     g.add_argument("--layers", type=int, default=2)
     g.add_argument("--block", type=int, default=64)
+    g.add_argument("--max-len", type=int, default=128, help="minilm: tokens per paragraph")
+    g.add_argument("--model-dir", default=None, help="minilm: checkpoint folder (default: the sdsopt[minilm] package)")
     args = ap.parse_args(argv)
     args.steps = args.steps or DEFAULT_STEPS[args.task]
     lrs = args.lrs or DEFAULT_LRS[args.task]
