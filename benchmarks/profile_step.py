@@ -1,6 +1,9 @@
 """Where an SDSAdamW step spends its time: torch.profiler's top operators for one configuration.
 
-    python benchmarks/profile_step.py --rank 16 --route newton_schulz
+    python benchmarks/profile_step.py --rank 16 --mode sds_polar --route newton_schulz
+    python benchmarks/profile_step.py --rank 16 --mode sds        # coordinate steps (no warm-up)
+
+Prints the top operators by device time, then by host time (a host-bound step shows there).
 """
 
 from __future__ import annotations
@@ -21,13 +24,14 @@ def main(argv=None):
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--dtype", choices=DTYPES, default="fp32")
     ap.add_argument("--mode", default="sds")
-    ap.add_argument("--route", default="eigh")
+    ap.add_argument("--route", default="auto")
     ap.add_argument("--rows", type=int, default=20)
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     shape = args.shape or ("llama7b" if device.type == "cuda" else "small")
     named = lora_params(shape, args.rank, DTYPES[args.dtype], device)
-    opt = SDSAdamW(named, lr=1e-4, mode=args.mode, route=args.route, fused=True)
+    extra = {"warmup_steps": 0} if args.mode == "sds" else {}
+    opt = SDSAdamW(named, lr=1e-4, mode=args.mode, route=args.route, fused=True, **extra)
     for _ in range(3):
         opt.step()
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
@@ -39,6 +43,7 @@ def main(argv=None):
     key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
     print(f"{shape} r={args.rank} {args.dtype} mode={args.mode} route={args.route} (5 steps)")
     print(prof.key_averages().table(sort_by=key, row_limit=args.rows))
+    print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=args.rows))
 
 
 if __name__ == "__main__":

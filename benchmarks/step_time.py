@@ -29,6 +29,8 @@ from sdsopt import SDSAdamW, rewrite_pair
 SHAPES = {
     "llama7b": dict(layers=32, width=4096, ffn=11008),
     "small": dict(layers=4, width=1024, ffn=2752),
+    # llama7b's structure (224 pairs in 3 shape buckets) with tiny matrices: the step is all host overhead
+    "host": dict(layers=32, width=64, ffn=172),
 }
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -53,15 +55,19 @@ def lora_params(shape: str, r: int, dtype: torch.dtype, device: torch.device, se
     return named
 
 
-def variants(device: torch.device, modes: list[str], routes: list[str]):
+def variants(device: torch.device, modes: list[str], routes: list[str], guard: bool = False):
+    """AdamW foreach/fused, then SDSAdamW per mode (and sds_polar route); with ``guard`` each SDSAdamW variant
+    also with ``skip_nonfinite=True`` (the cost of the non-finite check)."""
     out = {"AdamW foreach": lambda named: torch.optim.AdamW([p for _, p in named], lr=1e-4, foreach=True),
            "AdamW fused": lambda named: torch.optim.AdamW([p for _, p in named], lr=1e-4, fused=True)}
     for mode in modes:  # sds measured in its coordinate phase (warmup_steps=0); its route is Cholesky
         for route in routes if mode == "sds_polar" else ["auto"]:
-            label = f"SDSAdamW {mode}" + (f" {route}" if mode == "sds_polar" else "")
-            extra = {"warmup_steps": 0} if mode == "sds" else {}
-            out[label] = (lambda mode, route, extra: lambda named: SDSAdamW(
-                named, lr=1e-4, mode=mode, route=route, fused=True, **extra))(mode, route, extra)
+            for skip in (False, True) if guard else (False,):
+                label = f"SDSAdamW {mode}" + (f" {route}" if mode == "sds_polar" else "") + (" + guard" if skip else "")
+                extra = {"warmup_steps": 0} if mode == "sds" else {}
+                out[label] = (lambda mode, route, extra, skip: lambda named: SDSAdamW(
+                    named, lr=1e-4, mode=mode, route=route, fused=True, skip_nonfinite=skip, **extra)
+                )(mode, route, extra, skip)
     return out
 
 
@@ -127,6 +133,7 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--check", action="store_true", help="check the device step against float64 CPU")
+    ap.add_argument("--guard", action="store_true", help="also time every SDSAdamW variant with skip_nonfinite=True")
     ap.add_argument("--out", default=None, help="write rows as JSON here")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
@@ -143,7 +150,7 @@ def main(argv=None):
             if args.check and dname == "fp32":
                 checks[r] = check_against_cpu(named, device)
             results = {}
-            for label, make in variants(device, args.modes, args.routes).items():
+            for label, make in variants(device, args.modes, args.routes, args.guard).items():
                 opt = make(named)
                 ms, peak = time_steps(opt, device, args.steps, args.warmup)
                 results[label] = (ms, peak, state_mb(opt))

@@ -102,11 +102,18 @@ def resplit_maps(K_A: Tensor, K_B: Tensor, rank_tol: float, floor: float = RESPL
     Directions with ``σ ≥ floor·σ_max`` are balanced (``D_A = D_B = Σ^{1/2}``); weaker ones keep
     ``A``'s part at ``√(floor·σ_max)`` and ``B``'s at ``σ/√(floor·σ_max)`` (``B``'s column is zero
     where ``σ = 0``, as at LoRA's start), so no direction of both factors collapses to zero and
-    the pair stays trainable.  A pair with a zero core (``B A = 0``: a layer that received no
+    the pair stays trainable.  Signs: in each column of ``U`` the entry of largest magnitude is positive
+    (the SVD leaves them free; without a convention a CPU and a GPU re-split differ by sign flips of
+    factor rows/columns, which leave ``BA`` equal but not the factors).  A pair with a zero core (``B A = 0``: a layer that received no
     gradient in the warm-up) is left as it is (identity maps).
     """
     L_A, L_B = cholesky_lower(K_A, rank_tol), cholesky_lower(K_B, rank_tol)
     U, S, Vh = torch.linalg.svd(L_B.mT @ L_A)
+    # the SVD fixes each (u_j, v_j) only up to a common sign, and LAPACK and cuSOLVER choose differently: fix it
+    # (largest-magnitude entry of u_j positive), so that the re-split factors do not depend on the device
+    sign = torch.sign(torch.gather(U, -2, U.abs().argmax(dim=-2, keepdim=True)))
+    sign = torch.where(sign == 0, torch.ones_like(sign), sign)
+    U, Vh = U * sign, Vh * sign.mT
     tiny = torch.finfo(S.dtype).tiny
     zero = (trace(finite_or_zero(K_A)) <= tiny) | (trace(finite_or_zero(K_B)) <= tiny)
     top = S[..., :1]

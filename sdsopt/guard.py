@@ -10,6 +10,7 @@ on the host at once.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -19,21 +20,22 @@ from torch import Tensor
 def nonfinite_flags(tensors: list[Tensor]) -> Tensor:
     """Bool vector on ``tensors[0]``'s device: ``flags[i]`` is True iff ``tensors[i]`` holds a NaN or ±Inf.
 
-    One ``_foreach_norm(·, ∞)`` pass per device: ``max|x|`` is finite iff every entry is (NaN propagates
-    through the max), and unlike a 2-norm it cannot overflow on large finite values.  Empty tensors are
-    finite.
+    One ``_foreach_norm(·, ∞)`` launch per device and dtype: ``max|x|`` is finite iff every entry is (NaN
+    propagates through the max), and unlike a 2-norm it cannot overflow on large finite values.  Empty
+    tensors are finite.  Nothing is copied from the host, so on CUDA nothing waits.
     """
     device = tensors[0].device
-    flags = torch.zeros(len(tensors), dtype=torch.bool, device=device)
-    by_device: dict[torch.device, list[int]] = {}
+    kinds: dict[tuple[torch.device, torch.dtype], list[int]] = {}
     for i, t in enumerate(tensors):
         if t.numel():
-            by_device.setdefault(t.device, []).append(i)
-    for dev, idx in by_device.items():
-        norms = torch._foreach_norm([tensors[i] for i in idx], float("inf"))
-        bad = ~torch.isfinite(torch.stack([n.reshape(()) for n in norms]))
-        flags[torch.tensor(idx, device=device)] = bad.to(device)
-    return flags
+            kinds.setdefault((t.device, t.dtype), []).append(i)
+    if len(kinds) == 1 and sum(map(len, kinds.values())) == len(tensors):  # the common case: one stack, no scatter
+        return ~torch.isfinite(torch.stack(torch._foreach_norm(tensors, float("inf"))))
+    norms: list[Tensor] = [torch.zeros((), device=device)] * len(tensors)
+    for idx in kinds.values():
+        for i, n in zip(idx, torch._foreach_norm([tensors[i] for i in idx], float("inf"))):
+            norms[i] = n.to(device=device, dtype=torch.float32)
+    return ~torch.isfinite(torch.stack(norms))
 
 
 @dataclass
@@ -49,13 +51,13 @@ class SkipLog:
     host: int = 0
     device: Tensor | None = None
     warned: bool = False
-    pending: list[tuple[Tensor, torch.cuda.Event, list[str]]] = field(default_factory=list)
+    pending: list[tuple[Tensor, torch.cuda.Event, Callable[[int], str]]] = field(default_factory=list)
 
     def skipped_on_host(self, label: str) -> None:
         self.host += 1
         self.warn(label)
 
-    def skipped_on_device(self, found_inf: Tensor, bad: Tensor, labels: list[str]) -> None:
+    def skipped_on_device(self, found_inf: Tensor, bad: Tensor, labels: Callable[[int], str]) -> None:
         """Record a sync-free step's flag: added to the device count, copied to the host without waiting."""
         self.device = found_inf.clone() if self.device is None else self.device + found_inf
         info = torch.stack([found_inf, torch.argmax(bad.to(torch.uint8)).to(torch.float32), bad.any().to(torch.float32)])
@@ -75,7 +77,7 @@ class SkipLog:
             event.synchronize()
             found, first, local_bad = host.tolist()
             if found:
-                self.warn(labels[int(first)] if local_bad else "a parameter on another rank")
+                self.warn(labels(int(first)) if local_bad else "a parameter on another rank")
         self.pending = still
 
     @property

@@ -82,8 +82,15 @@ class _CoordinateBlock:
         new = self.X + delta
         if self.scale is not None:
             new = new * self.scale
-        new = new.to(self.targets[0].dtype)
-        torch._foreach_copy_(self.targets, [t.view(p.shape) for t, p in zip(new.unbind(0), self.targets)])
+        torch._foreach_copy_(self.targets, _unstack(new.to(self.targets[0].dtype), self.targets[0].shape))
+
+
+def _unstack(stacked: Tensor, shape: torch.Size) -> list[Tensor] | tuple[Tensor, ...]:
+    """The slices of ``stacked`` along dim 0 as tensors of ``shape``: one ``unbind`` (views, no copy), and a
+    view per slice only where the shapes differ (conv factors).  Per-slice indexing would cost one dispatched
+    op per parameter and step, the bulk of a step's host time at hundreds of pairs."""
+    parts = stacked.unbind(0)
+    return parts if parts[0].shape == shape else [t.view(shape) for t in parts]
 
 
 def _reduced(parts: dict[Any, Tensor], collective: Callable[[Any], tuple[Any, ...]]) -> dict[Any, Tensor]:
@@ -649,19 +656,23 @@ class SDSAdamW(Optimizer):
         (``sds``'s warm-up counts, the σ channel's Adam, the capture modes); otherwise it is read on the host
         and a skipped step returns at once.
         """
-        grads, labels, groups_of = [], [], []
+        grads, where, groups_of = [], [], []
         for gi, group, position, lists, _ in prepared:
             for i, q in position.items():
-                if lists["grads"][q].numel():
-                    grads.append(lists["grads"][q])
-                    labels.append(_param_label(group, i, gi))
-                    groups_of.append(process_group(group["params"][i]))
+                grads.append(lists["grads"][q])
+                where.append((gi, i))
+                groups_of.append(process_group(group["params"][i]))
         if not grads:
             return False, None
+
+        def label(j: int) -> str:
+            gi, i = where[j]
+            return _param_label(self.param_groups[gi], i, gi)
+
         bad = nonfinite_flags(grads)
         found = bad.any().to(torch.float32)
-        sharded = {pg: bad[torch.tensor([j for j, g in enumerate(groups_of) if g is pg], device=bad.device)]
-                   .any().to(torch.float32).reshape(1) for pg in {g for g in groups_of if g is not None}}
+        sharded = {pg: torch.stack([bad[j] for j, g in enumerate(groups_of) if g is pg]).any().to(torch.float32)
+                   .reshape(1) for pg in {g for g in groups_of if g is not None}}
         for flag in _reduced(sharded, lambda pg: (pg, torch.float32, bad.device)).values():
             found = torch.maximum(found, (flag > 0).to(torch.float32).reshape(()))
         host_decisions = any(
@@ -671,11 +682,11 @@ class SDSAdamW(Optimizer):
         )
         if not host_decisions and all(g.is_cuda for g in grads):
             self._skips.poll()
-            self._skips.skipped_on_device(found, bad, labels)
+            self._skips.skipped_on_device(found, bad, label)
             return False, found
         if not found.item():
             return False, None
-        self._skips.skipped_on_host(labels[int(torch.argmax(bad.to(torch.uint8)))] if bad.any()
+        self._skips.skipped_on_host(label(int(torch.argmax(bad.to(torch.uint8)))) if bad.any()
                                     else "a parameter on another rank")
         return True, None
 
@@ -715,9 +726,9 @@ class SDSAdamW(Optimizer):
         """The pairs' factors stacked in ``dt``, natural layout: ``A`` ``[k, r, n]``, ``B`` ``[k, m, r]``
         (local shards under FSDP2)."""
         params: list[Tensor] = group["params"]
-        A = torch.stack([a_rows(local(params[i])) for i in ids_a]).to(dt)
-        B = torch.stack([b_matrix(local(params[i])) for i in ids_b]).to(dt)
-        return A, B
+        A = torch.stack([local(params[i]) for i in ids_a]).to(dt)
+        B = torch.stack([local(params[i]) for i in ids_b]).to(dt)
+        return A.view(len(ids_a), A.shape[1], -1), B.view(len(ids_b), B.shape[1], B.shape[2])
 
     @staticmethod
     def _cholesky_all(requests: list[tuple[Tensor, Any, float, float]]) -> list[tuple[Tensor, Tensor]]:
@@ -791,9 +802,9 @@ class SDSAdamW(Optimizer):
                 block = _CoordinateBlock(side=side, M=factor_map(K, L_inv, shift), X=X, before=before, after=adam_view,
                                          targets=[lists["params"][q] for q in pos], scale=scales.get(side))
                 g_t = g_t.to(like.dtype).contiguous()  # fused Adam needs the params' layout
-                for k, q in enumerate(pos):
-                    lists["params"][q] = adam_view[k].view(like.shape)
-                    lists["grads"][q] = g_t[k].view(like.shape)
+                for q, p_t, g_q in zip(pos, _unstack(adam_view, like.shape), _unstack(g_t, like.shape)):
+                    lists["params"][q] = p_t
+                    lists["grads"][q] = g_q
                 blocks.append(block)
         return blocks
 

@@ -180,6 +180,19 @@ def test_p10_resplit_preserves_the_product(case):
     torch.testing.assert_close(torch.linalg.svdvals(B2)[strong], sigma[strong].sqrt(), rtol=1e-8, atol=0)
 
 
+@pytest.mark.parametrize("m, n, r", [(9, 7, 3), (5, 12, 4), (16, 16, 1)])
+def test_resplit_signs_follow_a_convention(m, n, r):
+    """The re-split's B' in the coordinates of B's orthonormal basis is ``U·D_B`` with the largest-magnitude entry
+    of every column positive, whatever signs the SVD returned (CPU and GPU re-splits then agree)."""
+    gen = torch.Generator().manual_seed(m * n + r)
+    A, B = torch.randn(r, n, generator=gen, dtype=F64), torch.randn(m, r, generator=gen, dtype=F64)
+    M_A, M_B = resplit_maps((A @ A.T)[None], (B.T @ B)[None], rank_tol=1e-13)
+    Q, R = torch.linalg.qr(B)
+    C = (Q * torch.sign(torch.diagonal(R))).T @ (B @ M_B[0])
+    assert (C.gather(0, C.abs().argmax(0, keepdim=True)) > 0).all()
+    assert rel((B @ M_B[0]) @ (M_A[0] @ A), B @ A) <= 1e-12
+
+
 def test_p10_resplit_in_the_optimizer_resets_the_state():
     """At the end of the warm-up: BA as after the AdamW step, Adam state zero, step counts 0, warm-up count kept."""
     torch.manual_seed(1)
