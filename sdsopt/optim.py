@@ -76,9 +76,12 @@ class _CoordinateBlock:
     after: Tensor
     targets: list[Tensor]
     scale: Tensor | None = None  # [k, 1, 1]: the re-balance of ``rebalance=True``
+    ramp: float | Tensor | None = None  # the factor(s) k/coordinate_ramp of the pairs' first coordinate steps
 
     def leave(self) -> None:
         delta = to_factors(self.M, self.after.to(self.X.dtype) - self.before.to(self.X.dtype), self.side)
+        if self.ramp is not None:
+            delta = delta * self.ramp
         new = self.X + delta
         if self.scale is not None:
             new = new * self.scale
@@ -140,6 +143,8 @@ def _check_hyperparameters(group: dict[str, Any], where: str) -> None:
          f"decouple_sigma=True works with modes {SPECTRAL_MODES}, not mode={group['mode']!r}"),
         (isinstance(group["warmup_steps"], int) and not isinstance(group["warmup_steps"], bool)
          and group["warmup_steps"] >= 0, f"warmup_steps={group['warmup_steps']!r} must be an int >= 0"),
+        (isinstance(group["coordinate_ramp"], int) and not isinstance(group["coordinate_ramp"], bool)
+         and group["coordinate_ramp"] >= 0, f"coordinate_ramp={group['coordinate_ramp']!r} must be an int >= 0"),
         (isinstance(group["resplit"], bool), f"resplit={group['resplit']!r} must be True or False"),
         (isinstance(group["rebalance"], bool), f"rebalance={group['rebalance']!r} must be True or False"),
         (group["step_damping"] >= 0.0, f"step_damping={group['step_damping']} must be >= 0"),
@@ -190,6 +195,15 @@ class SDSAdamW(Optimizer):
             ``svd_oracle`` need the layers' inputs: call :meth:`attach` with the model once.
         warmup_steps: mode ``"sds"``: plain AdamW steps of each pair before its coordinate steps
             (default 10, as the paper; 0 starts in coordinates at once, e.g. for non-zero ``B``).
+        coordinate_ramp: mode ``"sds"``: the pair's first coordinate steps are scaled by ``k/coordinate_ramp``
+            (``k = 1, 2, …``; default 10; 0 or 1: off), a learning-rate warm-up restarted with the Adam state.
+            After the reset Adam's first steps are sign-like, ``lr`` in *every* coordinate at once, and a
+            coordinate of size ``lr`` moves ``BA`` by up to ``lr·√rows`` per direction, far more than LoRA's
+            step on the small factors of the warm-up: measured (3 seeds, paired with LoRA on the same
+            batches), the first coordinate steps raised the training loss by +0.09 nats on textlm at its best
+            lr and by +0.7–0.8 at three times that, on textlm and MiniLM; the ramp removes the spike.  It
+            scales the applied change (weight decay included, exactly as a smaller lr would), not Adam's
+            moments.
         resplit: mode ``"sds"``: re-split the pair at the end of its warm-up (default True).  The
             pair's Adam state is reset there either way (moments of the plain factors do not
             carry over to coordinates).
@@ -252,7 +266,8 @@ class SDSAdamW(Optimizer):
       that Adam leaves at zero leaves the factor bit-identical, and bf16/fp16 factors are rounded
       once per step as under AdamW.  Coordinates, gradients and moments are never stored between
       steps (state stays AdamW-sized: ``exp_avg``/``exp_avg_sq`` live in coordinates, plus the
-      pair's warm-up count ``sds_warmup`` on both factors' state).
+      pair's step count ``sds_warmup`` on both factors' state: warm-up steps, then coordinate steps until the
+      ``coordinate_ramp`` ends; while it counts, ``skip_nonfinite`` decides on the host).
     * ``sds``, rank deficiency (2.5): the Cholesky factors are of ``K + τ·trace(K)·I`` always (no
       data-dependent branch, no host synchronisation), ``K = 0`` gives ``R = I`` (a plain AdamW
       step) and a failed factorisation an isotropic ``R``; any invertible ``R`` is an exact change
@@ -314,6 +329,7 @@ class SDSAdamW(Optimizer):
         *,
         mode: str = "sds",
         warmup_steps: int = 10,
+        coordinate_ramp: int = 10,
         resplit: bool = True,
         rebalance: bool = True,
         step_damping: float = 1.0,
@@ -337,7 +353,7 @@ class SDSAdamW(Optimizer):
         self._skips = SkipLog()
         defaults = dict(
             lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
-            mode=mode, warmup_steps=warmup_steps, resplit=resplit, rebalance=rebalance, step_damping=step_damping,
+            mode=mode, warmup_steps=warmup_steps, coordinate_ramp=coordinate_ramp, resplit=resplit, rebalance=rebalance, step_damping=step_damping,
             decouple_sigma=decouple_sigma, sigma_lr_ratio=sigma_lr_ratio, route=route,
             rank_tol=rank_tol, damping=damping, lorsum_sweeps=lorsum_sweeps, oracle_max_numel=oracle_max_numel,
             linalg_dtype=linalg_dtype, maximize=maximize,
@@ -677,7 +693,7 @@ class SDSAdamW(Optimizer):
             found = torch.maximum(found, (flag > 0).to(torch.float32).reshape(()))
         host_decisions = any(
             not group["fused"] or group["decouple_sigma"] or group["mode"] in ("svd_oracle", "lorsum")
-            or (group["mode"] == "sds" and any(not self._in_coordinates(group, ia) for ia, _ in group["lora_pairs"]))
+            or (group["mode"] == "sds" and any(self._counting(group, ia) for ia, _ in group["lora_pairs"]))
             for _, group, _, lists, _ in prepared if lists["params"]
         )
         if not host_decisions and all(g.is_cuda for g in grads):
@@ -693,6 +709,24 @@ class SDSAdamW(Optimizer):
     def _in_coordinates(self, group: dict[str, Any], ia: int) -> bool:
         """Mode ``sds``: has the pair whose A factor is ``group['params'][ia]`` finished its warm-up?"""
         return self.state.get(group["params"][ia], {}).get("sds_warmup", 0) >= group["warmup_steps"]
+
+    def _counting(self, group: dict[str, Any], ia: int) -> bool:
+        """Mode ``sds``: is the pair's step count still read on the host (warm-up or coordinate ramp)?"""
+        count = self.state.get(group["params"][ia], {}).get("sds_warmup", 0)
+        return count < group["warmup_steps"] + max(group["coordinate_ramp"] - 1, 0)
+
+    def _ramp(self, group: dict[str, Any], ids_a: list[int], like: Tensor) -> float | Tensor | None:
+        """The factors ``min(1, (n − warmup_steps + 1)/coordinate_ramp)`` of pairs at count ``n`` (``[k, 1, 1]``
+        if they differ), or ``None`` once every pair of the bucket is past its ramp."""
+        ramp, start = group["coordinate_ramp"], group["warmup_steps"]
+        if ramp <= 1:
+            return None
+        c = [min(1.0, (self.state[group["params"][i]].get("sds_warmup", 0) - start + 1) / ramp) for i in ids_a]
+        if all(v == 1.0 for v in c):
+            return None
+        if all(v == c[0] for v in c):
+            return c[0]
+        return torch.tensor(c, dtype=like.dtype, device=like.device).view(-1, 1, 1)
 
     def _buckets(self, gi: int, group: dict[str, Any], position: dict[int, int]) -> list[_Bucket]:
         """Pairs with a gradient, grouped into buckets of equal shapes, dtypes, device, grad presence
@@ -780,10 +814,10 @@ class SDSAdamW(Optimizer):
             if bucket.has_b:  # B̃ needs R_A
                 sides.append(("B", B, bucket.b, len(requests)))
                 requests.append((gram(A), process_group(params[bucket.a[0]]), tol, shift))
-            work.append((dt, sides, shift))
+            work.append((dt, sides, shift, bucket.a))
         factors = self._cholesky_all(requests)
         blocks = []
-        for dt, sides, shift in work:
+        for dt, sides, shift, a_ids in work:
             scales = {}
             if group["rebalance"] and group["lr"] > 0 and len(sides) == 2:  # lr = 0 (a scheduler) moves nothing
                 (_, _, _, j_a), (_, _, _, j_b) = sides  # side A's request holds K_B, side B's holds K_A
@@ -800,7 +834,8 @@ class SDSAdamW(Optimizer):
                 before = X_t.to(like.dtype)
                 adam_view = before.clone()
                 block = _CoordinateBlock(side=side, M=factor_map(K, L_inv, shift), X=X, before=before, after=adam_view,
-                                         targets=[lists["params"][q] for q in pos], scale=scales.get(side))
+                                         targets=[lists["params"][q] for q in pos], scale=scales.get(side),
+                                         ramp=self._ramp(group, a_ids, X))
                 g_t = g_t.to(like.dtype).contiguous()  # fused Adam needs the params' layout
                 for q, p_t, g_q in zip(pos, _unstack(adam_view, like.shape), _unstack(g_t, like.shape)):
                     lists["params"][q] = p_t
@@ -809,17 +844,18 @@ class SDSAdamW(Optimizer):
         return blocks
 
     def _advance_warmup(self, group: dict[str, Any], position: dict[int, int]) -> None:
-        """Mode ``sds`` after Adam: count warm-up steps; pairs that just finished are re-split (2.4)
-        (if ``resplit``) and their Adam state reset, so that their moments start in coordinates."""
+        """Mode ``sds`` after Adam: count the pair's steps (warm-up, then the coordinate ramp); pairs that just
+        finished the warm-up are re-split (2.4) (if ``resplit``) and their Adam state reset, so that their moments
+        start in coordinates."""
         params: list[Tensor] = group["params"]
         finished: list[tuple[int, int]] = []
         for ia, ib in group["lora_pairs"]:
-            if not (ia in position or ib in position) or self._in_coordinates(group, ia):
+            if not (ia in position or ib in position) or not self._counting(group, ia):
                 continue
-            count = self.state[params[ia]].get("sds_warmup", 0) + 1
+            count = self.state[params[ia]].get("sds_warmup", 0)
             for i in (ia, ib):
-                self.state[params[i]]["sds_warmup"] = count
-            if count >= group["warmup_steps"]:
+                self.state[params[i]]["sds_warmup"] = count + 1
+            if count + 1 == group["warmup_steps"]:
                 finished.append((ia, ib))
         if not finished:
             return

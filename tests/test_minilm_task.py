@@ -78,7 +78,7 @@ def test_task_trains_through_the_ablation_harness(model_zip, tmp_path):
     train_idx, test_idx = (set(i.tolist()) for i in task.split_indices)
     assert not train_idx & test_idx and len(train_idx | test_idx) == n_train + n_test
     assert (task.train[0][:, 1] != 1).float().mean() > 0.5  # the tokenizer knows the paragraphs' first words
-    args = argparse.Namespace(steps=60, beta1=0.9, weight_decay=0.0, metrics_every=0, device="cpu")
+    args = argparse.Namespace(steps=100, beta1=0.9, weight_decay=0.0, metrics_every=0, device="cpu")
     runs = [ablate.run_one(task, mode, 1e-2, 0, args) for mode in ("full", "lora", "sds")]
     for run in runs:
         assert all(math.isfinite(v) for v in run["curve"]) and math.isfinite(run["eval"])

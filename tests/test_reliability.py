@@ -341,4 +341,4 @@ def test_lr_scheduler_to_zero_freezes_parameters_but_not_moments():
         frozen = all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
         assert frozen == (1 <= step <= 3), step
         assert not torch.equal(opt.state[model.extra]["exp_avg"], moment)
-    assert opt.state[model.l1.lora_A["default"].weight]["sds_warmup"] == 1
+    assert opt.state[model.l1.lora_A["default"].weight]["sds_warmup"] == 6  # warm-up 1, then the ramp's count
