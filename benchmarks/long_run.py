@@ -87,15 +87,16 @@ def run(task, mode: str, dtype_name: str, args: argparse.Namespace) -> dict:
 
 
 def summary_table(runs: list[dict]) -> str:
-    lines = ["| task | mode | dtype | held-out | finite | max cond A / B (steps ≥ log-every) | max cond R | ‖A‖/‖B‖ start → end (max) | "
-             "‖A‖/‖B‖ end (min) |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| task | mode | dtype | held-out | finite | max cond A / B (steps ≥ log-every) | max cond R | "
+             "‖A‖/‖B‖ start → end (max) | ‖A‖/‖B‖ end (min) |", "|---|---|---|---|---|---|---|---|---|"]
     for r in runs:
         first, last = r["log"][0], r["log"][-1]
         later = r["log"][1:] or r["log"]  # step 1's B is LoRA's near-zero start: its condition number says nothing
         ca = max(x["cond_A"] for x in later)
         cb = max(x["cond_B"] for x in later)
         cr = max(x["cond_R"] for x in later)
-        lines.append(f"| {r['task']} | {r['mode']} | {r['dtype']} | {r['eval']:.4f} | {'yes' if r['all_finite'] else 'NO'}"
+        finite = "yes" if r["all_finite"] else "NO"
+        lines.append(f"| {r['task']} | {r['mode']} | {r['dtype']} | {r['eval']:.4f} | {finite}"
                      f" | {ca:.3g} / {cb:.3g} | {cr:.3g} | {first['balance_max']:.3g} → {last['balance_max']:.3g}"
                      f" | {last['balance_min']:.3g} |")
     return "\n".join(lines)

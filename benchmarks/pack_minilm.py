@@ -15,7 +15,6 @@ import shutil
 import sys
 from pathlib import Path
 
-import torch
 from safetensors.torch import load_file, save_file
 
 from sdsopt.tasks.minilm import minilm_dir

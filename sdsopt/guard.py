@@ -60,7 +60,8 @@ class SkipLog:
     def skipped_on_device(self, found_inf: Tensor, bad: Tensor, labels: Callable[[int], str]) -> None:
         """Record a sync-free step's flag: added to the device count, copied to the host without waiting."""
         self.device = found_inf.clone() if self.device is None else self.device + found_inf
-        info = torch.stack([found_inf, torch.argmax(bad.to(torch.uint8)).to(torch.float32), bad.any().to(torch.float32)])
+        first = torch.argmax(bad.to(torch.uint8)).to(torch.float32)
+        info = torch.stack([found_inf, first, bad.any().to(torch.float32)])
         host = torch.empty(3, dtype=torch.float32, pin_memory=True)
         host.copy_(info, non_blocking=True)
         event = torch.cuda.Event()

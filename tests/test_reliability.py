@@ -329,7 +329,7 @@ def test_lr_scheduler_to_zero_freezes_parameters_but_not_moments():
     """A scheduler that sets lr = 0 leaves the parameters (weight decay is lr-scaled, as in AdamW) while the
     moments keep accumulating; in sds's coordinates too (the re-balance is skipped at lr = 0)."""
     model = fresh(dtype=F64)
-    opt = SDSAdamW(model.named_parameters(), lr=1e-2, warmup_steps=1)  # re-split at step 0
+    opt = SDSAdamW(model.named_parameters(), lr=1e-2, warmup_steps=1, coordinate_ramp=10)  # re-split at step 0
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.0 if 1 <= step <= 3 else 1.0)
     data = make_data(dtype=F64)
     for step in range(6):

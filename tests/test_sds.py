@@ -6,6 +6,7 @@ Properties P1, P3, P4, P7 (warm-up), P8, P9 (against the paper's layer), P10 (re
 
 from __future__ import annotations
 
+import copy
 import io
 import math
 
@@ -96,7 +97,7 @@ def test_p1_scale_invariance(case, log_c, wd):
 
 @given(pair_case(), st.integers(-12, 12), st.sampled_from([0.0, 0.1]))
 def test_p1_scale_invariance_is_exact_for_powers_of_two(case, k, wd):
-    """P1 with the default ramp and re-balance: for c = 2^k floating point scales exactly, so the trajectories
+    """P1 with the ramp and the re-balance: for c = 2^k floating point scales exactly, so the trajectories
     are bit-identical.  (With the ramp, a generic c can land on a rounding-sensitive trajectory: measured, a
     κ ≈ 100 pair whose small steps keep it ill-conditioned moved BA by 6e-8 after a 2^-20 change of c.)"""
     A, B, x, y = case
@@ -104,7 +105,7 @@ def test_p1_scale_invariance_is_exact_for_powers_of_two(case, k, wd):
     for A0, B0 in ((A, B), (2.0**k * A, B / 2.0**k)):
         layer = layer_with(A0, B0)
         runs.append(run(layer, SDSAdamW(layer.named_parameters(), lr=1e-2, weight_decay=wd, warmup_steps=0,
-                                        step_damping=0.0), x, y, steps=4))
+                                        step_damping=0.0, coordinate_ramp=10), x, y, steps=4))
     for W, W_c in zip(*runs):
         assert rel(W_c, W) <= 1e-15
 
@@ -244,8 +245,8 @@ def test_p9_first_order_step_of_the_papers_layer():
     for lr in (1e-3, 1e-4):
         ours = layer_with(A, B, alpha=6.0)
         W0 = product(ours)
-        W_ours = run(ours, SDSAdamW(ours.named_parameters(), lr=lr, weight_decay=0.0, warmup_steps=0, coordinate_ramp=0),
-                     x, y, 1)[0]
+        opt = SDSAdamW(ours.named_parameters(), lr=lr, weight_decay=0.0, warmup_steps=0, coordinate_ramp=0)
+        W_ours = run(ours, opt, x, y, 1)[0]
         paper = layer_with(A, B, alpha=6.0)
         layers = PaperSDSLayers(paper, total_steps=100)
         layers.activate()
@@ -272,7 +273,8 @@ def test_p11_gradient_descent_limit_is_scaled_with_zero_damping(case, log_s):
     Q_B, Q_A = torch.linalg.qr(B).Q, torch.linalg.qr(A.T).Q
     expected = -(lr / eps) * s**2 * (Q_B @ Q_B.T @ G + G @ Q_A @ Q_A.T)
     steps = {}
-    for mode, kw in (("sds", dict(warmup_steps=0, coordinate_ramp=0, step_damping=0.0)), ("scaled", dict(damping=1e-30))):
+    for mode, kw in (("sds", dict(warmup_steps=0, coordinate_ramp=0, step_damping=0.0)),
+                     ("scaled", dict(damping=1e-30))):
         lay = layer_with(A, B, alpha=alpha)
         opt = SDSAdamW(lay.named_parameters(), lr=lr, eps=eps, betas=(0.0, 0.0), weight_decay=0.0, mode=mode, **kw)
         steps[mode] = run(lay, opt, x, y, 1)[0] - W0
@@ -336,7 +338,7 @@ def test_lora_fa_pair_moves_only_the_trainable_factor():
     A.requires_grad_(False)
     run(layer, opt, x, y, steps=4)
     assert torch.equal(A, A_before) and B.abs().sum() > 0
-    assert opt.state[B]["sds_warmup"] == 4  # 2 warm-up steps, then the coordinate ramp's count
+    assert opt.state[B]["sds_warmup"] == 2
 
 
 # ----------------------------------------------------------------------------- errors, checkpoints
@@ -367,3 +369,40 @@ def test_a_state_from_sdsopt_0_1_sds_is_refused():
     buf.seek(0)
     with pytest.raises(ValueError, match="written by sdsopt 0.1.*mode='sds_polar'"):
         SDSAdamW(layer.named_parameters()).load_state_dict(torch.load(buf))
+
+
+def test_coordinate_ramp_scales_each_pairs_first_coordinate_steps():
+    """coordinate_ramp=N: a pair's k-th coordinate step applies k/N of the change of the same step without the
+    ramp (same state, same moments); pairs of one bucket at different counts get their own factor."""
+    torch.manual_seed(4)
+    net = nn.ModuleDict({name: LoraLinear(nn.Linear(6, 5, dtype=F64), 3) for name in ("p", "q")})  # one bucket
+    with torch.no_grad():
+        for layer in net.values():
+            factors(layer)[1].normal_()
+    x, y = torch.randn(8, 6, dtype=F64), torch.randn(8, 5, dtype=F64)
+    kw = dict(lr=1e-2, warmup_steps=0, rebalance=False, coordinate_ramp=4)
+    opt = SDSAdamW(net.named_parameters(), **kw)
+    for step in range(6):
+        opt.zero_grad()
+        ((net["p"](x) + net["q"](x) - y) ** 2).mean().backward()
+        if step == 0:  # q skips a step: its count lags p's by one from here on
+            for p in factors(net["q"]):
+                p.grad = None
+        twin = copy.deepcopy(net)
+        twin_opt = SDSAdamW(twin.named_parameters(), **kw)
+        twin_opt.load_state_dict(copy.deepcopy(opt.state_dict()))
+        twin_opt.param_groups[0]["coordinate_ramp"] = 0
+        for p, t in zip(net.parameters(), twin.parameters()):
+            t.grad = None if p.grad is None else p.grad.clone()
+        before = {n: p.detach().clone() for n, p in net.named_parameters()}
+        opt.step()
+        twin_opt.step()
+        for name, layer in net.items():
+            count = step if name == "p" else step - 1  # coordinate steps taken before this one
+            if name == "q" and step == 0:
+                continue
+            c = min(1.0, (count + 1) / 4)
+            for label, p, t in zip("AB", factors(layer), factors(twin[name])):
+                key = next(n for n, q in net.named_parameters() if q is p)
+                torch.testing.assert_close(p - before[key], c * (t - before[key]), rtol=1e-9, atol=1e-15,
+                                           msg=f"{name}.{label} step {step}")
