@@ -21,7 +21,9 @@ refused (see :func:`check_not_deepspeed`).
 
 from __future__ import annotations
 
+from collections import defaultdict
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -36,6 +38,7 @@ __all__ = [
     "local_grad",
     "lora_shard_placement_fn",
     "process_group",
+    "reduce_parts",
 ]
 
 try:  # torch >= 2.4
@@ -155,3 +158,15 @@ def all_reduce_coalesced(tensors: list[Tensor], group) -> list[Tensor]:
     flat = torch.cat([t.reshape(-1) for t in tensors])
     torch.distributed.all_reduce(flat, group=group)
     return [part.view_as(t) for part, t in zip(flat.split([t.numel() for t in tensors]), tensors)]
+
+
+def reduce_parts(parts: dict[Any, Tensor], collective: Callable[[Any], tuple[Any, ...]]) -> dict[Any, Tensor]:
+    """``parts`` summed over their process groups: one all-reduce per ``collective(key)`` =
+    ``(process group, dtype, device)``; parts without a group come back unchanged."""
+    by_collective: dict[tuple[Any, ...], list[Any]] = defaultdict(list)
+    for key in parts:
+        by_collective[collective(key)].append(key)
+    out = dict(parts)
+    for (pg, *_), keys in by_collective.items():
+        out.update(zip(keys, all_reduce_coalesced([parts[k] for k in keys], pg)))
+    return out

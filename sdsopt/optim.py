@@ -1,8 +1,9 @@
 """``SDSAdamW``: AdamW for LoRA pairs in the coordinates of their orthonormal bases (docs/math.md §2), and the
 comparison modes of §3.
 
-The class validates, pairs and holds state; the geometry lives in :mod:`sdsopt.coordinates` (mode ``sds``),
-:mod:`sdsopt.rewrite` (gradient rewrites) and :mod:`sdsopt.linalg`, and the Adam update itself is torch's functional
+The class validates, pairs, holds state and orchestrates; each mode is one object of :mod:`sdsopt.modes` (what it
+does before and after Adam), over the geometry of :mod:`sdsopt.coordinates` (mode ``sds``), :mod:`sdsopt.rewrite`
+(gradient rewrites) and :mod:`sdsopt.linalg`, and the Adam update itself is torch's functional
 ``torch.optim.adam.adam(..., decoupled_weight_decay=True)`` — the very kernel behind
 ``torch.optim.AdamW`` — so foreach/fused kernels and AdamW's exact semantics are inherited, and
 parameters outside LoRA pairs follow ``torch.optim.AdamW`` bit for bit (MATH P7).
@@ -10,11 +11,9 @@ parameters outside LoRA pairs follow ``torch.optim.AdamW`` bit for bit (MATH P7)
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections import defaultdict
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -23,94 +22,16 @@ from torch.optim.adam import adam
 from torch.optim.optimizer import Optimizer
 
 from . import pairing as _pairing
-from .coordinates import balance_scales, factor_map, lower_inverse, resplit_maps, to_coordinates, to_factors
-from .linalg import algebra_precision, cholesky_lower, finite_or_zero, gram, spectrum
-from .pairing import LoraPair, PairingFn, a_rows, b_matrix, check_pair_shapes
 from .capture import LoraCapture
+from .distributed import check_not_deepspeed, check_pair_layout, local, local_grad, process_group, reduce_parts
 from .guard import SkipLog, nonfinite_flags
-from .distributed import all_reduce_coalesced, check_not_deepspeed, check_pair_layout, local, local_grad, process_group
-from .rewrite import (
-    MODE_ROUTES,
-    MODES,
-    ROUTES,
-    SPECTRAL_MODES,
-    lorsum_sweeps,
-    preconditioner,
-    resolve_route,
-    sigma_correction,
-    sigma_split,
-    svd_refactor,
-)
+from .modes import Bucket, Coordinates, StepContext, mode_of
+from .pairing import LoraPair, PairingFn, a_rows, check_pair_shapes, param_label
+from .rewrite import MODE_ROUTES, MODES, ROUTES, SPECTRAL_MODES
 
 __all__ = ["SDSAdamW"]
 
 _LINALG_DTYPES = (None, torch.float32, torch.float64)
-
-
-@dataclass
-class _Bucket:
-    """LoRA pairs of one param group that share shapes, dtypes, device and which factors have grads."""
-
-    a_shape: torch.Size
-    b_shape: torch.Size
-    has_a: bool
-    has_b: bool
-    coordinates: bool = False  # mode sds: past the warm-up, Adam runs in the bases' coordinates
-    a: list[int] = field(default_factory=list)  # indices of the A factors in the group's params
-    b: list[int] = field(default_factory=list)
-
-
-@dataclass
-class _CoordinateBlock:
-    """Mode ``sds``: one bucket's factors of one kind handed to Adam in coordinates (MATH 2.2).
-
-    ``before`` holds the coordinates Adam starts from and ``after`` the buffer Adam updates (both
-    in the parameter's dtype); :meth:`leave` adds the mapped change ``M (after − before)`` to
-    the factors ``X`` (float32 or better) and writes them into ``targets``.
-    """
-
-    side: str
-    M: Tensor
-    X: Tensor
-    before: Tensor
-    after: Tensor
-    targets: list[Tensor]
-    scale: Tensor | None = None  # [k, 1, 1]: the re-balance of ``rebalance=True``
-    ramp: float | Tensor | None = None  # the factor(s) k/coordinate_ramp of the pairs' first coordinate steps
-
-    def leave(self) -> None:
-        delta = to_factors(self.M, self.after.to(self.X.dtype) - self.before.to(self.X.dtype), self.side)
-        if self.ramp is not None:
-            delta = delta * self.ramp
-        new = self.X + delta
-        if self.scale is not None:
-            new = new * self.scale
-        torch._foreach_copy_(self.targets, _unstack(new.to(self.targets[0].dtype), self.targets[0].shape))
-
-
-def _unstack(stacked: Tensor, shape: torch.Size) -> list[Tensor] | tuple[Tensor, ...]:
-    """The slices of ``stacked`` along dim 0 as tensors of ``shape``: one ``unbind`` (views, no copy), and a
-    view per slice only where the shapes differ (conv factors).  Per-slice indexing would cost one dispatched
-    op per parameter and step, the bulk of a step's host time at hundreds of pairs."""
-    parts = stacked.unbind(0)
-    return parts if parts[0].shape == shape else [t.view(shape) for t in parts]
-
-
-def _reduced(parts: dict[Any, Tensor], collective: Callable[[Any], tuple[Any, ...]]) -> dict[Any, Tensor]:
-    """``parts`` summed over their process groups: one all-reduce per ``collective(key)`` =
-    ``(process group, dtype, device)``; parts without a group come back unchanged."""
-    by_collective: dict[tuple[Any, ...], list[Any]] = defaultdict(list)
-    for key in parts:
-        by_collective[collective(key)].append(key)
-    out = dict(parts)
-    for (pg, *_), keys in by_collective.items():
-        out.update(zip(keys, all_reduce_coalesced([parts[k] for k in keys], pg)))
-    return out
-
-
-def _param_label(group: dict[str, Any], index: int, group_index: int) -> str:
-    names = group.get("param_names")
-    return repr(names[index]) if names else f"params[{index}] of param group {group_index}"
 
 
 def _check_hyperparameters(group: dict[str, Any], where: str) -> None:
@@ -413,7 +334,7 @@ class SDSAdamW(Optimizer):
     def _resolve_pairs(self, gi: int, group: dict[str, Any], explicit: list[Any]) -> list[tuple[int, int]]:
         params: list[Tensor] = group["params"]
         for i, p in enumerate(params):
-            check_not_deepspeed(p, _param_label(group, i, gi))
+            check_not_deepspeed(p, param_label(group, i, gi))
         where = {id(p): i for i, p in enumerate(params)}
         pairs: list[tuple[int, int]] = []
         for k, pair in enumerate(explicit):
@@ -439,12 +360,12 @@ class SDSAdamW(Optimizer):
             for i in (ia, ib):
                 if i in seen or ia == ib:
                     raise ValueError(
-                        f"param group {gi}: {_param_label(group, i, gi)} is in more than one LoRA pair; "
+                        f"param group {gi}: {param_label(group, i, gi)} is in more than one LoRA pair; "
                         "each factor may belong to one pair only (check explicit lora_pairs and the pairing rule)."
                     )
                 seen[i] = k
-            check_pair_shapes(params[ia], params[ib], _param_label(group, ia, gi), _param_label(group, ib, gi))
-            check_pair_layout(params[ia], params[ib], _param_label(group, ia, gi), _param_label(group, ib, gi))
+            check_pair_shapes(params[ia], params[ib], param_label(group, ia, gi), param_label(group, ib, gi))
+            check_pair_layout(params[ia], params[ib], param_label(group, ia, gi), param_label(group, ib, gi))
         return pairs
 
     def _check_not_split(self, gi: int, names: list[str]) -> None:
@@ -540,7 +461,7 @@ class SDSAdamW(Optimizer):
                     if key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq") and isinstance(value, Tensor) \
                             and tuple(value.shape) != tuple(p.shape):
                         raise ValueError(
-                            f"{where}: {_param_label(mine, i, gi)} is {tuple(p.shape)} but the checkpoint's "
+                            f"{where}: {param_label(mine, i, gi)} is {tuple(p.shape)} but the checkpoint's "
                             f"{key} for it is {tuple(value.shape)} (LoRA rank or model changed?); build the model "
                             "with the shapes it was saved with, or start the optimizer state afresh."
                         )
@@ -573,7 +494,7 @@ class SDSAdamW(Optimizer):
                 continue
             if p.grad.is_sparse:
                 raise RuntimeError(
-                    f"SDSAdamW: {_param_label(group, i, gi)} has a sparse gradient; SDSAdamW (like AdamW) "
+                    f"SDSAdamW: {param_label(group, i, gi)} has a sparse gradient; SDSAdamW (like AdamW) "
                     "needs dense gradients (e.g. nn.Embedding(sparse=False))."
                 )
             has_complex |= torch.is_complex(p)
@@ -591,7 +512,7 @@ class SDSAdamW(Optimizer):
             position[i] = len(lists["params"])
             # DTensor (FSDP2) shards: the update is elementwise, so Adam runs on the local shards
             lists["params"].append(local(p))
-            lists["grads"].append(local_grad(p, _param_label(group, i, gi)))
+            lists["grads"].append(local_grad(p, param_label(group, i, gi)))
             lists["exp_avgs"].append(local(state["exp_avg"]))
             lists["exp_avg_sqs"].append(local(state["exp_avg_sq"]))
             if group["amsgrad"]:
@@ -634,27 +555,10 @@ class SDSAdamW(Optimizer):
         for gi, group, position, lists, has_complex in prepared:
             if not lists["params"]:
                 continue
-            corrections: list[tuple[Tensor, Tensor]] = []
-            replaced: list[tuple[Tensor, Tensor]] = []
-            coordinates: list[_CoordinateBlock] = []
-            mode = group["mode"]
-            if mode == "sds":
-                coordinates = self._enter_coordinates(gi, group, position, lists, found_inf)
-            elif mode in SPECTRAL_MODES or (mode == "lorsum" and group["lorsum_sweeps"] == 1):
-                corrections = self._rewrite_group(gi, group, position, lists)
-            elif mode in ("lorsum", "svd_oracle"):
-                replaced = self._rewrite_with_capture(gi, group, position, lists)
+            after = mode_of(group).before(StepContext(self, gi, group, position, lists, found_inf))
             self._adam(group, lists, lr=group["lr"], weight_decay=group["weight_decay"], has_complex=has_complex,
                        found_inf=found_inf)
-            for block in coordinates:
-                block.leave()
-            if mode == "sds":
-                self._advance_warmup(group, position)
-            if corrections:
-                targets, deltas = zip(*corrections)
-                torch._foreach_add_(list(targets), list(deltas))
-            for p, value in replaced:
-                p.copy_(value.reshape(p.shape))
+            after()
         if self._capture is not None:
             self._capture.clear()
         return loss
@@ -685,19 +589,16 @@ class SDSAdamW(Optimizer):
 
         def label(j: int) -> str:
             gi, i = where[j]
-            return _param_label(self.param_groups[gi], i, gi)
+            return param_label(self.param_groups[gi], i, gi)
 
         bad = nonfinite_flags(grads)
         found = bad.any().to(torch.float32)
         sharded = {pg: torch.stack([bad[j] for j, g in enumerate(groups_of) if g is pg]).any().to(torch.float32)
                    .reshape(1) for pg in {g for g in groups_of if g is not None}}
-        for flag in _reduced(sharded, lambda pg: (pg, torch.float32, bad.device)).values():
+        for flag in reduce_parts(sharded, lambda pg: (pg, torch.float32, bad.device)).values():
             found = torch.maximum(found, (flag > 0).to(torch.float32).reshape(()))
-        host_decisions = any(
-            not group["fused"] or group["decouple_sigma"] or group["mode"] in ("svd_oracle", "lorsum")
-            or (group["mode"] == "sds" and any(self._counting(group, ia) for ia, _ in group["lora_pairs"]))
-            for _, group, _, lists, _ in prepared if lists["params"]
-        )
+        host_decisions = any(not group["fused"] or mode_of(group).host_decision(self, group)
+                             for _, group, _, lists, _ in prepared if lists["params"])
         if not host_decisions and all(g.is_cuda for g in grads):
             self._skips.poll()
             self._skips.skipped_on_device(found, bad, label)
@@ -708,29 +609,7 @@ class SDSAdamW(Optimizer):
                                     else "a parameter on another rank")
         return True, None
 
-    def _in_coordinates(self, group: dict[str, Any], ia: int) -> bool:
-        """Mode ``sds``: has the pair whose A factor is ``group['params'][ia]`` finished its warm-up?"""
-        return self.state.get(group["params"][ia], {}).get("sds_warmup", 0) >= group["warmup_steps"]
-
-    def _counting(self, group: dict[str, Any], ia: int) -> bool:
-        """Mode ``sds``: is the pair's step count still read on the host (warm-up or coordinate ramp)?"""
-        count = self.state.get(group["params"][ia], {}).get("sds_warmup", 0)
-        return count < group["warmup_steps"] + max(group["coordinate_ramp"] - 1, 0)
-
-    def _ramp(self, group: dict[str, Any], ids_a: list[int], like: Tensor) -> float | Tensor | None:
-        """The factors ``min(1, (n − warmup_steps + 1)/coordinate_ramp)`` of pairs at count ``n`` (``[k, 1, 1]``
-        if they differ), or ``None`` once every pair of the bucket is past its ramp."""
-        ramp, start = group["coordinate_ramp"], group["warmup_steps"]
-        if ramp <= 1:
-            return None
-        c = [min(1.0, (self.state[group["params"][i]].get("sds_warmup", 0) - start + 1) / ramp) for i in ids_a]
-        if all(v == 1.0 for v in c):
-            return None
-        if all(v == c[0] for v in c):
-            return c[0]
-        return torch.tensor(c, dtype=like.dtype, device=like.device).view(-1, 1, 1)
-
-    def _buckets(self, gi: int, group: dict[str, Any], position: dict[int, int]) -> list[_Bucket]:
+    def _buckets(self, gi: int, group: dict[str, Any], position: dict[int, int]) -> list[Bucket]:
         """Pairs with a gradient, grouped into buckets of equal shapes, dtypes, device, grad presence
         and (mode ``sds``) phase: warm-up or coordinates.
 
@@ -738,356 +617,22 @@ class SDSAdamW(Optimizer):
         """
         pairs = group["lora_pairs"]
         sds = group["mode"] == "sds"
-        key = tuple((ia in position, ib in position, sds and self._in_coordinates(group, ia)) for ia, ib in pairs)
+        key = tuple((ia in position, ib in position, sds and Coordinates.in_coordinates(self, group, ia))
+                    for ia, ib in pairs)
         cached = self._bucket_cache.get(gi)
         if cached is not None and cached[0] == key and cached[1] is pairs:
             return cached[2]
         params: list[Tensor] = group["params"]
-        found: dict[tuple[Any, ...], _Bucket] = {}
+        found: dict[tuple[Any, ...], Bucket] = {}
         for (ia, ib), (has_a, has_b, coordinates) in zip(pairs, key):
             if not (has_a or has_b):
                 continue
             A, B = params[ia], params[ib]
             k = (A.shape, B.shape, A.dtype, B.dtype, A.device, has_a, has_b, coordinates)
-            bucket = found.setdefault(k, _Bucket(a_shape=A.shape, b_shape=B.shape, has_a=has_a, has_b=has_b,
+            bucket = found.setdefault(k, Bucket(a_shape=A.shape, b_shape=B.shape, has_a=has_a, has_b=has_b,
                                                  coordinates=coordinates))
             bucket.a.append(ia)
             bucket.b.append(ib)
         buckets = list(found.values())
         self._bucket_cache[gi] = (key, pairs, buckets)
         return buckets
-
-    def _factors(self, group: dict[str, Any], ids_a: list[int], ids_b: list[int], dt: torch.dtype
-                 ) -> tuple[Tensor, Tensor]:
-        """The pairs' factors stacked in ``dt``, natural layout: ``A`` ``[k, r, n]``, ``B`` ``[k, m, r]``
-        (local shards under FSDP2)."""
-        params: list[Tensor] = group["params"]
-        A = torch.stack([local(params[i]) for i in ids_a]).to(dt)
-        B = torch.stack([local(params[i]) for i in ids_b]).to(dt)
-        return A.view(len(ids_a), A.shape[1], -1), B.view(len(ids_b), B.shape[1], B.shape[2])
-
-    @staticmethod
-    def _cholesky_all(requests: list[tuple[Tensor, Any, float, float]]) -> list[tuple[Tensor, Tensor]]:
-        """``(K, L)``: every Gram batch of ``requests`` = ``(K, process group, τ, step shift μ_s)`` summed over
-        its process group, and its lower Cholesky factor (MATH 2.1, 2.5) of ``K + (τ·trace K + μ_s)·I``.
-
-        All Grams of a step that share an r, dtype, device, τ and process group go through *one*
-        all-reduce (FSDP2 shards: the Grams of local shards are partial sums) and *one*
-        ``cholesky_ex`` call, so neither the collectives nor the launches grow with the pair count.
-        """
-        pending: dict[tuple[Any, ...], list[int]] = defaultdict(list)
-        for j, (K, pg, tol, shift) in enumerate(requests):
-            pending[(K.shape[-1], K.dtype, K.device, tol, pg, shift)].append(j)
-        stacked = _reduced({key: torch.cat([requests[j][0] for j in js]) for key, js in pending.items()},
-                           lambda key: (key[4], key[1], key[2]))
-        out: list[tuple[Tensor, Tensor]] = [(torch.empty(0), torch.empty(0))] * len(requests)
-        for key, js in pending.items():
-            sizes = [requests[j][0].shape[0] for j in js]
-            K = stacked[key]
-            for j, K_j, L_j in zip(js, K.split(sizes), cholesky_lower(K, key[3], shift=key[5]).split(sizes)):
-                out[j] = (K_j, L_j)
-        return out
-
-    def _enter_coordinates(self, gi: int, group: dict[str, Any], position: dict[int, int],
-                           lists: dict[str, list[Tensor]], found_inf: Tensor | None = None) -> list[_CoordinateBlock]:
-        """Mode ``sds`` before Adam: hand Adam the coordinates (2.2) of every pair past its warm-up.
-
-        Per shape bucket: one stack of each factor and one batched Gram; then all Cholesky factors of
-        the step at once (:meth:`_cholesky_all`); then per bucket and factor one r×r triangular
-        inverse and two batched matmuls (coordinates and their gradient).  ``lists['params']``/``['grads']`` of
-        these factors are replaced by the coordinates and their gradients; the returned blocks map Adam's change
-        back (``leave``).
-        """
-        requests: list[tuple[Tensor, Any, float, float]] = []
-        work = []
-        for bucket in self._buckets(gi, group, position):
-            if not bucket.coordinates:
-                continue  # warm-up: plain AdamW on the factors
-            params: list[Tensor] = group["params"]
-            dt, tol = algebra_precision(params[bucket.a[0]].dtype, group["linalg_dtype"], group["rank_tol"], "cholesky")
-            A, B = self._factors(group, bucket.a, bucket.b, dt)
-            # the step damping μ_s = γ·lr·√min(m, n) (see the class docstring), from the whole factors'
-            # shapes: under FSDP2 A and B are local shards, and every rank must take the same step
-            m, n = bucket.b_shape[0], math.prod(bucket.a_shape[1:])
-            shift = group["step_damping"] * group["lr"] * math.sqrt(min(m, n))
-            sides = []
-            if bucket.has_a:  # Ã needs R_B
-                sides.append(("A", A, bucket.a, len(requests)))
-                requests.append((gram(B.mT), process_group(params[bucket.b[0]]), tol, shift))
-            if bucket.has_b:  # B̃ needs R_A
-                sides.append(("B", B, bucket.b, len(requests)))
-                requests.append((gram(A), process_group(params[bucket.a[0]]), tol, shift))
-            work.append((dt, sides, shift, bucket.a))
-        factors = self._cholesky_all(requests)
-        blocks = []
-        for dt, sides, shift, a_ids in work:
-            scales = {}
-            if group["rebalance"] and group["lr"] > 0 and len(sides) == 2:  # lr = 0 (a scheduler) moves nothing
-                (_, _, _, j_a), (_, _, _, j_b) = sides  # side A's request holds K_B, side B's holds K_A
-                scales = dict(zip("AB", balance_scales(K_A=factors[j_b][0], K_B=factors[j_a][0])))
-                if found_inf is not None:  # a step skipped on the device leaves the factors as they are
-                    scales = {k: torch.where(found_inf > 0, torch.ones_like(c), c) for k, c in scales.items()}
-            for side, X, ids, j in sides:
-                pos = [position[i] for i in ids]
-                like = lists["params"][pos[0]]
-                G = torch.stack([lists["grads"][q] for q in pos]).to(dt).view(X.shape)
-                K, L = factors[j]
-                L_inv = lower_inverse(L)
-                X_t, g_t = to_coordinates(L, L_inv, X, G, side)
-                before = X_t.to(like.dtype)
-                adam_view = before.clone()
-                block = _CoordinateBlock(side=side, M=factor_map(K, L_inv, shift), X=X, before=before, after=adam_view,
-                                         targets=[lists["params"][q] for q in pos], scale=scales.get(side),
-                                         ramp=self._ramp(group, a_ids, X))
-                g_t = g_t.to(like.dtype).contiguous()  # fused Adam needs the params' layout
-                for q, p_t, g_q in zip(pos, _unstack(adam_view, like.shape), _unstack(g_t, like.shape)):
-                    lists["params"][q] = p_t
-                    lists["grads"][q] = g_q
-                blocks.append(block)
-        return blocks
-
-    def _advance_warmup(self, group: dict[str, Any], position: dict[int, int]) -> None:
-        """Mode ``sds`` after Adam: count the pair's steps (warm-up, then the coordinate ramp); pairs that just
-        finished the warm-up are re-split (2.4) (if ``resplit``) and their Adam state reset, so that their moments
-        start in coordinates."""
-        params: list[Tensor] = group["params"]
-        finished: list[tuple[int, int]] = []
-        for ia, ib in group["lora_pairs"]:
-            if not (ia in position or ib in position) or not self._counting(group, ia):
-                continue
-            count = self.state[params[ia]].get("sds_warmup", 0)
-            for i in (ia, ib):
-                self.state[params[i]]["sds_warmup"] = count + 1
-            if count + 1 == group["warmup_steps"]:
-                finished.append((ia, ib))
-        if not finished:
-            return
-        # a frozen factor (LoRA-FA) is never rewritten; with r > min(m, n) the core R_B R_Aᵀ is rank-deficient by
-        # construction, its SVD's null-space basis is whatever rounding makes it, and the coordinate steps after a
-        # re-split would depend on that arbitrary choice (measured: a 1e-15 perturbation of the gradients moved the
-        # parameters by 9e-5 after four steps), so such pairs keep their factors
-        splittable = [(ia, ib) for ia, ib in finished
-                      if params[ia].requires_grad and params[ib].requires_grad
-                      and params[ia].shape[0] <= min(params[ib].shape[0], math.prod(params[ia].shape[1:]))]
-        if group["resplit"] and splittable:
-            self._resplit(group, splittable)
-        for pair in finished:
-            for i in pair:
-                state = self.state[params[i]]
-                for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "step"):
-                    if key in state:
-                        state[key].zero_()
-
-    def _resplit(self, group: dict[str, Any], pairs: list[tuple[int, int]]) -> None:
-        """(2.4) for ``pairs``: ``B ← B·M_B``, ``A ← M_A·A`` with ``B'A' = BA`` (one batched SVD per shape;
-        under FSDP2 one all-reduce of the Grams, on this one step of the pair's life)."""
-        params: list[Tensor] = group["params"]
-        by_shape: dict[tuple[Any, ...], list[tuple[int, int]]] = defaultdict(list)
-        for ia, ib in pairs:
-            A, B = params[ia], params[ib]
-            by_shape[(A.shape, B.shape, A.dtype, B.dtype, A.device)].append((ia, ib))
-        work, grams = [], {}
-        for key, members in by_shape.items():
-            ids_a, ids_b = [ia for ia, _ in members], [ib for _, ib in members]
-            dt, tol = algebra_precision(key[2], group["linalg_dtype"], group["rank_tol"], "cholesky")
-            A, B = self._factors(group, ids_a, ids_b, dt)
-            grams[(key, "A")], grams[(key, "B")] = gram(A), gram(B.mT)
-            work.append((key, ids_a, ids_b, A, B, tol))
-        grams = _reduced(grams, lambda k: (process_group(params[by_shape[k[0]][0][0 if k[1] == "A" else 1]]),
-                                           grams[k].dtype, grams[k].device))
-        for key, ids_a, ids_b, A, B, tol in work:
-            M_A, M_B = resplit_maps(grams[(key, "A")], grams[(key, "B")], tol)
-            for ids, new in ((ids_a, M_A @ A), (ids_b, B @ M_B)):
-                targets = [local(params[i]) for i in ids]
-                torch._foreach_copy_(targets, [t.to(p.dtype).view(p.shape) for t, p in zip(new.unbind(0), targets)])
-
-    def _rewrite_group(
-        self, gi: int, group: dict[str, Any], position: dict[int, int], lists: dict[str, list[Tensor]]
-    ) -> list[tuple[Tensor, Tensor]]:
-        """Replace the paired grads in ``lists['grads']`` by their rewrite (equation R of :mod:`sdsopt.rewrite`).
-
-        In phases, so that the number of kernel launches and host synchronisations does not grow
-        with the number of pairs: (1) per bucket of equal shapes, one stack of each factor kind and
-        one batched Gram; (2) all Grams of equal size, over all buckets, in *one* all-reduce (FSDP2
-        shards only) and *one* eigh or Newton–Schulz call; (3) per bucket and gradient kind, one
-        stack and one bmm with ``P``; (4)-(5) with the singular-value channel, its r×r products
-        (one more all-reduce per size under FSDP2) and split; the output slices are handed to Adam
-        as the rewritten gradients.  Returns the singular-value corrections ``(param, delta)``
-        (local shards under FSDP2) to add after the AdamW update.
-        """
-        params: list[Tensor] = group["params"]
-        sigma = group["decouple_sigma"]
-        kw = dict(mode="scaled" if group["mode"] == "lorsum" else group["mode"], damping=group["damping"])
-
-        # (1) factor stacks (row form, MATH 2.1) and Grams
-        work = []
-        pending: dict[tuple[Any, ...], list[tuple[int, str, Tensor]]] = defaultdict(list)
-        for bucket in self._buckets(gi, group, position):
-            k, r = len(bucket.a), bucket.a_shape[0]
-            route = resolve_route(group["route"], params[bucket.a[0]].device, kw["mode"])
-            dt, tol = algebra_precision(params[bucket.a[0]].dtype, group["linalg_dtype"], group["rank_tol"], route)
-            if route == "newton_schulz" and tol < 64 * torch.finfo(dt).eps:
-                raise ValueError(
-                    f"SDSAdamW param group {gi}: rank_tol={tol} is below 64·eps of {dt}, too small a damping for "
-                    "the Newton–Schulz route to converge; raise rank_tol, pass linalg_dtype=torch.float64, "
-                    "or use route='eigh'.")
-            # local shards under FSDP2 (A along n, B along m): Grams are then partial sums, reduced in (2)
-            A = torch.stack([local(params[i]) for i in bucket.a]).to(dt).view(k, r, -1)
-            B = torch.stack([local(params[i]) for i in bucket.b]).to(dt).view(k, -1, r)
-            rows = {"A": A, "B": B.transpose(1, 2)}
-            groups = {"A": process_group(params[bucket.a[0]]), "B": process_group(params[bucket.b[0]])}
-            needed = {"B"} if bucket.has_a else set()  # g̃A needs P(K_B)
-            needed |= {"A"} if bucket.has_b else set()  # g̃B needs P(K_A)
-            if sigma:
-                needed |= {s for s, present in (("A", bucket.has_a), ("B", bucket.has_b)) if present}
-            for side in sorted(needed):
-                pending[(r, dt, tol, B.device, route, groups[side])].append((len(work), side, gram(rows[side])))
-            work.append((bucket, dt, rows, {}, {}, groups))
-
-        # (2) one all-reduce of all Grams (sharded factors only), one spectral computation per Gram size
-        grams = _reduced({key: torch.cat([K for _, _, K in items]) for key, items in pending.items()},
-                         lambda key: (key[5], key[1], key[3]))
-        for key, items in pending.items():
-            tol, route = key[2], key[4]
-            K = finite_or_zero(grams[key])
-            need_spec = route == "eigh" or sigma
-            spec = spectrum(K, tol) if need_spec else None
-            P = preconditioner(K, route=route, rank_tol=tol, spec_other=spec, **kw)
-            start = 0
-            for w, side, Kw in items:
-                stop = start + Kw.shape[0]
-                work[w][3][side] = P[start:stop]
-                if spec is not None:
-                    work[w][4][side] = spec.select(slice(start, stop))
-                start = stop
-
-        # (3) the rewrite (R), in row form for the singular-value channel
-        rewritten = []
-        for bucket, dt, rows, P, spec, groups in work:
-            k, r = len(bucket.a), bucket.a_shape[0]
-            for side, other, ids, present in (("A", "B", bucket.a, bucket.has_a), ("B", "A", bucket.b, bucket.has_b)):
-                if not present:
-                    continue
-                pos = [position[i] for i in ids]
-                G = torch.stack([lists["grads"][q] for q in pos]).to(dt)
-                new = P[other] @ G.view(k, r, -1) if side == "A" else (G.view(k, -1, r) @ P[other]).transpose(1, 2)
-                rewritten.append((side, ids, pos, new, rows[side], spec.get(side), groups[side]))
-
-        # (4) the singular-value channel's r×r G̃ Xᵀ, summed over shards in one all-reduce
-        GXt: dict[int, Tensor] = {}
-        if sigma:
-            GXt = _reduced({j: new @ X.transpose(1, 2) for j, (_, _, _, new, X, _, _) in enumerate(rewritten)},
-                           lambda j: (rewritten[j][6], rewritten[j][4].dtype, rewritten[j][4].device))
-
-        # (5) the channel's split (2.3) and Adam on σ (2.4), then the hand-over to Adam
-        corrections: list[tuple[Tensor, Tensor]] = []
-        for j, (side, ids, pos, new, X, spec_x, _) in enumerate(rewritten):
-            if sigma:
-                g_sigma, new = sigma_split(spec_x, X, new, GXt[j])
-                steps = self._sigma_adam(group, [params[i] for i in ids], g_sigma, lists, pos)
-                delta = sigma_correction(spec_x, X, steps)
-                delta = delta if side == "A" else delta.transpose(1, 2)
-                targets = [lists["params"][q] for q in pos]
-                corrections += [(p, d.reshape(p.shape).to(p.dtype)) for p, d in zip(targets, delta)]
-            like = lists["params"][pos[0]]
-            new = new if side == "A" else new.transpose(1, 2)
-            new = new.to(like.dtype).reshape(len(ids), *like.shape)  # views when 2-D (Linear, embedding)
-            for q, g in zip(pos, new.unbind(0)):
-                lists["grads"][q] = g
-        return corrections
-
-    def _rewrite_with_capture(
-        self, gi: int, group: dict[str, Any], position: dict[int, int], lists: dict[str, list[Tensor]]
-    ) -> list[tuple[Tensor, Tensor]]:
-        """Modes that need the full gradient applied to new vectors: ``lorsum`` (sweeps > 1), ``svd_oracle``.
-
-        Research modes for ablations on small models: one pair at a time, in float32 or better.
-        ``lorsum`` replaces the pair's gradients by its rewrite; ``svd_oracle`` runs Adam on the full
-        ``W = BA`` (state ``oracle_exp_avg``/``oracle_exp_avg_sq`` on A's state, m×n) and returns the
-        new factors, which are copied in after the step instead of an Adam update of A and B.
-        """
-        mode, capture = group["mode"], self._capture
-        params: list[Tensor] = group["params"]
-        if any(process_group(p) is not None or local(p) is not p for p in params):
-            raise ValueError(
-                f"SDSAdamW mode={mode!r} (sweeps > 1 / full matrices) cannot run on sharded (FSDP2) factors; "
-                "use mode 'sds', 'scaled', 'lora' or 'lorsum' with lorsum_sweeps=1."
-            )
-        if capture is None:
-            raise RuntimeError(
-                f"SDSAdamW mode={mode!r} needs the LoRA layers' inputs: call opt.attach(model) once before training."
-            )
-        replaced: list[tuple[Tensor, Tensor]] = []
-        drop: set[int] = set()
-        for ia, ib in group["lora_pairs"]:
-            if ia not in position or ib not in position:
-                continue
-            A, B = params[ia], params[ib]
-            dt, _ = algebra_precision(A.dtype, group["linalg_dtype"], None)
-            Am, Bm = a_rows(A).to(dt), b_matrix(B).to(dt)
-            if mode == "lorsum":
-                gA = a_rows(lists["grads"][position[ia]]).to(dt)
-                gB = b_matrix(lists["grads"][position[ib]]).to(dt)
-                new_a, new_b = lorsum_sweeps(
-                    Am, Bm, gA, gB, lr=group["lr"], damping=group["damping"], sweeps=group["lorsum_sweeps"],
-                    G_mul=lambda V, A=A, B=B: capture.matmul(A, B, V), Gt_mul=lambda U, A=A, B=B: capture.rmatmul(A, B, U),
-                )
-                lists["grads"][position[ia]] = new_a.reshape(A.shape).to(A.dtype)
-                lists["grads"][position[ib]] = new_b.reshape(B.shape).to(B.dtype)
-                continue
-            m, n, r = Bm.shape[0], Am.shape[1], Am.shape[0]
-            if m * n > group["oracle_max_numel"] or r > min(m, n):
-                raise ValueError(
-                    f"SDSAdamW mode='svd_oracle': pair {_param_label(group, ia, gi)} is {m}×{n} with r={r}; the oracle "
-                    f"forms m×n matrices (limit oracle_max_numel={group['oracle_max_numel']}) and needs r ≤ min(m, n). "
-                    "Raise oracle_max_numel for a larger model, or use another mode."
-                )
-            state = self.state[A]
-            W = (Bm @ Am).to(A.dtype)
-            if "oracle_exp_avg" not in state:
-                state["oracle_exp_avg"] = torch.zeros_like(W)
-                state["oracle_exp_avg_sq"] = torch.zeros_like(W)
-            sub = {"params": [W], "grads": [capture.full(A, B, dt).to(A.dtype)],
-                   "exp_avgs": [state["oracle_exp_avg"]], "exp_avg_sqs": [state["oracle_exp_avg_sq"]],
-                   "max_exp_avg_sqs": [], "state_steps": [lists["state_steps"][position[ia]].clone()]}
-            self._adam({**group, "amsgrad": False, "foreach": False, "fused": False}, sub,
-                       lr=group["lr"], weight_decay=group["weight_decay"])
-            new_a, new_b = svd_refactor(W.to(dt), Am, Bm)
-            replaced += [(A, new_a.to(A.dtype)), (B, new_b.to(B.dtype))]
-            drop |= {position[ia], position[ib]}
-            for p in (A, B):
-                self.state[p]["step"] += 1
-        if drop:
-            for key, values in lists.items():
-                if len(values) == len(lists["params"]) and key != "params":
-                    lists[key] = [v for q, v in enumerate(values) if q not in drop]
-            lists["params"] = [v for q, v in enumerate(lists["params"]) if q not in drop]
-        return replaced
-
-    def _sigma_adam(self, group: dict[str, Any], factors: list[Tensor], g_sigma: Tensor,
-                    lists: dict[str, list[Tensor]], pos: list[int]) -> Tensor:
-        """Adam on the singular-value gradients ``gσ`` (2.4); returns the signed steps ``[k, r]``.
-
-        Uses torch's functional Adam on a zero buffer: after the call the buffer holds
-        ``−lr·sigma_lr_ratio·Adam(gσ)`` (no weight decay), in the factor's dtype.
-        """
-        dtype = factors[0].dtype
-        buf = torch.zeros(g_sigma.shape, dtype=dtype, device=g_sigma.device)
-        sub: dict[str, list[Tensor]] = defaultdict(list)
-        for p, row, g, q in zip(factors, buf.unbind(0), g_sigma.to(dtype).unbind(0), pos):
-            state = self.state[p]
-            if "sigma_exp_avg" not in state:
-                state["sigma_exp_avg"] = torch.zeros_like(row)
-                state["sigma_exp_avg_sq"] = torch.zeros_like(row)
-            if group["amsgrad"] and "sigma_max_exp_avg_sq" not in state:
-                state["sigma_max_exp_avg_sq"] = torch.zeros_like(row)
-            sub["params"].append(row)
-            sub["grads"].append(g)
-            sub["exp_avgs"].append(state["sigma_exp_avg"])
-            sub["exp_avg_sqs"].append(state["sigma_exp_avg_sq"])
-            if group["amsgrad"]:
-                sub["max_exp_avg_sqs"].append(state["sigma_max_exp_avg_sq"])
-            sub["state_steps"].append(lists["state_steps"][q].clone())
-        self._adam({**group, "foreach": None, "fused": None}, sub,
-                   lr=group["lr"] * group["sigma_lr_ratio"], weight_decay=0.0)
-        return buf.to(g_sigma.dtype)

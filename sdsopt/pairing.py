@@ -19,6 +19,7 @@ import math
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from torch import Tensor
 
@@ -32,6 +33,7 @@ __all__ = [
     "check_pair_shapes",
     "b_matrix",
     "lone_factors",
+    "param_label",
     "peft_pairing",
     "regex_pairing",
 ]
@@ -148,3 +150,8 @@ def b_rows(t: Tensor) -> Tensor:
     """Row form of a B-shaped tensor: ``(m, r, 1, …) → Bᵀ``, an ``r × m`` view (no copy)."""
     return b_matrix(t).transpose(-2, -1)
 
+
+def param_label(group: dict[str, Any], index: int, group_index: int) -> str:
+    """How errors name parameter ``index`` of param group ``group_index``: its name, or its position."""
+    names = group.get("param_names")
+    return repr(names[index]) if names else f"params[{index}] of param group {group_index}"

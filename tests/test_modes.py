@@ -212,3 +212,30 @@ def test_metrics_on_matrices_with_known_answers():
         inside.norm().item() ** 2 / (inside + outside).norm().item() ** 2)
     dA, dB = torch.randn(1, 6, dtype=F64), torch.randn(5, 1, dtype=F64)
     torch.testing.assert_close(first_order_step(A, B, dA, dB), dB @ A + B @ dA)
+
+
+@pytest.mark.parametrize("kw", [dict(mode="lora"), dict(mode="sds", warmup_steps=2, coordinate_ramp=3),
+                                dict(mode="sds_polar", decouple_sigma=True, amsgrad=True), dict(mode="scaled"),
+                                dict(mode="lorsum", lorsum_sweeps=1), dict(mode="lorsum", lorsum_sweeps=2),
+                                dict(mode="svd_oracle")])
+def test_each_mode_object_declares_the_state_it_keeps(kw):
+    """The mode objects' interface: every mode of SDSAdamW has one, and the state the optimizer holds is
+    AdamW's plus exactly the keys the mode declares (``Mode.state``), nothing undeclared."""
+    from sdsopt.modes import MODE_OBJECTS, mode_of
+    from sdsopt.rewrite import MODES
+
+    assert set(MODE_OBJECTS) == set(MODES)
+    torch.manual_seed(0)
+    layer = LoraLinear(8, 6, 3, dtype=F64, zero_b=False)
+    opt = SDSAdamW(layer.named_parameters(), lr=1e-2, **kw)
+    if kw["mode"] in ("svd_oracle", "lorsum"):
+        opt.attach(layer)
+    x, y = torch.randn(16, 8, dtype=F64), torch.randn(16, 6, dtype=F64)
+    for _ in range(4):
+        opt.zero_grad()
+        ((layer(x) - y) ** 2).mean().backward()
+        opt.step()
+    keys = {k for s in opt.state.values() for k in s}
+    declared = set(mode_of(opt.param_groups[0]).state)
+    assert keys - {"step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"} <= declared
+    assert all(torch.isfinite(p).all() for p in layer.parameters())
