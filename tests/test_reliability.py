@@ -224,15 +224,26 @@ class Grown(Net):
         return self.l3(super().forward(x))
 
 
-def run_sequence(ops, kw, interrupted: bool):
+def run_sequence(ops, kw, interrupted: bool, adamw: bool = False):
     """Apply ``ops``; ``interrupted`` runs save/load and closures for real, the reference skips the save/load
-    and calls ``backward`` directly.  Returns the parameters after every op."""
+    and calls ``backward`` directly; ``adamw`` runs ``torch.optim.AdamW`` instead of SDSAdamW (``kw`` unused).
+    Returns the parameters after every op."""
     torch.manual_seed(0)
     model = Grown()
     base = [(n, p) for n, p in model.named_parameters() if not n.startswith("l3.")]
     late = [(n, p) for n, p in model.named_parameters() if n.startswith("l3.")]
-    make = lambda params: SDSAdamW(params, lr=1e-2, **kw)  # noqa: E731
-    opt = make(base)
+
+    def group(named):
+        if adamw:
+            return {"params": [p for _, p in named]}
+        return {"params": [p for _, p in named], "param_names": [n for n, _ in named]}
+
+    def make(groups, lr=1e-2):
+        if adamw:
+            return torch.optim.AdamW(groups, lr=lr, weight_decay=1e-2, foreach=False)
+        return SDSAdamW(groups, lr=lr, **kw)
+
+    opt = make([group(base)])
     added = False
     trace = []
     for op, arg in ops:
@@ -258,21 +269,17 @@ def run_sequence(ops, kw, interrupted: bool):
         elif op == "save_load" and interrupted:
             buf = io.BytesIO()
             torch.save(opt.state_dict(), buf)
-            groups = [{"params": [p for _, p in base], "param_names": [n for n, _ in base]}]
-            if added:
-                groups.append({"params": [p for _, p in late], "param_names": [n for n, _ in late]})
-            lr = opt.param_groups[0]["lr"]
-            opt = SDSAdamW(groups, lr=lr, **kw)
+            opt = make([group(base)] + ([group(late)] if added else []), lr=opt.param_groups[0]["lr"])
             buf.seek(0)
             opt.load_state_dict(torch.load(buf))
         elif op == "add_group" and not added:
-            opt.add_param_group({"params": [p for _, p in late], "param_names": [n for n, _ in late]})
+            opt.add_param_group(group(late))
             added = True
         elif op == "bad_group":
             # a group that repeats a parameter is refused (torch's own error), and the optimizer is unchanged
             n_groups = len(opt.param_groups)
             with pytest.raises(ValueError, match="more than one parameter group|more than one LoRA pair"):
-                opt.add_param_group({"params": [base[0][1]], "param_names": [base[0][0]]})
+                opt.add_param_group(group(base[:1]))
             assert len(opt.param_groups) == n_groups
         trace.append([p.detach().clone() for p in model.parameters()])
     return trace
@@ -298,30 +305,14 @@ def test_api_sequences_match_the_uninterrupted_trajectory(kw, ops):
 
 
 @settings(max_examples=15, deadline=None)
-@given(ops=st.lists(OPS.filter(lambda o: o[0] not in ("lora_fa", "no_pair_grad")), min_size=1, max_size=10))
+@given(ops=st.lists(OPS, min_size=1, max_size=10))
 def test_api_sequences_of_mode_lora_are_torch_adamw(ops):
-    """Mode ``lora`` under the same sequences is ``torch.optim.AdamW`` (float64 reference), bit for bit."""
+    """Mode ``lora`` under the same sequences (save/load and closures included) is ``torch.optim.AdamW``
+    (float64, uninterrupted), bit for bit."""
     got = run_sequence(ops, dict(mode="lora", foreach=False), interrupted=True)
-    torch.manual_seed(0)
-    model = Grown()
-    late = [p for n, p in model.named_parameters() if n.startswith("l3.")]
-    opt = torch.optim.AdamW([p for n, p in model.named_parameters() if not n.startswith("l3.")], lr=1e-2,
-                            weight_decay=1e-2, foreach=False)
-    added = False
-    for (op, arg), after in zip(ops, got):
-        data = make_data(dtype=F64, seed=arg if isinstance(arg, int) and not isinstance(arg, bool) else 0)
-        if op in ("step", "closure"):
-            backward(model, data)
-            opt.step()
-        elif op == "zero_grad":
-            opt.zero_grad(set_to_none=arg)
-        elif op == "lr":
-            for g in opt.param_groups:
-                g["lr"] = 1e-2 * arg
-        elif op == "add_group" and not added:
-            opt.add_param_group({"params": late})
-            added = True
-        for p, q in zip(model.parameters(), after):
+    want = run_sequence(ops, {}, interrupted=False, adamw=True)
+    for after_got, after_want in zip(got, want):
+        for p, q in zip(after_got, after_want):
             assert torch.equal(p, q)
 
 
