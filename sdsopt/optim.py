@@ -23,7 +23,15 @@ from torch.optim.optimizer import Optimizer
 
 from . import pairing as _pairing
 from .capture import LoraCapture
-from .distributed import check_not_deepspeed, check_pair_layout, local, local_grad, process_group, reduce_parts
+from .distributed import (
+    check_not_deepspeed,
+    check_pair_layout,
+    is_dtensor,
+    local,
+    local_grad,
+    process_group,
+    reduce_parts,
+)
 from .guard import SkipLog, nonfinite_flags
 from .modes import Bucket, Coordinates, StepContext, mode_of
 from .pairing import LoraPair, PairingFn, a_rows, check_pair_shapes, param_label
@@ -489,10 +497,14 @@ class SDSAdamW(Optimizer):
                 f"{self._group_sizes[gi]} it was built with, so its LoRA pairs are lost. A wrapper replaced the "
                 "parameters (DeepSpeed ZeRO flattens them into partitions): SDSAdamW supports DDP and FSDP2, not ZeRO."
             )
+        params, grads, exp_avgs, exp_avg_sqs, steps = (lists[k] for k in
+                                                      ("params", "grads", "exp_avgs", "exp_avg_sqs", "state_steps"))
+        amsgrad = group["amsgrad"]
         for i, p in enumerate(group["params"]):
-            if p.grad is None:
+            grad = p.grad
+            if grad is None:
                 continue
-            if p.grad.is_sparse:
+            if grad.is_sparse:
                 raise RuntimeError(
                     f"SDSAdamW: {param_label(group, i, gi)} has a sparse gradient; SDSAdamW (like AdamW) "
                     "needs dense gradients (e.g. nn.Embedding(sparse=False))."
@@ -507,17 +519,24 @@ class SDSAdamW(Optimizer):
                 )
                 state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                if group["amsgrad"]:
+                if amsgrad:
                     state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            position[i] = len(lists["params"])
-            # DTensor (FSDP2) shards: the update is elementwise, so Adam runs on the local shards
-            lists["params"].append(local(p))
-            lists["grads"].append(local_grad(p, param_label(group, i, gi)))
-            lists["exp_avgs"].append(local(state["exp_avg"]))
-            lists["exp_avg_sqs"].append(local(state["exp_avg_sq"]))
-            if group["amsgrad"]:
-                lists["max_exp_avg_sqs"].append(local(state["max_exp_avg_sq"]))
-            lists["state_steps"].append(state["step"])
+            position[i] = len(params)
+            if is_dtensor(p):  # FSDP2 shards: the update is elementwise, so Adam runs on the local shards
+                params.append(local(p))
+                grads.append(local_grad(p, param_label(group, i, gi)))
+                exp_avgs.append(local(state["exp_avg"]))
+                exp_avg_sqs.append(local(state["exp_avg_sq"]))
+                if amsgrad:
+                    lists["max_exp_avg_sqs"].append(local(state["max_exp_avg_sq"]))
+            else:
+                params.append(p)
+                grads.append(grad)
+                exp_avgs.append(state["exp_avg"])
+                exp_avg_sqs.append(state["exp_avg_sq"])
+                if amsgrad:
+                    lists["max_exp_avg_sqs"].append(state["max_exp_avg_sq"])
+            steps.append(state["step"])
         return position, lists, has_complex
 
     def _adam(self, group: dict[str, Any], lists: dict[str, list[Tensor]], *, lr: float,
