@@ -23,7 +23,7 @@ import math
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -99,25 +99,39 @@ def stacked_factors(group: dict[str, Any], ids_a: list[int], ids_b: list[int], d
     return A.view(len(ids_a), A.shape[1], -1), B.view(len(ids_b), B.shape[1], B.shape[2])
 
 
-def _cholesky_all(requests: list[tuple[Tensor, Any, float, float]]) -> list[tuple[Tensor, Tensor]]:
-    """``(K, L)``: every Gram batch of ``requests`` = ``(K, process group, τ, step shift μ_s)`` summed over
-    its process group, and its lower Cholesky factor (MATH 2.1, 2.5) of ``K + (τ·trace K + μ_s)·I``.
+class Frame(NamedTuple):
+    """A batch of pairs' bases for one side (MATH 2.1, 2.5): the partner's Gram ``K``, the lower Cholesky factor
+    ``L`` of ``K + (τ·trace K + μ_s)·I`` (``R = Lᵀ``), ``L^{-1}`` and the map back ``M`` (:func:`factor_map`)."""
 
-    All Grams of a step that share an r, dtype, device, τ and process group go through *one*
-    all-reduce (FSDP2 shards: the Grams of local shards are partial sums) and *one*
-    ``cholesky_ex`` call, so neither the collectives nor the launches grow with the pair count.
+    K: Tensor
+    L: Tensor
+    L_inv: Tensor
+    M: Tensor
+
+
+def _frames(requests: list[tuple[Tensor, Any, float, float]]) -> list[Frame]:
+    """The :class:`Frame` of every Gram batch of ``requests`` = ``(K, process group, τ, step shift μ_s)``,
+    ``K`` summed over its process group.
+
+    All Grams of a step that share an r, dtype, device, τ, step shift and process group go through *one*
+    all-reduce (FSDP2 shards: the Grams of local shards are partial sums), *one* ``cholesky_ex`` call, one
+    triangular inverse and one map, so neither the collectives nor the launches grow with the pair count or
+    the number of shape buckets.
     """
     pending: dict[tuple[Any, ...], list[int]] = defaultdict(list)
     for j, (K, pg, tol, shift) in enumerate(requests):
         pending[(K.shape[-1], K.dtype, K.device, tol, pg, shift)].append(j)
     stacked = reduce_parts({key: torch.cat([requests[j][0] for j in js]) for key, js in pending.items()},
-                       lambda key: (key[4], key[1], key[2]))
-    out: list[tuple[Tensor, Tensor]] = [(torch.empty(0), torch.empty(0))] * len(requests)
+                           lambda key: (key[4], key[1], key[2]))
+    out: list[Frame] = [Frame(*[torch.empty(0)] * 4)] * len(requests)
     for key, js in pending.items():
         sizes = [requests[j][0].shape[0] for j in js]
         K = stacked[key]
-        for j, K_j, L_j in zip(js, K.split(sizes), cholesky_lower(K, key[3], shift=key[5]).split(sizes)):
-            out[j] = (K_j, L_j)
+        L = cholesky_lower(K, key[3], shift=key[5])
+        L_inv = lower_inverse(L)
+        M = factor_map(K, L_inv, key[5])
+        for j, parts in zip(js, zip(*(t.split(sizes) for t in (K, L, L_inv, M)))):
+            out[j] = Frame(*parts)
     return out
 
 
@@ -204,14 +218,13 @@ class Coordinates(Mode):
         return torch.tensor(c, dtype=like.dtype, device=like.device).view(-1, 1, 1)
 
     def _enter(self, opt: SDSAdamW, gi: int, group: dict[str, Any], position: dict[int, int],
-                           lists: dict[str, list[Tensor]], found_inf: Tensor | None = None) -> list[CoordinateBlock]:
+               lists: dict[str, list[Tensor]], found_inf: Tensor | None = None) -> list[CoordinateBlock]:
         """Mode ``sds`` before Adam: hand Adam the coordinates (2.2) of every pair past its warm-up.
 
-        Per shape bucket: one stack of each factor and one batched Gram; then all Cholesky factors of
-        the step at once (:func:`_cholesky_all`); then per bucket and factor one r×r triangular
-        inverse and two batched matmuls (coordinates and their gradient).  ``lists['params']``/``['grads']`` of
-        these factors are replaced by the coordinates and their gradients; the returned blocks map Adam's change
-        back (``leave``).
+        Per shape bucket: one stack of each factor and one batched Gram; then all r×r frames of the step at
+        once (:func:`_frames`); then per bucket and factor two batched matmuls (coordinates and their
+        gradient).  ``lists['params']``/``['grads']`` of these factors are replaced by the coordinates and their
+        gradients; the returned blocks map Adam's change back (``leave``).
         """
         requests: list[tuple[Tensor, Any, float, float]] = []
         work = []
@@ -232,28 +245,27 @@ class Coordinates(Mode):
             if bucket.has_b:  # B̃ needs R_A
                 sides.append(("B", B, bucket.b, len(requests)))
                 requests.append((gram(A), process_group(params[bucket.a[0]]), tol, shift))
-            work.append((dt, sides, shift, bucket.a))
-        factors = _cholesky_all(requests)
+            work.append((sides, bucket.a))
+        frames = _frames(requests)
         blocks = []
-        for dt, sides, shift, a_ids in work:
+        for sides, a_ids in work:
             scales = {}
             if group["rebalance"] and group["lr"] > 0 and len(sides) == 2:  # lr = 0 (a scheduler) moves nothing
                 (_, _, _, j_a), (_, _, _, j_b) = sides  # side A's request holds K_B, side B's holds K_A
-                scales = dict(zip("AB", balance_scales(K_A=factors[j_b][0], K_B=factors[j_a][0])))
+                scales = dict(zip("AB", balance_scales(K_A=frames[j_b].K, K_B=frames[j_a].K)))
                 if found_inf is not None:  # a step skipped on the device leaves the factors as they are
                     scales = {k: torch.where(found_inf > 0, torch.ones_like(c), c) for k, c in scales.items()}
             for side, X, ids, j in sides:
                 pos = [position[i] for i in ids]
                 like = lists["params"][pos[0]]
-                G = torch.stack([lists["grads"][q] for q in pos]).to(dt).view(X.shape)
-                K, L = factors[j]
-                L_inv = lower_inverse(L)
-                X_t, g_t = to_coordinates(L, L_inv, X, G, side)
+                G = torch.stack([lists["grads"][q] for q in pos]).to(X.dtype).view(X.shape)
+                frame = frames[j]
+                X_t, g_t = to_coordinates(frame.L, frame.L_inv, X, G, side)
                 before = X_t.to(like.dtype)
                 adam_view = before.clone()
-                block = CoordinateBlock(side=side, M=factor_map(K, L_inv, shift), X=X, before=before, after=adam_view,
-                                         targets=[lists["params"][q] for q in pos], scale=scales.get(side),
-                                         ramp=self._ramp(opt, group, a_ids, X))
+                block = CoordinateBlock(side=side, M=frame.M, X=X, before=before, after=adam_view,
+                                        targets=[lists["params"][q] for q in pos], scale=scales.get(side),
+                                        ramp=self._ramp(opt, group, a_ids, X))
                 g_t = g_t.to(like.dtype).contiguous()  # fused Adam needs the params' layout
                 for q, p_t, g_q in zip(pos, _unstack(adam_view, like.shape), _unstack(g_t, like.shape)):
                     lists["params"][q] = p_t
