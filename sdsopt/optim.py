@@ -284,7 +284,8 @@ class SDSAdamW(Optimizer):
         self._skips = SkipLog()
         defaults = dict(
             lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
-            mode=mode, warmup_steps=warmup_steps, coordinate_ramp=coordinate_ramp, resplit=resplit, rebalance=rebalance, step_damping=step_damping,
+            mode=mode, warmup_steps=warmup_steps, coordinate_ramp=coordinate_ramp, resplit=resplit,
+            rebalance=rebalance, step_damping=step_damping,
             decouple_sigma=decouple_sigma, sigma_lr_ratio=sigma_lr_ratio, route=route,
             rank_tol=rank_tol, damping=damping, lorsum_sweeps=lorsum_sweeps, oracle_max_numel=oracle_max_numel,
             linalg_dtype=linalg_dtype, maximize=maximize,
