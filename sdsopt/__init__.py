@@ -6,7 +6,9 @@
 
 from .optim import SDSAdamW
 from .pairing import PEFT_PATTERN, LoraPair, peft_pairing, regex_pairing
+from .psi import PSILoRA
 from .rewrite import MODES, rewrite_pair
 
-__all__ = ["MODES", "PEFT_PATTERN", "LoraPair", "SDSAdamW", "peft_pairing", "regex_pairing", "rewrite_pair"]
+__all__ = ["MODES", "PEFT_PATTERN", "LoraPair", "PSILoRA", "SDSAdamW", "peft_pairing", "regex_pairing",
+           "rewrite_pair"]
 __version__ = "0.2.0"

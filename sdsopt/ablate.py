@@ -7,7 +7,8 @@
 For each seed the task builds one pre-trained base and one LoRA initialisation; every (mode, lr) run
 starts from a copy of them and sees the same batches in the same order, so an A/B changes exactly
 the optimizer's rewrite.  Modes are :data:`sdsopt.MODES` plus ``sds_sigma`` (``sds_polar`` with the
-singular-value channel), ``sds_undamped`` (``sds`` with ``step_damping=0``), ``sds_layer`` (the paper's
+singular-value channel), ``sds_undamped`` (``sds`` with ``step_damping=0``), ``psi`` (:class:`sdsopt.PSILoRA`,
+``--psi-iters``/``--psi-momentum``/``--psi-lmbd``), ``sds_layer`` (the paper's
 re-parameterised layer, :class:`sdsopt.reference.PaperSDSLayers`, with AdamW) and ``full`` (full
 fine-tuning with AdamW, the reference).
 
@@ -35,11 +36,12 @@ from torch import nn
 
 from .metrics import pair_metrics
 from .optim import SDSAdamW
+from .psi import PSILoRA
 from .reference import PaperSDSLayers
 
 __all__ = ["ABLATION_MODES", "main", "make_task", "run_grid"]
 
-ABLATION_MODES = ("full", "lora", "sds", "sds_undamped", "sds_polar", "sds_sigma", "scaled", "sds_layer", "lorsum",
+ABLATION_MODES = ("full", "lora", "sds", "sds_undamped", "sds_polar", "sds_sigma", "scaled", "sds_layer", "psi",
                   "svd_oracle")
 DEFAULT_LRS = {"linear": [1e-3, 3e-3, 1e-2, 3e-2], "digits": [3e-4, 1e-3, 3e-3, 1e-2], "textlm": [1e-3, 3e-3, 1e-2, 3e-2],
                "minilm": [1e-4, 3e-4, 1e-3, 3e-3, 1e-2]}
@@ -69,8 +71,12 @@ def make_task(name: str, args: argparse.Namespace):
     raise ValueError(f"unknown task {name!r}; choose linear, digits, textlm or minilm")
 
 
-def make_optimizer(mode: str, model: nn.Module, lr: float, betas: tuple[float, float], weight_decay: float):
-    """The optimizer of one run: AdamW for ``full``, else SDSAdamW in ``mode`` (same Adam everywhere)."""
+def make_optimizer(mode: str, model: nn.Module, lr: float, betas: tuple[float, float], weight_decay: float,
+                   psi: dict[str, Any] | None = None):
+    """The optimizer of one run: AdamW for ``full``, :class:`sdsopt.PSILoRA` for ``psi`` (``psi``: its
+    ``lookahead_iters``, ``momentum``, ``lmbd``), else SDSAdamW in ``mode`` (same Adam everywhere)."""
+    if mode == "psi":
+        return PSILoRA(model, lr=lr, betas=betas, weight_decay=weight_decay, **(psi or {}))
     if mode in ("full", "sds_layer"):  # sds_layer: AdamW on the paper's layer (PaperSDSLayers in run_one)
         return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, betas=betas,
                                  weight_decay=weight_decay, foreach=False)
@@ -106,10 +112,12 @@ def run_one(task, mode: str, lr: float, seed: int, args: argparse.Namespace, pro
     """One training run; returns its curve, metrics and final losses."""
     model = (task.full_model(seed) if mode == "full" else task.lora_model(seed)).to(args.device)
     betas = (args.beta1, 0.999)
-    opt = make_optimizer(mode, model, lr, betas, args.weight_decay)
+    opt = make_optimizer(mode, model, lr, betas, args.weight_decay,
+                         psi=dict(lookahead_iters=getattr(args, "psi_iters", 1),
+                                  momentum=getattr(args, "psi_momentum", 0.0), lmbd=getattr(args, "psi_lmbd", 1e-2)))
     recorder = None
     layers = PaperSDSLayers(model, total_steps=args.steps) if mode == "sds_layer" else None
-    if mode not in ("full", "sds_layer") and (mode in ("lorsum", "svd_oracle") or args.metrics_every):
+    if mode not in ("full", "sds_layer", "psi") and (mode == "svd_oracle" or args.metrics_every):
         opt.attach(model)
         recorder = MetricsRecorder(opt) if args.metrics_every else None
     batches = task.batches(seed)
@@ -295,6 +303,10 @@ def main(argv: list[str] | None = None) -> dict:
     g.add_argument("--layers", type=int, default=2)
     g.add_argument("--block", type=int, default=64)
     g.add_argument("--max-len", type=int, default=128, help="minilm: tokens per paragraph")
+    g = ap.add_argument_group("psi (sdsopt.PSILoRA)")
+    g.add_argument("--psi-iters", type=int, default=1, help="ALS sweeps per step (0: one Jacobi pass)")
+    g.add_argument("--psi-momentum", type=float, default=0.0)
+    g.add_argument("--psi-lmbd", type=float, default=1e-2, help="proximal weight λ = lr·lmbd")
     g.add_argument("--model-dir", default=None, help="minilm: checkpoint folder (default: the sdsopt[minilm] package)")
     args = ap.parse_args(argv)
     args.steps = args.steps or DEFAULT_STEPS[args.task]

@@ -55,7 +55,7 @@ class LoraCapture:
         if missing:
             raise ValueError(
                 f"LoraCapture: {len(missing)} LoRA factor(s) are not the weight of an nn.Linear in this model; "
-                "modes that need the layers' inputs (lorsum with sweeps > 1, svd_oracle) and gradient metrics "
+                "what needs the layers' inputs (PSILoRA, SDSAdamW's svd_oracle, gradient metrics) "
                 "support Linear LoRA only."
             )
 

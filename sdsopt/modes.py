@@ -11,10 +11,10 @@ after Adam.  An A/B between two modes changes exactly this object; Adam, pairing
 * ``sds`` — :class:`Coordinates`: before, the factors become their coordinates ``Ã = R_B A``, ``B̃ = B R_Aᵀ``
   with their gradients (2.2); after, Adam's change is mapped back and the pair re-balanced, the warm-up
   counted, and a pair that ends its warm-up re-split (2.4).
-* ``sds_polar``, ``scaled``, one-sweep ``lorsum`` — :class:`Rewrite`: before, the gradients are rewritten
-  (equation R of :mod:`sdsopt.rewrite`); after, the singular-value channel's correction (2.8).
-* ``lorsum`` with more sweeps, ``svd_oracle`` — :class:`Captured`: before, the gradients become the ALS
-  displacement, or the oracle's pair leaves Adam's lists; after, the oracle's re-factorisation is copied in.
+* ``sds_polar``, ``scaled`` — :class:`Rewrite`: before, the gradients are rewritten (equation R of
+  :mod:`sdsopt.rewrite`); after, the singular-value channel's correction (2.8).
+* ``svd_oracle`` — :class:`Captured`: before, Adam on the full ``BA`` and the pair leaves Adam's lists; after,
+  the oracle's re-factorisation is copied in.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from .coordinates import balance_scales, factor_map, lower_inverse, resplit_maps
 from .distributed import local, process_group, reduce_parts
 from .linalg import algebra_precision, cholesky_lower, finite_or_zero, gram, spectrum
 from .pairing import a_rows, b_matrix, param_label
-from .rewrite import lorsum_sweeps, preconditioner, resolve_route, sigma_correction, sigma_split, svd_refactor
+from .rewrite import preconditioner, resolve_route, sigma_correction, sigma_split, svd_refactor
 
 if TYPE_CHECKING:
     from .optim import SDSAdamW
@@ -330,7 +330,7 @@ class Coordinates(Mode):
 
 
 class Rewrite(Mode):
-    """``sds_polar``, ``scaled`` and one-sweep ``lorsum``: Adam on the plain factors with rewritten gradients
+    """``sds_polar`` and ``scaled``: Adam on the plain factors with rewritten gradients
     (:func:`sdsopt.rewrite.rewrite_pair`'s equation R), and ``sds_polar``'s singular-value channel (2.8)."""
 
     grams = "spectral"
@@ -365,7 +365,7 @@ class Rewrite(Mode):
         """
         params: list[Tensor] = group["params"]
         sigma = group["decouple_sigma"]
-        kw = dict(mode="scaled" if group["mode"] == "lorsum" else group["mode"], damping=group["damping"])
+        kw = dict(mode=group["mode"], damping=group["damping"])
 
         # (1) factor stacks (row form, MATH 2.1) and Grams
         work = []
@@ -474,8 +474,8 @@ class Rewrite(Mode):
 
 
 class Captured(Mode):
-    """``lorsum`` with more than one sweep and ``svd_oracle``: they apply the full gradient to new vectors, so
-    they need the layers' recorded inputs (:meth:`sdsopt.SDSAdamW.attach`)."""
+    """``svd_oracle``: Adam on the full product with the true gradient, which needs the layers' recorded inputs
+    (:meth:`sdsopt.SDSAdamW.attach`)."""
 
     grams = "captured"
     state = ("oracle_exp_avg", "oracle_exp_avg_sq")
@@ -495,19 +495,17 @@ class Captured(Mode):
     def _rewrite(
         self, opt: SDSAdamW, gi: int, group: dict[str, Any], position: dict[int, int], lists: dict[str, list[Tensor]]
     ) -> list[tuple[Tensor, Tensor]]:
-        """Modes that need the full gradient applied to new vectors: ``lorsum`` (sweeps > 1), ``svd_oracle``.
-
-        Research modes for ablations on small models: one pair at a time, in float32 or better.
-        ``lorsum`` replaces the pair's gradients by its rewrite; ``svd_oracle`` runs Adam on the full
-        ``W = BA`` (state ``oracle_exp_avg``/``oracle_exp_avg_sq`` on A's state, m×n) and returns the
-        new factors, which are copied in after the step instead of an Adam update of A and B.
+        """``svd_oracle``: Adam on the full ``W = BA`` with the true ``G`` (state ``oracle_exp_avg``/
+        ``oracle_exp_avg_sq`` on A's state, m×n); returns the new factors, which are copied in after the step
+        instead of an Adam update of A and B.  A research mode for ablations on small models: one pair at a
+        time, in float32 or better.
         """
         mode, capture = group["mode"], opt._capture
         params: list[Tensor] = group["params"]
         if any(process_group(p) is not None or local(p) is not p for p in params):
             raise ValueError(
-                f"SDSAdamW mode={mode!r} (sweeps > 1 / full matrices) cannot run on sharded (FSDP2) factors; "
-                "use mode 'sds', 'scaled', 'lora' or 'lorsum' with lorsum_sweeps=1."
+                f"SDSAdamW mode={mode!r} (full matrices) cannot run on sharded (FSDP2) factors; "
+                "use mode 'sds', 'sds_polar', 'scaled' or 'lora'."
             )
         if capture is None:
             raise RuntimeError(
@@ -521,16 +519,6 @@ class Captured(Mode):
             A, B = params[ia], params[ib]
             dt, _ = algebra_precision(A.dtype, group["linalg_dtype"], None)
             Am, Bm = a_rows(A).to(dt), b_matrix(B).to(dt)
-            if mode == "lorsum":
-                gA = a_rows(lists["grads"][position[ia]]).to(dt)
-                gB = b_matrix(lists["grads"][position[ib]]).to(dt)
-                new_a, new_b = lorsum_sweeps(
-                    Am, Bm, gA, gB, lr=group["lr"], damping=group["damping"], sweeps=group["lorsum_sweeps"],
-                    G_mul=lambda V, A=A, B=B: capture.matmul(A, B, V), Gt_mul=lambda U, A=A, B=B: capture.rmatmul(A, B, U),
-                )
-                lists["grads"][position[ia]] = new_a.reshape(A.shape).to(A.dtype)
-                lists["grads"][position[ib]] = new_b.reshape(B.shape).to(B.dtype)
-                continue
             m, n, r = Bm.shape[0], Am.shape[1], Am.shape[0]
             if m * n > group["oracle_max_numel"] or r > min(m, n):
                 raise ValueError(
@@ -562,11 +550,9 @@ class Captured(Mode):
 
 
 MODE_OBJECTS: dict[str, Mode] = {"lora": Plain(), "sds": Coordinates(), "sds_polar": Rewrite(), "scaled": Rewrite(),
-                                 "lorsum": Captured(), "svd_oracle": Captured()}
+                                 "svd_oracle": Captured()}
 
 
 def mode_of(group: dict[str, Any]) -> Mode:
-    """The mode object of a param group (one-sweep ``lorsum`` is ``scaled``'s rewrite: no capture needed)."""
-    if group["mode"] == "lorsum" and group["lorsum_sweeps"] == 1:
-        return MODE_OBJECTS["scaled"]
+    """The mode object of a param group."""
     return MODE_OBJECTS[group["mode"]]

@@ -53,6 +53,9 @@ def _check_hyperparameters(group: dict[str, Any], where: str) -> None:
         (group["weight_decay"] >= 0.0, f"weight_decay={group['weight_decay']} must be >= 0"),
         (len(group["betas"]) == 2 and all(0.0 <= b < 1.0 for b in group["betas"]),
          f"betas={group['betas']} must be two numbers in [0, 1)"),
+        (group["mode"] != "lorsum", "mode='lorsum' is gone since 0.2: LoRSum / PSI-LoRA replaces the factors by "
+         "proximal ALS instead of feeding Adam, so it is its own optimizer: sdsopt.PSILoRA(model, lr=..., "
+         "lookahead_iters=..., lmbd=...)"),
         (group["mode"] in MODES, f"mode={group['mode']!r} is unknown; choose one of {MODES}"),
         (group["route"] in ROUTES, f"route={group['route']!r} is unknown; choose one of {ROUTES}"),
         (group["linalg_dtype"] in _LINALG_DTYPES,
@@ -77,8 +80,6 @@ def _check_hyperparameters(group: dict[str, Any], where: str) -> None:
         (isinstance(group["resplit"], bool), f"resplit={group['resplit']!r} must be True or False"),
         (isinstance(group["rebalance"], bool), f"rebalance={group['rebalance']!r} must be True or False"),
         (group["step_damping"] >= 0.0, f"step_damping={group['step_damping']} must be >= 0"),
-        (isinstance(group["lorsum_sweeps"], int) and group["lorsum_sweeps"] >= 1,
-         f"lorsum_sweeps={group['lorsum_sweeps']!r} must be an int >= 1"),
         (isinstance(group["oracle_max_numel"], int) and group["oracle_max_numel"] > 0,
          f"oracle_max_numel={group['oracle_max_numel']!r} must be a positive int"),
         (not (group["foreach"] and group["fused"]), "foreach=True and fused=True cannot be used together"),
@@ -116,12 +117,10 @@ class SDSAdamW(Optimizer):
         mode: ``"sds"`` (default, above), ``"sds_polar"`` (sdsopt 0.1's ``sds``: a one-sided rewrite
             ``g̃B = gB (AAᵀ)^{-1/2}``, ``g̃A = (BᵀB)^{-1/2} gA`` with Adam on the plain factors),
             ``"lora"`` (identity: plain AdamW on the factors), ``"scaled"``
-            (``gB (K_A + δI)^{-1}``, ``(K_B + δI)^{-1} gA``; Zhang & Pilanci 2024), ``"lorsum"``
-            (LoRSum/PSI-LoRA: ``lorsum_sweeps`` proximal ALS sweeps towards the full step,
-            rewritten gradient = displacement / lr; one sweep is ``"scaled"``) or ``"svd_oracle"``
+            (``gB (K_A + δI)^{-1}``, ``(K_B + δI)^{-1} gA``; Zhang & Pilanci 2024) or ``"svd_oracle"``
             (Adam on the full ``W = BA`` with the true ``G``, then the best rank-r re-factorisation;
-            needs ``m·n ≤ oracle_max_numel``).  ``lorsum`` with more than one sweep and
-            ``svd_oracle`` need the layers' inputs: call :meth:`attach` with the model once.
+            needs ``m·n ≤ oracle_max_numel`` and the layers' inputs: call :meth:`attach` with the model
+            once).  LoRSum / PSI-LoRA, 0.2's ``"lorsum"``, is the optimizer :class:`sdsopt.PSILoRA`.
         warmup_steps: mode ``"sds"``: plain AdamW steps of each pair before its coordinate steps
             (default 10, as the paper; 0 starts in coordinates at once, e.g. for non-zero ``B``).
         coordinate_ramp: mode ``"sds"``: the pair's first coordinate steps are scaled by ``k/coordinate_ramp``
@@ -167,8 +166,7 @@ class SDSAdamW(Optimizer):
             (``None``: 1e-5 in float32 algebra, 1e-13 in float64).  eigh route: Gram eigenvalues
             ``≤ τ·λ_max`` pass no gradient (1e-6, 1e-14).  Newton–Schulz: the relative damping δ
             (1e-5, 1e-11).
-        damping: δ of mode ``"scaled"`` and the proximal λ of ``"lorsum"`` (absolute, > 0).
-        lorsum_sweeps: ALS sweeps of mode ``"lorsum"`` (1 = ``"scaled"``).
+        damping: δ of mode ``"scaled"`` (absolute, > 0).
         oracle_max_numel: largest ``m·n`` for which ``"svd_oracle"`` forms the full matrices.
         linalg_dtype: dtype of the r×r algebra and of the coordinate maps; ``None`` means float32,
             or float64 for float64 parameters.  Never lower than float32, whatever the parameter
@@ -180,8 +178,7 @@ class SDSAdamW(Optimizer):
             name.  Default False (AdamW's behaviour).  With ``fused=True`` on CUDA the check
             (one ``_foreach_norm(·, ∞)`` pass) feeds torch's fused Adam kernel its ``found_inf`` flag and
             the host never waits (CUDA-graph friendly; the warning arrives a step later), except while a
-            step needs a host decision: pairs in ``sds``'s warm-up, ``decouple_sigma``, ``lorsum`` with
-            sweeps > 1, ``svd_oracle``.  Otherwise (CPU, foreach, those cases) the flag is read on the
+            step needs a host decision: pairs in ``sds``'s warm-up, ``decouple_sigma``, ``svd_oracle``.  Otherwise (CPU, foreach, those cases) the flag is read on the
             host.  Under FSDP2 the flag is summed over each shard group (one all-reduce of one number
             per group and step while the guard is on), so all ranks skip together.
         pairing: how names become pairs: ``None`` (PEFT names), a regex with a named group
@@ -227,10 +224,6 @@ class SDSAdamW(Optimizer):
       with eigh to ``O(δ/λ)`` on the range (tested, P6).  ``route="auto"`` uses it on CUDA only.
     * With repeated singular values the split (2.8) depends on the eigenbasis the solver returns
       (``diag(Uᵀ G V)`` is not invariant inside an eigenspace); the channel's tests use distinct ones.
-    * ``lorsum``: the full step of MATH 3.1 is taken with ``η = lr``, its first sweep updates both
-      factors from the current ones (so one sweep is exactly ``scaled``), later sweeps are
-      Gauss–Seidel, and the rewritten gradient handed to Adam is the displacement divided by ``lr``.
-      Low-rank momentum and the K-FAC/Shampoo-scaled variant are not implemented.
     * ``svd_oracle``: Adam runs on the full product ``W = BA`` with the true ``G`` (m×n moments), then
       the factors are replaced by the balanced rank-r factors of ``W`` closest to the current ones.
     * Distributed: under DDP nothing changes.  Under FSDP2 (or HSDP: sums over the shard mesh
@@ -269,7 +262,6 @@ class SDSAdamW(Optimizer):
         route: str = "auto",
         rank_tol: float | None = None,
         damping: float = 1e-6,
-        lorsum_sweeps: int = 2,
         oracle_max_numel: int = 2**24,
         linalg_dtype: torch.dtype | None = None,
         pairing: str | PairingFn | None = None,
@@ -287,7 +279,7 @@ class SDSAdamW(Optimizer):
             mode=mode, warmup_steps=warmup_steps, coordinate_ramp=coordinate_ramp, resplit=resplit,
             rebalance=rebalance, step_damping=step_damping,
             decouple_sigma=decouple_sigma, sigma_lr_ratio=sigma_lr_ratio, route=route,
-            rank_tol=rank_tol, damping=damping, lorsum_sweeps=lorsum_sweeps, oracle_max_numel=oracle_max_numel,
+            rank_tol=rank_tol, damping=damping, oracle_max_numel=oracle_max_numel,
             linalg_dtype=linalg_dtype, maximize=maximize,
             foreach=foreach, fused=fused,
         )
@@ -476,7 +468,7 @@ class SDSAdamW(Optimizer):
                         )
 
     def attach(self, model: torch.nn.Module) -> LoraCapture:
-        """Record the LoRA layers' inputs and output gradients (modes ``lorsum`` with sweeps > 1, ``svd_oracle``).
+        """Record the LoRA layers' inputs and output gradients (mode ``svd_oracle``).
 
         Returns the :class:`sdsopt.capture.LoraCapture`; ``capture.remove()`` detaches it.  The
         records are cleared after every :meth:`step`.

@@ -74,14 +74,15 @@ def proximal_ls_right(X: Tensor, W: Tensor, anchor: Tensor, lam: float) -> Tenso
     return torch.linalg.lstsq(lhs, rhs).solution.T
 
 
-def lorsum_reference(A: Tensor, B: Tensor, G: Tensor, lr: float, lam: float, sweeps: int) -> tuple[Tensor, Tensor]:
-    """Proximal ALS towards W̄ = BA − lr·G (first sweep Jacobi, then Gauss–Seidel); returns (A_K, B_K)."""
-    W = B @ A - lr * G
-    B_k = proximal_ls_right(A, W, B, lam)
-    A_k = proximal_ls_right(B.T, W.T, A.T, lam).T
-    for _ in range(sweeps - 1):
-        B_k = proximal_ls_right(A_k, W, B, lam)
+def psi_reference(A: Tensor, B: Tensor, W: Tensor, lam: float, sweeps: int) -> tuple[Tensor, Tensor]:
+    """Proximal ALS towards W (PSI-LoRA's order: sweeps = 0 one Jacobi pass, else Gauss–Seidel with A first),
+    each half-sweep by least squares on the stacked system; returns (A_K, B_K)."""
+    if sweeps == 0:
+        return proximal_ls_right(B.T, W.T, A.T, lam).T, proximal_ls_right(A, W, B, lam)
+    A_k, B_k = A, B
+    for _ in range(sweeps):
         A_k = proximal_ls_right(B_k.T, W.T, A.T, lam).T
+        B_k = proximal_ls_right(A_k, W, B, lam)
     return A_k, B_k
 
 

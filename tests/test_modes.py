@@ -7,7 +7,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from reference import lora_grads, lorsum_reference, make_factor, truncated
+from reference import lora_grads, make_factor, truncated
 from sdsopt import SDSAdamW, rewrite_pair
 from sdsopt.metrics import (
     alignment,
@@ -17,7 +17,7 @@ from sdsopt.metrics import (
     first_order_step,
     stable_rank,
 )
-from sdsopt.rewrite import lorsum_sweeps, svd_refactor
+from sdsopt.rewrite import svd_refactor
 from test_optim import LoraLinear
 
 F64 = torch.float64
@@ -32,47 +32,6 @@ def pair_and_grad(draw):
     A = make_factor(r, n, kappa, 1.0, gen)
     B = make_factor(m, r, kappa, 0.5, gen)
     return A, B, torch.randn(m, n, dtype=F64, generator=gen)
-
-
-@given(pair_and_grad(), st.floats(-8, -1), st.floats(-4, -1))
-def test_lorsum_one_sweep_is_scaled(case, log_lam, log_lr):
-    """K = 1: the Jacobi sweep equals mode `scaled` with δ = λ, for any step size."""
-    A, B, G = case
-    gA, gB = lora_grads(A, B, G, 1.0)
-    lam, lr = 10**log_lam, 10**log_lr
-    got = lorsum_sweeps(A, B, gA, gB, lr=lr, damping=lam, sweeps=1)
-    ref = rewrite_pair(A, B, gA, gB, mode="scaled", damping=lam, route="eigh")
-    for x, y in zip(got, ref):
-        torch.testing.assert_close(x, y, rtol=1e-7, atol=1e-9 * y.abs().max().item())
-    # the default Cholesky route adds the relative shift τ·trace K (τ = 1e-13 in float64) to δ
-    for x, y in zip(got, rewrite_pair(A, B, gA, gB, mode="scaled", damping=lam)):
-        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-7 * y.abs().max().item())
-
-
-@given(pair_and_grad(), st.integers(1, 5))
-def test_lorsum_sweeps_match_proximal_least_squares(case, sweeps):
-    """Each sweep solves its proximal least-squares problem (reference: lstsq on the stacked system)."""
-    A, B, G = case
-    gA, gB = lora_grads(A, B, G, 1.0)
-    lr, lam = 0.1, 1e-2
-    dA, dB = lorsum_sweeps(A, B, gA, gB, lr=lr, damping=lam, sweeps=sweeps,
-                           G_mul=lambda V: G @ V, Gt_mul=lambda U: G.T @ U)
-    A_k, B_k = lorsum_reference(A, B, G, lr, lam, sweeps)
-    torch.testing.assert_close(A - lr * dA, A_k, rtol=1e-6, atol=1e-8)
-    torch.testing.assert_close(B - lr * dB, B_k, rtol=1e-6, atol=1e-8)
-
-
-def test_lorsum_many_sweeps_reach_the_truncated_svd():
-    """λ → 0 and enough sweeps: B_K A_K is the best rank-r approximation of the full step."""
-    gen = torch.Generator().manual_seed(0)
-    A, B = make_factor(3, 9, 3.0, 1.0, gen), make_factor(8, 3, 3.0, 1.0, gen)
-    G = torch.randn(8, 9, dtype=F64, generator=gen)
-    gA, gB = lora_grads(A, B, G, 1.0)
-    dA, dB = lorsum_sweeps(A, B, gA, gB, lr=0.3, damping=1e-12, sweeps=300,
-                           G_mul=lambda V: G @ V, Gt_mul=lambda U: G.T @ U)
-    product = (B - 0.3 * dB) @ (A - 0.3 * dA)
-    target = truncated(B @ A - 0.3 * G, 3)
-    assert (product - target).norm() <= 1e-6 * target.norm()
 
 
 @given(pair_and_grad())
@@ -104,7 +63,7 @@ def full_gradient(layer, x, y):
 
 def test_capture_reconstructs_the_full_gradient():
     layer, x, y = build_layer()
-    opt = SDSAdamW(layer.named_parameters(), lr=1e-2, mode="lorsum")
+    opt = SDSAdamW(layer.named_parameters(), lr=1e-2, mode="svd_oracle")
     capture = opt.attach(layer)
     ((layer(x) - y) ** 2).mean().backward()
     ((layer(x[:4]) - y[:4]) ** 2).mean().backward()  # gradient accumulation: two passes summed
@@ -121,40 +80,10 @@ def test_capture_reconstructs_the_full_gradient():
 
 def capture_single(x, y):
     layer, _, _ = build_layer()
-    opt = SDSAdamW(layer.named_parameters(), mode="lorsum")
+    opt = SDSAdamW(layer.named_parameters(), mode="svd_oracle")
     capture = opt.attach(layer)
     ((layer(x) - y) ** 2).mean().backward()
     return capture.full(layer.lora_A["default"].weight, layer.lora_B["default"].weight, F64)
-
-
-def test_optimizer_lorsum_one_sweep_is_scaled_bit_for_bit():
-    runs = []
-    for kw in (dict(mode="scaled"), dict(mode="lorsum", lorsum_sweeps=1)):
-        layer, x, y = build_layer(dtype=torch.float32)
-        opt = SDSAdamW(layer.named_parameters(), lr=1e-2, damping=1e-3, **kw)
-        for _ in range(5):
-            opt.zero_grad()
-            ((layer(x) - y) ** 2).mean().backward()
-            opt.step()
-        runs.append([p.detach().clone() for p in layer.parameters()])
-    assert all(torch.equal(p, q) for p, q in zip(*runs))
-
-
-def test_optimizer_lorsum_two_sweeps_matches_reference_first_step():
-    layer, x, y = build_layer()
-    A0, B0 = (layer.lora_A["default"].weight.detach().clone(), layer.lora_B["default"].weight.detach().clone())
-    lr, lam, eps = 1e-2, 1e-3, 1e-8
-    opt = SDSAdamW(layer.named_parameters(), lr=lr, eps=eps, weight_decay=0.0, mode="lorsum", lorsum_sweeps=2, damping=lam)
-    opt.attach(layer)
-    ((layer(x) - y) ** 2).mean().backward()
-    opt.step()
-    layer_ref, x_ref, y_ref = build_layer()
-    G = full_gradient(layer_ref, x_ref, y_ref)
-    A_k, B_k = lorsum_reference(A0, B0, G, lr, lam, 2)
-    for p0, p, target in ((A0, layer.lora_A["default"].weight, A_k), (B0, layer.lora_B["default"].weight, B_k)):
-        g = (p0 - target) / lr
-        expect = p0 - lr * g / (g.abs() + eps)  # Adam's first step on the rewritten gradient
-        torch.testing.assert_close(p.detach(), expect, rtol=1e-9, atol=1e-12)
 
 
 def test_optimizer_svd_oracle_is_truncated_full_step():
@@ -175,7 +104,7 @@ def test_optimizer_svd_oracle_is_truncated_full_step():
 
 def test_modes_that_need_the_layers_refuse_without_attach_or_above_size_limit():
     layer, x, y = build_layer()
-    opt = SDSAdamW(layer.named_parameters(), mode="lorsum", lorsum_sweeps=3)
+    opt = SDSAdamW(layer.named_parameters(), mode="svd_oracle")
     ((layer(x) - y) ** 2).mean().backward()
     with pytest.raises(RuntimeError, match=r"call opt.attach\(model\)"):
         opt.step()
@@ -185,7 +114,7 @@ def test_modes_that_need_the_layers_refuse_without_attach_or_above_size_limit():
     with pytest.raises(ValueError, match="oracle_max_numel=20"):
         opt.step()
     with pytest.raises(ValueError, match="decouple_sigma=True works with modes"):
-        SDSAdamW(layer.named_parameters(), mode="lorsum", decouple_sigma=True)
+        SDSAdamW(layer.named_parameters(), mode="svd_oracle", decouple_sigma=True)
 
 
 def test_metrics_on_matrices_with_known_answers():
@@ -216,7 +145,6 @@ def test_metrics_on_matrices_with_known_answers():
 
 @pytest.mark.parametrize("kw", [dict(mode="lora"), dict(mode="sds", warmup_steps=2, coordinate_ramp=3),
                                 dict(mode="sds_polar", decouple_sigma=True, amsgrad=True), dict(mode="scaled"),
-                                dict(mode="lorsum", lorsum_sweeps=1), dict(mode="lorsum", lorsum_sweeps=2),
                                 dict(mode="svd_oracle")])
 def test_each_mode_object_declares_the_state_it_keeps(kw):
     """The mode objects' interface: every mode of SDSAdamW has one, and the state the optimizer holds is
@@ -228,7 +156,7 @@ def test_each_mode_object_declares_the_state_it_keeps(kw):
     torch.manual_seed(0)
     layer = LoraLinear(8, 6, 3, dtype=F64, zero_b=False)
     opt = SDSAdamW(layer.named_parameters(), lr=1e-2, **kw)
-    if kw["mode"] in ("svd_oracle", "lorsum"):
+    if kw["mode"] == "svd_oracle":
         opt.attach(layer)
     x, y = torch.randn(16, 8, dtype=F64), torch.randn(16, 6, dtype=F64)
     for _ in range(4):

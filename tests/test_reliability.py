@@ -18,7 +18,7 @@ F64 = torch.float64
 
 GUARDED_MODES = [
     dict(mode="lora"), dict(mode="sds", warmup_steps=0), dict(mode="sds", warmup_steps=3), dict(mode="sds_polar"),
-    dict(mode="sds_polar", decouple_sigma=True), dict(mode="scaled"), dict(mode="lorsum", lorsum_sweeps=1),
+    dict(mode="sds_polar", decouple_sigma=True), dict(mode="scaled"),
     dict(mode="sds", warmup_steps=0, fused=True), dict(mode="sds", warmup_steps=0, amsgrad=True),
 ]
 

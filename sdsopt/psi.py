@@ -1,0 +1,259 @@
+"""``PSILoRA``: LoRSum / PSI-LoRA (arXiv 2602.16456) as its authors compute it — the factors are *replaced* by the
+proximal rank-r solution of a full-weight step, found by alternating least squares; no Adam on the factors.
+
+For a LoRA pair ``ΔW = B·A`` (``A`` r×n, ``B`` m×r) with full gradient ``G = ∂L/∂(BA)`` (applied to vectors from
+the layers' recorded inputs and output gradients, :class:`sdsopt.capture.LoraCapture`, never formed) and a
+low-rank momentum ``M = U_M V_M`` (rank ``q = rank_multiplier·r``, kept as factors), one step is
+
+    D  = (1 − dampening)·G + momentum·M            (SGD-with-momentum direction, torch's convention)
+    W̄  = B A − lr·D
+    (A, B) ← argmin ‖B'A' − W̄‖² + λ(‖A' − A‖² + ‖B' − B‖²),   λ = lr·lmbd       (proximal_als)
+    (V_M, U_M) ← the same problem for the target ``momentum·M + (1 − dampening)·G``, proximal to ``M``
+
+(MATH §3.1).  ``dampening = momentum`` gives the EMA form ``W̄ = BA − lr(1−β)G − lr·β·M``.  Parameters that are
+not LoRA factors get torch's AdamW (``betas``, ``eps``, ``weight_decay``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.optim.adam import adam
+from torch.optim.optimizer import Optimizer
+
+from . import pairing as _pairing
+from .capture import LoraCapture
+from .pairing import PairingFn, check_pair_shapes
+
+__all__ = ["PSILoRA", "proximal_als"]
+
+MatMul = Callable[[Tensor], Tensor]
+
+
+def _solve_left(K: Tensor, lam: float, rhs: Tensor) -> Tensor:
+    """``(K + λI)^{-1} rhs`` for a Gram ``K`` (r×r, λ > 0: positive definite) by Cholesky."""
+    eye = torch.eye(K.shape[-1], dtype=K.dtype, device=K.device)
+    return torch.cholesky_solve(rhs, torch.linalg.cholesky(K + lam * eye))
+
+
+def proximal_als(A: Tensor, B: Tensor, W_mul: MatMul, Wt_mul: MatMul, lam: float, sweeps: int
+                 ) -> tuple[Tensor, Tensor]:
+    """Rank-r factors ``(A', B')`` near ``W̄`` and proximal to ``(A, B)`` (MATH 3.1, PSI-LoRA's ``low_rank_sum``):
+
+        min ‖B'A' − W̄‖²_F + λ(‖A' − A‖²_F + ‖B' − B‖²_F)
+
+    given only the products ``W_mul(V) = W̄ V`` (V: n×k) and ``Wt_mul(U) = W̄ᵀ U`` (U: m×k).  The half-sweeps are
+
+        A' = (B_tᵀ B_t + λI)^{-1} (B_tᵀ W̄ + λA)          B' = (W̄ A_tᵀ + λB)(A_t A_tᵀ + λI)^{-1}
+
+    ``sweeps = K ≥ 1``: K Gauss–Seidel sweeps, ``A`` first (``start_turn='in'``), each half-sweep using the other
+    factor's newest value.  ``sweeps = 0``: one Jacobi pass, both halves from ``(A, B)``; for
+    ``W̄ = BA − lr·G`` it is exactly Riemannian-preconditioned gradient descent, ``A − lr(BᵀB + λI)^{-1}BᵀG``
+    (mode ``scaled`` with ``δ = λ``).  (The authors' code returns its inputs unchanged when ``lookahead_iters=0``;
+    this is the pass it intends.)  ``λ > 0`` keeps every solve positive definite, also at LoRA's ``B = 0``.
+    """
+    if lam <= 0:
+        raise ValueError(f"proximal_als: λ={lam} must be > 0 (it keeps the r×r solves positive definite)")
+
+    def update_a(B_t: Tensor) -> Tensor:
+        return _solve_left(B_t.T @ B_t, lam, Wt_mul(B_t).T + lam * A)
+
+    def update_b(A_t: Tensor) -> Tensor:
+        return _solve_left(A_t @ A_t.T, lam, W_mul(A_t.T).T + lam * B.T).T
+
+    if sweeps == 0:
+        return update_a(B), update_b(A)
+    A_t, B_t = A, B
+    for _ in range(sweeps):
+        A_t = update_a(B_t)
+        B_t = update_b(A_t)
+    return A_t, B_t
+
+
+class PSILoRA(Optimizer):
+    r"""PSI-LoRA: each LoRA pair is replaced, every step, by the proximal rank-r solution of a full-weight
+    SGD(-momentum) step (:func:`proximal_als`); other trainable parameters get torch's AdamW.
+
+    Args:
+        model: the model; its trainable parameters are optimised, LoRA pairs found by name (``pairing``) and
+            their layers' inputs and output gradients recorded by hooks from construction on.  Only
+            ``nn.Linear`` LoRA factors (PEFT's Linear LoRA) are supported.
+        lr: step size of the full-weight step and of AdamW for the other parameters.
+        lookahead_iters: ALS sweeps K per step (authors' default 1); 0 = one Jacobi pass (= ``scaled`` GD).
+        lmbd: proximal weight relative to ``lr``: ``λ = lr·lmbd`` (authors' default 1e-2); > 0.
+        momentum, dampening: the low-rank momentum (torch SGD convention; default 0 = none).  The momentum
+            factors start at ``U_M = 0`` and a Gaussian ``V_M`` (seeded per pair) as the authors', so the first
+            ALS half-sweep has a basis to project on.
+        rank_multiplier: momentum rank ``q = round(rank_multiplier·r)``.
+        betas, eps, weight_decay: AdamW's, for parameters that are not LoRA factors.
+        pairing: as :class:`sdsopt.SDSAdamW`'s.
+        linalg_dtype: dtype of the factor algebra (default: float32, or float64 for float64 factors).
+
+    Design choices: there is no weight decay on the factors (the proximal term plays its part); the
+    factors' ``.grad`` is not read (the step uses ``G`` from the recorded rows, which also covers gradient
+    accumulation: the rows of every micro-batch are summed); a pair whose layer recorded no forward/backward
+    since the last step is left unchanged; ``lr = 0`` leaves every factor unchanged.  The metric-scaled
+    variant (``ScaledOPLoraOptimizer``: diagonal K-FAC metric), DDP/FSDP2 and gradient clipping on the full
+    gradient's norm are not implemented: a multi-process run is refused.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        lr: float = 1e-3,
+        *,
+        lookahead_iters: int = 1,
+        lmbd: float = 1e-2,
+        momentum: float = 0.0,
+        dampening: float = 0.0,
+        rank_multiplier: float = 1.0,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        pairing: str | PairingFn | None = None,
+        linalg_dtype: torch.dtype | None = None,
+    ) -> None:
+        checks = [
+            (isinstance(model, nn.Module),
+             "model must be the nn.Module holding the LoRA layers (its inputs are recorded)"),
+            (isinstance(lr, (int, float)) and lr >= 0, f"lr={lr!r} must be a float >= 0"),
+            (isinstance(lookahead_iters, int) and lookahead_iters >= 0,
+             f"lookahead_iters={lookahead_iters!r} must be an int >= 0 (0: one Jacobi pass)"),
+            (lmbd > 0, f"lmbd={lmbd} must be > 0 (λ = lr·lmbd keeps the r×r solves positive definite)"),
+            (0 <= momentum < 1 and 0 <= dampening <= 1,
+             f"momentum={momentum} must be in [0, 1), dampening={dampening} in [0, 1]"),
+            (rank_multiplier > 0, f"rank_multiplier={rank_multiplier} must be > 0"),
+            (len(betas) == 2 and all(0 <= b < 1 for b in betas), f"betas={betas} must be two numbers in [0, 1)"),
+            (eps >= 0 and weight_decay >= 0, f"eps={eps} and weight_decay={weight_decay} must be >= 0"),
+            (linalg_dtype in (None, torch.float32, torch.float64),
+             f"linalg_dtype={linalg_dtype!r} must be None, torch.float32 or torch.float64"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(f"PSILoRA: {message}.")
+        if torch.distributed.is_available() and torch.distributed.is_initialized() \
+                and torch.distributed.get_world_size() > 1:
+            raise RuntimeError("PSILoRA: multi-process training is not supported yet (each rank records its own rows "
+                               "of G; the products would need an all-reduce per half-sweep). Use SDSAdamW for DDP/FSDP2.")
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        names = [n for n, _ in named]
+        index = {n: i for i, n in enumerate(names)}
+        pairs = [(index[a], index[b]) for a, b in _pairing.resolve_pairing(pairing)(names)]
+        params = [p for _, p in named]
+        for ia, ib in pairs:
+            check_pair_shapes(params[ia], params[ib], repr(names[ia]), repr(names[ib]))
+        defaults = dict(lr=lr, lookahead_iters=lookahead_iters, lmbd=lmbd, momentum=momentum, dampening=dampening,
+                        rank_multiplier=rank_multiplier, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
+                        linalg_dtype=linalg_dtype)
+        super().__init__([{"params": params, "param_names": names}], defaults)
+        self.param_groups[0]["lora_pairs"] = pairs
+        self._capture = LoraCapture(model, [(params[ia], params[ib]) for ia, ib in pairs])
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if self.param_groups:
+            raise ValueError("PSILoRA takes the model's parameters at construction; it has one param group.")
+        super().add_param_group(param_group)
+
+    def _dtype(self, p: Tensor) -> torch.dtype:
+        chosen = self.param_groups[0]["linalg_dtype"]
+        return chosen or (torch.float64 if p.dtype == torch.float64 else torch.float32)
+
+    def _momentum_factors(self, A: Tensor, B: Tensor, k: int, dt: torch.dtype) -> tuple[Tensor, Tensor]:
+        """``(V_M, U_M)`` of the pair, created at its first step: ``V_M`` Gaussian (seeded by the pair's index),
+        ``U_M = 0``."""
+        state = self.state[A]
+        if "psi_momentum" not in state:
+            q = max(1, round(A.shape[0] * self.param_groups[0]["rank_multiplier"]))
+            gen = torch.Generator(device="cpu").manual_seed(k)
+            state["psi_momentum"] = torch.randn(q, A.shape[1], generator=gen, dtype=dt).to(A.device)
+            self.state[B]["psi_momentum"] = torch.zeros(B.shape[0], q, dtype=dt, device=B.device)
+        return state["psi_momentum"], self.state[B]["psi_momentum"]
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
+        """One PSI-LoRA step on every recorded pair, then AdamW on the other parameters."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        group = self.param_groups[0]
+        params: list[Tensor] = group["params"]
+        lr, beta, damp, K = group["lr"], group["momentum"], group["dampening"], group["lookahead_iters"]
+        lam = lr * group["lmbd"]
+        in_pairs = set()
+        for k, (ia, ib) in enumerate(group["lora_pairs"]):
+            A, B = params[ia], params[ib]
+            in_pairs |= {ia, ib}
+            if not self._capture.has(A):
+                if A.grad is not None or B.grad is not None:
+                    raise RuntimeError(
+                        f"PSILoRA: {group['param_names'][ia]!r} has a gradient but its layer's inputs were not "
+                        "recorded: run the forward pass of the model given to PSILoRA (not a copy or a compiled "
+                        "graph that bypasses module hooks) with gradients enabled.")
+                continue
+            if lr == 0:
+                continue
+            self._pair_step(k, A, B, lr, lam, beta, damp, K)
+        self._capture.clear()
+        self._adam_others(group, [p for i, p in enumerate(params) if i not in in_pairs and p.grad is not None])
+        return loss
+
+    def _pair_step(self, k: int, A: Tensor, B: Tensor, lr: float, lam: float, beta: float, damp: float,
+                   K: int) -> None:
+        dt = self._dtype(A)
+        A0, B0 = A.detach().to(dt), B.detach().to(dt)
+        cap = self._capture
+
+        def G(V: Tensor) -> Tensor:
+            return cap.matmul(A, B, V)
+
+        def Gt(U: Tensor) -> Tensor:
+            return cap.rmatmul(A, B, U)
+
+        V_M = U_M = None
+        if beta > 0:
+            V_M, U_M = self._momentum_factors(A, B, k, dt)
+
+        def D(V: Tensor) -> Tensor:  # the direction (1 − d)·G + β·M applied to V
+            out = (1 - damp) * G(V)
+            return out if V_M is None else out + beta * (U_M @ (V_M @ V))
+
+        def Dt(U: Tensor) -> Tensor:
+            out = (1 - damp) * Gt(U)
+            return out if V_M is None else out + beta * (V_M.T @ (U_M.T @ U))
+
+        A_new, B_new = proximal_als(A0, B0, lambda V: B0 @ (A0 @ V) - lr * D(V),
+                                    lambda U: A0.T @ (B0.T @ U) - lr * Dt(U), lam, K)
+        if V_M is not None:  # momentum ← β·M + (1 − d)·G, proximal to M, warm-started at its factors
+            V_new, U_new = proximal_als(V_M, U_M, lambda V: beta * (U_M @ (V_M @ V)) + (1 - damp) * G(V),
+                                        lambda U: beta * (V_M.T @ (U_M.T @ U)) + (1 - damp) * Gt(U), lam, K)
+            V_M.copy_(V_new)
+            U_M.copy_(U_new)
+        A.copy_(A_new.view(A.shape))
+        B.copy_(B_new.view(B.shape))
+
+    def _adam_others(self, group: dict[str, Any], others: list[Tensor]) -> None:
+        """torch's AdamW (foreach) on the parameters that are not LoRA factors."""
+        if not others:
+            return
+        lists: dict[str, list[Tensor]] = {k: [] for k in ("params", "grads", "exp_avgs", "exp_avg_sqs", "steps")}
+        for p in others:
+            state = self.state[p]
+            if "step" not in state:
+                state["step"] = torch.tensor(0.0)
+                state["exp_avg"] = torch.zeros_like(p)
+                state["exp_avg_sq"] = torch.zeros_like(p)
+            for key, value in (("params", p), ("grads", p.grad), ("exp_avgs", state["exp_avg"]),
+                               ("exp_avg_sqs", state["exp_avg_sq"]), ("steps", state["step"])):
+                lists[key].append(value)
+        beta1, beta2 = group["betas"]
+        adam(lists["params"], lists["grads"], lists["exp_avgs"], lists["exp_avg_sqs"], [], lists["steps"],
+             decoupled_weight_decay=True, amsgrad=False, beta1=beta1, beta2=beta2, lr=group["lr"],
+             weight_decay=group["weight_decay"], eps=group["eps"], maximize=False)
+
+    def detach(self) -> None:
+        """Remove the recording hooks from the model (the optimizer can no longer step its pairs)."""
+        self._capture.remove()

@@ -1,0 +1,249 @@
+"""PSILoRA (issue 13): proximal ALS against float64 closed forms and SVDs; the optimizer end to end."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from torch import nn
+
+from reference import make_factor, psi_reference, truncated
+from sdsopt import PSILoRA, SDSAdamW
+from sdsopt.psi import proximal_als
+from sdsopt.tasks.lora import LoraLinear
+
+F64 = torch.float64
+
+
+@st.composite
+def factors_and_target(draw):
+    m, n = draw(st.integers(3, 10)), draw(st.integers(3, 10))
+    r = draw(st.integers(1, min(m, n) - 1))
+    gen = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    A = make_factor(r, n, 10 ** draw(st.floats(0, 2)), 1.0, gen)
+    B = make_factor(m, r, 10 ** draw(st.floats(0, 2)), 1.0, gen)
+    G = torch.randn(m, n, dtype=F64, generator=gen)
+    return A, B, G
+
+
+def products(W):
+    return (lambda V: W @ V), (lambda U: W.T @ U)
+
+
+@given(factors_and_target(), st.floats(-4, -1), st.floats(-3, 0))
+def test_jacobi_pass_is_scaled_gradient_descent(case, log_lr, log_lmbd):
+    """K = 0: one Jacobi pass towards W̄ = BA − lr·G is exactly A − lr(BᵀB + λI)^{-1}BᵀG, B − lr·G Aᵀ(AAᵀ + λI)^{-1}."""
+    A, B, G = case
+    lr, lam = 10**log_lr, 10**log_lr * 10**log_lmbd
+    A1, B1 = proximal_als(A, B, *products(B @ A - lr * G), lam, sweeps=0)
+    eye = torch.eye(A.shape[0], dtype=F64)
+    torch.testing.assert_close(A1, A - lr * torch.linalg.solve(B.T @ B + lam * eye, B.T @ G), rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(B1, B - lr * torch.linalg.solve(A @ A.T + lam * eye, (G @ A.T).T).T,
+                               rtol=1e-9, atol=1e-12)
+
+
+@given(factors_and_target(), st.floats(-3, 0))
+def test_one_sweep_is_the_riemannian_step_to_first_order(case, log_lmbd):
+    """K = 1: the first half-sweep is exactly the scaled step (the Jacobi pass's A); the whole Gauss–Seidel
+    sweep moves BA, to first order in lr, by the Riemannian gradient step on the rank-r manifold,
+    −lr·(P_B G + G P_A − P_B G P_A) (the tangent projection of G; P_B, P_A the projectors on B's columns and
+    A's rows), i.e. scaled GD's −lr·(P_B G + G P_A) minus its doubly counted P_B G P_A."""
+    A, B, G = case
+    P_B = B @ torch.linalg.pinv(B)
+    P_A = torch.linalg.pinv(A) @ A
+    tangent = P_B @ G + G @ P_A - P_B @ G @ P_A
+    errors = []
+    for lr in (1e-4, 1e-5):
+        lam = lr * 10**log_lmbd
+        A1, B1 = proximal_als(A, B, *products(B @ A - lr * G), lam, sweeps=1)
+        A0, _ = proximal_als(A, B, *products(B @ A - lr * G), lam, sweeps=0)
+        torch.testing.assert_close(A1, A0, rtol=1e-10, atol=1e-13)  # the first half-sweep
+        errors.append(((B1 @ A1 - B @ A) / lr + tangent).norm() / tangent.norm())
+    assert errors[1] <= 0.2 * errors[0] + 1e-7  # the remainder is O(lr)
+
+
+@given(factors_and_target(), st.integers(0, 10**6))
+def test_many_sweeps_reach_the_best_rank_r_approximation(case, seed):
+    """Prop. 1: with λ → 0, alternating sweeps converge to the truncated SVD of W̄ (Eckart–Young)."""
+    A, B, _ = case
+    gen = torch.Generator().manual_seed(seed)
+    m, n, r = B.shape[0], A.shape[1], A.shape[0]
+    S = torch.linspace(4.0, 0.5, min(m, n), dtype=F64)  # a clear gap after every r
+    U = torch.linalg.qr(torch.randn(m, min(m, n), dtype=F64, generator=gen))[0]
+    V = torch.linalg.qr(torch.randn(n, min(m, n), dtype=F64, generator=gen))[0]
+    W = U @ torch.diag(S) @ V.T
+    A_k, B_k = proximal_als(A, B, *products(W), lam=1e-12, sweeps=300)
+    best = truncated(W, r)
+    assert (B_k @ A_k - best).norm() <= 1e-6 * best.norm()
+
+
+def psi_layer(seed=0, zero_b=True):
+    torch.manual_seed(seed)
+    layer = LoraLinear(nn.Linear(7, 6, dtype=F64), 3, alpha=6.0)
+    if not zero_b:
+        with torch.no_grad():
+            layer.lora_B["default"].weight.normal_()
+    return layer
+
+
+def step(layer, opt, x, y):
+    opt.zero_grad()
+    loss = ((layer(x) - y) ** 2).mean()
+    loss.backward()
+    opt.step()
+    return loss.item()
+
+
+def full_grad(layer, x, y):
+    """G = ∂L/∂(BA), by autograd on the dense product (independent of the hooks)."""
+    A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    P = (B @ A).detach().requires_grad_(True)
+    out = layer.base(x) + layer.scaling * x @ P.T
+    ((out - y) ** 2).mean().backward()
+    return P.grad
+
+
+def test_optimizer_step_equals_proximal_als_on_the_dense_gradient():
+    """PSILoRA's step on a PEFT-style layer = proximal_als on W̄ = BA − lr·G with G from dense autograd."""
+    layer = psi_layer(zero_b=False)
+    x, y = torch.randn(16, 7, dtype=F64), torch.randn(16, 6, dtype=F64)
+    A0, B0 = (t.detach().clone() for t in (layer.lora_A["default"].weight, layer.lora_B["default"].weight))
+    G = full_grad(layer, x, y)
+    lr, lmbd = 0.05, 0.1
+    opt = PSILoRA(layer, lr=lr, lmbd=lmbd, lookahead_iters=2)
+    step(layer, opt, x, y)
+    A_ref, B_ref = proximal_als(A0, B0, *products(B0 @ A0 - lr * G), lr * lmbd, sweeps=2)
+    torch.testing.assert_close(layer.lora_A["default"].weight, A_ref, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(layer.lora_B["default"].weight, B_ref, rtol=1e-10, atol=1e-12)
+
+
+def test_momentum_factors_are_the_dense_momentum_when_it_is_low_rank():
+    """With gradients that share one rank-q subspace the low-rank momentum is exact: after t steps
+    U_M V_M = Σ_k β^{t−1−k} G_k (torch SGD convention, dampening 0), to 1e-8."""
+    torch.manual_seed(0)
+    layer = LoraLinear(nn.Linear(5, 4, bias=False, dtype=F64), 2)  # r = 2
+    with torch.no_grad():
+        layer.base.weight.zero_()
+    x = torch.randn(2, 5, dtype=F64)  # two inputs: every G = δᵀX has rank ≤ 2 = q, in one row space
+    beta, lr = 0.8, 1e-3
+    opt = PSILoRA(layer, lr=lr, lmbd=1e-9, momentum=beta, lookahead_iters=50)
+    dense = torch.zeros(4, 5, dtype=F64)
+    A_param = layer.lora_A["default"].weight
+    for t in range(4):
+        y = torch.randn(2, 4, dtype=F64)
+        dense = beta * dense + full_grad(layer, x, y)
+        step(layer, opt, x, y)
+        V_M, U_M = opt.state[A_param]["psi_momentum"], opt.state[layer.lora_B["default"].weight]["psi_momentum"]
+        assert (U_M @ V_M - dense).norm() <= 1e-8 * dense.norm(), t
+
+
+def test_zero_b_start_trains():
+    """LoRA's B = 0 start: the first step moves B (λ > 0 keeps BᵀB + λI invertible) and the loss goes down."""
+    layer = psi_layer(zero_b=True)
+    x, y = torch.randn(32, 7, dtype=F64), torch.randn(32, 6, dtype=F64)
+    opt = PSILoRA(layer, lr=0.05)
+    losses = [step(layer, opt, x, y) for _ in range(30)]
+    assert losses[-1] < losses[0] and all(torch.isfinite(p).all() for p in layer.parameters())
+    assert layer.lora_B["default"].weight.abs().sum() > 0
+
+
+def test_bias_follows_torch_adamw():
+    """Parameters outside the pairs: torch's AdamW on the same gradients, bit for bit."""
+    layer = psi_layer(zero_b=False)
+    layer.base.bias.requires_grad_(True)
+    x, y = torch.randn(16, 7, dtype=F64), torch.randn(16, 6, dtype=F64)
+    opt = PSILoRA(layer, lr=0.01, weight_decay=0.1)
+    bias = layer.base.bias
+    mirror = bias.detach().clone().requires_grad_(True)
+    ref = torch.optim.AdamW([mirror], lr=0.01, weight_decay=0.1)
+    for _ in range(3):
+        opt.zero_grad()
+        ((layer(x) - y) ** 2).mean().backward()
+        mirror.grad = bias.grad.clone()
+        opt.step()
+        ref.step()
+        assert torch.equal(bias, mirror)
+
+
+def test_checkpoint_resumes_bit_exactly_with_momentum():
+    x, y = torch.randn(16, 7, dtype=F64), torch.randn(16, 6, dtype=F64)
+    layer = psi_layer()
+    opt = PSILoRA(layer, lr=0.05, momentum=0.75)
+    for _ in range(3):
+        step(layer, opt, x, y)
+    buf = io.BytesIO()
+    torch.save({"model": layer.state_dict(), "opt": opt.state_dict()}, buf)
+    for _ in range(3):
+        step(layer, opt, x, y)
+    buf.seek(0)
+    ckpt = torch.load(buf)
+    other = psi_layer(seed=5)
+    other.load_state_dict(ckpt["model"])
+    resumed = PSILoRA(other, lr=0.05, momentum=0.75)
+    resumed.load_state_dict(ckpt["opt"])
+    for _ in range(3):
+        step(other, resumed, x, y)
+    for p, q in zip(layer.parameters(), other.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_gradient_accumulation_sums_micro_batches():
+    """Two micro-batches before one step = one step on their summed gradient (the recorded rows add up)."""
+    x, y = torch.randn(16, 7, dtype=F64), torch.randn(16, 6, dtype=F64)
+    a, b = psi_layer(zero_b=False), psi_layer(zero_b=False)
+    opt_a, opt_b = PSILoRA(a, lr=0.05), PSILoRA(b, lr=0.05)
+    opt_a.zero_grad()
+    for half in (slice(0, 8), slice(8, 16)):
+        (((a(x[half]) - y[half]) ** 2).sum() / (16 * 6)).backward()
+    opt_a.step()
+    step(b, opt_b, x, y)
+    for p, q in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-14)
+
+
+def test_errors_name_the_fix():
+    layer = psi_layer()
+    with pytest.raises(ValueError, match=r"lmbd=0.0 must be > 0"):
+        PSILoRA(layer, lmbd=0.0)
+    with pytest.raises(ValueError, match="lookahead_iters"):
+        PSILoRA(layer, lookahead_iters=-1)
+    with pytest.raises(ValueError, match="nn.Module"):
+        PSILoRA(list(layer.parameters()))
+    opt = PSILoRA(layer, lr=0.01)
+    detached = psi_layer(seed=1)  # another model: the hooks are on the one given to PSILoRA
+    ((detached(torch.randn(4, 7, dtype=F64))) ** 2).mean().backward()
+    for p, q in zip(layer.parameters(), detached.parameters()):
+        p.grad = q.grad
+    with pytest.raises(RuntimeError, match="inputs were not recorded"):
+        opt.step()
+    with pytest.raises(ValueError, match="one param group"):
+        opt.add_param_group({"params": [torch.zeros(2, requires_grad=True)]})
+
+
+def test_lr_zero_leaves_the_factors_unchanged():
+    layer = psi_layer(zero_b=False)
+    before = [p.detach().clone() for p in layer.parameters()]
+    step(layer, PSILoRA(layer, lr=0.0), torch.randn(8, 7, dtype=F64), torch.randn(8, 6, dtype=F64))
+    for p, q in zip(layer.parameters(), before):
+        assert torch.equal(p, q)
+
+
+def test_lorsum_mode_of_sdsadamw_names_psilora():
+    with pytest.raises(ValueError, match="PSILoRA"):
+        SDSAdamW(psi_layer().named_parameters(), mode="lorsum")
+
+
+@given(factors_and_target(), st.integers(0, 4), st.floats(-3, 0))
+def test_proximal_als_matches_least_squares_reference(case, sweeps, log_lam):
+    """Each half-sweep is the proximal least-squares solution (independent reference: lstsq on the stacked
+    system), in PSI-LoRA's order."""
+    A, B, G = case
+    W = B @ A - 0.1 * G
+    lam = 10**log_lam
+    got = proximal_als(A, B, *products(W), lam, sweeps)
+    want = psi_reference(A, B, W, lam, sweeps)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-7, atol=1e-9)
