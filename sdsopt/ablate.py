@@ -44,8 +44,8 @@ __all__ = ["ABLATION_MODES", "main", "make_task", "run_grid"]
 ABLATION_MODES = ("full", "lora", "sds", "sds_undamped", "sds_polar", "sds_sigma", "scaled", "sds_layer", "psi",
                   "svd_oracle")
 DEFAULT_LRS = {"linear": [1e-3, 3e-3, 1e-2, 3e-2], "digits": [3e-4, 1e-3, 3e-3, 1e-2], "textlm": [1e-3, 3e-3, 1e-2, 3e-2],
-               "minilm": [1e-4, 3e-4, 1e-3, 3e-3, 1e-2]}
-DEFAULT_STEPS = {"linear": 300, "digits": 300, "textlm": 300, "minilm": 300}
+               "minilm": [1e-4, 3e-4, 1e-3, 3e-3, 1e-2], "psi_linear": [1e-3, 3e-3, 1e-2, 3e-2, 1e-1]}
+DEFAULT_STEPS = {"linear": 300, "digits": 300, "textlm": 300, "minilm": 300, "psi_linear": 300}
 
 
 def make_task(name: str, args: argparse.Namespace):
@@ -64,6 +64,10 @@ def make_task(name: str, args: argparse.Namespace):
 
         return TextLMTask(rank=args.rank, width=args.width, layers=args.layers, block=args.block,
                           pretrain_steps=args.pretrain_steps, device=args.device)
+    if name == "psi_linear":
+        from .tasks.linear import SyntheticLowRankTask
+
+        return SyntheticLowRankTask(rank=args.rank, batch=args.batch)
     if name == "minilm":
         from .tasks.minilm import MiniLMTopicsTask
 
@@ -279,7 +283,7 @@ def format_table(task_name: str, table: dict) -> str:
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(prog="sdsopt-ablate", description=__doc__.splitlines()[0])
-    ap.add_argument("--task", choices=["linear", "digits", "textlm", "minilm"], default="linear")
+    ap.add_argument("--task", choices=["linear", "psi_linear", "digits", "textlm", "minilm"], default="linear")
     ap.add_argument("--modes", nargs="+", choices=ABLATION_MODES, default=list(ABLATION_MODES))
     ap.add_argument("--lrs", type=float, nargs="+", default=None, help="≥ 4 per mode recommended")
     ap.add_argument("--seeds", type=int, default=1)

@@ -34,9 +34,13 @@ MatMul = Callable[[Tensor], Tensor]
 
 
 def _solve_left(K: Tensor, lam: float, rhs: Tensor) -> Tensor:
-    """``(K + λI)^{-1} rhs`` for a Gram ``K`` (r×r, λ > 0: positive definite) by Cholesky."""
+    """``(K + λI)^{-1} rhs`` for a Gram ``K`` (r×r, λ > 0: positive definite) by Cholesky.
+
+    Only a non-finite ``K`` (factors that already overflowed: a diverging lr) fails to factor; the result is
+    then NaN, as AdamW's parameters would be, instead of an exception (and without a host sync)."""
     eye = torch.eye(K.shape[-1], dtype=K.dtype, device=K.device)
-    return torch.cholesky_solve(rhs, torch.linalg.cholesky(K + lam * eye))
+    L, info = torch.linalg.cholesky_ex(K + lam * eye)
+    return torch.where(info == 0, torch.cholesky_solve(rhs, L), torch.nan)
 
 
 def proximal_als(A: Tensor, B: Tensor, W_mul: MatMul, Wt_mul: MatMul, lam: float, sweeps: int

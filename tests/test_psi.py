@@ -6,7 +6,7 @@ import io
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
@@ -65,6 +65,7 @@ def test_one_sweep_is_the_riemannian_step_to_first_order(case, log_lmbd):
     assert errors[1] <= 0.2 * errors[0] + 1e-7  # the remainder is O(lr)
 
 
+@settings(deadline=None, max_examples=20)  # 300 sweeps: seconds on a busy 2-core machine
 @given(factors_and_target(), st.integers(0, 10**6))
 def test_many_sweeps_reach_the_best_rank_r_approximation(case, seed):
     """Prop. 1: with λ → 0, alternating sweeps converge to the truncated SVD of W̄ (Eckart–Young)."""
@@ -247,3 +248,15 @@ def test_proximal_als_matches_least_squares_reference(case, sweeps, log_lam):
     want = psi_reference(A, B, W, lam, sweeps)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-7, atol=1e-9)
+
+
+def test_overflowed_factors_give_nan_not_an_exception():
+    """A diverged run (factors already non-finite) ends in NaN, as AdamW's would, instead of a Cholesky error."""
+    eye = torch.eye(2, dtype=F64)
+    A = torch.full((2, 4), float("inf"), dtype=F64)
+    B = torch.ones(3, 2, dtype=F64)
+    W = torch.ones(3, 4, dtype=F64)
+    A1, B1 = proximal_als(A, B, *products(W), lam=0.1, sweeps=1)
+    assert torch.isnan(B1).all()
+    A_ok, _ = proximal_als(eye @ torch.ones(2, 4, dtype=F64), B, *products(W), lam=0.1, sweeps=0)
+    assert torch.isfinite(A_ok).all()

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from .lora import LoraLinear
 
-__all__ = ["LinearTask"]
+__all__ = ["LinearTask", "SyntheticLowRankTask"]
 
 
 @dataclass
@@ -73,3 +73,59 @@ class LinearTask:
     def eval_loss(self, model: nn.Module) -> float:
         device = next(model.parameters()).device
         return float(self.loss(model, tuple(t.to(device) for t in self.test)))
+
+
+@dataclass
+class SyntheticLowRankTask:
+    """PSI-LoRA's synthetic task (its ``linear_dataset.py`` with ``input_type: eye``): fit a Gaussian ``W``
+    (``out × in``, 600 × 200 in the paper) with a rank-r LoRA on a zero base from the identity inputs, loss
+    ``‖X Wᵀ_model − X Wᵀ‖²`` summed over outputs and over the batch (the paper's ``MSELoss(reduction="sum")``).
+    On all inputs it is ``‖W_model − W‖²_F``; the best rank-r fit leaves ``f* = Σ_{i>r} σ_i(W)²``, and
+    :meth:`eval_loss` reports the suboptimality ``f − f*``.
+    """
+
+    n: int = 200
+    m: int = 600
+    rank: int = 8
+    batch: int = 0  # 0: full batch (all n inputs); else random rows of the identity
+    name: str = "psi_linear"
+
+    def setup(self, seed: int) -> None:
+        gen = torch.Generator().manual_seed(seed)
+        self.W = torch.randn(self.m, self.n, generator=gen)
+        S = torch.linalg.svdvals(self.W)
+        self.f_opt = float((S[self.rank:] ** 2).sum())
+        self.X = torch.eye(self.n)
+
+    def _base(self) -> nn.Linear:
+        layer = nn.Linear(self.n, self.m, bias=False)
+        with torch.no_grad():
+            layer.weight.zero_()
+        return layer
+
+    def lora_model(self, seed: int) -> nn.Module:
+        torch.manual_seed(seed)
+        return LoraLinear(self._base(), self.rank)
+
+    def full_model(self, seed: int) -> nn.Module:
+        return self._base()
+
+    def batches(self, seed: int):
+        gen = torch.Generator().manual_seed(seed)
+        Y = self.X @ self.W.T
+        while True:
+            if self.batch <= 0:
+                yield self.X, Y
+            else:
+                idx = torch.randint(0, self.n, (self.batch,), generator=gen)
+                yield self.X[idx], Y[idx]
+
+    @staticmethod
+    def loss(model: nn.Module, batch: tuple[Tensor, Tensor]) -> Tensor:
+        X, Y = batch
+        return ((model(X) - Y) ** 2).sum()
+
+    @torch.no_grad()
+    def eval_loss(self, model: nn.Module) -> float:
+        device = next(model.parameters()).device
+        return float(self.loss(model, (self.X.to(device), (self.X @ self.W.T).to(device)))) - self.f_opt
