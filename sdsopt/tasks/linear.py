@@ -17,8 +17,31 @@ from .lora import LoraLinear
 __all__ = ["LinearTask", "SyntheticLowRankTask"]
 
 
+class _FrozenLinearBase:
+    """The models of the linear tasks: a frozen ``nn.Linear`` holding ``W0`` (m×n), adapted by a rank-``rank``
+    LoRA, or trained itself (full fine-tuning)."""
+
+    m: int
+    n: int
+    rank: int
+    W0: Tensor
+
+    def _base(self) -> nn.Linear:
+        layer = nn.Linear(self.n, self.m, bias=False)
+        with torch.no_grad():
+            layer.weight.copy_(self.W0)
+        return layer
+
+    def lora_model(self, seed: int) -> nn.Module:
+        torch.manual_seed(seed)
+        return LoraLinear(self._base(), self.rank)
+
+    def full_model(self, seed: int) -> nn.Module:
+        return self._base()
+
+
 @dataclass
-class LinearTask:
+class LinearTask(_FrozenLinearBase):
     m: int = 64
     n: int = 64
     rank: int = 4
@@ -40,19 +63,6 @@ class LinearTask:
         X = torch.randn(self.samples + 256, n, generator=gen)
         Y = X @ (self.W0 + self.delta).T + self.noise * torch.randn(self.samples + 256, m, generator=gen)
         self.train, self.test = (X[: self.samples], Y[: self.samples]), (X[self.samples :], Y[self.samples :])
-
-    def _base(self) -> nn.Linear:
-        layer = nn.Linear(self.n, self.m, bias=False)
-        with torch.no_grad():
-            layer.weight.copy_(self.W0)
-        return layer
-
-    def lora_model(self, seed: int) -> nn.Module:
-        torch.manual_seed(seed)
-        return LoraLinear(self._base(), self.rank)
-
-    def full_model(self, seed: int) -> nn.Module:
-        return self._base()
 
     def batches(self, seed: int):
         gen = torch.Generator().manual_seed(seed)
@@ -76,7 +86,7 @@ class LinearTask:
 
 
 @dataclass
-class SyntheticLowRankTask:
+class SyntheticLowRankTask(_FrozenLinearBase):
     """PSI-LoRA's synthetic task (its ``linear_dataset.py`` with ``input_type: eye``): fit a Gaussian ``W``
     (``out × in``, 600 × 200 in the paper) with a rank-r LoRA on a zero base from the identity inputs, loss
     ``‖X Wᵀ_model − X Wᵀ‖²`` summed over outputs and over the batch (the paper's ``MSELoss(reduction="sum")``).
@@ -96,19 +106,7 @@ class SyntheticLowRankTask:
         S = torch.linalg.svdvals(self.W)
         self.f_opt = float((S[self.rank:] ** 2).sum())
         self.X = torch.eye(self.n)
-
-    def _base(self) -> nn.Linear:
-        layer = nn.Linear(self.n, self.m, bias=False)
-        with torch.no_grad():
-            layer.weight.zero_()
-        return layer
-
-    def lora_model(self, seed: int) -> nn.Module:
-        torch.manual_seed(seed)
-        return LoraLinear(self._base(), self.rank)
-
-    def full_model(self, seed: int) -> nn.Module:
-        return self._base()
+        self.W0 = torch.zeros(self.m, self.n)  # the paper's LoRA starts from a zero base
 
     def batches(self, seed: int):
         gen = torch.Generator().manual_seed(seed)
