@@ -85,14 +85,15 @@ class PSILoRA(Optimizer):
         model: the model; its trainable parameters are optimised, LoRA pairs found by name (``pairing``) and
             their layers' inputs and output gradients recorded by hooks from construction on.  Only
             ``nn.Linear`` LoRA factors (PEFT's Linear LoRA) are supported.
-        lr: step size of the full-weight step and of AdamW for the other parameters.
+        lr: step size of the full-weight SGD step (PSI-LoRA's lrs are SGD-sized: 0.1 on its linear task).
         lookahead_iters: ALS sweeps K per step (authors' default 1); 0 = one Jacobi pass (= ``scaled`` GD).
         lmbd: proximal weight relative to ``lr``: ``λ = lr·lmbd`` (authors' default 1e-2); > 0.
         momentum, dampening: the low-rank momentum (torch SGD convention; default 0 = none).  The momentum
             factors start at ``U_M = 0`` and a Gaussian ``V_M`` (seeded per pair) as the authors', so the first
             ALS half-sweep has a basis to project on.
         rank_multiplier: momentum rank ``q = round(rank_multiplier·r)``.
-        betas, eps, weight_decay: AdamW's, for parameters that are not LoRA factors.
+        adam_lr, betas, eps, weight_decay: AdamW's, for parameters that are not LoRA factors (a classifier
+            head, biases); ``adam_lr=None`` uses ``lr``.
         pairing: as :class:`sdsopt.SDSAdamW`'s.
         linalg_dtype: dtype of the factor algebra (default: float32, or float64 for float64 factors).
 
@@ -114,6 +115,7 @@ class PSILoRA(Optimizer):
         momentum: float = 0.0,
         dampening: float = 0.0,
         rank_multiplier: float = 1.0,
+        adam_lr: float | None = None,
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
         weight_decay: float = 0.0,
@@ -132,6 +134,7 @@ class PSILoRA(Optimizer):
             (rank_multiplier > 0, f"rank_multiplier={rank_multiplier} must be > 0"),
             (len(betas) == 2 and all(0 <= b < 1 for b in betas), f"betas={betas} must be two numbers in [0, 1)"),
             (eps >= 0 and weight_decay >= 0, f"eps={eps} and weight_decay={weight_decay} must be >= 0"),
+            (adam_lr is None or adam_lr >= 0, f"adam_lr={adam_lr!r} must be None or >= 0"),
             (linalg_dtype in (None, torch.float32, torch.float64),
              f"linalg_dtype={linalg_dtype!r} must be None, torch.float32 or torch.float64"),
         ]
@@ -150,7 +153,7 @@ class PSILoRA(Optimizer):
         for ia, ib in pairs:
             check_pair_shapes(params[ia], params[ib], repr(names[ia]), repr(names[ib]))
         defaults = dict(lr=lr, lookahead_iters=lookahead_iters, lmbd=lmbd, momentum=momentum, dampening=dampening,
-                        rank_multiplier=rank_multiplier, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
+                        rank_multiplier=rank_multiplier, adam_lr=adam_lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
                         linalg_dtype=linalg_dtype)
         super().__init__([{"params": params, "param_names": names}], defaults)
         self.param_groups[0]["lora_pairs"] = pairs
@@ -255,9 +258,10 @@ class PSILoRA(Optimizer):
                 lists[key].append(value)
         beta1, beta2 = group["betas"]
         adam(lists["params"], lists["grads"], lists["exp_avgs"], lists["exp_avg_sqs"], [], lists["steps"],
-             decoupled_weight_decay=True, amsgrad=False, beta1=beta1, beta2=beta2, lr=group["lr"],
+             decoupled_weight_decay=True, amsgrad=False, beta1=beta1, beta2=beta2,
+             lr=group["lr"] if group["adam_lr"] is None else group["adam_lr"],
              weight_decay=group["weight_decay"], eps=group["eps"], maximize=False)
 
-    def detach(self) -> None:
+    def remove_hooks(self) -> None:
         """Remove the recording hooks from the model (the optimizer can no longer step its pairs)."""
         self._capture.remove()

@@ -156,7 +156,7 @@ def test_bias_follows_torch_adamw():
     layer = psi_layer(zero_b=False)
     layer.base.bias.requires_grad_(True)
     x, y = torch.randn(16, 7, dtype=F64), torch.randn(16, 6, dtype=F64)
-    opt = PSILoRA(layer, lr=0.01, weight_decay=0.1)
+    opt = PSILoRA(layer, lr=0.5, adam_lr=0.01, weight_decay=0.1)
     bias = layer.base.bias
     mirror = bias.detach().clone().requires_grad_(True)
     ref = torch.optim.AdamW([mirror], lr=0.01, weight_decay=0.1)
