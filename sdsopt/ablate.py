@@ -8,7 +8,8 @@ For each seed the task builds one pre-trained base and one LoRA initialisation; 
 starts from a copy of them and sees the same batches in the same order, so an A/B changes exactly
 the optimizer's rewrite.  Modes are :data:`sdsopt.MODES` plus ``sds_sigma`` (``sds_polar`` with the
 singular-value channel), ``sds_undamped`` (``sds`` with ``step_damping=0``), ``psi`` (:class:`sdsopt.PSILoRA`,
-``--psi-iters``/``--psi-momentum``/``--psi-lmbd``), ``sds_layer`` (the paper's
+``--psi-iters``/``--psi-momentum``/``--psi-lmbd``; ``psi_scaled`` with the diagonal metric, no momentum),
+``sds_layer`` (the paper's
 re-parameterised layer, :class:`sdsopt.reference.PaperSDSLayers`, with AdamW) and ``full`` (full
 fine-tuning with AdamW, the reference).
 
@@ -42,7 +43,7 @@ from .reference import PaperSDSLayers
 __all__ = ["ABLATION_MODES", "main", "make_task", "run_grid"]
 
 ABLATION_MODES = ("full", "lora", "sds", "sds_undamped", "sds_polar", "sds_sigma", "scaled", "sds_layer", "psi",
-                  "svd_oracle")
+                  "psi_scaled", "svd_oracle")
 DEFAULT_LRS = {"linear": [1e-3, 3e-3, 1e-2, 3e-2], "digits": [3e-4, 1e-3, 3e-3, 1e-2], "textlm": [1e-3, 3e-3, 1e-2, 3e-2],
                "minilm": [1e-4, 3e-4, 1e-3, 3e-3, 1e-2], "psi_linear": [1e-3, 3e-3, 1e-2, 3e-2, 1e-1]}
 DEFAULT_STEPS = {"linear": 300, "digits": 300, "textlm": 300, "minilm": 300, "psi_linear": 300}
@@ -79,8 +80,9 @@ def make_optimizer(mode: str, model: nn.Module, lr: float, betas: tuple[float, f
                    psi: dict[str, Any] | None = None):
     """The optimizer of one run: AdamW for ``full``, :class:`sdsopt.PSILoRA` for ``psi`` (``psi``: its
     ``lookahead_iters``, ``momentum``, ``lmbd``), else SDSAdamW in ``mode`` (same Adam everywhere)."""
-    if mode == "psi":
-        return PSILoRA(model, lr=lr, betas=betas, weight_decay=weight_decay, **(psi or {}))
+    if mode in ("psi", "psi_scaled"):
+        extra = dict(metric="diagonal", momentum=0.0) if mode == "psi_scaled" else {}
+        return PSILoRA(model, lr=lr, betas=betas, weight_decay=weight_decay, **{**(psi or {}), **extra})
     if mode in ("full", "sds_layer"):  # sds_layer: AdamW on the paper's layer (PaperSDSLayers in run_one)
         return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, betas=betas,
                                  weight_decay=weight_decay, foreach=False)
@@ -121,7 +123,7 @@ def run_one(task, mode: str, lr: float, seed: int, args: argparse.Namespace, pro
                                   momentum=getattr(args, "psi_momentum", 0.0), lmbd=getattr(args, "psi_lmbd", 1e-2)))
     recorder = None
     layers = PaperSDSLayers(model, total_steps=args.steps) if mode == "sds_layer" else None
-    if mode not in ("full", "sds_layer", "psi") and (mode == "svd_oracle" or args.metrics_every):
+    if mode not in ("full", "sds_layer", "psi", "psi_scaled") and (mode == "svd_oracle" or args.metrics_every):
         opt.attach(model)
         recorder = MetricsRecorder(opt) if args.metrics_every else None
     batches = task.batches(seed)

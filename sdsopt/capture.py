@@ -97,6 +97,10 @@ class LoraCapture:
         xs = self._inputs[id(A)]
         return [(xs[i], g) for i, g in sorted(self._grads[id(A)].items())]
 
+    def rows(self, A: Tensor, B: Tensor) -> list[tuple[Tensor, Tensor]]:
+        """The recorded ``(X, δ)`` of every forward since :meth:`clear` (``G = Σ δᵀ X``)."""
+        return self._pairs_of(A, B)
+
     def matmul(self, A: Tensor, B: Tensor, V: Tensor) -> Tensor:
         """``G V`` (``m × k``) for ``V`` (``n × k``)."""
         return sum(g.to(V.dtype).T @ (x.to(V.dtype) @ V) for x, g in self._pairs_of(A, B))

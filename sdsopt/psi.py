@@ -43,8 +43,8 @@ def _solve_left(K: Tensor, lam: float, rhs: Tensor) -> Tensor:
     return torch.where(info == 0, torch.cholesky_solve(rhs, L), torch.nan)
 
 
-def proximal_als(A: Tensor, B: Tensor, W_mul: MatMul, Wt_mul: MatMul, lam: float, sweeps: int
-                 ) -> tuple[Tensor, Tensor]:
+def proximal_als(A: Tensor, B: Tensor, W_mul: MatMul, Wt_mul: MatMul, lam: float, sweeps: int,
+                 metric: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
     """Rank-r factors ``(A', B')`` near ``W̄`` and proximal to ``(A, B)`` (MATH 3.1, PSI-LoRA's ``low_rank_sum``):
 
         min ‖B'A' − W̄‖²_F + λ(‖A' − A‖²_F + ‖B' − B‖²_F)
@@ -58,15 +58,25 @@ def proximal_als(A: Tensor, B: Tensor, W_mul: MatMul, Wt_mul: MatMul, lam: float
     ``W̄ = BA − lr·G`` it is exactly Riemannian-preconditioned gradient descent, ``A − lr(BᵀB + λI)^{-1}BᵀG``
     (mode ``scaled`` with ``δ = λ``).  (The authors' code returns its inputs unchanged when ``lookahead_iters=0``;
     this is the pass it intends.)  ``λ > 0`` keeps every solve positive definite, also at LoRA's ``B = 0``.
+
+    ``metric = (s_in, s_out)`` (positive n- and m-vectors, ``S = diag(s)``): the same problem in the metric
+    norm, ``min ‖S_out^{1/2}(B'A' − W̄)S_in^{1/2}‖² + λ(‖(A' − A)S_in^{1/2}‖² + ‖S_out^{1/2}(B' − B)‖²)``
+    (PSI-LoRA's ``scaled_low_rank_sum``), whose half-sweeps are
+
+        A' = (B_tᵀ S_out B_t + λI)^{-1} (B_tᵀ S_out W̄ + λA)     B' = (W̄ S_in A_tᵀ + λB)(A_t S_in A_tᵀ + λI)^{-1}
     """
     if lam <= 0:
         raise ValueError(f"proximal_als: λ={lam} must be > 0 (it keeps the r×r solves positive definite)")
 
+    s_in, s_out = metric if metric is not None else (None, None)
+
     def update_a(B_t: Tensor) -> Tensor:
-        return _solve_left(B_t.T @ B_t, lam, Wt_mul(B_t).T + lam * A)
+        SB = B_t if s_out is None else s_out[:, None] * B_t
+        return _solve_left(SB.T @ B_t, lam, Wt_mul(SB).T + lam * A)
 
     def update_b(A_t: Tensor) -> Tensor:
-        return _solve_left(A_t @ A_t.T, lam, W_mul(A_t.T).T + lam * B.T).T
+        AS = A_t if s_in is None else A_t * s_in[None, :]
+        return _solve_left(AS @ A_t.T, lam, W_mul(AS.T).T + lam * B.T).T
 
     if sweeps == 0:
         return update_a(B), update_b(A)
@@ -92,17 +102,24 @@ class PSILoRA(Optimizer):
             factors start at ``U_M = 0`` and a Gaussian ``V_M`` (seeded per pair) as the authors', so the first
             ALS half-sweep has a basis to project on.
         rank_multiplier: momentum rank ``q = round(rank_multiplier·r)``.
+        metric: ``"none"`` (Euclidean) or ``"diagonal"`` (the authors' ``ScaledOPLoraOptimizer`` default, a
+            diagonal K-FAC metric): running averages (``metric_beta``, bias-corrected) of the squared layer
+            inputs per input feature (``s_in``, n) and of the squared output gradients per output (``s_out``, m),
+            raised to ``metric_power`` plus ``damping``; the full step becomes ``S_out^{-1} D S_in^{-1}`` and the
+            ALS runs in the metric's norm (:func:`proximal_als` with ``metric``).  Values of the authors' GLUE
+            scripts: power 0.5, damping 1e-5, β 0.99.  Without momentum only (not implemented with the metric).
         adam_lr, betas, eps, weight_decay: AdamW's, for parameters that are not LoRA factors (a classifier
             head, biases); ``adam_lr=None`` uses ``lr``.
         pairing: as :class:`sdsopt.SDSAdamW`'s.
         linalg_dtype: dtype of the factor algebra (default: float32, or float64 for float64 factors).
 
-    Design choices: there is no weight decay on the factors (the proximal term plays its part); the
+    Design choices: the diagonal metric's running averages are bias-corrected like Adam's (the authors' start
+    from zero without), so the first steps are not inflated by ``1/(1−β)``; there is no weight decay on the factors (the proximal term plays its part); the
     factors' ``.grad`` is not read (the step uses ``G`` from the recorded rows, which also covers gradient
     accumulation: the rows of every micro-batch are summed); a pair whose layer recorded no forward/backward
-    since the last step is left unchanged; ``lr = 0`` leaves every factor unchanged.  The metric-scaled
-    variant (``ScaledOPLoraOptimizer``: diagonal K-FAC metric), DDP/FSDP2 and gradient clipping on the full
-    gradient's norm are not implemented: a multi-process run is refused.
+    since the last step is left unchanged; ``lr = 0`` leaves every factor unchanged.  Not implemented: the
+    metric together with momentum, DDP/FSDP2 (a multi-process run is refused), gradient clipping on the full
+    gradient's norm.
     """
 
     def __init__(
@@ -115,6 +132,10 @@ class PSILoRA(Optimizer):
         momentum: float = 0.0,
         dampening: float = 0.0,
         rank_multiplier: float = 1.0,
+        metric: str = "none",
+        metric_power: float = 0.5,
+        damping: float = 1e-5,
+        metric_beta: float = 0.99,
         adam_lr: float | None = None,
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
@@ -135,6 +156,11 @@ class PSILoRA(Optimizer):
             (len(betas) == 2 and all(0 <= b < 1 for b in betas), f"betas={betas} must be two numbers in [0, 1)"),
             (eps >= 0 and weight_decay >= 0, f"eps={eps} and weight_decay={weight_decay} must be >= 0"),
             (adam_lr is None or adam_lr >= 0, f"adam_lr={adam_lr!r} must be None or >= 0"),
+            (metric in ("none", "diagonal"), f"metric={metric!r} is unknown; use 'none' or 'diagonal'"),
+            (metric == "none" or momentum == 0,
+             "metric='diagonal' with momentum > 0 is not implemented; use momentum=0 or metric='none'"),
+            (metric_power > 0 and damping > 0 and 0 <= metric_beta < 1,
+             f"metric_power={metric_power} and damping={damping} must be > 0, metric_beta={metric_beta} in [0, 1)"),
             (linalg_dtype in (None, torch.float32, torch.float64),
              f"linalg_dtype={linalg_dtype!r} must be None, torch.float32 or torch.float64"),
         ]
@@ -153,7 +179,8 @@ class PSILoRA(Optimizer):
         for ia, ib in pairs:
             check_pair_shapes(params[ia], params[ib], repr(names[ia]), repr(names[ib]))
         defaults = dict(lr=lr, lookahead_iters=lookahead_iters, lmbd=lmbd, momentum=momentum, dampening=dampening,
-                        rank_multiplier=rank_multiplier, adam_lr=adam_lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
+                        rank_multiplier=rank_multiplier, metric=metric, metric_power=metric_power, damping=damping,
+                        metric_beta=metric_beta, adam_lr=adam_lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
                         linalg_dtype=linalg_dtype)
         super().__init__([{"params": params, "param_names": names}], defaults)
         self.param_groups[0]["lora_pairs"] = pairs
@@ -232,8 +259,12 @@ class PSILoRA(Optimizer):
             out = (1 - damp) * Gt(U)
             return out if V_M is None else out + beta * (V_M.T @ (U_M.T @ U))
 
-        A_new, B_new = proximal_als(A0, B0, lambda V: B0 @ (A0 @ V) - lr * D(V),
-                                    lambda U: A0.T @ (B0.T @ U) - lr * Dt(U), lam, K)
+        metric = self._metric(A, B, dt) if self.param_groups[0]["metric"] == "diagonal" else None
+        s_in, s_out = metric if metric is not None else (1.0, 1.0)
+        if metric is not None:  # the full step S_out^{-1} D S_in^{-1}
+            s_in, s_out = s_in[:, None], s_out[:, None]
+        A_new, B_new = proximal_als(A0, B0, lambda V: B0 @ (A0 @ V) - lr * D(V / s_in) / s_out,
+                                    lambda U: A0.T @ (B0.T @ U) - lr * Dt(U / s_out) / s_in, lam, K, metric)
         if V_M is not None:  # momentum ← β·M + (1 − d)·G, proximal to M, warm-started at its factors
             V_new, U_new = proximal_als(V_M, U_M, lambda V: beta * (U_M @ (V_M @ V)) + (1 - damp) * G(V),
                                         lambda U: beta * (V_M.T @ (U_M.T @ U)) + (1 - damp) * Gt(U), lam, K)
@@ -241,6 +272,26 @@ class PSILoRA(Optimizer):
             U_M.copy_(U_new)
         A.copy_(A_new.view(A.shape))
         B.copy_(B_new.view(B.shape))
+
+    def _metric(self, A: Tensor, B: Tensor, dt: torch.dtype) -> tuple[Tensor, Tensor]:
+        """``(s_in, s_out)``: the diagonal metric after this step's rows (bias-corrected running averages of the
+        squared inputs and output gradients, to ``metric_power``, plus ``damping``); state ``psi_metric`` on both
+        factors and ``psi_metric_step`` on ``A``."""
+        group = self.param_groups[0]
+        rows = self._capture.rows(A, B)
+        X = torch.cat([x for x, _ in rows]).to(dt)
+        delta = torch.cat([g for _, g in rows]).to(dt)
+        beta, out = group["metric_beta"], []
+        state_a = self.state[A]
+        t = state_a.get("psi_metric_step", 0) + 1
+        state_a["psi_metric_step"] = t
+        for p, squares in ((A, X.square().mean(0)), (B, delta.square().mean(0))):
+            state = self.state[p]
+            if "psi_metric" not in state:
+                state["psi_metric"] = torch.zeros_like(squares)
+            state["psi_metric"].mul_(beta).add_(squares, alpha=1 - beta)
+            out.append((state["psi_metric"] / (1 - beta**t)).pow(group["metric_power"]) + group["damping"])
+        return out[0], out[1]
 
     def _adam_others(self, group: dict[str, Any], others: list[Tensor]) -> None:
         """torch's AdamW (foreach) on the parameters that are not LoRA factors."""

@@ -169,10 +169,12 @@ def test_bias_follows_torch_adamw():
         assert torch.equal(bias, mirror)
 
 
-def test_checkpoint_resumes_bit_exactly_with_momentum():
+@pytest.mark.parametrize("kw", [dict(momentum=0.75), dict(metric="diagonal")])
+def test_checkpoint_resumes_bit_exactly(kw):
+    """Momentum factors, the metric's running averages and its step count are in the state: resume is bit-exact."""
     x, y = torch.randn(16, 7, dtype=F64), torch.randn(16, 6, dtype=F64)
     layer = psi_layer()
-    opt = PSILoRA(layer, lr=0.05, momentum=0.75)
+    opt = PSILoRA(layer, lr=0.05, **kw)
     for _ in range(3):
         step(layer, opt, x, y)
     buf = io.BytesIO()
@@ -183,7 +185,7 @@ def test_checkpoint_resumes_bit_exactly_with_momentum():
     ckpt = torch.load(buf)
     other = psi_layer(seed=5)
     other.load_state_dict(ckpt["model"])
-    resumed = PSILoRA(other, lr=0.05, momentum=0.75)
+    resumed = PSILoRA(other, lr=0.05, **kw)
     resumed.load_state_dict(ckpt["opt"])
     for _ in range(3):
         step(other, resumed, x, y)
@@ -260,3 +262,65 @@ def test_overflowed_factors_give_nan_not_an_exception():
     assert torch.isnan(B1).all()
     A_ok, _ = proximal_als(eye @ torch.ones(2, 4, dtype=F64), B, *products(W), lam=0.1, sweeps=0)
     assert torch.isfinite(A_ok).all()
+
+
+def metric_reference(A, B, W, lam, sweeps, s_in, s_out):
+    """The metric-norm proximal ALS by lstsq, column by column (A) and row by row (B) of the weighted system."""
+    def solve_a(B_t):
+        lhs = torch.cat([s_out.sqrt()[:, None] * B_t, lam**0.5 * torch.eye(B_t.shape[1], dtype=F64)])
+        rhs = torch.cat([s_out.sqrt()[:, None] * W, lam**0.5 * A])
+        return torch.linalg.lstsq(lhs, rhs).solution
+
+    def solve_b(A_t):
+        lhs = torch.cat([(A_t * s_in.sqrt()[None, :]).T, lam**0.5 * torch.eye(A_t.shape[0], dtype=F64)])
+        rhs = torch.cat([(W * s_in.sqrt()[None, :]).T, lam**0.5 * B.T])
+        return torch.linalg.lstsq(lhs, rhs).solution.T
+
+    if sweeps == 0:
+        return solve_a(B), solve_b(A)
+    A_k, B_k = A, B
+    for _ in range(sweeps):
+        A_k = solve_a(B_k)
+        B_k = solve_b(A_k)
+    return A_k, B_k
+
+
+@given(factors_and_target(), st.integers(0, 3), st.floats(-3, 0), st.integers(0, 10**6))
+def test_metric_als_matches_weighted_least_squares(case, sweeps, log_lam, seed):
+    """The diagonal-metric half-sweeps are the weighted proximal least-squares solutions (dense lstsq reference)."""
+    A, B, G = case
+    gen = torch.Generator().manual_seed(seed)
+    s_in = torch.rand(A.shape[1], dtype=F64, generator=gen) * 3 + 0.1
+    s_out = torch.rand(B.shape[0], dtype=F64, generator=gen) * 3 + 0.1
+    W = B @ A - 0.1 * G / s_out[:, None] / s_in[None, :]
+    lam = 10**log_lam
+    got = proximal_als(A, B, *products(W), lam, sweeps, metric=(s_in, s_out))
+    want = metric_reference(A, B, W, lam, sweeps, s_in, s_out)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-7, atol=1e-9)
+
+
+def test_diagonal_metric_step_matches_a_dense_reference():
+    """metric='diagonal': the step is proximal_als in the metric built independently from the batch: s_in from
+    the inputs' squares, s_out from δ = ∂L/∂(output of lora_B) (bias-corrected first average: the batch means),
+    to the power 0.5 plus damping, towards W̄ = BA − lr·S_out^{-1} G S_in^{-1}; two steps keep it finite."""
+    layer = psi_layer(zero_b=False)
+    x, y = torch.randn(16, 7, dtype=F64), torch.randn(16, 6, dtype=F64)
+    A0, B0 = (t.detach().clone() for t in (layer.lora_A["default"].weight, layer.lora_B["default"].weight))
+    G = full_grad(layer, x, y)
+    with torch.no_grad():
+        out = layer(x)
+    delta = layer.scaling * 2 * (out - y) / out.numel()  # ∂L/∂(lora_B output) of the mean squared error
+    damping, lr, lmbd = 1e-5, 0.05, 0.1
+    s_in = x.square().mean(0).sqrt() + damping
+    s_out = delta.square().mean(0).sqrt() + damping
+    opt = PSILoRA(layer, lr=lr, lmbd=lmbd, lookahead_iters=1, metric="diagonal", damping=damping)
+    step(layer, opt, x, y)
+    W = B0 @ A0 - lr * G / s_out[:, None] / s_in[None, :]
+    A_ref, B_ref = metric_reference(A0, B0, W, lr * lmbd, 1, s_in, s_out)
+    torch.testing.assert_close(layer.lora_A["default"].weight, A_ref, rtol=1e-8, atol=1e-10)
+    torch.testing.assert_close(layer.lora_B["default"].weight, B_ref, rtol=1e-8, atol=1e-10)
+    step(layer, opt, x, y)
+    assert all(torch.isfinite(p).all() for p in layer.parameters())
+    with pytest.raises(ValueError, match="momentum > 0 is not implemented"):
+        PSILoRA(layer, metric="diagonal", momentum=0.9)
