@@ -7,8 +7,8 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from reference import lora_grads, make_factor, truncated
-from sdsopt import SDSAdamW, rewrite_pair
+from reference import make_factor, truncated
+from sdsopt import SDSAdamW
 from sdsopt.metrics import (
     alignment,
     captured_fraction,
