@@ -26,6 +26,7 @@ from torch.optim.optimizer import Optimizer
 
 from . import pairing as _pairing
 from .capture import LoraCapture
+from .linalg import algebra_precision
 from .pairing import PairingFn, check_pair_shapes
 
 __all__ = ["PSILoRA", "proximal_als"]
@@ -191,10 +192,6 @@ class PSILoRA(Optimizer):
             raise ValueError("PSILoRA takes the model's parameters at construction; it has one param group.")
         super().add_param_group(param_group)
 
-    def _dtype(self, p: Tensor) -> torch.dtype:
-        chosen = self.param_groups[0]["linalg_dtype"]
-        return chosen or (torch.float64 if p.dtype == torch.float64 else torch.float32)
-
     def _momentum_factors(self, A: Tensor, B: Tensor, k: int, dt: torch.dtype) -> tuple[Tensor, Tensor]:
         """``(V_M, U_M)`` of the pair, created at its first step: ``V_M`` Gaussian (seeded by the pair's index),
         ``U_M = 0``."""
@@ -237,7 +234,7 @@ class PSILoRA(Optimizer):
 
     def _pair_step(self, k: int, A: Tensor, B: Tensor, lr: float, lam: float, beta: float, damp: float,
                    K: int) -> None:
-        dt = self._dtype(A)
+        dt, _ = algebra_precision(A.dtype, self.param_groups[0]["linalg_dtype"], None)
         A0, B0 = A.detach().to(dt), B.detach().to(dt)
         cap = self._capture
 
