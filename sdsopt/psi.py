@@ -12,6 +12,10 @@ low-rank momentum ``M = U_M V_M`` (rank ``q = rank_multiplier·r``, kept as fact
 
 (MATH §3.1).  ``dampening = momentum`` gives the EMA form ``W̄ = BA − lr(1−β)G − lr·β·M``.  Parameters that are
 not LoRA factors get torch's AdamW (``betas``, ``eps``, ``weight_decay``).
+
+``G`` is only ever applied to vectors (:class:`RowGradient`): ``G V = δᵀ(X V)``, ``Gᵀ U = Xᵀ(δ U)`` over the recorded
+rows, under DDP summed over ranks (one all-reduce of the m×k or n×k product per half-sweep) and divided by the world
+size as DDP averages gradients, so a multi-process step equals the single-process step on the global batch.
 """
 
 from __future__ import annotations
@@ -26,10 +30,11 @@ from torch.optim.optimizer import Optimizer
 
 from . import pairing as _pairing
 from .capture import LoraCapture
+from .distributed import is_dtensor
 from .linalg import algebra_precision
 from .pairing import PairingFn, check_pair_shapes
 
-__all__ = ["PSILoRA", "proximal_als"]
+__all__ = ["PSILoRA", "RowGradient", "proximal_als"]
 
 MatMul = Callable[[Tensor], Tensor]
 
@@ -88,6 +93,57 @@ def proximal_als(A: Tensor, B: Tensor, W_mul: MatMul, Wt_mul: MatMul, lam: float
     return A_t, B_t
 
 
+class RowGradient:
+    """The full gradient ``G = c·w·Σ_ranks Σ_rows δᵀX`` of one LoRA pair, applied to vectors without being formed.
+
+    ``rows``: this rank's recorded ``(X, δ)`` (``X``: N×n inputs of ``lora_A``, ``δ``: N×m gradients at the output
+    of ``lora_B``; none on a rank that did not run the layer); ``w = 1/world`` (DDP averages gradients; 1 in one
+    process); ``c`` the clipping coefficient (:meth:`scale_`, a tensor: no host sync).  Every product is one
+    all-reduce over ``group`` (``None``: one process, none).
+    """
+
+    def __init__(self, rows: list[tuple[Tensor, Tensor]], shape: tuple[int, int], dtype: torch.dtype,
+                 device: torch.device, group=None, world: int = 1) -> None:
+        def stack(parts: list[Tensor], width: int) -> Tensor:  # no copy for one micro-batch in the algebra dtype
+            if not parts:
+                return torch.zeros(0, width, dtype=dtype, device=device)
+            return (parts[0] if len(parts) == 1 else torch.cat(parts)).to(dtype)
+
+        self.X = stack([x for x, _ in rows], shape[1])
+        self.delta = stack([g for _, g in rows], shape[0])
+        self.group, self.world = group, world
+        self.scale: Tensor | float = 1.0 / world
+
+    def _reduce(self, t: Tensor) -> Tensor:
+        if self.group is not None:
+            torch.distributed.all_reduce(t, group=self.group)
+        return t * self.scale
+
+    def __call__(self, V: Tensor) -> Tensor:
+        """``G V`` (m×k) for ``V`` (n×k)."""
+        return self._reduce(self.delta.T @ (self.X @ V))
+
+    def t(self, U: Tensor) -> Tensor:
+        """``Gᵀ U`` (n×k) for ``U`` (m×k)."""
+        return self._reduce(self.X.T @ (self.delta @ U))
+
+    def scale_(self, coef: Tensor) -> None:
+        """Multiply ``G`` by ``coef`` (gradient clipping)."""
+        self.scale = self.scale * coef
+
+    def sq_norm(self) -> Tensor:
+        """``‖G‖²_F`` before clipping.  One process: ``⟨XXᵀ, δδᵀ⟩`` (O(N²(m+n)), PSI-LoRA's formula) when
+        ``N(m+n) < mn``, else ``‖δᵀX‖²`` formed (O(Nmn)).  Under DDP the cross-rank terms need the whole sum:
+        ``δᵀX`` is formed and all-reduced (m·n numbers per pair: what full fine-tuning's DDP moves per step)."""
+        N, (m, n) = self.X.shape[0], (self.delta.shape[1], self.X.shape[1])
+        if self.group is None and N * (m + n) < m * n:
+            return ((self.X @ self.X.T) * (self.delta @ self.delta.T)).sum() / self.world**2
+        full = self.delta.T @ self.X
+        if self.group is not None:
+            torch.distributed.all_reduce(full, group=self.group)
+        return full.square().sum() / self.world**2
+
+
 class PSILoRA(Optimizer):
     r"""PSI-LoRA: each LoRA pair is replaced, every step, by the proximal rank-r solution of a full-weight
     SGD(-momentum) step (:func:`proximal_als`); other trainable parameters get torch's AdamW.
@@ -108,19 +164,35 @@ class PSILoRA(Optimizer):
             inputs per input feature (``s_in``, n) and of the squared output gradients per output (``s_out``, m),
             raised to ``metric_power`` plus ``damping``; the full step becomes ``S_out^{-1} D S_in^{-1}`` and the
             ALS runs in the metric's norm (:func:`proximal_als` with ``metric``).  Values of the authors' GLUE
-            scripts: power 0.5, damping 1e-5, β 0.99.  Without momentum only (not implemented with the metric).
+            scripts: power 0.5, damping 1e-5, β 0.99.  With momentum the metric preconditions the whole direction
+            ``D`` and the momentum factors stay an (Euclidean) running average of ``G``, as the authors' code does.
+        max_grad_norm: clip the *full* gradient (every pair's ``G`` and the other parameters' gradients) to this
+            norm, ``c = min(1, max_grad_norm / (‖g‖ + 1e-6))`` as ``torch.nn.utils.clip_grad_norm_`` (the factors'
+            own gradients are not what PSI-LoRA steps on, so clipping them outside would clip the wrong thing).
+            ``‖G‖`` comes from the recorded rows (:meth:`RowGradient.sq_norm`); the norm before clipping is kept
+            in :attr:`last_grad_norm` (a tensor, no host sync).  ``None``: no clipping.
         adam_lr, betas, eps, weight_decay: AdamW's, for parameters that are not LoRA factors (a classifier
             head, biases); ``adam_lr=None`` uses ``lr``.
         pairing: as :class:`sdsopt.SDSAdamW`'s.
         linalg_dtype: dtype of the factor algebra (default: float32, or float64 for float64 factors).
+        process_group: data-parallel group (DDP); default: the default group when ``torch.distributed`` is
+            initialised with more than one rank.  Every rank must hold the same model (replicated, not FSDP2
+            shards) and the step equals the single-process step on the global batch: ``G``'s products are
+            summed over ranks and divided by the world size (DDP's gradient averaging), the metric's averages
+            are over all ranks' rows.  Cost per pair and step: one all-reduce of ``r×m`` or ``r×n`` numbers per
+            half-sweep (``2K`` of them, ``K = lookahead_iters`` or 1; twice that with momentum), one of
+            ``m + n + 1`` for the metric, one of ``m×n`` for ``max_grad_norm``; plus one all-reduce of a flag
+            per pair per step, so that a pair recorded on some ranks only is stepped everywhere (the others add
+            zero rows).  DDP still all-reduces the factors' ``.grad``, which PSI-LoRA does not read.
 
-    Design choices: the diagonal metric's running averages are bias-corrected like Adam's (the authors' start
-    from zero without), so the first steps are not inflated by ``1/(1−β)``; there is no weight decay on the factors (the proximal term plays its part); the
-    factors' ``.grad`` is not read (the step uses ``G`` from the recorded rows, which also covers gradient
-    accumulation: the rows of every micro-batch are summed); a pair whose layer recorded no forward/backward
-    since the last step is left unchanged; ``lr = 0`` leaves every factor unchanged.  Not implemented: the
-    metric together with momentum, DDP/FSDP2 (a multi-process run is refused), gradient clipping on the full
-    gradient's norm.
+    Design choices: the diagonal metric's running averages are bias-corrected like Adam's (the authors' start from
+    zero without), so the first steps are not inflated by ``1/(1−β)``; there is no weight decay on the factors (the
+    proximal term plays its part); the factors' ``.grad`` is not read (the step uses ``G`` from the recorded rows,
+    which also covers gradient accumulation: the rows of every micro-batch are summed); a pair whose layer recorded
+    no forward/backward since the last step (on any rank) is left unchanged; ``lr = 0`` leaves every factor
+    unchanged; the diagonal metric is estimated from the recorded rows before clipping (clipping bounds the step,
+    not the curvature estimate; the authors' code clips the inputs in place first). Not supported: FSDP2-sharded
+    factors (refused at construction).
     """
 
     def __init__(
@@ -141,8 +213,10 @@ class PSILoRA(Optimizer):
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
         weight_decay: float = 0.0,
+        max_grad_norm: float | None = None,
         pairing: str | PairingFn | None = None,
         linalg_dtype: torch.dtype | None = None,
+        process_group: Any = None,
     ) -> None:
         checks = [
             (isinstance(model, nn.Module),
@@ -158,8 +232,7 @@ class PSILoRA(Optimizer):
             (eps >= 0 and weight_decay >= 0, f"eps={eps} and weight_decay={weight_decay} must be >= 0"),
             (adam_lr is None or adam_lr >= 0, f"adam_lr={adam_lr!r} must be None or >= 0"),
             (metric in ("none", "diagonal"), f"metric={metric!r} is unknown; use 'none' or 'diagonal'"),
-            (metric == "none" or momentum == 0,
-             "metric='diagonal' with momentum > 0 is not implemented; use momentum=0 or metric='none'"),
+            (max_grad_norm is None or max_grad_norm > 0, f"max_grad_norm={max_grad_norm!r} must be None or > 0"),
             (metric_power > 0 and damping > 0 and 0 <= metric_beta < 1,
              f"metric_power={metric_power} and damping={damping} must be > 0, metric_beta={metric_beta} in [0, 1)"),
             (linalg_dtype in (None, torch.float32, torch.float64),
@@ -168,11 +241,12 @@ class PSILoRA(Optimizer):
         for ok, message in checks:
             if not ok:
                 raise ValueError(f"PSILoRA: {message}.")
-        if torch.distributed.is_available() and torch.distributed.is_initialized() \
-                and torch.distributed.get_world_size() > 1:
-            raise RuntimeError("PSILoRA: multi-process training is not supported yet (each rank records its own rows "
-                               "of G; the products would need an all-reduce per half-sweep). Use SDSAdamW for DDP/FSDP2.")
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        for name, p in named:
+            if is_dtensor(p):
+                raise ValueError(f"PSILoRA: {name!r} is a DTensor (FSDP2 shard); PSILoRA replaces whole factors from "
+                                 "the layers' rows and supports replicated parameters only: use DDP, or SDSAdamW "
+                                 "with FSDP2.")
         names = [n for n, _ in named]
         index = {n: i for i, n in enumerate(names)}
         pairs = [(index[a], index[b]) for a, b in _pairing.resolve_pairing(pairing)(names)]
@@ -181,11 +255,17 @@ class PSILoRA(Optimizer):
             check_pair_shapes(params[ia], params[ib], repr(names[ia]), repr(names[ib]))
         defaults = dict(lr=lr, lookahead_iters=lookahead_iters, lmbd=lmbd, momentum=momentum, dampening=dampening,
                         rank_multiplier=rank_multiplier, metric=metric, metric_power=metric_power, damping=damping,
-                        metric_beta=metric_beta, adam_lr=adam_lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
-                        linalg_dtype=linalg_dtype)
+                        metric_beta=metric_beta, adam_lr=adam_lr, betas=tuple(betas), eps=eps,
+                        weight_decay=weight_decay, linalg_dtype=linalg_dtype, max_grad_norm=max_grad_norm)
         super().__init__([{"params": params, "param_names": names}], defaults)
         self.param_groups[0]["lora_pairs"] = pairs
         self._capture = LoraCapture(model, [(params[ia], params[ib]) for ia, ib in pairs])
+        dist = torch.distributed
+        if process_group is None and dist.is_available() and dist.is_initialized():
+            process_group = dist.group.WORLD
+        self._world = dist.get_world_size(process_group) if process_group is not None else 1
+        self._group = process_group if self._world > 1 else None
+        self.last_grad_norm: Tensor | None = None
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         if self.param_groups:
@@ -205,44 +285,69 @@ class PSILoRA(Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
-        """One PSI-LoRA step on every recorded pair, then AdamW on the other parameters."""
+        """One PSI-LoRA step on every recorded pair (after clipping, if asked), then AdamW on the other parameters."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
         group = self.param_groups[0]
         params: list[Tensor] = group["params"]
-        lr, beta, damp, K = group["lr"], group["momentum"], group["dampening"], group["lookahead_iters"]
-        lam = lr * group["lmbd"]
-        in_pairs = set()
-        for k, (ia, ib) in enumerate(group["lora_pairs"]):
-            A, B = params[ia], params[ib]
-            in_pairs |= {ia, ib}
-            if not self._capture.has(A):
-                if A.grad is not None or B.grad is not None:
-                    raise RuntimeError(
-                        f"PSILoRA: {group['param_names'][ia]!r} has a gradient but its layer's inputs were not "
-                        "recorded: run the forward pass of the model given to PSILoRA (not a copy or a compiled "
-                        "graph that bypasses module hooks) with gradients enabled.")
-                continue
-            if lr == 0:
-                continue
-            self._pair_step(k, A, B, lr, lam, beta, damp, K)
+        pairs: list[tuple[int, int]] = group["lora_pairs"]
+        for ia, ib in pairs:
+            if not self._capture.has(params[ia]) and (params[ia].grad is not None or params[ib].grad is not None):
+                raise RuntimeError(
+                    f"PSILoRA: {group['param_names'][ia]!r} has a gradient but its layer's inputs were not "
+                    "recorded: run the forward pass of the model given to PSILoRA (not a copy or a compiled "
+                    "graph that bypasses module hooks) with gradients enabled.")
+        grads = {k: self._row_gradient(params[ia], params[ib])
+                 for k, ((ia, ib), seen) in enumerate(zip(pairs, self._recorded(pairs))) if seen}
+        in_pairs = {i for pair in pairs for i in pair}
+        others = [p for i, p in enumerate(params) if i not in in_pairs and p.grad is not None]
+        other_grads = [p.grad for p in others]
+        if group["max_grad_norm"] is not None:
+            coef = self._clip_coefficient(list(grads.values()), other_grads, group["max_grad_norm"])
+            for G in grads.values():
+                G.scale_(coef)
+            other_grads = [g * coef.to(g.device, g.dtype) for g in other_grads]
+        if group["lr"] != 0:
+            for k, G in grads.items():
+                ia, ib = pairs[k]
+                self._pair_step(k, params[ia], params[ib], G)
         self._capture.clear()
-        self._adam_others(group, [p for i, p in enumerate(params) if i not in in_pairs and p.grad is not None])
+        self._adam_others(group, others, other_grads)
         return loss
 
-    def _pair_step(self, k: int, A: Tensor, B: Tensor, lr: float, lam: float, beta: float, damp: float,
-                   K: int) -> None:
+    def _recorded(self, pairs: list[tuple[int, int]]) -> list[bool]:
+        """Whether each pair's layer ran forward and backward since the last step, here or (DDP) on any rank."""
+        params = self.param_groups[0]["params"]
+        seen = [self._capture.has(params[ia]) for ia, _ in pairs]
+        if self._group is None or not pairs:
+            return seen
+        flags = torch.tensor(seen, dtype=torch.float32, device=params[pairs[0][0]].device)
+        torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX, group=self._group)
+        return [bool(f) for f in flags.tolist()]
+
+    def _row_gradient(self, A: Tensor, B: Tensor) -> RowGradient:
         dt, _ = algebra_precision(A.dtype, self.param_groups[0]["linalg_dtype"], None)
+        rows = self._capture.rows(A, B) if self._capture.has(A) else []
+        return RowGradient(rows, (B.shape[0], A.shape[1]), dt, A.device, self._group, self._world)
+
+    def _clip_coefficient(self, grads: list[RowGradient], other_grads: list[Tensor], max_norm: float) -> Tensor:
+        """``min(1, max_norm / (‖g‖ + 1e-6))`` for the full gradient ``g`` (every pair's ``G``, the other
+        parameters' gradients), as ``clip_grad_norm_``; ``‖g‖`` is kept in :attr:`last_grad_norm`."""
+        device = self.param_groups[0]["params"][0].device
+        parts = [G.sq_norm().to(torch.float64) for G in grads]
+        parts += [g.to(torch.float64).square().sum().to(device) for g in other_grads]
+        total = torch.stack(parts).sum().sqrt() if parts else torch.zeros((), dtype=torch.float64, device=device)
+        self.last_grad_norm = total
+        return (max_norm / (total + 1e-6)).clamp(max=1.0)
+
+    def _pair_step(self, k: int, A: Tensor, B: Tensor, G: RowGradient) -> None:
+        group = self.param_groups[0]
+        lr, beta, damp, K = group["lr"], group["momentum"], group["dampening"], group["lookahead_iters"]
+        lam = lr * group["lmbd"]
+        dt = G.X.dtype
         A0, B0 = A.detach().to(dt), B.detach().to(dt)
-        cap = self._capture
-
-        def G(V: Tensor) -> Tensor:
-            return cap.matmul(A, B, V)
-
-        def Gt(U: Tensor) -> Tensor:
-            return cap.rmatmul(A, B, U)
 
         V_M = U_M = None
         if beta > 0:
@@ -253,10 +358,10 @@ class PSILoRA(Optimizer):
             return out if V_M is None else out + beta * (U_M @ (V_M @ V))
 
         def Dt(U: Tensor) -> Tensor:
-            out = (1 - damp) * Gt(U)
+            out = (1 - damp) * G.t(U)
             return out if V_M is None else out + beta * (V_M.T @ (U_M.T @ U))
 
-        metric = self._metric(A, B, dt) if self.param_groups[0]["metric"] == "diagonal" else None
+        metric = self._metric(A, B, G) if group["metric"] == "diagonal" else None
         s_in, s_out = metric if metric is not None else (1.0, 1.0)
         if metric is not None:  # the full step S_out^{-1} D S_in^{-1}
             s_in, s_out = s_in[:, None], s_out[:, None]
@@ -264,25 +369,30 @@ class PSILoRA(Optimizer):
                                     lambda U: A0.T @ (B0.T @ U) - lr * Dt(U / s_out) / s_in, lam, K, metric)
         if V_M is not None:  # momentum ← β·M + (1 − d)·G, proximal to M, warm-started at its factors
             V_new, U_new = proximal_als(V_M, U_M, lambda V: beta * (U_M @ (V_M @ V)) + (1 - damp) * G(V),
-                                        lambda U: beta * (V_M.T @ (U_M.T @ U)) + (1 - damp) * Gt(U), lam, K)
+                                        lambda U: beta * (V_M.T @ (U_M.T @ U)) + (1 - damp) * G.t(U), lam, K)
             V_M.copy_(V_new)
             U_M.copy_(U_new)
         A.copy_(A_new.view(A.shape))
         B.copy_(B_new.view(B.shape))
 
-    def _metric(self, A: Tensor, B: Tensor, dt: torch.dtype) -> tuple[Tensor, Tensor]:
+    def _metric(self, A: Tensor, B: Tensor, G: RowGradient) -> tuple[Tensor, Tensor]:
         """``(s_in, s_out)``: the diagonal metric after this step's rows (bias-corrected running averages of the
-        squared inputs and output gradients, to ``metric_power``, plus ``damping``); state ``psi_metric`` on both
-        factors and ``psi_metric_step`` on ``A``."""
+        mean squared inputs and output gradients over all ranks' rows, ``δ`` scaled as ``G`` is by DDP's
+        averaging, to ``metric_power``, plus ``damping``); state ``psi_metric`` on both factors and
+        ``psi_metric_step`` on ``A``.  Under DDP one all-reduce of ``n + m + 1`` numbers."""
         group = self.param_groups[0]
-        rows = self._capture.rows(A, B)
-        X = torch.cat([x for x, _ in rows]).to(dt)
-        delta = torch.cat([g for _, g in rows]).to(dt)
+        n = G.X.shape[1]
+        sums = torch.cat([G.X.square().sum(0), G.delta.square().sum(0),
+                          torch.full((1,), G.X.shape[0], dtype=G.X.dtype, device=G.X.device)])
+        if G.group is not None:
+            torch.distributed.all_reduce(sums, group=G.group)
+        count = sums[-1]
+        means = (sums[:n] / count, sums[n:-1] / (count * G.world**2))
         beta, out = group["metric_beta"], []
         state_a = self.state[A]
         t = state_a.get("psi_metric_step", 0) + 1
         state_a["psi_metric_step"] = t
-        for p, squares in ((A, X.square().mean(0)), (B, delta.square().mean(0))):
+        for p, squares in zip((A, B), means):
             state = self.state[p]
             if "psi_metric" not in state:
                 state["psi_metric"] = torch.zeros_like(squares)
@@ -290,18 +400,18 @@ class PSILoRA(Optimizer):
             out.append((state["psi_metric"] / (1 - beta**t)).pow(group["metric_power"]) + group["damping"])
         return out[0], out[1]
 
-    def _adam_others(self, group: dict[str, Any], others: list[Tensor]) -> None:
-        """torch's AdamW (foreach) on the parameters that are not LoRA factors."""
+    def _adam_others(self, group: dict[str, Any], others: list[Tensor], grads: list[Tensor]) -> None:
+        """torch's AdamW (foreach) on the parameters that are not LoRA factors, with ``grads`` (clipped)."""
         if not others:
             return
         lists: dict[str, list[Tensor]] = {k: [] for k in ("params", "grads", "exp_avgs", "exp_avg_sqs", "steps")}
-        for p in others:
+        for p, grad in zip(others, grads):
             state = self.state[p]
             if "step" not in state:
                 state["step"] = torch.tensor(0.0)
                 state["exp_avg"] = torch.zeros_like(p)
                 state["exp_avg_sq"] = torch.zeros_like(p)
-            for key, value in (("params", p), ("grads", p.grad), ("exp_avgs", state["exp_avg"]),
+            for key, value in (("params", p), ("grads", grad), ("exp_avgs", state["exp_avg"]),
                                ("exp_avg_sqs", state["exp_avg_sq"]), ("steps", state["step"])):
                 lists[key].append(value)
         beta1, beta2 = group["betas"]

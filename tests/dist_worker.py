@@ -4,7 +4,7 @@ Every rank trains the model of :func:`build_model` on its slice of the global ba
 :func:`global_batch` and rank 0 writes the results with ``torch.save`` to ``--out``.  The
 unsharded reference runs in the test process itself, from the same builders.
 
-Usage: ``python tests/dist_worker.py {ddp,fsdp,hsdp} OUT`` with ``RANK``, ``WORLD_SIZE``,
+Usage: ``python tests/dist_worker.py {ddp,fsdp,hsdp,psi} OUT`` with ``RANK``, ``WORLD_SIZE``,
 ``MASTER_ADDR`` and ``MASTER_PORT`` set (the test sets them).  ``SDSOPT_DIST_DEVICE=cuda`` runs on
 one GPU per rank with NCCL instead of CPUs with gloo.
 """
@@ -45,6 +45,16 @@ CASES: list[tuple[str, dict[str, Any]]] = [
     ("scaled", {"mode": "scaled", "damping": 1e-3}),
     ("lora", {"mode": "lora"}),
 ]
+
+
+# (label, PSILoRA options) for DDP: Gauss–Seidel sweeps with low-rank momentum, the diagonal metric with
+# momentum, and clipping that binds (the full gradient's norm is ~1 here)
+PSI_CASES: list[tuple[str, dict[str, Any]]] = [
+    ("psi", {"lookahead_iters": 2, "momentum": 0.8, "dampening": 0.8}),
+    ("psi_scaled", {"metric": "diagonal", "momentum": 0.5}),
+    ("psi_clip", {"lookahead_iters": 0, "max_grad_norm": 0.05}),
+]
+PSI_LR = 0.2
 
 
 class Model(nn.Module):
@@ -170,6 +180,24 @@ def run_ddp(world: int, rank: int) -> dict[str, Any]:
     return results
 
 
+def run_psi(world: int, rank: int) -> dict[str, Any]:
+    """PSILoRA under DDP: products of G all-reduced per half-sweep; logs each step's collectives."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from sdsopt import PSILoRA
+
+    results: dict[str, Any] = {"collectives": {}}
+    for label, options in PSI_CASES:
+        model = DDP(build_model())
+        opt = PSILoRA(model, lr=PSI_LR, **options)
+        logs: list[list[tuple[str, int]]] = []
+        train(model, opt, range(STEPS), rank, world, collectives=logs)
+        results[label] = full_params(model)
+        results["collectives"][label] = logs
+        results[f"{label}_norm"] = None if opt.last_grad_norm is None else float(opt.last_grad_norm)
+    return results
+
+
 def run_fsdp(world: int, rank: int) -> dict[str, Any]:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import (
@@ -256,7 +284,7 @@ def main() -> None:
     dist.init_process_group("nccl" if DEVICE == "cuda" else "gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.set_num_threads(1)
-    results = {"ddp": run_ddp, "fsdp": run_fsdp, "hsdp": run_hsdp}[case](world, rank)
+    results = {"ddp": run_ddp, "fsdp": run_fsdp, "hsdp": run_hsdp, "psi": run_psi}[case](world, rank)
     if rank == 0:
         torch.save(results, os.path.join(out, f"{case}.pt"))
     dist.barrier()

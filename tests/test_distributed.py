@@ -114,6 +114,31 @@ def test_hsdp_matches_one_process(references, tmp_path):
     assert len(results["collectives"]) == 4
 
 
+def test_psilora_ddp_matches_one_process(tmp_path):
+    """PSILoRA under DDP = one process on the global batch (G's products summed over ranks and divided by the
+    world size; the metric over all rows; the clipping norm of the summed G), with the collectives the
+    docstring states: per step one flag all-reduce, per pair and half-sweep one of the r×m or r×n product
+    (twice with momentum), one of m + n + 1 for the metric, one of m×n for clipping."""
+    from sdsopt import PSILoRA
+
+    results = _launch("psi", tmp_path)
+    for label, options in worker.PSI_CASES:
+        model = worker.build_model()
+        opt = PSILoRA(model, lr=worker.PSI_LR, **options)
+        worker.train(model, opt, range(worker.STEPS))
+        _assert_close(f"psi/{label}", results[label], worker.full_params(model), 1e-10)
+        if options.get("max_grad_norm"):
+            assert results[f"{label}_norm"] == pytest.approx(float(opt.last_grad_norm), rel=1e-12)
+            assert results[f"{label}_norm"] > options["max_grad_norm"]  # the clipping was active
+        sweeps = max(1, options.get("lookahead_iters", 1))
+        per_pair = [2 * sweeps * (2 if options.get("momentum") else 1)
+                    + (options.get("metric") == "diagonal") + bool(options.get("max_grad_norm"))
+                    for _ in worker.RANKS]
+        for calls in results["collectives"][label]:
+            # DDP's own gradient all-reduce happens in backward, outside the optimizer step
+            assert [name for name, _ in calls] == ["c10d.allreduce_.default"] * (1 + sum(per_pair)), label
+
+
 def _check_fsdp_extras(results: dict) -> None:
     # communication of the optimizer step: r×r Grams only, one all-reduce per step (two with the
     # singular-value channel) whatever the mix of ranks, never a gather of factors

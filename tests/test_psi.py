@@ -213,6 +213,8 @@ def test_errors_name_the_fix():
         PSILoRA(layer, lmbd=0.0)
     with pytest.raises(ValueError, match="lookahead_iters"):
         PSILoRA(layer, lookahead_iters=-1)
+    with pytest.raises(ValueError, match=r"max_grad_norm=0 must be None or > 0"):
+        PSILoRA(layer, max_grad_norm=0)
     with pytest.raises(ValueError, match="nn.Module"):
         PSILoRA(list(layer.parameters()))
     opt = PSILoRA(layer, lr=0.01)
@@ -322,5 +324,72 @@ def test_diagonal_metric_step_matches_a_dense_reference():
     torch.testing.assert_close(layer.lora_B["default"].weight, B_ref, rtol=1e-8, atol=1e-10)
     step(layer, opt, x, y)
     assert all(torch.isfinite(p).all() for p in layer.parameters())
-    with pytest.raises(ValueError, match="momentum > 0 is not implemented"):
-        PSILoRA(layer, metric="diagonal", momentum=0.9)
+
+
+def lora_delta(layer, x, y):
+    """δ = ∂L/∂(output of lora_B) of the mean squared error, computed from the forward by hand."""
+    with torch.no_grad():
+        out = layer(x)
+    return layer.scaling * 2 * (out - y) / out.numel()
+
+
+def test_diagonal_metric_with_momentum_matches_a_dense_reference():
+    """metric='diagonal' with momentum: the second step is proximal_als towards
+    W̄ = BA − lr·S_out^{-1}(G₂ + β·G₁)S_in^{-1}, the metric the bias-corrected average of both batches' squares;
+    two input rows keep every G (and so the momentum) of rank 2 ≤ q = 3, where the low-rank momentum is exact."""
+    layer = psi_layer(zero_b=False)
+    x = torch.randn(2, 7, dtype=F64)
+    ys = [torch.randn(2, 6, dtype=F64) for _ in range(2)]
+    lr, lmbd, beta, mbeta, damping, K = 0.05, 1e-9, 0.8, 0.9, 1e-5, 60
+    opt = PSILoRA(layer, lr=lr, lmbd=lmbd, lookahead_iters=K, momentum=beta, metric="diagonal",
+                  metric_beta=mbeta, damping=damping)
+    G1, d1 = full_grad(layer, x, ys[0]), lora_delta(layer, x, ys[0])
+    layer.zero_grad()
+    step(layer, opt, x, ys[0])
+    A1, B1 = (t.detach().clone() for t in (layer.lora_A["default"].weight, layer.lora_B["default"].weight))
+    G2, d2 = full_grad(layer, x, ys[1]), lora_delta(layer, x, ys[1])
+    layer.zero_grad()
+    step(layer, opt, x, ys[1])
+
+    def average(first, second):  # bias-corrected running average after two steps
+        return (mbeta * (1 - mbeta) * first + (1 - mbeta) * second) / (1 - mbeta**2)
+
+    s_in = average(x.square().mean(0), x.square().mean(0)).sqrt() + damping
+    s_out = average(d1.square().mean(0), d2.square().mean(0)).sqrt() + damping
+    W = B1 @ A1 - lr * (G2 + beta * G1) / s_out[:, None] / s_in[None, :]
+    A_ref, B_ref = metric_reference(A1, B1, W, lr * lmbd, K, s_in, s_out)
+    torch.testing.assert_close(layer.lora_A["default"].weight, A_ref, rtol=1e-7, atol=1e-9)
+    torch.testing.assert_close(layer.lora_B["default"].weight, B_ref, rtol=1e-7, atol=1e-9)
+
+
+@pytest.mark.parametrize("rows", [2, 16])  # N(m+n) < mn: ⟨XXᵀ, δδᵀ⟩; else δᵀX formed
+def test_clipping_uses_the_full_gradient_norm(rows):
+    """max_grad_norm: the step is proximal_als on c·G and AdamW on c·g_bias with
+    c = max / (‖(G, g_bias)‖ + 1e-6), the norm of the dense gradient (not of the factors' gradients)."""
+    layer = psi_layer(zero_b=False)
+    layer.base.bias.requires_grad_(True)
+    x, y = torch.randn(rows, 7, dtype=F64), torch.randn(rows, 6, dtype=F64)
+    A0, B0 = (t.detach().clone() for t in (layer.lora_A["default"].weight, layer.lora_B["default"].weight))
+    bias0 = layer.base.bias.detach().clone()
+    G = full_grad(layer, x, y)
+    g_bias = layer.base.bias.grad.clone()
+    layer.zero_grad()
+    norm = torch.cat([G.flatten(), g_bias]).norm()
+    lr, lmbd, max_norm = 0.05, 0.1, 0.25 * float(norm)
+    opt = PSILoRA(layer, lr=lr, lmbd=lmbd, adam_lr=0.01, max_grad_norm=max_norm)
+    step(layer, opt, x, y)
+    torch.testing.assert_close(opt.last_grad_norm, norm, rtol=1e-12, atol=0)
+    c = max_norm / (norm + 1e-6)
+    A_ref, B_ref = proximal_als(A0, B0, *products(B0 @ A0 - lr * c * G), lr * lmbd, sweeps=1)
+    torch.testing.assert_close(layer.lora_A["default"].weight, A_ref, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(layer.lora_B["default"].weight, B_ref, rtol=1e-10, atol=1e-12)
+    mirror = bias0.clone().requires_grad_(True)
+    mirror.grad = c * g_bias
+    torch.optim.AdamW([mirror], lr=0.01, weight_decay=0.0).step()
+    torch.testing.assert_close(layer.base.bias, mirror, rtol=1e-12, atol=1e-15)
+    # a bound above the norm changes nothing
+    a, b = psi_layer(zero_b=False), psi_layer(zero_b=False)
+    step(a, PSILoRA(a, lr=lr, max_grad_norm=10 * float(norm)), x, y)
+    step(b, PSILoRA(b, lr=lr), x, y)
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert torch.equal(p, q)
