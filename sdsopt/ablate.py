@@ -8,7 +8,7 @@ For each seed the task builds one pre-trained base and one LoRA initialisation; 
 starts from a copy of them and sees the same batches in the same order, so an A/B changes exactly
 the optimizer's rewrite.  Modes are :data:`sdsopt.MODES` plus ``sds_sigma`` (``sds_polar`` with the
 singular-value channel), ``sds_undamped`` (``sds`` with ``step_damping=0``), ``psi`` (:class:`sdsopt.PSILoRA`,
-``--psi-iters``/``--psi-momentum``/``--psi-lmbd``; ``psi_scaled`` with the diagonal metric, no momentum),
+``--psi-iters``/``--psi-momentum``/``--psi-dampening``/``--psi-lmbd``/``--psi-adam-lr``; ``psi_scaled`` with the diagonal metric),
 ``sds_layer`` (the paper's
 re-parameterised layer, :class:`sdsopt.reference.PaperSDSLayers`, with AdamW) and ``full`` (full
 fine-tuning with AdamW, the reference).
@@ -79,9 +79,9 @@ def make_task(name: str, args: argparse.Namespace):
 def make_optimizer(mode: str, model: nn.Module, lr: float, betas: tuple[float, float], weight_decay: float,
                    psi: dict[str, Any] | None = None):
     """The optimizer of one run: AdamW for ``full``, :class:`sdsopt.PSILoRA` for ``psi`` (``psi``: its
-    ``lookahead_iters``, ``momentum``, ``lmbd``), else SDSAdamW in ``mode`` (same Adam everywhere)."""
+    ``lookahead_iters``, ``momentum``, ``lmbd``, ``adam_lr``), else SDSAdamW in ``mode`` (same Adam everywhere)."""
     if mode in ("psi", "psi_scaled"):
-        extra = dict(metric="diagonal", momentum=0.0) if mode == "psi_scaled" else {}
+        extra = dict(metric="diagonal") if mode == "psi_scaled" else {}
         return PSILoRA(model, lr=lr, betas=betas, weight_decay=weight_decay, **{**(psi or {}), **extra})
     if mode in ("full", "sds_layer"):  # sds_layer: AdamW on the paper's layer (PaperSDSLayers in run_one)
         return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, betas=betas,
@@ -120,7 +120,9 @@ def run_one(task, mode: str, lr: float, seed: int, args: argparse.Namespace, pro
     betas = (args.beta1, 0.999)
     opt = make_optimizer(mode, model, lr, betas, args.weight_decay,
                          psi=dict(lookahead_iters=getattr(args, "psi_iters", 1),
-                                  momentum=getattr(args, "psi_momentum", 0.0), lmbd=getattr(args, "psi_lmbd", 1e-2)))
+                                  momentum=getattr(args, "psi_momentum", 0.0),
+                                  dampening=getattr(args, "psi_dampening", 0.0), lmbd=getattr(args, "psi_lmbd", 1e-2),
+                                  adam_lr=getattr(args, "psi_adam_lr", None)))
     recorder = None
     layers = PaperSDSLayers(model, total_steps=args.steps) if mode == "sds_layer" else None
     if mode not in ("full", "sds_layer", "psi", "psi_scaled") and (mode == "svd_oracle" or args.metrics_every):
@@ -312,7 +314,10 @@ def main(argv: list[str] | None = None) -> dict:
     g = ap.add_argument_group("psi (sdsopt.PSILoRA)")
     g.add_argument("--psi-iters", type=int, default=1, help="ALS sweeps per step (0: one Jacobi pass)")
     g.add_argument("--psi-momentum", type=float, default=0.0)
+    g.add_argument("--psi-dampening", type=float, default=0.0, help="= --psi-momentum: the EMA form of the authors")
     g.add_argument("--psi-lmbd", type=float, default=1e-2, help="proximal weight λ = lr·lmbd")
+    g.add_argument("--psi-adam-lr", type=float, default=None,
+                   help="AdamW lr of the parameters that are not LoRA factors (a head; default: --lrs' value)")
     g.add_argument("--model-dir", default=None, help="minilm: checkpoint folder (default: the sdsopt[minilm] package)")
     args = ap.parse_args(argv)
     args.steps = args.steps or DEFAULT_STEPS[args.task]
