@@ -8,8 +8,8 @@ For each seed the task builds one pre-trained base and one LoRA initialisation; 
 starts from a copy of them and sees the same batches in the same order, so an A/B changes exactly
 the optimizer's rewrite.  Modes are :data:`sdsopt.MODES` plus ``sds_sigma`` (``sds_polar`` with the
 singular-value channel), ``sds_undamped`` (``sds`` with ``step_damping=0``), ``psi`` (:class:`sdsopt.PSILoRA`,
-``--psi-iters``/``--psi-momentum``/``--psi-dampening``/``--psi-lmbd``/``--psi-adam-lr``; ``psi_scaled`` with the diagonal metric),
-``sds_layer`` (the paper's
+``--psi-iters``/``--psi-momentum``/``--psi-dampening``/``--psi-lmbd``/``--psi-adam-lr``; ``psi_scaled`` with
+the diagonal metric), ``sds_layer`` (the paper's
 re-parameterised layer, :class:`sdsopt.reference.PaperSDSLayers`, with AdamW) and ``full`` (full
 fine-tuning with AdamW, the reference).
 
