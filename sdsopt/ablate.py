@@ -176,6 +176,13 @@ def run_grid(task, modes: Iterable[str], lrs: list[float], seeds: int, args: arg
     return runs
 
 
+def _spread(values: list[float]) -> float:
+    """Population standard deviation over seeds; NaN when a run diverged (non-finite), 0 for one seed."""
+    if not all(math.isfinite(v) for v in values):
+        return float("nan")
+    return statistics.pstdev(values) if len(values) > 1 else 0.0
+
+
 def summarise(runs: list[dict]) -> dict[str, dict[str, Any]]:
     """Best lr per mode (by mean held-out loss over seeds), and the gap to full fine-tuning closed."""
     by = defaultdict(list)
@@ -188,12 +195,12 @@ def summarise(runs: list[dict]) -> dict[str, dict[str, Any]]:
         entry = table.get(mode)
         if entry is None or score < entry["eval"]:
             table[mode] = {"lr": lr, "eval": score,
-                           "eval_std": statistics.pstdev(evals) if len(evals) > 1 else 0.0,
+                           "eval_std": _spread(evals),
                            "final_train": statistics.fmean(r["final_train"] for r in group)}
             if all("accuracy" in r for r in group):
                 accuracy = [r["accuracy"] for r in group]
                 table[mode]["accuracy"] = statistics.fmean(accuracy)
-                table[mode]["accuracy_std"] = statistics.pstdev(accuracy) if len(accuracy) > 1 else 0.0
+                table[mode]["accuracy_std"] = _spread(accuracy)
     for mode in table:
         table[mode]["lr_sensitivity"] = {lr: statistics.fmean(r["eval"] for r in group)
                                          for (m, lr), group in sorted(by.items()) if m == mode}

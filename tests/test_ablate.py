@@ -46,3 +46,16 @@ def test_same_seed_same_data_and_init(tmp_path):
     main([*args, "--out", str(tmp_path / "a")])
     main([*args, "--out", str(tmp_path / "b")])
     assert (tmp_path / "a" / "curves.csv").read_text() == (tmp_path / "b" / "curves.csv").read_text()
+
+
+def test_summary_survives_a_diverged_grid_point():
+    """A (mode, lr) whose runs went non-finite ranks last, with a NaN spread, instead of crashing the summary
+    (an H100 grid of psi_scaled was lost to this)."""
+    from sdsopt.ablate import summarise
+
+    runs = [{"mode": "psi", "lr": lr, "seed": seed, "eval": ev, "final_train": ev, "accuracy": 0.5}
+            for lr, evals in ((1e-3, [float("inf"), 2.0]), (1e-4, [1.0, 1.5])) for seed, ev in enumerate(evals)]
+    table = summarise(runs)
+    assert table["psi"]["lr"] == 1e-4 and table["psi"]["eval"] == 1.25 and table["psi"]["eval_std"] == 0.25
+    only_diverged = summarise(runs[:2])
+    assert only_diverged["psi"]["eval"] == float("inf") and only_diverged["psi"]["eval_std"] != 0.0
