@@ -42,10 +42,16 @@ MatMul = Callable[[Tensor], Tensor]
 def _solve_left(K: Tensor, lam: float, rhs: Tensor) -> Tensor:
     """``(K + λI)^{-1} rhs`` for a Gram ``K`` (r×r, λ > 0: positive definite) by Cholesky.
 
-    Only a non-finite ``K`` (factors that already overflowed: a diverging lr) fails to factor; the result is
-    then NaN, as AdamW's parameters would be, instead of an exception (and without a host sync)."""
-    eye = torch.eye(K.shape[-1], dtype=K.dtype, device=K.device)
-    L, info = torch.linalg.cholesky_ex(K + lam * eye)
+    The diagonal shift is ``max(λ, r·ε·tr K)`` (ε the dtype's machine epsilon): a rounded Gram of a
+    (near-)rank-deficient factor can have eigenvalues down to ``−ε‖K‖``, and a smaller λ (float32, a tiny
+    lr·lmbd) would fail to factor although everything is finite; below that floor the solve is rounding noise
+    anyway, and in float64 it is never reached by any λ a user sets.  Only a non-finite ``K`` (factors that
+    already overflowed: a diverging lr) still fails; the result is then NaN, as AdamW's parameters would be,
+    instead of an exception (and without a host sync)."""
+    r = K.shape[-1]
+    eye = torch.eye(r, dtype=K.dtype, device=K.device)
+    shift = torch.clamp(K.diagonal().sum() * (r * torch.finfo(K.dtype).eps), min=lam)
+    L, info = torch.linalg.cholesky_ex(K + shift * eye)
     return torch.where(info == 0, torch.cholesky_solve(rhs, L), torch.nan)
 
 
@@ -162,9 +168,10 @@ class PSILoRA(Optimizer):
         metric: ``"none"`` (Euclidean) or ``"diagonal"`` (the authors' ``ScaledOPLoraOptimizer`` default, a
             diagonal K-FAC metric): running averages (``metric_beta``, bias-corrected) of the squared layer
             inputs per input feature (``s_in``, n) and of the squared output gradients per output (``s_out``, m),
-            raised to ``metric_power`` plus ``damping``; the full step becomes ``S_out^{-1} D S_in^{-1}`` and the
-            ALS runs in the metric's norm (:func:`proximal_als` with ``metric``).  Values of the authors' GLUE
-            scripts: power 0.5, damping 1e-5, β 0.99.  With momentum the metric preconditions the whole direction
+            plus ``damping``, raised to ``metric_power`` (``s = (avg + damping)^p``, the authors' order: damping
+            inside the power bounds ``S^{-1}`` by ``damping^{-p}`` ≈ 316, not ``1/damping`` = 1e5); the full step
+            becomes ``S_out^{-1} D S_in^{-1}`` and the ALS runs in the metric's norm (:func:`proximal_als` with
+            ``metric``).  Values of the authors' GLUE scripts: power 0.5, damping 1e-5, β 0.99.  With momentum the metric preconditions the whole direction
             ``D`` and the momentum factors stay an (Euclidean) running average of ``G``, as the authors' code does.
         max_grad_norm: clip the *full* gradient (every pair's ``G`` and the other parameters' gradients) to this
             norm, ``c = min(1, max_grad_norm / (‖g‖ + 1e-6))`` as ``torch.nn.utils.clip_grad_norm_`` (the factors'
@@ -378,7 +385,7 @@ class PSILoRA(Optimizer):
     def _metric(self, A: Tensor, B: Tensor, G: RowGradient) -> tuple[Tensor, Tensor]:
         """``(s_in, s_out)``: the diagonal metric after this step's rows (bias-corrected running averages of the
         mean squared inputs and output gradients over all ranks' rows, ``δ`` scaled as ``G`` is by DDP's
-        averaging, to ``metric_power``, plus ``damping``); state ``psi_metric`` on both factors and
+        averaging, plus ``damping``, to ``metric_power``); state ``psi_metric`` on both factors and
         ``psi_metric_step`` on ``A``.  Under DDP one all-reduce of ``n + m + 1`` numbers."""
         group = self.param_groups[0]
         n = G.X.shape[1]
@@ -397,7 +404,7 @@ class PSILoRA(Optimizer):
             if "psi_metric" not in state:
                 state["psi_metric"] = torch.zeros_like(squares)
             state["psi_metric"].mul_(beta).add_(squares, alpha=1 - beta)
-            out.append((state["psi_metric"] / (1 - beta**t)).pow(group["metric_power"]) + group["damping"])
+            out.append((state["psi_metric"] / (1 - beta**t) + group["damping"]).pow(group["metric_power"]))
         return out[0], out[1]
 
     def _adam_others(self, group: dict[str, Any], others: list[Tensor], grads: list[Tensor]) -> None:

@@ -266,6 +266,21 @@ def test_overflowed_factors_give_nan_not_an_exception():
     assert torch.isfinite(A_ok).all()
 
 
+def test_tiny_lambda_on_a_rank_deficient_float32_factor_stays_finite():
+    """float32, B of rank 1 and norm 1e3, λ = 1e-9: the rounded BᵀB + λI is not numerically positive definite
+    (its Cholesky fails: checked), yet the solve must not turn finite factors into NaN."""
+    gen = torch.Generator().manual_seed(0)
+    b = torch.randn(6, 1, generator=gen)
+    B = 1e3 * torch.cat([b, b, -b], dim=1)
+    A = torch.randn(3, 7, generator=gen)
+    W = torch.randn(6, 7, generator=gen)
+    K = B.T @ B
+    assert torch.linalg.cholesky_ex(K + 1e-9 * torch.eye(3))[1] != 0  # the failure the floor prevents
+    for sweeps in (0, 1, 3):
+        A1, B1 = proximal_als(A, B, *products(W), lam=1e-9, sweeps=sweeps)
+        assert torch.isfinite(A1).all() and torch.isfinite(B1).all(), sweeps
+
+
 def metric_reference(A, B, W, lam, sweeps, s_in, s_out):
     """The metric-norm proximal ALS by lstsq, column by column (A) and row by row (B) of the weighted system."""
     def solve_a(B_t):
@@ -305,7 +320,7 @@ def test_metric_als_matches_weighted_least_squares(case, sweeps, log_lam, seed):
 def test_diagonal_metric_step_matches_a_dense_reference():
     """metric='diagonal': the step is proximal_als in the metric built independently from the batch: s_in from
     the inputs' squares, s_out from δ = ∂L/∂(output of lora_B) (bias-corrected first average: the batch means),
-    to the power 0.5 plus damping, towards W̄ = BA − lr·S_out^{-1} G S_in^{-1}; two steps keep it finite."""
+    plus damping, to the power 0.5, towards W̄ = BA − lr·S_out^{-1} G S_in^{-1}; two steps keep it finite."""
     layer = psi_layer(zero_b=False)
     x, y = torch.randn(16, 7, dtype=F64), torch.randn(16, 6, dtype=F64)
     A0, B0 = (t.detach().clone() for t in (layer.lora_A["default"].weight, layer.lora_B["default"].weight))
@@ -314,8 +329,8 @@ def test_diagonal_metric_step_matches_a_dense_reference():
         out = layer(x)
     delta = layer.scaling * 2 * (out - y) / out.numel()  # ∂L/∂(lora_B output) of the mean squared error
     damping, lr, lmbd = 1e-5, 0.05, 0.1
-    s_in = x.square().mean(0).sqrt() + damping
-    s_out = delta.square().mean(0).sqrt() + damping
+    s_in = (x.square().mean(0) + damping).sqrt()
+    s_out = (delta.square().mean(0) + damping).sqrt()
     opt = PSILoRA(layer, lr=lr, lmbd=lmbd, lookahead_iters=1, metric="diagonal", damping=damping)
     step(layer, opt, x, y)
     W = B0 @ A0 - lr * G / s_out[:, None] / s_in[None, :]
@@ -354,8 +369,8 @@ def test_diagonal_metric_with_momentum_matches_a_dense_reference():
     def average(first, second):  # bias-corrected running average after two steps
         return (mbeta * (1 - mbeta) * first + (1 - mbeta) * second) / (1 - mbeta**2)
 
-    s_in = average(x.square().mean(0), x.square().mean(0)).sqrt() + damping
-    s_out = average(d1.square().mean(0), d2.square().mean(0)).sqrt() + damping
+    s_in = (average(x.square().mean(0), x.square().mean(0)) + damping).sqrt()
+    s_out = (average(d1.square().mean(0), d2.square().mean(0)) + damping).sqrt()
     W = B1 @ A1 - lr * (G2 + beta * G1) / s_out[:, None] / s_in[None, :]
     A_ref, B_ref = metric_reference(A1, B1, W, lr * lmbd, K, s_in, s_out)
     torch.testing.assert_close(layer.lora_A["default"].weight, A_ref, rtol=1e-7, atol=1e-9)
