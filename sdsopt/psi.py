@@ -306,19 +306,20 @@ class PSILoRA(Optimizer):
                     f"PSILoRA: {group['param_names'][ia]!r} has a gradient but its layer's inputs were not "
                     "recorded: run the forward pass of the model given to PSILoRA (not a copy or a compiled "
                     "graph that bypasses module hooks) with gradients enabled.")
-        grads = {k: self._row_gradient(params[ia], params[ib])
-                 for k, ((ia, ib), seen) in enumerate(zip(pairs, self._recorded(pairs))) if seen}
+        active = [k for k, seen in enumerate(self._recorded(pairs)) if seen]
         in_pairs = {i for pair in pairs for i in pair}
         others = [p for i, p in enumerate(params) if i not in in_pairs and p.grad is not None]
         other_grads = [p.grad for p in others]
+        coef = None
         if group["max_grad_norm"] is not None:
-            coef = self._clip_coefficient(list(grads.values()), other_grads, group["max_grad_norm"])
-            for G in grads.values():
-                G.scale_(coef)
+            coef = self._clip_coefficient([pairs[k] for k in active], other_grads, group["max_grad_norm"])
             other_grads = [g * coef.to(g.device, g.dtype) for g in other_grads]
         if group["lr"] != 0:
-            for k, G in grads.items():
+            for k in active:  # one pair's rows in the algebra dtype at a time (bf16 rows are copied to float32)
                 ia, ib = pairs[k]
+                G = self._row_gradient(params[ia], params[ib])
+                if coef is not None:
+                    G.scale_(coef)
                 self._pair_step(k, params[ia], params[ib], G)
         self._capture.clear()
         self._adam_others(group, others, other_grads)
@@ -339,11 +340,12 @@ class PSILoRA(Optimizer):
         rows = self._capture.rows(A, B) if self._capture.has(A) else []
         return RowGradient(rows, (B.shape[0], A.shape[1]), dt, A.device, self._group, self._world)
 
-    def _clip_coefficient(self, grads: list[RowGradient], other_grads: list[Tensor], max_norm: float) -> Tensor:
-        """``min(1, max_norm / (‖g‖ + 1e-6))`` for the full gradient ``g`` (every pair's ``G``, the other
-        parameters' gradients), as ``clip_grad_norm_``; ``‖g‖`` is kept in :attr:`last_grad_norm`."""
-        device = self.param_groups[0]["params"][0].device
-        parts = [G.sq_norm().to(torch.float64) for G in grads]
+    def _clip_coefficient(self, pairs: list[tuple[int, int]], other_grads: list[Tensor], max_norm: float) -> Tensor:
+        """``min(1, max_norm / (‖g‖ + 1e-6))`` for the full gradient ``g`` (the ``G`` of every pair in ``pairs``,
+        the other parameters' gradients), as ``clip_grad_norm_``; ``‖g‖`` is kept in :attr:`last_grad_norm`."""
+        params = self.param_groups[0]["params"]
+        device = params[0].device
+        parts = [self._row_gradient(params[ia], params[ib]).sq_norm().to(torch.float64) for ia, ib in pairs]
         parts += [g.to(torch.float64).square().sum().to(device) for g in other_grads]
         total = torch.stack(parts).sum().sqrt() if parts else torch.zeros((), dtype=torch.float64, device=device)
         self.last_grad_norm = total
