@@ -9,8 +9,9 @@ q/k/v read one hidden state, gate/up another, o and down their own inputs, as in
 PSILoRA records are shared where the model's are.  Every timed step is preceded by an untimed forward and backward
 of ``--tokens`` rows (PSILoRA needs a fresh recording per step); the median of ``--steps`` steps after
 ``--warmup`` is reported (CUDA events on GPU), with the ratio to fused AdamW (foreach on CPU), the peak memory
-allocated during the step above what was allocated before it, the memory the recording keeps alive after
-backward (``rows``: inputs and output gradients the hooks hold, which plain training frees), and the state.
+allocated during a timed step above what was allocated before it (the warm-up steps allocate the state), the
+memory the recording keeps alive after backward (``rows``: inputs and output gradients the hooks hold, which
+plain training frees), and the state.
 """
 
 from __future__ import annotations
@@ -123,7 +124,8 @@ def measure(model: LoraStack, opt, device, dtype, tokens: int, steps: int, warmu
             end.record()
             torch.cuda.synchronize()
             ms = start.elapsed_time(end)
-            peak = max(peak, torch.cuda.max_memory_allocated(device) / 2**20 - before)
+            if i >= warmup:  # after the first steps, which allocate the optimizer state
+                peak = max(peak, torch.cuda.max_memory_allocated(device) / 2**20 - before)
         else:
             t0 = time.perf_counter()
             opt.step()

@@ -171,8 +171,9 @@ class PSILoRA(Optimizer):
             plus ``damping``, raised to ``metric_power`` (``s = (avg + damping)^p``, the authors' order: damping
             inside the power bounds ``S^{-1}`` by ``damping^{-p}`` ≈ 316, not ``1/damping`` = 1e5); the full step
             becomes ``S_out^{-1} D S_in^{-1}`` and the ALS runs in the metric's norm (:func:`proximal_als` with
-            ``metric``).  Values of the authors' GLUE scripts: power 0.5, damping 1e-5, β 0.99.  With momentum the metric preconditions the whole direction
-            ``D`` and the momentum factors stay an (Euclidean) running average of ``G``, as the authors' code does.
+            ``metric``).  Values of the authors' GLUE scripts: power 0.5, damping 1e-5, β 0.99.  With momentum
+            the metric preconditions the whole direction ``D`` and the momentum factors stay an (Euclidean)
+            running average of ``G``, as the authors' code does.
         max_grad_norm: clip the *full* gradient (every pair's ``G`` and the other parameters' gradients) to this
             norm, ``c = min(1, max_grad_norm / (‖g‖ + 1e-6))`` as ``torch.nn.utils.clip_grad_norm_`` (the factors'
             own gradients are not what PSI-LoRA steps on, so clipping them outside would clip the wrong thing).
