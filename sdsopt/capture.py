@@ -6,8 +6,9 @@ For a LoRA branch ``y = … + s·B(A(x))`` the gradient with respect to the prod
 
 where ``X`` (``N × n``) is the input of ``lora_A`` and ``δ`` (``N × m``) the gradient at the output of
 ``lora_B`` (it already carries the scale ``s``).  Consistently, ``gB = G Aᵀ`` and ``gA = Bᵀ G``.
-The products ``G V = δᵀ (X V)`` and ``Gᵀ U = Xᵀ (δ U)`` cost ``O(N (m + n) k)`` and never form ``G``;
-:meth:`LoraCapture.full` forms it (``svd_oracle`` and metrics on small models only).
+The products ``G V = δᵀ (X V)`` and ``Gᵀ U = Xᵀ (δ U)`` cost ``O(N (m + n) k)`` and never form ``G``
+(:class:`sdsopt.psi.RowGradient`, from :meth:`LoraCapture.rows`); :meth:`LoraCapture.full` forms it
+(``svd_oracle`` and metrics on small models only).
 
 Only ``nn.Linear`` factors (PEFT's Linear LoRA) are supported; several forward/backward passes before
 one optimizer step (gradient accumulation) are summed.
@@ -100,14 +101,6 @@ class LoraCapture:
     def rows(self, A: Tensor, B: Tensor) -> list[tuple[Tensor, Tensor]]:
         """The recorded ``(X, δ)`` of every forward since :meth:`clear` (``G = Σ δᵀ X``)."""
         return self._pairs_of(A, B)
-
-    def matmul(self, A: Tensor, B: Tensor, V: Tensor) -> Tensor:
-        """``G V`` (``m × k``) for ``V`` (``n × k``)."""
-        return sum(g.to(V.dtype).T @ (x.to(V.dtype) @ V) for x, g in self._pairs_of(A, B))
-
-    def rmatmul(self, A: Tensor, B: Tensor, U: Tensor) -> Tensor:
-        """``Gᵀ U`` (``n × k``) for ``U`` (``m × k``)."""
-        return sum(x.to(U.dtype).T @ (g.to(U.dtype) @ U) for x, g in self._pairs_of(A, B))
 
     def full(self, A: Tensor, B: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
         """The full ``G`` (``m × n``): small models only."""

@@ -17,6 +17,7 @@ from sdsopt.metrics import (
     first_order_step,
     stable_rank,
 )
+from sdsopt.psi import RowGradient
 from sdsopt.rewrite import svd_refactor
 from test_optim import LoraLinear
 
@@ -71,9 +72,11 @@ def test_capture_reconstructs_the_full_gradient():
     G = capture.full(A, B, F64)
     torch.testing.assert_close(G @ A.detach().T, B.grad)  # gB = G Aᵀ
     torch.testing.assert_close(B.detach().T @ G, A.grad)  # gA = Bᵀ G
+    rows = RowGradient(capture.rows(A, B), (B.shape[0], A.shape[1]), F64, A.device)  # PSILoRA's G, never formed
     V = torch.randn(6, 3, dtype=F64)
-    torch.testing.assert_close(capture.matmul(A, B, V), G @ V)
-    torch.testing.assert_close(capture.rmatmul(A, B, torch.eye(5, dtype=F64)), G.T)
+    torch.testing.assert_close(rows(V), G @ V)
+    torch.testing.assert_close(rows.t(torch.eye(5, dtype=F64)), G.T)
+    torch.testing.assert_close(rows.sq_norm(), G.square().sum())
     layer2, x2, y2 = build_layer()
     torch.testing.assert_close(full_gradient(layer2, x2, y2), capture_single(x2, y2))
 
