@@ -199,8 +199,9 @@ class PSILoRA(Optimizer):
     which also covers gradient accumulation: the rows of every micro-batch are summed); a pair whose layer recorded
     no forward/backward since the last step (on any rank) is left unchanged; ``lr = 0`` leaves every factor
     unchanged; the diagonal metric is estimated from the recorded rows before clipping (clipping bounds the step,
-    not the curvature estimate; the authors' code clips the inputs in place first). Not supported: FSDP2-sharded
-    factors (refused at construction).
+    not the curvature estimate; the authors' code clips the inputs in place first); activation checkpointing
+    (``torch.utils.checkpoint``, reentrant or not) records the same rows as without it (tested). Not supported:
+    FSDP2-sharded factors (refused at construction).
     """
 
     def __init__(

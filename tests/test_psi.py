@@ -169,7 +169,8 @@ def test_bias_follows_torch_adamw():
         assert torch.equal(bias, mirror)
 
 
-@pytest.mark.parametrize("kw", [dict(momentum=0.75), dict(metric="diagonal")])
+@pytest.mark.parametrize("kw", [dict(momentum=0.75), dict(metric="diagonal"),
+                                dict(metric="diagonal", momentum=0.5, dampening=0.5, max_grad_norm=0.1)])
 def test_checkpoint_resumes_bit_exactly(kw):
     """Momentum factors, the metric's running averages and its step count are in the state: resume is bit-exact."""
     x, y = torch.randn(16, 7, dtype=F64), torch.randn(16, 6, dtype=F64)
@@ -408,3 +409,22 @@ def test_clipping_uses_the_full_gradient_norm(rows):
     step(b, PSILoRA(b, lr=lr), x, y)
     for p, q in zip(a.parameters(), b.parameters()):
         assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("use_reentrant", [True, False])
+def test_activation_checkpointing_records_the_same_rows(use_reentrant):
+    """torch.utils.checkpoint re-runs the forward during backward (reentrant: the first forward runs without
+    grad; non-reentrant: the re-run's output gets no gradient): the step equals the step without checkpointing."""
+    from torch.utils.checkpoint import checkpoint
+
+    x, y = torch.randn(16, 7, dtype=F64), torch.randn(16, 6, dtype=F64)
+    plain, ckpt = psi_layer(zero_b=False), psi_layer(zero_b=False)
+    opt_plain, opt_ckpt = PSILoRA(plain, lr=0.05, momentum=0.5), PSILoRA(ckpt, lr=0.05, momentum=0.5)
+    x_in = x.clone().requires_grad_(use_reentrant)  # the reentrant variant needs an input that requires grad
+    for _ in range(2):
+        step(plain, opt_plain, x, y)
+        opt_ckpt.zero_grad()
+        ((checkpoint(ckpt, x_in, use_reentrant=use_reentrant) - y) ** 2).mean().backward()
+        opt_ckpt.step()
+    for p, q in zip(plain.parameters(), ckpt.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-14)
