@@ -88,3 +88,45 @@ def test_several_adapters_pair_separately_and_only_active_moves():
     lm_loss(model, tokens).backward()  # only the active adapter ("default") gets gradients
     opt.step()
     assert all(torch.equal(p, other[n]) for n, p in model.named_parameters() if n in other)
+
+
+def test_psilora_on_peft_gpt2_jacobi_step_is_scaled_gd_on_autograd_grads():
+    """PSILoRA on a PEFT model (GPT-2's Conv1D layers, lora_dropout 0.1): with K = 0 each pair moves by exactly
+    scaled gradient descent on autograd's own factor gradients, A − lr(BᵀB + λI)^{-1}gA and
+    B − lr·gB(AAᵀ + λI)^{-1}, which PSILoRA never reads (it rebuilds G from the recorded rows, dropout mask
+    included); then training lowers the loss, also under CPU bf16 autocast."""
+    from sdsopt import PSILoRA
+
+    torch.manual_seed(0)
+    model = lora_gpt2(lora_dropout=0.1)
+    with torch.no_grad():  # B ≠ 0, so that both factors move at the first step
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.02)
+    lr, lmbd = 0.05, 0.01
+    opt = PSILoRA(model, lr=lr, lookahead_iters=0, lmbd=lmbd)
+    assert len(opt.param_groups[0]["lora_pairs"]) == count_lora_modules(model) == 8
+    data = load_corpus("pydoc", max_bytes=50_000)
+    batches = batch_iterator(data, 32, 8, torch.Generator().manual_seed(0))
+    lm_loss(model, next(batches)).backward()
+    named = dict(model.named_parameters())
+    expected, lam = {}, lr * lmbd
+    for name in named:
+        if ".lora_A." in name:
+            A, B = named[name], named[name.replace(".lora_A.", ".lora_B.")]
+            eye = torch.eye(A.shape[0])
+            expected[name] = A - lr * torch.linalg.solve(B.T @ B + lam * eye, A.grad)
+            expected[name.replace(".lora_A.", ".lora_B.")] = B - lr * torch.linalg.solve(
+                A @ A.T + lam * eye, B.grad.T).T
+    opt.step()
+    for name, want in expected.items():
+        torch.testing.assert_close(named[name], want.detach(), rtol=1e-4, atol=1e-6, msg=name)
+    fixed = next(batches)
+    before = lm_loss(model, fixed).item()
+    for k in range(20):
+        opt.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=k % 2 == 1):
+            loss = lm_loss(model, next(batches))
+        loss.backward()
+        opt.step()
+    assert lm_loss(model, fixed).item() < before - 0.05
