@@ -14,12 +14,14 @@ low-rank momentum ``M = U_M V_M`` (rank ``q = rank_multiplier·r``, kept as fact
 not LoRA factors get torch's AdamW (``betas``, ``eps``, ``weight_decay``).
 
 ``G`` is only ever applied to vectors (:class:`RowGradient`): ``G V = δᵀ(X V)``, ``Gᵀ U = Xᵀ(δ U)`` over the recorded
-rows, under DDP summed over ranks (one all-reduce of the m×k or n×k product per half-sweep) and divided by the world
-size as DDP averages gradients, so a multi-process step equals the single-process step on the global batch.
+rows, under DDP summed over ranks (one all-reduce per half-sweep of the products of a bucket of equal-shaped pairs)
+and divided by the world size as DDP averages gradients, so a multi-process step equals the single-process step on
+the global batch.
 """
 
 from __future__ import annotations
 
+from collections import defaultdict
 from collections.abc import Callable
 from typing import Any
 
@@ -40,7 +42,7 @@ MatMul = Callable[[Tensor], Tensor]
 
 
 def _solve_left(K: Tensor, lam: float, rhs: Tensor) -> Tensor:
-    """``(K + λI)^{-1} rhs`` for a Gram ``K`` (r×r, λ > 0: positive definite) by Cholesky.
+    """``(K + λI)^{-1} rhs`` for Grams ``K`` (``[..., r, r]``, λ > 0: positive definite) by batched Cholesky.
 
     The diagonal shift is ``max(λ, r·ε·tr K)`` (ε the dtype's machine epsilon): a rounded Gram of a
     (near-)rank-deficient factor can have eigenvalues down to ``−ε‖K‖``, and a smaller λ (float32, a tiny
@@ -50,9 +52,9 @@ def _solve_left(K: Tensor, lam: float, rhs: Tensor) -> Tensor:
     instead of an exception (and without a host sync)."""
     r = K.shape[-1]
     eye = torch.eye(r, dtype=K.dtype, device=K.device)
-    shift = torch.clamp(K.diagonal().sum() * (r * torch.finfo(K.dtype).eps), min=lam)
-    L, info = torch.linalg.cholesky_ex(K + shift * eye)
-    return torch.where(info == 0, torch.cholesky_solve(rhs, L), torch.nan)
+    floor = K.diagonal(dim1=-2, dim2=-1).sum(-1) * (r * torch.finfo(K.dtype).eps)
+    L, info = torch.linalg.cholesky_ex(K + torch.clamp(floor, min=lam)[..., None, None] * eye)
+    return torch.where((info == 0)[..., None, None], torch.cholesky_solve(rhs, L), torch.nan)
 
 
 def proximal_als(A: Tensor, B: Tensor, W_mul: MatMul, Wt_mul: MatMul, lam: float, sweeps: int,
@@ -61,7 +63,9 @@ def proximal_als(A: Tensor, B: Tensor, W_mul: MatMul, Wt_mul: MatMul, lam: float
 
         min ‖B'A' − W̄‖²_F + λ(‖A' − A‖²_F + ‖B' − B‖²_F)
 
-    given only the products ``W_mul(V) = W̄ V`` (V: n×k) and ``Wt_mul(U) = W̄ᵀ U`` (U: m×k).  The half-sweeps are
+    given only the products ``W_mul(V) = W̄ V`` (V: n×k) and ``Wt_mul(U) = W̄ᵀ U`` (U: m×k).  Batched: ``A``
+    ``[..., r, n]``, ``B`` ``[..., m, r]``, the products and the metric with the same leading dimensions (a bucket
+    of pairs of one shape is one call).  The half-sweeps are
 
         A' = (B_tᵀ B_t + λI)^{-1} (B_tᵀ W̄ + λA)          B' = (W̄ A_tᵀ + λB)(A_t A_tᵀ + λI)^{-1}
 
@@ -83,12 +87,12 @@ def proximal_als(A: Tensor, B: Tensor, W_mul: MatMul, Wt_mul: MatMul, lam: float
     s_in, s_out = metric if metric is not None else (None, None)
 
     def update_a(B_t: Tensor) -> Tensor:
-        SB = B_t if s_out is None else s_out[:, None] * B_t
-        return _solve_left(SB.T @ B_t, lam, Wt_mul(SB).T + lam * A)
+        SB = B_t if s_out is None else s_out[..., :, None] * B_t
+        return _solve_left(SB.mT @ B_t, lam, Wt_mul(SB).mT + lam * A)
 
     def update_b(A_t: Tensor) -> Tensor:
-        AS = A_t if s_in is None else A_t * s_in[None, :]
-        return _solve_left(AS @ A_t.T, lam, W_mul(AS.T).T + lam * B.T).T
+        AS = A_t if s_in is None else A_t * s_in[..., None, :]
+        return _solve_left(AS @ A_t.mT, lam, W_mul(AS.mT).mT + lam * B.mT).mT
 
     if sweeps == 0:
         return update_a(B), update_b(A)
@@ -100,54 +104,66 @@ def proximal_als(A: Tensor, B: Tensor, W_mul: MatMul, Wt_mul: MatMul, lam: float
 
 
 class RowGradient:
-    """The full gradient ``G = c·w·Σ_ranks Σ_rows δᵀX`` of one LoRA pair, applied to vectors without being formed.
+    """The full gradients ``G_i = c·w·Σ_ranks Σ_rows δ_iᵀX_i`` of a bucket of ``k`` LoRA pairs of one shape, applied
+    to stacked vectors without being formed.
 
-    ``rows``: this rank's recorded ``(X, δ)`` (``X``: N×n inputs of ``lora_A``, ``δ``: N×m gradients at the output
-    of ``lora_B``; none on a rank that did not run the layer); ``w = 1/world`` (DDP averages gradients; 1 in one
-    process); ``c`` the clipping coefficient (:meth:`scale_`, a tensor: no host sync).  Every product is one
-    all-reduce over ``group`` (``None``: one process, none).
+    ``rows[i]``: pair ``i``'s recorded ``(X, δ)`` of every micro-batch on this rank (``X``: N×n inputs of
+    ``lora_A``, ``δ``: N×m gradients at the output of ``lora_B``; none on a rank that did not run the layer),
+    converted to ``dtype`` product by product (bf16 rows are never all copied to float32 at once);
+    ``w = 1/world`` (DDP averages gradients; 1 in one process); ``c`` the clipping coefficient (:meth:`scale_`,
+    a tensor: no host sync).  Every product of the bucket is one all-reduce of the stacked result over ``group``
+    (``None``: one process, none).
     """
 
-    def __init__(self, rows: list[tuple[Tensor, Tensor]], shape: tuple[int, int], dtype: torch.dtype,
+    def __init__(self, rows: list[list[tuple[Tensor, Tensor]]], shape: tuple[int, int], dtype: torch.dtype,
                  device: torch.device, group=None, world: int = 1) -> None:
-        def stack(parts: list[Tensor], width: int) -> Tensor:  # no copy for one micro-batch in the algebra dtype
-            if not parts:
-                return torch.zeros(0, width, dtype=dtype, device=device)
-            return (parts[0] if len(parts) == 1 else torch.cat(parts)).to(dtype)
-
-        self.X = stack([x for x, _ in rows], shape[1])
-        self.delta = stack([g for _, g in rows], shape[0])
+        self.rows, self.shape, self.dtype, self.device = rows, shape, dtype, device
         self.group, self.world = group, world
         self.scale: Tensor | float = 1.0 / world
 
-    def _reduce(self, t: Tensor) -> Tensor:
+    def _apply(self, V: Tensor, transpose: bool) -> Tensor:
+        dt, out_dim = self.dtype, self.shape[1] if transpose else self.shape[0]
+        outs = []
+        for parts, v in zip(self.rows, V.unbind(0)):
+            if transpose:
+                terms = [x.to(dt).T @ (g.to(dt) @ v) for x, g in parts]
+            else:
+                terms = [g.to(dt).T @ (x.to(dt) @ v) for x, g in parts]
+            outs.append(sum(terms[1:], terms[0]) if terms else v.new_zeros(out_dim, v.shape[-1]))
+        out = torch.stack(outs)
         if self.group is not None:
-            torch.distributed.all_reduce(t, group=self.group)
-        return t * self.scale
+            torch.distributed.all_reduce(out, group=self.group)
+        return out * self.scale
 
     def __call__(self, V: Tensor) -> Tensor:
-        """``G V`` (m×k) for ``V`` (n×k)."""
-        return self._reduce(self.delta.T @ (self.X @ V))
+        """``G_i V_i`` (``[k, m, c]``) for ``V`` (``[k, n, c]``)."""
+        return self._apply(V, transpose=False)
 
     def t(self, U: Tensor) -> Tensor:
-        """``Gᵀ U`` (n×k) for ``U`` (m×k)."""
-        return self._reduce(self.X.T @ (self.delta @ U))
+        """``G_iᵀ U_i`` (``[k, n, c]``) for ``U`` (``[k, m, c]``)."""
+        return self._apply(U, transpose=True)
 
     def scale_(self, coef: Tensor) -> None:
-        """Multiply ``G`` by ``coef`` (gradient clipping)."""
+        """Multiply every ``G_i`` by ``coef`` (gradient clipping)."""
         self.scale = self.scale * coef
 
-    def sq_norm(self) -> Tensor:
-        """``‖G‖²_F`` before clipping.  One process: ``⟨XXᵀ, δδᵀ⟩`` (O(N²(m+n)), PSI-LoRA's formula) when
-        ``N(m+n) < mn``, else ``‖δᵀX‖²`` formed (O(Nmn)).  Under DDP the cross-rank terms need the whole sum:
-        ``δᵀX`` is formed and all-reduced (m·n numbers per pair: what full fine-tuning's DDP moves per step)."""
-        N, (m, n) = self.X.shape[0], (self.delta.shape[1], self.X.shape[1])
-        if self.group is None and N * (m + n) < m * n:
-            return ((self.X @ self.X.T) * (self.delta @ self.delta.T)).sum() / self.world**2
-        full = self.delta.T @ self.X
-        if self.group is not None:
-            torch.distributed.all_reduce(full, group=self.group)
-        return full.square().sum() / self.world**2
+    def sq_norms(self) -> Tensor:
+        """``‖G_i‖²_F`` (``[k]``) before clipping.  One process: ``⟨XXᵀ, δδᵀ⟩`` (O(N²(m+n)), PSI-LoRA's formula)
+        when ``N(m+n) < mn``, else ``‖δᵀX‖²`` formed (O(Nmn)).  Under DDP the cross-rank terms need the whole
+        sum: ``δᵀX`` is formed and all-reduced pair by pair (m·n numbers per pair: what full fine-tuning's DDP
+        moves per step)."""
+        (m, n), dt, norms = self.shape, self.dtype, []
+        for parts in self.rows:
+            X = torch.cat([x for x, _ in parts]).to(dt) if parts else torch.zeros(0, n, dtype=dt, device=self.device)
+            delta = torch.cat([g for _, g in parts]).to(dt) if parts else X.new_zeros(0, m)
+            if self.group is None and X.shape[0] * (m + n) < m * n:
+                norms.append(((X @ X.T) * (delta @ delta.T)).sum())
+                continue
+            full = delta.T @ X
+            if self.group is not None:
+                torch.distributed.all_reduce(full, group=self.group)
+            norms.append(full.square().sum())
+        return torch.stack(norms) / self.world**2
 
 
 class PSILoRA(Optimizer):
@@ -184,14 +200,14 @@ class PSILoRA(Optimizer):
         pairing: as :class:`sdsopt.SDSAdamW`'s.
         linalg_dtype: dtype of the factor algebra (default: float32, or float64 for float64 factors).
         process_group: data-parallel group (DDP); default: the default group when ``torch.distributed`` is
-            initialised with more than one rank.  Every rank must hold the same model (replicated, not FSDP2
-            shards) and the step equals the single-process step on the global batch: ``G``'s products are
-            summed over ranks and divided by the world size (DDP's gradient averaging), the metric's averages
-            are over all ranks' rows.  Cost per pair and step: one all-reduce of ``r×m`` or ``r×n`` numbers per
-            half-sweep (``2K`` of them, ``K = lookahead_iters`` or 1; twice that with momentum), one of
-            ``m + n + 1`` for the metric, one of ``m×n`` for ``max_grad_norm``; plus one all-reduce of a flag
-            per pair per step, so that a pair recorded on some ranks only is stepped everywhere (the others add
-            zero rows).  DDP still all-reduces the factors' ``.grad``, which PSI-LoRA does not read.
+            initialised with more than one rank. Every rank must hold the same model (replicated, not FSDP2 shards)
+            and the step equals the single-process step on the global batch: ``G``'s products are summed over ranks
+            and divided by the world size (DDP's gradient averaging), the metric's averages are over all ranks'
+            rows. Cost per step, per bucket of ``k`` equal-shaped pairs: one all-reduce of ``k·r×m`` or ``k·r×n``
+            numbers per half-sweep (``2K`` of them, ``K = lookahead_iters`` or 1; twice that with momentum), one of
+            ``k(m + n + 1)`` for the metric; per pair one of ``m×n`` for ``max_grad_norm``; plus one all-reduce per
+            step of a flag per pair, so that a pair recorded on some ranks only is stepped everywhere (the others
+            add zero rows). DDP still all-reduces the factors' ``.grad``, which PSI-LoRA does not read.
 
     Design choices: the diagonal metric's running averages are bias-corrected like Adam's (the authors' start from
     zero without), so the first steps are not inflated by ``1/(1−β)``; there is no weight decay on the factors (the
@@ -294,7 +310,10 @@ class PSILoRA(Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
-        """One PSI-LoRA step on every recorded pair (after clipping, if asked), then AdamW on the other parameters."""
+        """One PSI-LoRA step on every recorded pair (after clipping, if asked), then AdamW on the other parameters.
+
+        Pairs of equal shapes, dtype and device form a bucket whose ALS runs batched (:func:`proximal_als` on
+        ``[k, r, n]`` / ``[k, m, r]`` stacks); only the row products loop over its pairs."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -308,21 +327,24 @@ class PSILoRA(Optimizer):
                     f"PSILoRA: {group['param_names'][ia]!r} has a gradient but its layer's inputs were not "
                     "recorded: run the forward pass of the model given to PSILoRA (not a copy or a compiled "
                     "graph that bypasses module hooks) with gradients enabled.")
-        active = [k for k, seen in enumerate(self._recorded(pairs)) if seen]
+        buckets: dict[tuple[Any, ...], list[int]] = defaultdict(list)
+        for k, seen in enumerate(self._recorded(pairs)):
+            if seen:
+                A, B = params[pairs[k][0]], params[pairs[k][1]]
+                buckets[(A.shape, B.shape, A.dtype, A.device)].append(k)
         in_pairs = {i for pair in pairs for i in pair}
         others = [p for i, p in enumerate(params) if i not in in_pairs and p.grad is not None]
         other_grads = [p.grad for p in others]
         coef = None
         if group["max_grad_norm"] is not None:
-            coef = self._clip_coefficient([pairs[k] for k in active], other_grads, group["max_grad_norm"])
+            coef = self._clip_coefficient(list(buckets.values()), other_grads, group["max_grad_norm"])
             other_grads = [g * coef.to(g.device, g.dtype) for g in other_grads]
         if group["lr"] != 0:
-            for k in active:  # one pair's rows in the algebra dtype at a time (bf16 rows are copied to float32)
-                ia, ib = pairs[k]
-                G = self._row_gradient(params[ia], params[ib])
+            for ks in buckets.values():
+                G = self._row_gradient(ks)
                 if coef is not None:
                     G.scale_(coef)
-                self._pair_step(k, params[ia], params[ib], G)
+                self._bucket_step(ks, G)
         self._capture.clear()
         self._adam_others(group, others, other_grads)
         return loss
@@ -337,32 +359,42 @@ class PSILoRA(Optimizer):
         torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX, group=self._group)
         return [bool(f) for f in flags.tolist()]
 
-    def _row_gradient(self, A: Tensor, B: Tensor) -> RowGradient:
-        dt, _ = algebra_precision(A.dtype, self.param_groups[0]["linalg_dtype"], None)
-        rows = self._capture.rows(A, B) if self._capture.has(A) else []
+    def _row_gradient(self, ks: list[int]) -> RowGradient:
+        """The :class:`RowGradient` of the bucket of pairs ``ks`` (equal shapes, dtype and device)."""
+        group = self.param_groups[0]
+        params, pairs = group["params"], group["lora_pairs"]
+        A, B = params[pairs[ks[0]][0]], params[pairs[ks[0]][1]]
+        dt, _ = algebra_precision(A.dtype, group["linalg_dtype"], None)
+        rows = [self._capture.rows(params[pairs[k][0]], params[pairs[k][1]]) if self._capture.has(params[pairs[k][0]])
+                else [] for k in ks]
         return RowGradient(rows, (B.shape[0], A.shape[1]), dt, A.device, self._group, self._world)
 
-    def _clip_coefficient(self, pairs: list[tuple[int, int]], other_grads: list[Tensor], max_norm: float) -> Tensor:
-        """``min(1, max_norm / (‖g‖ + 1e-6))`` for the full gradient ``g`` (the ``G`` of every pair in ``pairs``,
+    def _clip_coefficient(self, buckets: list[list[int]], other_grads: list[Tensor], max_norm: float) -> Tensor:
+        """``min(1, max_norm / (‖g‖ + 1e-6))`` for the full gradient ``g`` (the ``G`` of every pair in ``buckets``,
         the other parameters' gradients), as ``clip_grad_norm_``; ``‖g‖`` is kept in :attr:`last_grad_norm`."""
-        params = self.param_groups[0]["params"]
-        device = params[0].device
-        parts = [self._row_gradient(params[ia], params[ib]).sq_norm().to(torch.float64) for ia, ib in pairs]
+        device = self.param_groups[0]["params"][0].device
+        parts = [self._row_gradient(ks).sq_norms().to(torch.float64).sum().to(device) for ks in buckets]
         parts += [g.to(torch.float64).square().sum().to(device) for g in other_grads]
         total = torch.stack(parts).sum().sqrt() if parts else torch.zeros((), dtype=torch.float64, device=device)
         self.last_grad_norm = total
         return (max_norm / (total + 1e-6)).clamp(max=1.0)
 
-    def _pair_step(self, k: int, A: Tensor, B: Tensor, G: RowGradient) -> None:
+    def _bucket_step(self, ks: list[int], G: RowGradient) -> None:
+        """The step of the bucket of pairs ``ks``: one batched :func:`proximal_als` for the factors (and one for the
+        momentum factors), written back with one ``_foreach_copy_`` each."""
         group = self.param_groups[0]
+        params, pairs = group["params"], group["lora_pairs"]
         lr, beta, damp, K = group["lr"], group["momentum"], group["dampening"], group["lookahead_iters"]
         lam = lr * group["lmbd"]
-        dt = G.X.dtype
-        A0, B0 = A.detach().to(dt), B.detach().to(dt)
+        As = [params[pairs[k][0]] for k in ks]
+        Bs = [params[pairs[k][1]] for k in ks]
+        dt = G.dtype
+        A0 = torch.stack([A.detach() for A in As]).to(dt)
+        B0 = torch.stack([B.detach() for B in Bs]).to(dt)
 
-        V_M = U_M = None
-        if beta > 0:
-            V_M, U_M = self._momentum_factors(A, B, k, dt)
+        momentum = [self._momentum_factors(A, B, k, dt) for k, A, B in zip(ks, As, Bs)] if beta > 0 else []
+        V_M = torch.stack([v for v, _ in momentum]) if momentum else None
+        U_M = torch.stack([u for _, u in momentum]) if momentum else None
 
         def D(V: Tensor) -> Tensor:  # the direction (1 − d)·G + β·M applied to V
             out = (1 - damp) * G(V)
@@ -370,45 +402,54 @@ class PSILoRA(Optimizer):
 
         def Dt(U: Tensor) -> Tensor:
             out = (1 - damp) * G.t(U)
-            return out if V_M is None else out + beta * (V_M.T @ (U_M.T @ U))
+            return out if V_M is None else out + beta * (V_M.mT @ (U_M.mT @ U))
 
-        metric = self._metric(A, B, G) if group["metric"] == "diagonal" else None
-        s_in, s_out = metric if metric is not None else (1.0, 1.0)
-        if metric is not None:  # the full step S_out^{-1} D S_in^{-1}
-            s_in, s_out = s_in[:, None], s_out[:, None]
+        metric = self._metric(As, Bs, G) if group["metric"] == "diagonal" else None
+        s_in, s_out = (1.0, 1.0) if metric is None else (metric[0][..., :, None], metric[1][..., :, None])
+        # the full step S_out^{-1} D S_in^{-1} (S = I without the metric)
         A_new, B_new = proximal_als(A0, B0, lambda V: B0 @ (A0 @ V) - lr * D(V / s_in) / s_out,
-                                    lambda U: A0.T @ (B0.T @ U) - lr * Dt(U / s_out) / s_in, lam, K, metric)
+                                    lambda U: A0.mT @ (B0.mT @ U) - lr * Dt(U / s_out) / s_in, lam, K, metric)
         if V_M is not None:  # momentum ← β·M + (1 − d)·G, proximal to M, warm-started at its factors
             V_new, U_new = proximal_als(V_M, U_M, lambda V: beta * (U_M @ (V_M @ V)) + (1 - damp) * G(V),
-                                        lambda U: beta * (V_M.T @ (U_M.T @ U)) + (1 - damp) * G.t(U), lam, K)
-            V_M.copy_(V_new)
-            U_M.copy_(U_new)
-        A.copy_(A_new.view(A.shape))
-        B.copy_(B_new.view(B.shape))
+                                        lambda U: beta * (V_M.mT @ (U_M.mT @ U)) + (1 - damp) * G.t(U), lam, K)
+            torch._foreach_copy_([v for v, _ in momentum] + [u for _, u in momentum],
+                                 list(V_new.unbind(0)) + list(U_new.unbind(0)))
+        torch._foreach_copy_(As + Bs, [t.to(p.dtype) for t, p in zip(list(A_new.unbind(0)) + list(B_new.unbind(0)),
+                                                                     As + Bs)])
 
-    def _metric(self, A: Tensor, B: Tensor, G: RowGradient) -> tuple[Tensor, Tensor]:
-        """``(s_in, s_out)``: the diagonal metric after this step's rows (bias-corrected running averages of the
-        mean squared inputs and output gradients over all ranks' rows, ``δ`` scaled as ``G`` is by DDP's
-        averaging, plus ``damping``, to ``metric_power``); state ``psi_metric`` on both factors and
-        ``psi_metric_step`` on ``A``.  Under DDP one all-reduce of ``n + m + 1`` numbers."""
+    def _metric(self, As: list[Tensor], Bs: list[Tensor], G: RowGradient) -> tuple[Tensor, Tensor]:
+        """``(s_in, s_out)`` (``[k, n]``, ``[k, m]``): the diagonal metric of the bucket after this step's rows
+        (bias-corrected running averages of the mean squared inputs and output gradients over all ranks' rows,
+        ``δ`` scaled as ``G`` is by DDP's averaging, plus ``damping``, to ``metric_power``); state ``psi_metric``
+        on every factor and ``psi_metric_step`` on ``A``.  Under DDP one all-reduce of ``k(n + m + 1)`` numbers."""
         group = self.param_groups[0]
-        n = G.X.shape[1]
-        sums = torch.cat([G.X.square().sum(0), G.delta.square().sum(0),
-                          torch.full((1,), G.X.shape[0], dtype=G.X.dtype, device=G.X.device)])
+        (m, n), dt = G.shape, G.dtype
+        sums = []
+        for parts in G.rows:
+            x_sq = sum((x.to(dt).square().sum(0) for x, _ in parts), torch.zeros(n, dtype=dt, device=G.device))
+            d_sq = sum((g.to(dt).square().sum(0) for _, g in parts), torch.zeros(m, dtype=dt, device=G.device))
+            count = torch.full((1,), sum(x.shape[0] for x, _ in parts), dtype=dt, device=G.device)
+            sums.append(torch.cat([x_sq, d_sq, count]))
+        sums = torch.stack(sums)
         if G.group is not None:
             torch.distributed.all_reduce(sums, group=G.group)
-        count = sums[-1]
-        means = (sums[:n] / count, sums[n:-1] / (count * G.world**2))
+        count = sums[:, -1:]
+        means = (sums[:, :n] / count, sums[:, n:-1] / (count * G.world**2))
         beta, out = group["metric_beta"], []
-        state_a = self.state[A]
-        t = state_a.get("psi_metric_step", 0) + 1
-        state_a["psi_metric_step"] = t
-        for p, squares in zip((A, B), means):
-            state = self.state[p]
-            if "psi_metric" not in state:
-                state["psi_metric"] = torch.zeros_like(squares)
-            state["psi_metric"].mul_(beta).add_(squares, alpha=1 - beta)
-            out.append((state["psi_metric"] / (1 - beta**t) + group["damping"]).pow(group["metric_power"]))
+        steps = []
+        for A in As:
+            state = self.state[A]
+            state["psi_metric_step"] = state.get("psi_metric_step", 0) + 1
+            steps.append(state["psi_metric_step"])
+        correction = torch.tensor([1 / (1 - beta**t) for t in steps], dtype=dt, device=G.device)[:, None]
+        for factors, squares in zip((As, Bs), means):
+            for p in factors:
+                if "psi_metric" not in self.state[p]:
+                    self.state[p]["psi_metric"] = torch.zeros(squares.shape[1], dtype=dt, device=G.device)
+            averages = [self.state[p]["psi_metric"] for p in factors]
+            torch._foreach_mul_(averages, beta)
+            torch._foreach_add_(averages, list(squares.unbind(0)), alpha=1 - beta)
+            out.append((torch.stack(averages) * correction + group["damping"]).pow(group["metric_power"]))
         return out[0], out[1]
 
     def _adam_others(self, group: dict[str, Any], others: list[Tensor], grads: list[Tensor]) -> None:

@@ -117,8 +117,9 @@ def test_hsdp_matches_one_process(references, tmp_path):
 def test_psilora_ddp_matches_one_process(tmp_path):
     """PSILoRA under DDP = one process on the global batch (G's products summed over ranks and divided by the
     world size; the metric over all rows; the clipping norm of the summed G), with the collectives the
-    docstring states: per step one flag all-reduce, per pair and half-sweep one of the r×m or r×n product
-    (twice with momentum), one of m + n + 1 for the metric, one of m×n for clipping."""
+    docstring states: per step one flag all-reduce; per bucket of equal shapes (3 here: the two (6, 6) layers
+    share one) and half-sweep one of its stacked r×m or r×n products (twice with momentum) and one for the
+    metric; per pair one of m×n for clipping."""
     from sdsopt import PSILoRA
 
     results = _launch("psi", tmp_path)
@@ -131,12 +132,13 @@ def test_psilora_ddp_matches_one_process(tmp_path):
             assert results[f"{label}_norm"] == pytest.approx(float(opt.last_grad_norm), rel=1e-12)
             assert results[f"{label}_norm"] > options["max_grad_norm"]  # the clipping was active
         sweeps = max(1, options.get("lookahead_iters", 1))
-        per_pair = [2 * sweeps * (2 if options.get("momentum") else 1)
-                    + (options.get("metric") == "diagonal") + bool(options.get("max_grad_norm"))
-                    for _ in worker.RANKS]
+        buckets = len({(shape, r) for shape, r in zip(worker.LAYERS, worker.RANKS)})
+        assert buckets == 3
+        per_bucket = 2 * sweeps * (2 if options.get("momentum") else 1) + (options.get("metric") == "diagonal")
+        expected = 1 + buckets * per_bucket + len(worker.RANKS) * bool(options.get("max_grad_norm"))
         for calls in results["collectives"][label]:
             # DDP's own gradient all-reduce happens in backward, outside the optimizer step
-            assert [name for name, _ in calls] == ["c10d.allreduce_.default"] * (1 + sum(per_pair)), label
+            assert [name for name, _ in calls] == ["c10d.allreduce_.default"] * expected, label
 
 
 def _check_fsdp_extras(results: dict) -> None:

@@ -72,11 +72,12 @@ def test_capture_reconstructs_the_full_gradient():
     G = capture.full(A, B, F64)
     torch.testing.assert_close(G @ A.detach().T, B.grad)  # gB = G Aᵀ
     torch.testing.assert_close(B.detach().T @ G, A.grad)  # gA = Bᵀ G
-    rows = RowGradient(capture.rows(A, B), (B.shape[0], A.shape[1]), F64, A.device)  # PSILoRA's G, never formed
-    V = torch.randn(6, 3, dtype=F64)
-    torch.testing.assert_close(rows(V), G @ V)
-    torch.testing.assert_close(rows.t(torch.eye(5, dtype=F64)), G.T)
-    torch.testing.assert_close(rows.sq_norm(), G.square().sum())
+    # PSILoRA's G of a bucket of pairs, never formed: this pair, and one that recorded nothing (G = 0)
+    rows = RowGradient([capture.rows(A, B), []], (B.shape[0], A.shape[1]), F64, A.device)
+    V = torch.randn(2, 6, 3, dtype=F64)
+    torch.testing.assert_close(rows(V), torch.stack([G @ V[0], torch.zeros(5, 3, dtype=F64)]))
+    torch.testing.assert_close(rows.t(torch.eye(5, dtype=F64).expand(2, 5, 5))[0], G.T)
+    torch.testing.assert_close(rows.sq_norms(), torch.stack([G.square().sum(), torch.zeros((), dtype=F64)]))
     layer2, x2, y2 = build_layer()
     torch.testing.assert_close(full_gradient(layer2, x2, y2), capture_single(x2, y2))
 

@@ -428,3 +428,43 @@ def test_activation_checkpointing_records_the_same_rows(use_reentrant):
         opt_ckpt.step()
     for p, q in zip(plain.parameters(), ckpt.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("kw", [dict(lookahead_iters=2, momentum=0.5, dampening=0.5), dict(metric="diagonal")])
+def test_a_bucket_of_equal_shapes_steps_each_pair_as_alone(kw):
+    """Three layers, two of one shape (one batched bucket) and one of another: after two steps every pair equals
+    the same steps of a model holding that layer alone with the upstream activations and downstream gradients
+    fixed, i.e. the bucket's batched algebra does not mix pairs."""
+    torch.manual_seed(0)
+    layers = nn.Sequential(*[LoraLinear(nn.Linear(i, o, dtype=F64), 2, alpha=4.0) for i, o in ((6, 6), (6, 6), (6, 4))])
+    with torch.no_grad():
+        for layer in layers:
+            layer.lora_B["default"].weight.normal_()
+    singles = [LoraLinear(nn.Linear(i, o, dtype=F64), 2, alpha=4.0) for i, o in ((6, 6), (6, 6), (6, 4))]
+    for single, layer in zip(singles, layers):
+        single.load_state_dict(layer.state_dict())
+    opt = PSILoRA(layers, lr=0.05, **kw)
+    opts = [PSILoRA(single, lr=0.05, **kw) for single in singles]
+    if kw.get("momentum"):  # the Gaussian start of V_M is seeded by the pair's index: give the singles the joint's
+        for k, (single, sopt, layer) in enumerate(zip(singles, opts, layers)):
+            factors = lambda m: (m.lora_A["default"].weight, m.lora_B["default"].weight)  # noqa: E731
+            for mine, joint in zip(sopt._momentum_factors(*factors(single), 0, F64),
+                                   opt._momentum_factors(*factors(layer), k, F64)):
+                mine.copy_(joint)
+    for t in range(2):
+        x, y = torch.randn(8, 6, dtype=F64), torch.randn(8, 4, dtype=F64)
+        opt.zero_grad()
+        acts = [x]
+        for layer in layers:  # record every layer's input and output gradient of the joint model
+            acts.append(layer(acts[-1]))
+        for a in acts[1:]:
+            a.retain_grad()
+        ((acts[-1] - y) ** 2).mean().backward()
+        for k, (single, sopt) in enumerate(zip(singles, opts)):  # same input, same gradient at the output
+            sopt.zero_grad()
+            (single(acts[k].detach()) * acts[k + 1].grad).sum().backward()
+            sopt.step()
+        opt.step()
+    for single, layer in zip(singles, layers):
+        for p, q in zip(single.parameters(), layer.parameters()):
+            torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)
