@@ -193,7 +193,7 @@ class PSILoRA(Optimizer):
         max_grad_norm: clip the *full* gradient (every pair's ``G`` and the other parameters' gradients) to this
             norm, ``c = min(1, max_grad_norm / (‖g‖ + 1e-6))`` as ``torch.nn.utils.clip_grad_norm_`` (the factors'
             own gradients are not what PSI-LoRA steps on, so clipping them outside would clip the wrong thing).
-            ``‖G‖`` comes from the recorded rows (:meth:`RowGradient.sq_norm`); the norm before clipping is kept
+            ``‖G‖`` comes from the recorded rows (:meth:`RowGradient.sq_norms`); the norm before clipping is kept
             in :attr:`last_grad_norm` (a tensor, no host sync).  ``None``: no clipping.
         adam_lr, betas, eps, weight_decay: AdamW's, for parameters that are not LoRA factors (a classifier
             head, biases); ``adam_lr=None`` uses ``lr``.
@@ -335,15 +335,14 @@ class PSILoRA(Optimizer):
         in_pairs = {i for pair in pairs for i in pair}
         others = [p for i, p in enumerate(params) if i not in in_pairs and p.grad is not None]
         other_grads = [p.grad for p in others]
-        coef = None
+        grads = [(ks, self._row_gradient(ks)) for ks in buckets.values()]
         if group["max_grad_norm"] is not None:
-            coef = self._clip_coefficient(list(buckets.values()), other_grads, group["max_grad_norm"])
+            coef = self._clip_coefficient([G for _, G in grads], other_grads, group["max_grad_norm"])
+            for _, G in grads:
+                G.scale_(coef)
             other_grads = [g * coef.to(g.device, g.dtype) for g in other_grads]
         if group["lr"] != 0:
-            for ks in buckets.values():
-                G = self._row_gradient(ks)
-                if coef is not None:
-                    G.scale_(coef)
+            for ks, G in grads:
                 self._bucket_step(ks, G)
         self._capture.clear()
         self._adam_others(group, others, other_grads)
@@ -369,11 +368,11 @@ class PSILoRA(Optimizer):
                 else [] for k in ks]
         return RowGradient(rows, (B.shape[0], A.shape[1]), dt, A.device, self._group, self._world)
 
-    def _clip_coefficient(self, buckets: list[list[int]], other_grads: list[Tensor], max_norm: float) -> Tensor:
-        """``min(1, max_norm / (‖g‖ + 1e-6))`` for the full gradient ``g`` (the ``G`` of every pair in ``buckets``,
-        the other parameters' gradients), as ``clip_grad_norm_``; ``‖g‖`` is kept in :attr:`last_grad_norm`."""
+    def _clip_coefficient(self, grads: list[RowGradient], other_grads: list[Tensor], max_norm: float) -> Tensor:
+        """``min(1, max_norm / (‖g‖ + 1e-6))`` for the full gradient ``g`` (every bucket's ``G``, the other
+        parameters' gradients), as ``clip_grad_norm_``; ``‖g‖`` is kept in :attr:`last_grad_norm`."""
         device = self.param_groups[0]["params"][0].device
-        parts = [self._row_gradient(ks).sq_norms().to(torch.float64).sum().to(device) for ks in buckets]
+        parts = [G.sq_norms().to(torch.float64).sum().to(device) for G in grads]
         parts += [g.to(torch.float64).square().sum().to(device) for g in other_grads]
         total = torch.stack(parts).sum().sqrt() if parts else torch.zeros((), dtype=torch.float64, device=device)
         self.last_grad_norm = total
