@@ -1,12 +1,14 @@
-"""Distributed LoRA training with SDSAdamW: DDP or FSDP2, on CPUs (gloo) or GPUs (NCCL).
+"""Distributed LoRA training with SDSAdamW: DDP or FSDP2, on CPUs (gloo) or GPUs (NCCL); PSILoRA under DDP.
 
     torchrun --standalone --nproc-per-node 2 examples/distributed.py --strategy fsdp
     torchrun --standalone --nproc-per-node 2 examples/distributed.py --strategy ddp
+    torchrun --standalone --nproc-per-node 2 examples/distributed.py --strategy ddp --optimizer psi --lr 0.3
 
 A PEFT LoRA byte-level GPT-2 (built from a config) on the stdlib's pydoc text, each rank on its own
 batches.  Under FSDP2 the optimizer reduces only the r×r Grams of the factors (one all-reduce a step);
 the run ends with a ``torch.distributed.checkpoint`` save of model and optimizer when ``--checkpoint``
-is given.
+is given.  ``--optimizer psi`` trains with :class:`sdsopt.PSILoRA` instead (DDP only: it replaces whole
+factors, so FSDP2 shards are refused); its step equals one process's on the global batch.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import torch
 import torch.distributed as dist
 from peft import LoraConfig, get_peft_model
 
-from sdsopt import SDSAdamW
+from sdsopt import PSILoRA, SDSAdamW
 from sdsopt.tasks.text import batch_iterator, lm_loss, load_corpus, tiny_gpt2
 
 
@@ -34,6 +36,7 @@ def lora_gpt2(width: int, layers: int, block: int, rank: int) -> torch.nn.Module
 def main(argv=None) -> float:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--strategy", choices=["ddp", "fsdp"], default="fsdp")
+    ap.add_argument("--optimizer", choices=["sds", "psi"], default="sds", help="SDSAdamW or PSILoRA (DDP only)")
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--batch", type=int, default=8, help="per rank")
     ap.add_argument("--block", type=int, default=64)
@@ -42,6 +45,8 @@ def main(argv=None) -> float:
     ap.add_argument("--lr", type=float, default=1e-2)
     ap.add_argument("--checkpoint", default=None, help="directory for a torch.distributed.checkpoint save")
     args = ap.parse_args(argv)
+    if args.optimizer == "psi" and args.strategy == "fsdp":
+        ap.error("--optimizer psi needs --strategy ddp (PSILoRA replaces whole factors; FSDP2 shards them)")
 
     cuda = torch.cuda.is_available()
     dist.init_process_group("nccl" if cuda else "gloo")
@@ -65,7 +70,10 @@ def main(argv=None) -> float:
             fully_shard(block, shard_placement_fn=placement)
         fully_shard(model, shard_placement_fn=placement)
 
-    opt = SDSAdamW(model.named_parameters(), lr=args.lr)  # was: torch.optim.AdamW(model.parameters(), lr=...)
+    if args.optimizer == "psi":  # takes the model: it records the LoRA layers' inputs and output gradients
+        opt = PSILoRA(model, lr=args.lr, lookahead_iters=1, momentum=0.9, dampening=0.9)
+    else:
+        opt = SDSAdamW(model.named_parameters(), lr=args.lr)  # was: torch.optim.AdamW(model.parameters(), lr=...)
 
     data = load_corpus("pydoc", max_bytes=200_000)
     batches = batch_iterator(data, args.block, args.batch, torch.Generator().manual_seed(rank))

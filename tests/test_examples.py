@@ -65,3 +65,21 @@ def test_distributed_example_ddp_and_fsdp_agree(tmp_path):
         losses[strategy] = [float(x) for x in re.findall(r"loss (\d+\.\d+)", done.stdout)]
     assert len(losses["ddp"]) == 6 and losses["ddp"][-1] < losses["ddp"][0]
     assert losses["fsdp"] == pytest.approx(losses["ddp"], abs=2e-4)  # printed to 4 decimals
+
+
+def test_distributed_example_psilora_under_ddp():
+    """`--optimizer psi`: PSILoRA on 2 DDP ranks trains (its equality with one process is
+    tests/test_distributed.py's); with FSDP2 the example refuses, naming DDP."""
+    import re
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           str(EXAMPLES / "distributed.py"), "--strategy", "ddp", "--optimizer", "psi", "--lr", "0.3", "--steps", "8",
+           "--width", "32", "--block", "32"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    losses = [float(x) for x in re.findall(r"loss (\d+\.\d+)", done.stdout)]
+    assert len(losses) == 8 and losses[-1] < losses[0]
+    with pytest.raises(SystemExit):
+        load("distributed").main(["--strategy", "fsdp", "--optimizer", "psi"])
