@@ -23,6 +23,7 @@ from torch.optim.optimizer import Optimizer
 
 from . import pairing as _pairing
 from .capture import LoraCapture
+from .checkpoint import check_state_dict
 from .distributed import (
     check_not_deepspeed,
     check_pair_layout,
@@ -422,14 +423,10 @@ class SDSAdamW(Optimizer):
 
     def _check_state_dict(self, state_dict: dict[str, Any]) -> None:
         where = "SDSAdamW.load_state_dict"
-        if not isinstance(state_dict, dict) or not {"state", "param_groups"} <= state_dict.keys():
-            raise ValueError(f"{where}: expected an optimizer state dict with 'state' and 'param_groups' "
-                             "(what SDSAdamW.state_dict() returns).")
-        saved = state_dict["param_groups"]
-        if len(saved) != len(self.param_groups):
-            raise ValueError(f"{where}: the checkpoint has {len(saved)} param group(s), this optimizer "
-                             f"{len(self.param_groups)}; build it with the same param groups as the one that was saved.")
-        for gi, (mine, theirs) in enumerate(zip(self.param_groups, saved)):
+        moments = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+        check_state_dict(where, state_dict, self.param_groups,
+                         lambda gi, i, key: self.param_groups[gi]["params"][i].shape if key in moments else None)
+        for gi, (mine, theirs) in enumerate(zip(self.param_groups, state_dict["param_groups"])):
             if theirs.get("mode") == "sds" and "warmup_steps" not in theirs and state_dict["state"]:
                 raise ValueError(
                     f"{where}: param group {gi} of the checkpoint was written by sdsopt 0.1, whose "
@@ -438,18 +435,6 @@ class SDSAdamW(Optimizer):
                     "its new name) and rewrite the checkpoint's param_groups[i]['mode'] to 'sds_polar', or start "
                     "the optimizer state afresh with mode='sds'."
                 )
-            ours = [tuple(p) for p in mine["lora_pairs"]]
-            other = [tuple(p) for p in theirs.get("lora_pairs", [])]
-            if ours != other:
-                raise ValueError(
-                    f"{where}: param group {gi} of the checkpoint has LoRA pairs {other[:3]}... "
-                    f"but this optimizer has {ours[:3]}...; build the optimizer from the same model and "
-                    "parameter order (and pairing rule) as the one that was saved."
-                )
-            if len(theirs["params"]) != len(mine["params"]):
-                raise ValueError(f"{where}: param group {gi} of the checkpoint holds {len(theirs['params'])} "
-                                 f"parameters, this optimizer's {len(mine['params'])}; build the optimizer from the "
-                                 "same model and parameter order as the one that was saved.")
             if theirs.get("mode", mine["mode"]) != mine["mode"]:
                 raise ValueError(
                     f"{where}: param group {gi} of the checkpoint ran mode={theirs['mode']!r}, this optimizer "
@@ -457,15 +442,6 @@ class SDSAdamW(Optimizer):
                     f"Resume with mode={theirs['mode']!r}, or switch modes by loading only the model's "
                     "weights and starting the optimizer state afresh."
                 )
-            for i, (pid, p) in enumerate(zip(theirs["params"], mine["params"])):
-                for key, value in state_dict["state"].get(pid, {}).items():
-                    if key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq") and isinstance(value, Tensor) \
-                            and tuple(value.shape) != tuple(p.shape):
-                        raise ValueError(
-                            f"{where}: {param_label(mine, i, gi)} is {tuple(p.shape)} but the checkpoint's "
-                            f"{key} for it is {tuple(value.shape)} (LoRA rank or model changed?); build the model "
-                            "with the shapes it was saved with, or start the optimizer state afresh."
-                        )
 
     def attach(self, model: torch.nn.Module) -> LoraCapture:
         """Record the LoRA layers' inputs and output gradients (mode ``svd_oracle``).

@@ -32,6 +32,7 @@ from torch.optim.optimizer import Optimizer
 
 from . import pairing as _pairing
 from .capture import LoraCapture
+from .checkpoint import check_state_dict
 from .distributed import is_dtensor
 from .linalg import algebra_precision
 from .pairing import PairingFn, check_pair_shapes
@@ -296,6 +297,32 @@ class PSILoRA(Optimizer):
         if self.param_groups:
             raise ValueError("PSILoRA takes the model's parameters at construction; it has one param group.")
         super().add_param_group(param_group)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """As ``Optimizer.load_state_dict``, after checking that the checkpoint fits (same param group, LoRA pairs
+        and parameter count; momentum factors, metric averages and AdamW moments of the parameters' shapes):
+        ``ValueError`` naming the parameter and the fix, before anything is changed."""
+        group = self.param_groups[0]
+        params = group["params"]
+        role = {ia: ("A", ib) for ia, ib in group["lora_pairs"]} | {ib: ("B", ia) for ia, ib in group["lora_pairs"]}
+        saved = state_dict.get("param_groups", [{}])[0] if isinstance(state_dict, dict) else {}
+        multiplier = saved.get("rank_multiplier", group["rank_multiplier"])  # the saved group's options apply
+
+        def expected(gi: int, i: int, key: str) -> tuple[int, ...] | None:
+            p = params[i]
+            if key in ("exp_avg", "exp_avg_sq"):
+                return tuple(p.shape)
+            if i not in role or key not in ("psi_momentum", "psi_metric"):
+                return None
+            side, partner = role[i]
+            A, B = (p, params[partner]) if side == "A" else (params[partner], p)
+            q = max(1, round(A.shape[0] * multiplier))
+            if key == "psi_momentum":
+                return (q, A.shape[1]) if side == "A" else (B.shape[0], q)
+            return (A.shape[1],) if side == "A" else (B.shape[0],)
+
+        check_state_dict("PSILoRA.load_state_dict", state_dict, self.param_groups, expected)
+        super().load_state_dict(state_dict)
 
     def _momentum_factors(self, A: Tensor, B: Tensor, k: int, dt: torch.dtype) -> tuple[Tensor, Tensor]:
         """``(V_M, U_M)`` of the pair, created at its first step: ``V_M`` Gaussian (seeded by the pair's index),

@@ -468,3 +468,28 @@ def test_a_bucket_of_equal_shapes_steps_each_pair_as_alone(kw):
     for single, layer in zip(singles, layers):
         for p, q in zip(single.parameters(), layer.parameters()):
             torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)
+
+
+def test_load_state_dict_refuses_a_checkpoint_that_does_not_fit():
+    """A checkpoint of another LoRA rank, or of another model (other pairs), is refused with the parameter named,
+    before anything changes; the matching one loads."""
+    x, y = torch.randn(16, 7, dtype=F64), torch.randn(16, 6, dtype=F64)
+    layer = psi_layer(zero_b=False)
+    opt = PSILoRA(layer, lr=0.05, momentum=0.5, metric="diagonal")
+    step(layer, opt, x, y)
+    saved = opt.state_dict()
+    torch.manual_seed(1)
+    other_rank = LoraLinear(nn.Linear(7, 6, dtype=F64), 2, alpha=6.0)  # r = 2, the checkpoint's r = 3
+    opt2 = PSILoRA(other_rank, lr=0.05, momentum=0.5, metric="diagonal")
+    with pytest.raises(ValueError, match=r"'lora_A\.default\.weight' is \(2, 7\) but the checkpoint's psi_momentum "
+                                         r"for it is \(3, 7\), not \(2, 7\)"):
+        opt2.load_state_dict(saved)
+    assert not opt2.state
+    two = nn.Sequential(psi_layer(), psi_layer(seed=1))
+    with pytest.raises(ValueError, match=r"LoRA pairs .* but this optimizer has"):
+        PSILoRA(two, lr=0.05).load_state_dict(saved)
+    with pytest.raises(ValueError, match="expected an optimizer state dict"):
+        opt2.load_state_dict({"state": {}})
+    fresh = PSILoRA(psi_layer(zero_b=False), lr=0.05, momentum=0.5, metric="diagonal")
+    fresh.load_state_dict(saved)
+    assert fresh.state_dict()["state"].keys() == saved["state"].keys()
