@@ -238,24 +238,35 @@ def plot(task_name: str, runs: list[dict], table: dict, out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    def log_scale_if_positive(ax, values: list[float]) -> None:
+        """Log y-axis unless no plotted value is finite and positive (every run diverged): matplotlib refuses."""
+        if any(math.isfinite(v) and v > 0 for v in values):
+            ax.set(yscale="log")
+
     best = {mode: entry["lr"] for mode, entry in table.items()}
     fig, ax = plt.subplots(figsize=(6, 4))
+    plotted: list[float] = []
     for mode, lr in best.items():
         curves = [r["curve"] for r in runs if r["mode"] == mode and r["lr"] == lr]
         mean = [statistics.fmean(c[i] for c in curves) for i in range(len(curves[0]))]
         ax.plot(range(1, len(mean) + 1), mean, label=f"{mode} (lr {lr:g})")
-    ax.set(xlabel="step", ylabel="train loss", title=f"{task_name}: loss at each mode's best lr", yscale="log")
+        plotted += mean
+    ax.set(xlabel="step", ylabel="train loss", title=f"{task_name}: loss at each mode's best lr")
+    log_scale_if_positive(ax, plotted)
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out / "loss_vs_step.png", dpi=110)
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(6, 4))
+    plotted = []
     for mode, entry in table.items():
         lrs, vals = zip(*sorted(entry["lr_sensitivity"].items()))
         ax.plot(lrs, vals, marker="o", label=mode)
-    ax.set(xlabel="learning rate", ylabel="held-out loss", xscale="log", yscale="log",
+        plotted += vals
+    ax.set(xlabel="learning rate", ylabel="held-out loss", xscale="log",
            title=f"{task_name}: final held-out loss vs lr")
+    log_scale_if_positive(ax, plotted)
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out / "final_vs_lr.png", dpi=110)

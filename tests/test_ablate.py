@@ -59,3 +59,14 @@ def test_summary_survives_a_diverged_grid_point():
     assert table["psi"]["lr"] == 1e-4 and table["psi"]["eval"] == 1.25 and table["psi"]["eval_std"] == 0.25
     only_diverged = summarise(runs[:2])
     assert only_diverged["psi"]["eval"] == float("inf") and only_diverged["psi"]["eval_std"] != 0.0
+
+
+def test_plots_survive_a_grid_where_every_run_diverged(tmp_path):
+    """Every run NaN (an H100 psi_scaled grid before the metric fix): the plots are still written."""
+    from sdsopt.ablate import plot, summarise
+
+    nan = float("nan")
+    runs = [{"mode": "psi_scaled", "lr": lr, "seed": 0, "eval": nan, "final_train": nan, "accuracy": 0.2,
+             "curve": [nan, nan, nan], "metrics": []} for lr in (1e-6, 1e-5)]
+    plot("minilm", runs, summarise(runs), tmp_path)
+    assert (tmp_path / "loss_vs_step.png").stat().st_size > 0 and (tmp_path / "final_vs_lr.png").stat().st_size > 0
