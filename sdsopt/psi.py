@@ -48,7 +48,7 @@ def _solve_left(K: Tensor, lam: float, rhs: Tensor) -> Tensor:
     The diagonal shift is ``max(λ, r·ε·tr K)`` (ε the dtype's machine epsilon): a rounded Gram of a
     (near-)rank-deficient factor can have eigenvalues down to ``−ε‖K‖``, and a smaller λ (float32, a tiny
     lr·lmbd) would fail to factor although everything is finite; below that floor the solve is rounding noise
-    anyway, and in float64 it is never reached by any λ a user sets.  Only a non-finite ``K`` (factors that
+    anyway (in float64 the floor is ~1e-15·r·tr K, below any λ of practical use).  Only a non-finite ``K`` (factors that
     already overflowed: a diverging lr) still fails; the result is then NaN, as AdamW's parameters would be,
     instead of an exception (and without a host sync)."""
     r = K.shape[-1]
