@@ -28,7 +28,15 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import torch
 from torch import Tensor
 
-from .coordinates import balance_scales, factor_map, lower_inverse, resplit_maps, to_coordinates, to_factors
+from .coordinates import (
+    balance_scales,
+    coordinates,
+    factor_map,
+    lower_inverse,
+    resplit_maps,
+    to_coordinates,
+    to_factors,
+)
 from .distributed import local, process_group, reduce_parts
 from .linalg import algebra_precision, cholesky_lower, finite_or_zero, gram, spectrum
 from .pairing import a_rows, b_matrix, param_label
@@ -57,27 +65,30 @@ class Bucket:
 class CoordinateBlock:
     """Mode ``sds``: one bucket's factors of one kind handed to Adam in coordinates (MATH 2.2).
 
-    ``before`` holds the coordinates Adam starts from and ``after`` the buffer Adam updates (both
-    in the parameter's dtype); :meth:`leave` adds the mapped change ``M (after − before)`` to
-    the factors ``X`` (float32 or better) and writes them into ``targets``.
+    ``after`` is the buffer Adam updates (the coordinates ``coordinates(L, X)`` in the parameter's dtype before
+    Adam); :meth:`leave` recomputes those starting coordinates from ``X`` (float32 or better) and ``L`` (the same
+    product, so the same numbers: keeping a copy through Adam would hold one more buffer the size of the
+    factors), adds the mapped change ``M (after − before)`` to ``X`` and writes it into ``targets``.  ``X`` and
+    ``after`` are updated in place: the block is spent after :meth:`leave`.
     """
 
     side: str
+    L: Tensor
     M: Tensor
     X: Tensor
-    before: Tensor
     after: Tensor
     targets: list[Tensor]
     scale: Tensor | None = None  # [k, 1, 1]: the re-balance of ``rebalance=True``
     ramp: float | Tensor | None = None  # the factor(s) k/coordinate_ramp of the pairs' first coordinate steps
 
     def leave(self) -> None:
-        delta = to_factors(self.M, self.after.to(self.X.dtype) - self.before.to(self.X.dtype), self.side)
+        before = coordinates(self.L, self.X, self.side).to(self.after.dtype).to(self.X.dtype)
+        delta = to_factors(self.M, self.after.to(self.X.dtype).sub_(before), self.side)
         if self.ramp is not None:
-            delta = delta * self.ramp
-        new = self.X + delta
+            delta.mul_(self.ramp)
+        new = self.X.add_(delta)
         if self.scale is not None:
-            new = new * self.scale
+            new.mul_(self.scale)
         torch._foreach_copy_(self.targets, _unstack(new.to(self.targets[0].dtype), self.targets[0].shape))
 
 
@@ -261,9 +272,8 @@ class Coordinates(Mode):
                 G = torch.stack([lists["grads"][q] for q in pos]).to(X.dtype).view(X.shape)
                 frame = frames[j]
                 X_t, g_t = to_coordinates(frame.L, frame.L_inv, X, G, side)
-                before = X_t.to(like.dtype)
-                adam_view = before.clone()
-                block = CoordinateBlock(side=side, M=frame.M, X=X, before=before, after=adam_view,
+                adam_view = X_t.to(like.dtype)  # Adam updates it in place; the block recomputes the start
+                block = CoordinateBlock(side=side, L=frame.L, M=frame.M, X=X, after=adam_view,
                                         targets=[lists["params"][q] for q in pos], scale=scales.get(side),
                                         ramp=self._ramp(opt, group, a_ids, X))
                 g_t = g_t.to(like.dtype).contiguous()  # fused Adam needs the params' layout
