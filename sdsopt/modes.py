@@ -199,8 +199,11 @@ class Coordinates(Mode):
         blocks = self._enter(ctx.opt, ctx.gi, ctx.group, ctx.position, ctx.lists, ctx.found_inf)
 
         def after() -> None:
-            for block in blocks:
-                block.leave()
+            # Adam is done: its lists no longer need the coordinates' gradients, and each block is spent once
+            # it has left, so both are released as the blocks leave
+            ctx.lists["grads"].clear()
+            while blocks:
+                blocks.pop(0).leave()
             self._advance(ctx.opt, ctx.group, ctx.position)
 
         return after
