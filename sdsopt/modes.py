@@ -196,17 +196,10 @@ class Coordinates(Mode):
         return any(self.counting(opt, group, ia) for ia, _ in group["lora_pairs"])
 
     def before(self, ctx: StepContext) -> Callable[[], None]:
-        blocks = self._enter(ctx.opt, ctx.gi, ctx.group, ctx.position, ctx.lists, ctx.found_inf)
-
-        def after() -> None:
-            # Adam is done: its lists no longer need the coordinates' gradients, and each block is spent once
-            # it has left, so both are released as the blocks leave
-            ctx.lists["grads"].clear()
-            while blocks:
-                blocks.pop(0).leave()
-            self._advance(ctx.opt, ctx.group, ctx.position)
-
-        return after
+        """Step every pair past its warm-up here, bucket by bucket (:meth:`_enter`), and take those factors out of
+        ``ctx.lists``: the common Adam call then updates the rest (warm-up pairs, other parameters)."""
+        self._enter(ctx)
+        return lambda: self._advance(ctx.opt, ctx.group, ctx.position)
 
     @staticmethod
     def in_coordinates(opt: SDSAdamW, group: dict[str, Any], ia: int) -> bool:
@@ -231,18 +224,20 @@ class Coordinates(Mode):
             return c[0]
         return torch.tensor(c, dtype=like.dtype, device=like.device).view(-1, 1, 1)
 
-    def _enter(self, opt: SDSAdamW, gi: int, group: dict[str, Any], position: dict[int, int],
-               lists: dict[str, list[Tensor]], found_inf: Tensor | None = None) -> list[CoordinateBlock]:
-        """Mode ``sds`` before Adam: hand Adam the coordinates (2.2) of every pair past its warm-up.
+    def _enter(self, ctx: StepContext) -> None:
+        """Mode ``sds``: Adam on the coordinates (2.2) of every pair past its warm-up, and the map back.
 
-        Per shape bucket: one stack of each factor and one batched Gram; then all r×r frames of the step at
-        once (:func:`_frames`); then per bucket and factor two batched matmuls (coordinates and their
-        gradient).  ``lists['params']``/``['grads']`` of these factors are replaced by the coordinates and their
-        gradients; the returned blocks map Adam's change back (``leave``).
+        First, per shape bucket: one stack of each factor and one batched Gram; then all r×r frames of the step at
+        once (:func:`_frames`).  Then bucket by bucket and factor by factor: two batched matmuls (coordinates and
+        their gradient), torch's Adam (``opt._adam``, the group's kernel) on the coordinates with the factors'
+        moments, and the map back (:meth:`CoordinateBlock.leave`), so that only one bucket's coordinates and
+        their gradients are alive at a time (Adam is elementwise: one call per bucket updates every tensor as
+        one call for all would).  Those factors are then removed from ``ctx.lists``.
         """
+        opt, group, position, lists = ctx.opt, ctx.group, ctx.position, ctx.lists
         requests: list[tuple[Tensor, Any, float, float]] = []
         work = []
-        for bucket in opt._buckets(gi, group, position):
+        for bucket in opt._buckets(ctx.gi, group, position):
             if not bucket.coordinates:
                 continue  # warm-up: plain AdamW on the factors
             params: list[Tensor] = group["params"]
@@ -261,30 +256,39 @@ class Coordinates(Mode):
                 requests.append((gram(A), process_group(params[bucket.a[0]]), tol, shift))
             work.append((sides, bucket.a))
         frames = _frames(requests)
-        blocks = []
-        for sides, a_ids in work:
+        done: set[int] = set()
+        while work:
+            sides, a_ids = work.pop(0)  # the bucket's factor stacks are released with it
             scales = {}
             if group["rebalance"] and group["lr"] > 0 and len(sides) == 2:  # lr = 0 (a scheduler) moves nothing
                 (_, _, _, j_a), (_, _, _, j_b) = sides  # side A's request holds K_B, side B's holds K_A
                 scales = dict(zip("AB", balance_scales(K_A=frames[j_b].K, K_B=frames[j_a].K)))
-                if found_inf is not None:  # a step skipped on the device leaves the factors as they are
-                    scales = {k: torch.where(found_inf > 0, torch.ones_like(c), c) for k, c in scales.items()}
+                if ctx.found_inf is not None:  # a step skipped on the device leaves the factors as they are
+                    scales = {k: torch.where(ctx.found_inf > 0, torch.ones_like(c), c) for k, c in scales.items()}
             for side, X, ids, j in sides:
                 pos = [position[i] for i in ids]
                 like = lists["params"][pos[0]]
                 G = torch.stack([lists["grads"][q] for q in pos]).to(X.dtype).view(X.shape)
                 frame = frames[j]
                 X_t, g_t = to_coordinates(frame.L, frame.L_inv, X, G, side)
+                del G
                 adam_view = X_t.to(like.dtype)  # Adam updates it in place; the block recomputes the start
-                block = CoordinateBlock(side=side, L=frame.L, M=frame.M, X=X, after=adam_view,
-                                        targets=[lists["params"][q] for q in pos], scale=scales.get(side),
-                                        ramp=self._ramp(opt, group, a_ids, X))
                 g_t = g_t.to(like.dtype).contiguous()  # fused Adam needs the params' layout
-                for q, p_t, g_q in zip(pos, _unstack(adam_view, like.shape), _unstack(g_t, like.shape)):
-                    lists["params"][q] = p_t
-                    lists["grads"][q] = g_q
-                blocks.append(block)
-        return blocks
+                sub = {key: [lists[key][q] for q in pos] if lists[key] else []
+                       for key in ("exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "state_steps")}
+                sub["params"] = list(_unstack(adam_view, like.shape))
+                sub["grads"] = list(_unstack(g_t, like.shape))
+                opt._adam(group, sub, lr=group["lr"], weight_decay=group["weight_decay"],
+                          has_complex=any(torch.is_complex(t) for t in sub["params"]), found_inf=ctx.found_inf)
+                del sub, g_t
+                CoordinateBlock(side=side, L=frame.L, M=frame.M, X=X, after=adam_view,
+                                targets=[lists["params"][q] for q in pos], scale=scales.get(side),
+                                ramp=self._ramp(opt, group, a_ids, X)).leave()
+                done.update(pos)
+        if done:
+            for key, values in lists.items():
+                if values:
+                    lists[key] = [v for q, v in enumerate(values) if q not in done]
 
     def _advance(self, opt: SDSAdamW, group: dict[str, Any], position: dict[int, int]) -> None:
         """Mode ``sds`` after Adam: count the pair's steps (warm-up, then the coordinate ramp); pairs that just

@@ -544,8 +544,9 @@ class SDSAdamW(Optimizer):
             if not lists["params"]:
                 continue
             after = mode_of(group).before(StepContext(self, gi, group, position, lists, found_inf))
-            self._adam(group, lists, lr=group["lr"], weight_decay=group["weight_decay"], has_complex=has_complex,
-                       found_inf=found_inf)
+            if lists["params"]:  # (mode sds has stepped its coordinate pairs itself, bucket by bucket)
+                self._adam(group, lists, lr=group["lr"], weight_decay=group["weight_decay"],
+                           has_complex=has_complex, found_inf=found_inf)
             after()
         if self._capture is not None:
             self._capture.clear()
