@@ -177,7 +177,8 @@ class Mode:
         return False
 
     def before(self, ctx: StepContext) -> Callable[[], None]:
-        """Rewrite ``ctx.lists`` for Adam; return what to do after Adam's update."""
+        """Rewrite ``ctx.lists`` for the common Adam call (a mode may step some of them itself and take them out:
+        ``sds``); return what to do after that call."""
         return _nothing
 
 
