@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import time
 import warnings
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -49,7 +51,8 @@ def main(argv=None) -> float:
         ap.error("--optimizer psi needs --strategy ddp (PSILoRA replaces whole factors; FSDP2 shards them)")
 
     cuda = torch.cuda.is_available()
-    dist.init_process_group("nccl" if cuda else "gloo")
+    # a collective stuck for 2 minutes raises instead of hanging the job (a DDP run hung once in CI at the end)
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(minutes=2))
     rank = dist.get_rank()
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
     if cuda:
@@ -97,6 +100,10 @@ def main(argv=None) -> float:
         if rank == 0:
             print(f"saved {args.checkpoint}")
     dist.barrier()  # no rank tears gloo down while its peer is still finishing the save (hung ~1 run in 3 without)
+    # torch's gloo teardown can deadlock: destroying the process group (here with the DDP model, at return) joins
+    # gloo's worker thread while holding the GIL, and that thread may still need the GIL to free the tensors of the
+    # work it just finished (seen once in CI, by py-spy). Sleeping releases the GIL and lets it finish first.
+    time.sleep(0.5)
     dist.destroy_process_group()
     return mean
 
