@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 import warnings
 from typing import Any
 
@@ -288,6 +289,7 @@ def main() -> None:
     if rank == 0:
         torch.save(results, os.path.join(out, f"{case}.pt"))
     dist.barrier()
+    time.sleep(0.5)  # let gloo's worker thread free its last work before teardown (see examples/distributed.py)
     dist.destroy_process_group()
 
 
