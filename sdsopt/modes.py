@@ -197,9 +197,9 @@ class Coordinates(Mode):
         return any(self.counting(opt, group, ia) for ia, _ in group["lora_pairs"])
 
     def before(self, ctx: StepContext) -> Callable[[], None]:
-        """Step every pair past its warm-up here, bucket by bucket (:meth:`_enter`), and take those factors out of
-        ``ctx.lists``: the common Adam call then updates the rest (warm-up pairs, other parameters)."""
-        self._enter(ctx)
+        """Step every pair past its warm-up here, bucket by bucket (:meth:`_step_coordinates`), and take those
+        factors out of ``ctx.lists``: the common Adam call then updates the rest (warm-up pairs, other parameters)."""
+        self._step_coordinates(ctx)
         return lambda: self._advance(ctx.opt, ctx.group, ctx.position)
 
     @staticmethod
@@ -225,7 +225,7 @@ class Coordinates(Mode):
             return c[0]
         return torch.tensor(c, dtype=like.dtype, device=like.device).view(-1, 1, 1)
 
-    def _enter(self, ctx: StepContext) -> None:
+    def _step_coordinates(self, ctx: StepContext) -> None:
         """Mode ``sds``: Adam on the coordinates (2.2) of every pair past its warm-up, and the map back.
 
         First, per shape bucket: one stack of each factor and one batched Gram; then all r×r frames of the step at
@@ -285,6 +285,7 @@ class Coordinates(Mode):
                 CoordinateBlock(side=side, L=frame.L, M=frame.M, X=X, after=adam_view,
                                 targets=[lists["params"][q] for q in pos], scale=scales.get(side),
                                 ramp=self._ramp(opt, group, a_ids, X)).leave()
+                del X_t, adam_view  # spent: free them before the next factor's stacks
                 done.update(pos)
         if done:
             for key, values in lists.items():
