@@ -61,35 +61,25 @@ class Bucket:
     b: list[int] = field(default_factory=list)
 
 
-@dataclass
-class CoordinateBlock:
-    """Mode ``sds``: one bucket's factors of one kind handed to Adam in coordinates (MATH 2.2).
+def _map_back(side: str, L: Tensor, M: Tensor, X: Tensor, after: Tensor, targets: list[Tensor],
+              scale: Tensor | None, ramp: float | Tensor | None) -> None:
+    """Mode ``sds``: write into ``targets`` the factors ``X`` (one bucket's, one kind, float32 or better) moved by
+    the mapped change ``M (after − before)`` of their coordinates (MATH 2.2), then re-balanced by ``scale``
+    (``[k, 1, 1]``, ``rebalance=True``); ``ramp`` scales the change (the first coordinate steps).
 
-    ``after`` is the buffer Adam updates (the coordinates ``coordinates(L, X)`` in the parameter's dtype before
-    Adam); :meth:`leave` recomputes those starting coordinates from ``X`` (float32 or better) and ``L`` (the same
-    product, so the same numbers: keeping a copy through Adam would hold one more buffer the size of the
-    factors), adds the mapped change ``M (after − before)`` to ``X`` and writes it into ``targets``.  ``X`` and
-    ``after`` are updated in place: the block is spent after :meth:`leave`.
+    ``after`` is the buffer Adam updated (the coordinates ``coordinates(L, X)`` in the parameter's dtype before
+    Adam); the starting coordinates ``before`` are recomputed here from ``X`` and ``L`` (the same product, so the
+    same numbers: keeping a copy through Adam would hold one more buffer the size of the factors).  ``X`` and
+    ``after`` are updated in place and are spent afterwards.
     """
-
-    side: str
-    L: Tensor
-    M: Tensor
-    X: Tensor
-    after: Tensor
-    targets: list[Tensor]
-    scale: Tensor | None = None  # [k, 1, 1]: the re-balance of ``rebalance=True``
-    ramp: float | Tensor | None = None  # the factor(s) k/coordinate_ramp of the pairs' first coordinate steps
-
-    def leave(self) -> None:
-        before = coordinates(self.L, self.X, self.side).to(self.after.dtype).to(self.X.dtype)
-        delta = to_factors(self.M, self.after.to(self.X.dtype).sub_(before), self.side)
-        if self.ramp is not None:
-            delta.mul_(self.ramp)
-        new = self.X.add_(delta)
-        if self.scale is not None:
-            new.mul_(self.scale)
-        torch._foreach_copy_(self.targets, _unstack(new.to(self.targets[0].dtype), self.targets[0].shape))
+    before = coordinates(L, X, side).to(after.dtype).to(X.dtype)
+    delta = to_factors(M, after.to(X.dtype).sub_(before), side)
+    if ramp is not None:
+        delta.mul_(ramp)
+    new = X.add_(delta)
+    if scale is not None:
+        new.mul_(scale)
+    torch._foreach_copy_(targets, _unstack(new.to(targets[0].dtype), targets[0].shape))
 
 
 def _unstack(stacked: Tensor, shape: torch.Size) -> list[Tensor] | tuple[Tensor, ...]:
@@ -231,7 +221,7 @@ class Coordinates(Mode):
         First, per shape bucket: one stack of each factor and one batched Gram; then all r×r frames of the step at
         once (:func:`_frames`).  Then bucket by bucket and factor by factor: two batched matmuls (coordinates and
         their gradient), torch's Adam (``opt._adam``, the group's kernel) on the coordinates with the factors'
-        moments, and the map back (:meth:`CoordinateBlock.leave`), so that only one bucket's coordinates and
+        moments, and the map back (:func:`_map_back`), so that only one bucket's coordinates and
         their gradients are alive at a time (Adam is elementwise: one call per bucket updates every tensor as
         one call for all would).  Those factors are then removed from ``ctx.lists``.
         """
@@ -273,7 +263,7 @@ class Coordinates(Mode):
                 frame = frames[j]
                 X_t, g_t = to_coordinates(frame.L, frame.L_inv, X, G, side)
                 del G
-                adam_view = X_t.to(like.dtype)  # Adam updates it in place; the block recomputes the start
+                adam_view = X_t.to(like.dtype)  # Adam updates it in place; _map_back recomputes the start
                 g_t = g_t.to(like.dtype).contiguous()  # fused Adam needs the params' layout
                 sub = {key: [lists[key][q] for q in pos] if lists[key] else []
                        for key in ("exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "state_steps")}
@@ -282,9 +272,8 @@ class Coordinates(Mode):
                 opt._adam(group, sub, lr=group["lr"], weight_decay=group["weight_decay"],
                           has_complex=any(torch.is_complex(t) for t in sub["params"]), found_inf=ctx.found_inf)
                 del sub, g_t
-                CoordinateBlock(side=side, L=frame.L, M=frame.M, X=X, after=adam_view,
-                                targets=[lists["params"][q] for q in pos], scale=scales.get(side),
-                                ramp=self._ramp(opt, group, a_ids, X)).leave()
+                _map_back(side, frame.L, frame.M, X, adam_view, [lists["params"][q] for q in pos],
+                          scales.get(side), self._ramp(opt, group, a_ids, X))
                 del X_t, adam_view  # spent: free them before the next factor's stacks
                 done.update(pos)
         if done:
