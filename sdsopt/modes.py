@@ -28,17 +28,20 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import torch
 from torch import Tensor
 
+from . import fused
 from .coordinates import (
+    balance_from_traces,
     balance_scales,
     coordinates,
     factor_map,
+    fused_frames,
     lower_inverse,
     resplit_maps,
     to_coordinates,
     to_factors,
 )
-from .distributed import local, process_group, reduce_parts
-from .linalg import algebra_precision, cholesky_lower, finite_or_zero, gram, spectrum
+from .distributed import is_dtensor, local, process_group, reduce_parts
+from .linalg import algebra_precision, cholesky_lower, finite_or_zero, gram, spectrum, trace
 from .pairing import a_rows, b_matrix, param_label
 from .rewrite import preconditioner, resolve_route, sigma_correction, sigma_split, svd_refactor
 
@@ -88,6 +91,30 @@ def _unstack(stacked: Tensor, shape: torch.Size) -> list[Tensor] | tuple[Tensor,
     op per parameter and step, the bulk of a step's host time at hundreds of pairs."""
     parts = stacked.unbind(0)
     return parts if parts[0].shape == shape else [t.view(shape) for t in parts]
+
+
+def split_fused(group: dict[str, Any], buckets: list[Bucket]) -> tuple[list[Bucket], list[Bucket]]:
+    """``(kernel buckets, torch buckets)``: with ``fused=True`` the buckets the Triton kernels step
+    (:mod:`sdsopt.fused`: CUDA, float32/bf16/fp16 factors with float32 algebra, not FSDP2 shards)."""
+    if not group["fused"] or group["linalg_dtype"] not in (None, torch.float32):
+        return [], buckets
+    params: list[Tensor] = group["params"]
+    kernel: list[Bucket] = []
+    rest: list[Bucket] = []
+    for b in buckets:
+        A, B = params[b.a[0]], params[b.b[0]]
+        ok = (fused.available(A) and fused.supported(A.dtype) and A.dtype == B.dtype
+              and not (is_dtensor(A) or is_dtensor(B)))
+        (kernel if ok else rest).append(b)
+    return kernel, rest
+
+
+def _drop(lists: dict[str, list[Tensor]], done: set[int]) -> None:
+    """Take the positions ``done`` (stepped by the mode) out of the lists of the common Adam call."""
+    if done:
+        for key, values in lists.items():
+            if values:
+                lists[key] = [v for q, v in enumerate(values) if q not in done]
 
 
 def stacked_factors(group: dict[str, Any], ids_a: list[int], ids_b: list[int], dt: torch.dtype
@@ -216,21 +243,68 @@ class Coordinates(Mode):
         return torch.tensor(c, dtype=like.dtype, device=like.device).view(-1, 1, 1)
 
     def _step_coordinates(self, ctx: StepContext) -> None:
-        """Mode ``sds``: Adam on the coordinates (2.2) of every pair past its warm-up, and the map back.
+        """Mode ``sds``: Adam on the coordinates (2.2) of every pair past its warm-up, and the map back: with
+        ``fused=True`` on CUDA by the Triton kernels (:meth:`_step_fused`), else by torch ops
+        (:meth:`_step_torch`); the pairs stepped are taken out of ``ctx.lists``."""
+        buckets = [b for b in ctx.opt._buckets(ctx.gi, ctx.group, ctx.position) if b.coordinates]
+        kernel, rest = split_fused(ctx.group, buckets)
+        done = self._step_fused(ctx, kernel) if kernel else set()
+        if rest:
+            done |= self._step_torch(ctx, rest)
+        _drop(ctx.lists, done)
+
+    def _step_fused(self, ctx: StepContext, buckets: list[Bucket]) -> set[int]:
+        """:meth:`_step_coordinates` by the kernels of :mod:`sdsopt.fused`, per family of pairs of one rank and
+        dtype: the Grams (two launches), the frames ``(L^{-1}, F)`` of all of them (:func:`fused_frames`:
+        one Cholesky, one triangular inverse), the re-balancing scales from the Grams' traces, and the fused
+        coordinate AdamW update (two launches).  Returns the positions stepped."""
+        opt, group = ctx.opt, ctx.group
+        params: list[Tensor] = group["params"]
+        lr = group["lr"]
+        done: set[int] = set()
+        for fi, fam in enumerate(fused.families(group, buckets)):
+            key = (ctx.gi, "sds", fi)
+            device = params[fam.pairs[0][0]].device
+            _, tol = algebra_precision(fam.dtype, group["linalg_dtype"], group["rank_tol"], "cholesky")
+            K = fused.grams(opt._tables, key, group, fam)
+            finite = K.sum(dim=(-2, -1)).isfinite()
+            t = torch.where(finite, trace(K).view(-1), 0.0)
+            scales = None
+            if group["rebalance"] and lr > 0:
+                both = [a and b for a, b in zip(fam.has_a, fam.has_b)]
+                if any(both):
+                    c, _ = balance_from_traces(t[:fam.k], t[fam.k:])
+                    c = torch.where(opt._tables.constant((key, "both"), both, device, torch.bool), c, 1.0)
+                    scales = torch.cat([1.0 / c, c])
+            # μ_s = γ·lr·√min(m, n) per pair (see the class docstring), the same for both Grams of the pair
+            gamma = group["step_damping"] * lr
+            shift: Tensor | float = 0.0
+            if gamma > 0:
+                roots = [math.sqrt(min(params[ib].shape[0], params[ia].numel() // fam.r)) for ia, ib in fam.pairs]
+                shift = (opt._tables.constant((key, "roots"), roots * 2, device, torch.float32) * gamma).view(-1, 1, 1)
+            L_inv, F = fused_frames(K, tol, shift)
+            del K
+            ramp = self._ramp(opt, group, [ia for ia, _ in fam.pairs], L_inv)
+            if ramp is not None:
+                ramp = torch.as_tensor(ramp, dtype=torch.float32, device=device).reshape(-1).expand(fam.k).contiguous()
+            done |= fused.adam(opt._tables, key, group, fam, ctx.lists, ctx.position, gmaps=L_inv, fmaps=F,
+                               scales=scales, ramps=ramp, found_inf=ctx.found_inf)
+        return done
+
+    def _step_torch(self, ctx: StepContext, buckets: list[Bucket]) -> set[int]:
+        """:meth:`_step_coordinates` by torch ops; returns the positions stepped.
 
         First, per shape bucket: one stack of each factor and one batched Gram; then all r×r frames of the step at
         once (:func:`_frames`).  Then bucket by bucket and factor by factor: two batched matmuls (coordinates and
         their gradient), torch's Adam (``opt._adam``, the group's kernel) on the coordinates with the factors'
         moments, and the map back (:func:`_map_back`), so that only one bucket's coordinates and
         their gradients are alive at a time (Adam is elementwise: one call per bucket updates every tensor as
-        one call for all would).  Those factors are then removed from ``ctx.lists``.
+        one call for all would).
         """
         opt, group, position, lists = ctx.opt, ctx.group, ctx.position, ctx.lists
         requests: list[tuple[Tensor, Any, float, float]] = []
         work = []
-        for bucket in opt._buckets(ctx.gi, group, position):
-            if not bucket.coordinates:
-                continue  # warm-up: plain AdamW on the factors
+        for bucket in buckets:
             params: list[Tensor] = group["params"]
             dt, tol = algebra_precision(params[bucket.a[0]].dtype, group["linalg_dtype"], group["rank_tol"], "cholesky")
             A, B = stacked_factors(group, bucket.a, bucket.b, dt)
@@ -276,10 +350,7 @@ class Coordinates(Mode):
                           scales.get(side), self._ramp(opt, group, a_ids, X))
                 del X_t, adam_view  # spent: free them before the next factor's stacks
                 done.update(pos)
-        if done:
-            for key, values in lists.items():
-                if values:
-                    lists[key] = [v for q, v in enumerate(values) if q not in done]
+        return done
 
     def _advance(self, opt: SDSAdamW, group: dict[str, Any], position: dict[int, int]) -> None:
         """Mode ``sds`` after Adam: count the pair's steps (warm-up, then the coordinate ramp); pairs that just
@@ -348,7 +419,14 @@ class Rewrite(Mode):
         return bool(group["decouple_sigma"])  # the channel's own Adam runs outside the fused kernel
 
     def before(self, ctx: StepContext) -> Callable[[], None]:
-        corrections = self._rewrite(ctx.opt, ctx.gi, ctx.group, ctx.position, ctx.lists)
+        """Rewrite the paired gradients in ``ctx.lists`` for the common Adam call (:meth:`_rewrite`); with
+        ``fused=True`` on CUDA and no σ channel, step the pairs instead by the fused kernels
+        (:meth:`_step_fused`: the rewrite in registers in front of the same AdamW update) and take them out."""
+        buckets = ctx.opt._buckets(ctx.gi, ctx.group, ctx.position)
+        kernel, rest = split_fused(ctx.group, buckets) if not ctx.group["decouple_sigma"] else ([], buckets)
+        corrections = self._rewrite(ctx.opt, ctx.gi, ctx.group, rest, ctx.position, ctx.lists) if rest else []
+        if kernel:
+            _drop(ctx.lists, self._step_fused(ctx, kernel))
 
         def after() -> None:
             if corrections:
@@ -357,10 +435,42 @@ class Rewrite(Mode):
 
         return after
 
+    @staticmethod
+    def _route(gi: int, group: dict[str, Any], param: Tensor) -> tuple[str, torch.dtype, float]:
+        """``(route, algebra dtype, τ)`` of the pairs of ``param``'s dtype and device; refuses a Newton–Schulz
+        damping too small to converge."""
+        route = resolve_route(group["route"], param.device, group["mode"])
+        dt, tol = algebra_precision(param.dtype, group["linalg_dtype"], group["rank_tol"], route)
+        if route == "newton_schulz" and tol < 64 * torch.finfo(dt).eps:
+            raise ValueError(
+                f"SDSAdamW param group {gi}: rank_tol={tol} is below 64·eps of {dt}, too small a damping for "
+                "the Newton–Schulz route to converge; raise rank_tol, pass linalg_dtype=torch.float64, "
+                "or use route='eigh'.")
+        return route, dt, tol
+
+    def _step_fused(self, ctx: StepContext, buckets: list[Bucket]) -> set[int]:
+        """Equation R and AdamW by the kernels of :mod:`sdsopt.fused`, per family of pairs of one rank and dtype:
+        the Grams (two launches), ``P`` of all of them (one batched call), the fused update (two launches).
+        Returns the positions stepped."""
+        opt, group = ctx.opt, ctx.group
+        done: set[int] = set()
+        for fi, fam in enumerate(fused.families(group, buckets)):
+            key = (ctx.gi, "rewrite", fi)
+            route, _, tol = self._route(ctx.gi, group, group["params"][fam.pairs[0][0]])
+            K = fused.grams(opt._tables, key, group, fam)
+            P = preconditioner(finite_or_zero(K), mode=group["mode"], route=route, rank_tol=tol,
+                               damping=group["damping"])
+            del K
+            done |= fused.adam(opt._tables, key, group, fam, ctx.lists, ctx.position, gmaps=P, fmaps=None,
+                               scales=None, ramps=None, found_inf=ctx.found_inf)
+        return done
+
     def _rewrite(
-        self, opt: SDSAdamW, gi: int, group: dict[str, Any], position: dict[int, int], lists: dict[str, list[Tensor]]
+        self, opt: SDSAdamW, gi: int, group: dict[str, Any], buckets: list[Bucket], position: dict[int, int],
+        lists: dict[str, list[Tensor]]
     ) -> list[tuple[Tensor, Tensor]]:
-        """Replace the paired grads in ``lists['grads']`` by their rewrite (equation R of :mod:`sdsopt.rewrite`).
+        """Replace the paired grads of ``buckets`` in ``lists['grads']`` by their rewrite (equation R of
+        :mod:`sdsopt.rewrite`).
 
         In phases, so that the number of kernel launches and host synchronisations does not grow
         with the number of pairs: (1) per bucket of equal shapes, one stack of each factor kind and
@@ -378,15 +488,9 @@ class Rewrite(Mode):
         # (1) factor stacks (row form, MATH 2.1) and Grams
         work = []
         pending: dict[tuple[Any, ...], list[tuple[int, str, Tensor]]] = defaultdict(list)
-        for bucket in opt._buckets(gi, group, position):
+        for bucket in buckets:
             k, r = len(bucket.a), bucket.a_shape[0]
-            route = resolve_route(group["route"], params[bucket.a[0]].device, kw["mode"])
-            dt, tol = algebra_precision(params[bucket.a[0]].dtype, group["linalg_dtype"], group["rank_tol"], route)
-            if route == "newton_schulz" and tol < 64 * torch.finfo(dt).eps:
-                raise ValueError(
-                    f"SDSAdamW param group {gi}: rank_tol={tol} is below 64·eps of {dt}, too small a damping for "
-                    "the Newton–Schulz route to converge; raise rank_tol, pass linalg_dtype=torch.float64, "
-                    "or use route='eigh'.")
+            route, dt, tol = self._route(gi, group, params[bucket.a[0]])
             # local shards under FSDP2 (A along n, B along m): Grams are then partial sums, reduced in (2)
             A = torch.stack([local(params[i]) for i in bucket.a]).to(dt).view(k, r, -1)
             B = torch.stack([local(params[i]) for i in bucket.b]).to(dt).view(k, -1, r)

@@ -33,6 +33,7 @@ from .distributed import (
     process_group,
     reduce_parts,
 )
+from .fused import Tables
 from .guard import SkipLog, nonfinite_flags
 from .modes import Bucket, Coordinates, StepContext, mode_of
 from .pairing import LoraPair, PairingFn, a_rows, check_pair_shapes, param_label
@@ -289,6 +290,7 @@ class SDSAdamW(Optimizer):
         if isinstance(params, torch.nn.Module):  # e.g. Trainer(optimizer_cls_and_kwargs=(SDSAdamW, {"model": model}))
             params = [(n, p) for n, p in params.named_parameters() if p.requires_grad]
         self._bucket_cache: dict[int, tuple[Any, ...]] = {}
+        self._tables = Tables()  # the fused kernels' entry tables (sdsopt.fused)
         self._group_sizes: list[int] = []
         self._capture: LoraCapture | None = None
         super().__init__(params, defaults)

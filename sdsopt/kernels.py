@@ -1,0 +1,147 @@
+"""Triton kernels of the fused coordinate AdamW step (``SDSAdamW(..., fused=True)`` on CUDA).
+
+Only imported when Triton is (:mod:`sdsopt.fused` decides and launches).  Both kernels read the LoRA factors
+where they live, through an int64 *entry table* (one row of :data:`FIELDS` per factor: data pointers of the
+parameter, its gradient, Adam's moments and step count, its length ``p`` and the index of its r×r maps), so
+that nothing is stacked or copied: extra memory is the r×r maps.
+
+Every factor is seen in row form (:mod:`sdsopt.linalg`): ``X`` is ``r × p``; ``A`` (``r × n``, row-major) is
+``X`` itself (``TRANS=False``), ``B`` (``m × r``, row-major) is ``X = Bᵀ`` read as ``p × r`` tiles
+(``TRANS=True``), so both layouts load contiguous memory.
+
+:func:`gram_kernel` — ``K = X Xᵀ`` (MATH 2.1), one program per factor, float32 accumulation.
+
+:func:`adam_kernel` — one program per ``BLOCK_P`` columns of ``X`` (rows of ``B``).  With the factor's map
+``G`` (``r × r``) the gradient enters Adam as ``g̃ = G g``; Adam's moments update in place and give the
+direction ``û = m̂ / (√v̂ + ε)`` (torch's AdamW: ``m̂ = m/(1−β₁ᵗ)``, ``√v̂ = √v/√(1−β₂ᵗ)``, amsgrad on ``v``);
+then, with weight decay ``λ``, learning rate ``η``, the optional ramp ``ρ`` and re-balancing scale ``c``:
+
+* ``COORD=True`` (mode ``sds``, MATH 2.2): ``G = L^{-1}`` of the partner's frame ``L Lᵀ = K + μI`` and the
+  filter ``F = (K + μ_s I)(K + μI)^{-1}`` (:func:`sdsopt.coordinates.fused_frames`).  Adam runs on the
+  coordinates ``X̃ = Lᵀ X``, whose change ``ΔX̃ = −η(λX̃ + û)`` maps back by ``M = F L^{-T}``::
+
+      X ← c·(X + ρ·ΔX),   ΔX = −η·F·(L^{-T} û + λX)
+
+  (``X̃`` itself is never formed: ``M Lᵀ X = F X``.)
+* ``COORD=False`` (modes ``scaled``, ``sds_polar``: equation R of :mod:`sdsopt.rewrite`): ``G = P(K_other)``
+  and the update is AdamW's on the factor, ``X ← X − η(û + λX)``.
+
+Arithmetic is float32 in registers whatever the parameter dtype; the moments are stored in the parameter's
+dtype, as torch's AdamW keeps them.  Matrix products use ``tf32x3`` (three TF32 tensor-core passes, float32
+accuracy) on the GPU.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+__all__ = ["FIELDS", "adam_kernel", "gram_kernel"]
+
+FIELDS = 8
+"""Entry-table columns: parameter, gradient, exp_avg, exp_avg_sq, max_exp_avg_sq, step (data pointers),
+``p``, the pair's index ``q`` in its family (maps, scales and ramps are read at ``q``)."""
+
+
+@triton.jit
+def _tile(ptr, start, p, r, TRANS: tl.constexpr, RP: tl.constexpr, BP: tl.constexpr):
+    """Offsets and mask of columns ``start … start+BP`` of the row-form ``r × p`` factor: ``[RP, BP]`` for ``A``,
+    ``[BP, RP]`` (rows of ``B``) for ``TRANS``."""
+    i = tl.arange(0, RP)
+    c = start + tl.arange(0, BP)
+    if TRANS:
+        offs = c[:, None] * r + i[None, :]
+        mask = (c[:, None] < p) & (i[None, :] < r)
+    else:
+        offs = i[:, None] * p + c[None, :]
+        mask = (i[:, None] < r) & (c[None, :] < p)
+    return ptr + offs, mask
+
+
+@triton.jit
+def gram_kernel(table, out, r, TRANS: tl.constexpr, RP: tl.constexpr, BP: tl.constexpr, DT: tl.constexpr,
+                PREC: tl.constexpr):
+    """``out[j] = X_j X_jᵀ`` (``r × r`` float32) for the factor of entry ``j`` (program ``j``)."""
+    j = tl.program_id(0)
+    row = table + j * 8
+    x_ptr = tl.load(row).to(tl.pointer_type(DT))
+    p = tl.load(row + 6)
+    acc = tl.zeros((RP, RP), dtype=tl.float32)
+    for start in range(0, p, BP):
+        ptrs, mask = _tile(x_ptr, start, p, r, TRANS, RP, BP)
+        x = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+        if TRANS:
+            acc += tl.dot(tl.trans(x), x, input_precision=PREC)
+        else:
+            acc += tl.dot(x, tl.trans(x), input_precision=PREC)
+    i = tl.arange(0, RP)
+    tl.store(out + j.to(tl.int64) * r * r + i[:, None] * r + i[None, :], acc, mask=(i[:, None] < r) & (i[None, :] < r))
+
+
+@triton.jit
+def adam_kernel(table, gmaps, fmaps, scales, ramps, lr_ptr, found_inf, r, lr, beta1, beta2, eps, weight_decay,
+                TRANS: tl.constexpr, COORD: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_RAMP: tl.constexpr,
+                HAS_FOUND_INF: tl.constexpr, LR_TENSOR: tl.constexpr, AMSGRAD: tl.constexpr,
+                MAXIMIZE: tl.constexpr, RP: tl.constexpr, BP: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr):
+    """One ``BP``-column block (program axis 1) of entry ``j`` (axis 0): the update of the module docstring."""
+    j = tl.program_id(0)
+    start = tl.program_id(1) * BP
+    row = table + j * 8
+    p = tl.load(row + 6)
+    if start >= p:
+        return
+    if HAS_FOUND_INF:
+        if tl.load(found_inf) > 0:  # torch's fused AdamW: a step with non-finite gradients changes nothing
+            return
+    x_ptrs, mask = _tile(tl.load(row).to(tl.pointer_type(DT)), start, p, r, TRANS, RP, BP)
+    g_ptrs, _ = _tile(tl.load(row + 1).to(tl.pointer_type(DT)), start, p, r, TRANS, RP, BP)
+    m_ptrs, _ = _tile(tl.load(row + 2).to(tl.pointer_type(DT)), start, p, r, TRANS, RP, BP)
+    v_ptrs, _ = _tile(tl.load(row + 3).to(tl.pointer_type(DT)), start, p, r, TRANS, RP, BP)
+    step = tl.load(tl.load(row + 5).to(tl.pointer_type(tl.float32)))
+    q = tl.load(row + 7)
+    base = q * r * r
+    i = tl.arange(0, RP)
+    r_mask = (i[:, None] < r) & (i[None, :] < r)
+    G = tl.load(gmaps + base + i[:, None] * r + i[None, :], mask=r_mask, other=0.0)
+
+    g = tl.load(g_ptrs, mask=mask, other=0.0).to(tl.float32)
+    if MAXIMIZE:
+        g = -g
+    if TRANS:  # row form X = Bᵀ: g̃ᵀ = gᵀ Gᵀ
+        g = tl.dot(g, tl.trans(G), input_precision=PREC)
+    else:
+        g = tl.dot(G, g, input_precision=PREC)
+    m = tl.load(m_ptrs, mask=mask, other=0.0).to(tl.float32)
+    v = tl.load(v_ptrs, mask=mask, other=0.0).to(tl.float32)
+    m = beta1 * m + (1.0 - beta1) * g
+    v = beta2 * v + (1.0 - beta2) * g * g
+    tl.store(m_ptrs, m.to(DT), mask=mask)
+    tl.store(v_ptrs, v.to(DT), mask=mask)
+    if AMSGRAD:
+        w_ptrs, _ = _tile(tl.load(row + 4).to(tl.pointer_type(DT)), start, p, r, TRANS, RP, BP)
+        v = tl.maximum(tl.load(w_ptrs, mask=mask, other=0.0).to(tl.float32), v)
+        tl.store(w_ptrs, v.to(DT), mask=mask)
+    bias1 = 1.0 - tl.exp2(step * tl.log2(beta1))
+    bias2 = 1.0 - tl.exp2(step * tl.log2(beta2))
+    u = (m / bias1) / (tl.sqrt(v) / tl.sqrt(bias2) + eps)
+
+    x = tl.load(x_ptrs, mask=mask, other=0.0).to(tl.float32)
+    if COORD:
+        F = tl.load(fmaps + base + i[:, None] * r + i[None, :], mask=r_mask, other=0.0)
+        if TRANS:
+            t = tl.dot(u, G, input_precision=PREC) + weight_decay * x
+            d = tl.dot(t, F, input_precision=PREC)
+        else:
+            t = tl.dot(tl.trans(G), u, input_precision=PREC) + weight_decay * x
+            d = tl.dot(F, t, input_precision=PREC)
+    else:
+        d = u + weight_decay * x
+    if LR_TENSOR:
+        lr = tl.load(lr_ptr)
+    d = d * -lr
+    if HAS_RAMP:
+        d = d * tl.load(ramps + q)
+    x = x + d
+    if HAS_SCALE:
+        x = x * tl.load(scales + q)
+    tl.store(x_ptrs, x.to(DT), mask=mask)
