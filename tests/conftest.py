@@ -2,7 +2,13 @@
 
 import os
 
+import torch
 from hypothesis import HealthCheck, settings
+
+# Without CUDA the fused kernels (sdsopt.kernels, fused=True) run under Triton's interpreter, so that the CPU test
+# run checks them too (tests/test_fused.py).  Set before sdsopt is imported: triton.jit reads it at decoration.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 # "ci" (the default): derandomized, bounded examples and deadline, so every run draws the same cases.
 settings.register_profile(

@@ -1,0 +1,230 @@
+"""The fused step (``fused=True``: the Triton kernels of :mod:`sdsopt.kernels`) against the float64 torch path.
+
+On CUDA with Triton the kernels run on the GPU; without CUDA ``tests/conftest.py`` turns on Triton's interpreter
+(``TRITON_INTERPRET=1``) so the same kernels run on the CPU; without Triton every test here skips.
+
+Stated tolerance (parameters and Adam moments after three steps, max |Δ| / max |reference|): float32 factors
+2e-4, bf16 factors three bf16 ulps (3·2⁻⁷; their moments after one step, as later ones can cancel to near zero),
+or 4× the error of the torch path in the same dtype where that is larger (rank-deficient pairs, ``r > min(m, n)``,
+amplify the rounding of both paths by their frames' conditioning).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sdsopt import SDSAdamW, fused
+from sdsopt.modes import split_fused
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+pytestmark = pytest.mark.skipif(not fused.available(torch.empty(0, device=DEVICE)),
+                                reason="the fused kernels need Triton (CUDA, or TRITON_INTERPRET=1 on the CPU)")
+
+
+TOLERANCE = {torch.float32: 2e-4, torch.bfloat16: 3 * 2**-7}
+EXAMPLES = 60 if DEVICE.type == "cuda" else 6  # Triton's interpreter runs every program in Python
+
+
+def _pairs(shapes: list[tuple[int, int]], r: int, seed: int) -> list[tuple[str, torch.Tensor]]:
+    """float64 LoRA factors of layers ``m × n`` (PEFT names), B not zero."""
+    gen = torch.Generator().manual_seed(seed)
+    named = []
+    for i, (m, n) in enumerate(shapes):
+        named.append((f"layers.{i}.lora_A.default.weight", torch.randn(r, n, generator=gen, dtype=torch.float64) / n**0.5))
+        named.append((f"layers.{i}.lora_B.default.weight", torch.randn(m, r, generator=gen, dtype=torch.float64) / r**0.5))
+    return named
+
+
+def _run(named, dtype, device, steps, seed, **kw):
+    """Parameters and moments (float64, CPU) after ``steps`` steps on gradients drawn in float64."""
+    params = [(n, torch.nn.Parameter(t.to(dtype).to(device).clone())) for n, t in named]
+    opt = SDSAdamW(params, **kw)
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        for _, p in params:
+            p.grad = torch.randn(p.shape, generator=gen, dtype=torch.float64).to(dtype).to(device)
+        opt.step()
+    moments = [opt.state[p][k].double().cpu() for _, p in params for k in ("exp_avg", "exp_avg_sq")]
+    return [p.detach().double().cpu() for _, p in params], moments
+
+
+def _err(got, ref):
+    return max(((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item() for a, b in zip(got, ref))
+
+
+@settings(max_examples=EXAMPLES, deadline=None)
+@given(
+    r=st.sampled_from([1, 2, 5, 16, 33, 64, 128]),
+    shapes=st.lists(st.tuples(st.integers(1, 80), st.integers(1, 80)), min_size=1, max_size=3),
+    mode=st.sampled_from(["sds", "scaled", "sds_polar"]),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+    wd=st.sampled_from([0.0, 0.1]),
+    amsgrad=st.booleans(),
+    maximize=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_fused_step_matches_the_float64_torch_step(r, shapes, mode, dtype, wd, amsgrad, maximize, seed):
+    """Random shapes (uneven, r up to 128, rank-deficient where r > min(m, n)), both modes, bf16, weight decay,
+    amsgrad, maximize, all three modes the kernels serve: the kernels' parameters and moments equal the float64 torch path's to the stated
+    tolerance."""
+    named = _pairs(shapes, r, seed)
+    if dtype == torch.bfloat16:  # the reference starts from the same rounded factors
+        named = [(n, t.to(dtype).double()) for n, t in named]
+    kw = dict(lr=1e-2, mode=mode, weight_decay=wd, amsgrad=amsgrad, maximize=maximize)
+    if mode == "sds":
+        kw.update(warmup_steps=0, coordinate_ramp=2)
+    if mode == "sds_polar":
+        kw.update(route="eigh")  # the reference's route on every device
+    ref = _run(named, torch.float64, "cpu", 3, seed, **kw)
+    got = _run(named, dtype, DEVICE, 3, seed, fused=True, **kw)
+    base = _run(named, dtype, "cpu", 3, seed, **kw)  # the torch path in the same dtype
+    tol = TOLERANCE[dtype]
+    assert _err(got[0], ref[0]) <= max(tol, 4 * _err(base[0], ref[0]))
+    if dtype == torch.float32:
+        assert _err(got[1], ref[1]) <= max(tol, 4 * _err(base[1], ref[1]))
+    else:  # bf16 moments after one step: later ones can cancel to near zero
+        one = [_run(named, dt, dev, 1, seed, **flags)[1] for dt, dev, flags in
+               ((torch.float64, "cpu", {}), (dtype, DEVICE, {"fused": True}), (dtype, "cpu", {}))]
+        assert _err(one[1], one[0]) <= max(tol, 4 * _err(one[2], one[0]))
+
+
+def _table_pair(r, m, n, dtype, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    A = torch.randn(r, n, generator=gen).to(dtype).to(DEVICE)
+    B = torch.randn(m, r, generator=gen).to(dtype).to(DEVICE)
+    return A, B
+
+
+@pytest.mark.parametrize("r,m,n", [(1, 3, 70), (7, 33, 5), (64, 65, 129), (128, 40, 200)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_grams(r, m, n, dtype):
+    """The Gram kernel: ``[K_A; K_B]`` of a family equals the float64 product (uneven p, r > min(m, n))."""
+    A, B = _table_pair(r, m, n, dtype)
+    fam = fused.Family(r, dtype, [(0, 1)], [True], [True])
+    K = fused.grams(fused.Tables(), "t", {"params": [A, B]}, fam).double().cpu()
+    A64, B64 = A.double().cpu(), B.double().cpu()
+    for got, want in ((K[0], A64 @ A64.T), (K[1], B64.T @ B64)):
+        assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+
+
+def test_a_step_with_nonfinite_gradients_changes_nothing():
+    """``found_inf`` (skip_nonfinite's device flag) > 0: parameters, moments and step counts stay bit-identical,
+    as in torch's fused AdamW; = 0: the step runs."""
+    A, B = _table_pair(4, 9, 11, torch.float32)
+    fam = fused.Family(4, torch.float32, [(0, 1)], [True], [True])
+    group = {"params": [A, B], "amsgrad": True, "betas": (0.9, 0.999), "lr": 1e-2, "eps": 1e-8,
+             "weight_decay": 0.1, "maximize": False}
+    lists = {"params": [A, B], "grads": [torch.randn_like(A), torch.randn_like(B)],
+             "exp_avgs": [torch.rand_like(A), torch.rand_like(B)], "exp_avg_sqs": [torch.rand_like(A), torch.rand_like(B)],
+             "max_exp_avg_sqs": [torch.rand_like(A), torch.rand_like(B)],
+             "state_steps": [torch.full((), 3.0, device=DEVICE), torch.full((), 3.0, device=DEVICE)]}
+    eye = torch.eye(4, device=DEVICE).expand(2, 4, 4).contiguous()
+    before = {k: [t.clone() for t in v] for k, v in lists.items()}
+    for flag, changed in ((1.0, False), (0.0, True)):
+        done = fused.adam(fused.Tables(), "t", group, fam, lists, {0: 0, 1: 1}, gmaps=eye, fmaps=eye,
+                          scales=None, ramps=None, found_inf=torch.tensor(flag, device=DEVICE))
+        assert done == {0, 1}
+        for key in ("params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "state_steps"):
+            same = all(torch.equal(a, b) for a, b in zip(lists[key], before[key]))
+            assert same != changed, key
+    assert all(float(t) == 4.0 for t in lists["state_steps"])
+
+
+def _model(dtype, seed=0):
+    torch.manual_seed(seed)
+    model = torch.nn.ModuleDict({
+        "a": torch.nn.ModuleDict({"lora_A": torch.nn.Linear(24, 4, bias=False), "lora_B": torch.nn.Linear(4, 18, bias=False)}),
+        "b": torch.nn.ModuleDict({"lora_A": torch.nn.Linear(18, 4, bias=False), "lora_B": torch.nn.Linear(4, 24, bias=False)}),
+        "c": torch.nn.ModuleDict({"lora_A": torch.nn.Linear(24, 8, bias=False), "lora_B": torch.nn.Linear(8, 24, bias=False)}),
+        "head": torch.nn.Linear(24, 3),
+    })
+    return model.to(dtype).to(DEVICE)
+
+
+def _steps(model, opt, n, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(n):
+        for p in model.parameters():
+            p.grad = torch.randn(p.shape, generator=gen).to(p.dtype).to(p.device)
+        opt.step()
+
+
+def test_mixed_phases_and_checkpoints_resume_bit_exactly():
+    """A group with pairs of two ranks (two families), in warm-up and then in coordinates, and a plain parameter,
+    ``fused=True``: ``BA`` as the torch path's (float32) to 1e-5, and a checkpoint taken mid-run resumes bit-exactly."""
+    kw = dict(lr=1e-2, warmup_steps=2, coordinate_ramp=3, weight_decay=0.05)
+    ref, got = _model(torch.float32), _model(torch.float32)
+    opt_ref = SDSAdamW(ref.named_parameters(), **kw)
+    opt = SDSAdamW(got.named_parameters(), fused=True, **kw)
+    _steps(ref, opt_ref, 7)
+    _steps(got, opt, 7)
+    for name in ("a", "b", "c", "head"):  # the products: the re-split's SVD may rotate factors within a cluster
+        want, have = (m[name].lora_B.weight @ m[name].lora_A.weight if name != "head" else m[name].weight
+                      for m in (ref, got))
+        assert (have.cpu() - want.cpu()).abs().max() <= 1e-5 * want.abs().max(), name
+    state = copy.deepcopy(opt.state_dict())
+    saved = {k: v.clone() for k, v in got.state_dict().items()}
+    _steps(got, opt, 3, seed=2)
+    resumed = _model(torch.float32)
+    resumed.load_state_dict(saved)
+    opt2 = SDSAdamW(resumed.named_parameters(), fused=True, **kw)
+    opt2.load_state_dict(state)
+    _steps(resumed, opt2, 3, seed=2)
+    for p, q in zip(got.parameters(), resumed.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_float64_factors_keep_the_torch_path():
+    """The kernels take float32/bf16/fp16 factors with float32 algebra; float64 factors or ``linalg_dtype=float64``
+    keep the torch path (whose algebra is float64)."""
+    for dtype, linalg in ((torch.float64, None), (torch.float32, torch.float64), (torch.float32, None)):
+        model = _model(dtype)
+        opt = SDSAdamW(model.named_parameters(), fused=True, warmup_steps=0, linalg_dtype=linalg)
+        position = {i: i for i in range(len(opt.param_groups[0]["params"]))}
+        kernel, rest = split_fused(opt.param_groups[0], opt._buckets(0, opt.param_groups[0], position))
+        assert (len(kernel), len(rest)) == ((3, 0) if (dtype, linalg) == (torch.float32, None) else (0, 3))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need CUDA")
+@pytest.mark.parametrize("mode", ["sds", "scaled"])
+def test_the_step_is_captured_in_a_cuda_graph(mode):
+    """Past the warm-up and ramp, ``opt.step()`` with ``fused=True`` reads nothing on the host: it can be
+    captured in a CUDA graph, and replaying the graph steps as the eager step does (bit for bit)."""
+    kw = dict(lr=1e-2, mode=mode, fused=True, **({"warmup_steps": 1} if mode == "sds" else {}))
+    eager, graphed = _model(torch.float32), _model(torch.float32)
+    opt_e = SDSAdamW(eager.named_parameters(), **kw)
+    opt_g = SDSAdamW(graphed.named_parameters(), **kw)
+    _steps(eager, opt_e, 3)
+    _steps(graphed, opt_g, 3)
+    gen = torch.Generator().manual_seed(5)
+    grads = [[torch.randn(p.shape, generator=gen).to(DEVICE) for p in eager.parameters()] for _ in range(4)]
+    for p in graphed.parameters():
+        p.grad = torch.zeros_like(p)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.stream(side):
+        for p, g in zip(graphed.parameters(), grads[0]):
+            p.grad.copy_(g)
+        opt_g.step()  # warm-up on the side stream (allocations, tables)
+        with torch.cuda.graph(graph, stream=side):
+            opt_g.step()
+    torch.cuda.current_stream().wait_stream(side)
+    for p, g in zip(eager.parameters(), grads[0]):  # the side stream's step; the capture itself runs nothing
+        p.grad = g.clone()
+    opt_e.step()
+    for gs in grads[1:]:
+        for p, g in zip(graphed.parameters(), gs):
+            p.grad.copy_(g)
+        graph.replay()
+        for p, g in zip(eager.parameters(), gs):
+            p.grad = g.clone()
+        opt_e.step()
+    torch.cuda.synchronize()
+    for p, q in zip(graphed.parameters(), eager.parameters()):
+        assert torch.equal(p, q)
