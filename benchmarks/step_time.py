@@ -56,9 +56,11 @@ def lora_params(shape: str, r: int, dtype: torch.dtype, device: torch.device, se
     return named
 
 
-def variants(device: torch.device, modes: list[str], routes: list[str], guard: bool = False):
-    """AdamW foreach/fused, then SDSAdamW per mode (and sds_polar route); with ``guard`` each SDSAdamW variant
-    also with ``skip_nonfinite=True`` (the cost of the non-finite check)."""
+def variants(device: torch.device, modes: list[str], routes: list[str], guard: bool = False,
+             torch_ops: tuple[str, ...] = ()):
+    """AdamW foreach/fused, then SDSAdamW per mode (and sds_polar route), ``fused=True`` (on CUDA: the Triton
+    kernels); with ``guard`` each SDSAdamW variant also with ``skip_nonfinite=True`` (the cost of the non-finite
+    check); the modes in ``torch_ops`` also with ``fused=False`` (the torch-ops step, foreach Adam)."""
     out = {"AdamW foreach": lambda named: torch.optim.AdamW([p for _, p in named], lr=1e-4, foreach=True),
            "AdamW fused": lambda named: torch.optim.AdamW([p for _, p in named], lr=1e-4, fused=True)}
     for mode in modes:  # sds measured in its coordinate phase (warmup_steps=0); its route is Cholesky
@@ -69,6 +71,10 @@ def variants(device: torch.device, modes: list[str], routes: list[str], guard: b
                 out[label] = (lambda mode, route, extra, skip: lambda named: SDSAdamW(
                     named, lr=1e-4, mode=mode, route=route, fused=True, skip_nonfinite=skip, **extra)
                 )(mode, route, extra, skip)
+            if mode in torch_ops:
+                extra = {"warmup_steps": 0} if mode == "sds" else {}
+                out[f"SDSAdamW {mode} (torch ops)"] = (lambda mode, extra: lambda named: SDSAdamW(
+                    named, lr=1e-4, mode=mode, fused=False, **extra))(mode, extra)
     return out
 
 
@@ -158,6 +164,8 @@ def main(argv=None):
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--check", action="store_true", help="check the device step against float64 CPU")
     ap.add_argument("--guard", action="store_true", help="also time every SDSAdamW variant with skip_nonfinite=True")
+    ap.add_argument("--torch-ops", nargs="*", default=["sds", "scaled"],
+                    help="modes also timed with fused=False (the torch-ops step; on CUDA fused=True runs the kernels)")
     ap.add_argument("--out", default=None, help="write rows as JSON here")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
@@ -174,7 +182,7 @@ def main(argv=None):
             if args.check and dname == "fp32":
                 checks[r] = check_against_cpu(named, device)
             results = {}
-            for label, make in variants(device, args.modes, args.routes, args.guard).items():
+            for label, make in variants(device, args.modes, args.routes, args.guard, tuple(args.torch_ops)).items():
                 opt = make(named)
                 ms, peak = time_steps(opt, device, args.steps, args.warmup)
                 results[label] = (ms, peak, state_mb(opt))

@@ -39,7 +39,7 @@ try:
 except ImportError:  # CPU-only installs: the step keeps its torch path
     triton = None
 
-__all__ = ["Family", "Tables", "adam", "available", "families", "grams"]
+__all__ = ["MAX_RANK", "Family", "Tables", "adam", "available", "families", "grams", "supported"]
 
 
 def available(t: Tensor) -> bool:
@@ -79,11 +79,14 @@ def families(group: dict[str, Any], buckets: Sequence[Any]) -> list[Family]:
 
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+MAX_RANK = 128
+"""Largest rank the kernels take: a program holds r×r maps and r-row tiles on chip (larger r: the torch path)."""
 
 
-def supported(dtype: torch.dtype) -> bool:
-    """Parameter dtypes the kernels take (float64 parameters keep the torch path, whose algebra is float64)."""
-    return dtype in _DTYPES
+def supported(dtype: torch.dtype, r: int) -> bool:
+    """Factors the kernels take: float32/bf16/fp16 (float64 ones keep the torch path, whose algebra is float64)
+    of rank ≤ :data:`MAX_RANK`."""
+    return dtype in _DTYPES and r <= MAX_RANK
 
 
 def _tl_dtype(dtype: torch.dtype) -> Any:

@@ -95,7 +95,7 @@ def _unstack(stacked: Tensor, shape: torch.Size) -> list[Tensor] | tuple[Tensor,
 
 def split_fused(group: dict[str, Any], buckets: list[Bucket]) -> tuple[list[Bucket], list[Bucket]]:
     """``(kernel buckets, torch buckets)``: with ``fused=True`` the buckets the Triton kernels step
-    (:mod:`sdsopt.fused`: CUDA, float32/bf16/fp16 factors with float32 algebra, not FSDP2 shards)."""
+    (:mod:`sdsopt.fused`: CUDA, float32/bf16/fp16 factors of rank ≤ 128 with float32 algebra, not FSDP2 shards)."""
     if not group["fused"] or group["linalg_dtype"] not in (None, torch.float32):
         return [], buckets
     params: list[Tensor] = group["params"]
@@ -103,7 +103,7 @@ def split_fused(group: dict[str, Any], buckets: list[Bucket]) -> tuple[list[Buck
     rest: list[Bucket] = []
     for b in buckets:
         A, B = params[b.a[0]], params[b.b[0]]
-        ok = (fused.available(A) and fused.supported(A.dtype) and A.dtype == B.dtype
+        ok = (fused.available(A) and fused.supported(A.dtype, A.shape[0]) and A.dtype == B.dtype
               and not (is_dtensor(A) or is_dtensor(B)))
         (kernel if ok else rest).append(b)
     return kernel, rest
