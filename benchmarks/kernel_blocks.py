@@ -1,10 +1,12 @@
-"""The sweep behind ``sdsopt.fused._blocks``: the fused step's time for each column block and warp count.
+"""The sweep behind ``sdsopt.fused``'s launch settings: the fused step's time per column block and warp count
+(``_blocks``), then per work-item size (``ADAM_CHUNK``, ``GRAM_CHUNK``).
 
     python benchmarks/kernel_blocks.py --ranks 16 64 --dtypes fp32 bf16      # CUDA only
 
 For every (rank, dtype) the SDSAdamW ``sds`` and ``scaled`` steps (``fused=True``) are timed with each candidate
-``(BLOCK_P, warps)`` for the Adam kernel and the Gram kernel together (median of ``--steps`` steps, CUDA events),
-next to fused AdamW in the same run.  Prints one line per candidate; the default of ``_blocks`` is marked.
+``(BLOCK_P, warps)`` for the Adam kernel and the Gram kernel together, then with each work-item size at the
+default blocks (median of ``--steps`` steps, CUDA events), next to fused AdamW in the same run.  Prints one line
+per candidate; the defaults are marked.
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ import torch
 from sdsopt import SDSAdamW, fused
 from step_time import DTYPES, lora_params
 
-CANDIDATES = [(32, 4), (64, 4), (64, 8), (128, 4), (128, 8), (256, 8)]
+CANDIDATES = [(16, 4), (32, 4), (32, 8), (64, 4), (64, 8), (128, 4)]
+CHUNKS = [(4, 2048), (16, 2048), (8, 1024), (8, 4096)]  # (ADAM_CHUNK, GRAM_CHUNK); the default is timed above
 
 
 def timed(opt, steps: int) -> float:
@@ -53,7 +56,7 @@ def main(argv=None) -> None:
             rp = default(r)[0]
             for mode in args.modes:
                 for bp, warps in CANDIDATES:
-                    if rp * bp > 16384:  # tiles beyond 64 KB of float32 per operand spill
+                    if rp * bp >= 16384:  # tiles of 64 KB of float32 per operand exceed shared memory
                         continue
                     fused._blocks = lambda r, bp=bp, warps=warps: (max(16, 1 << (r - 1).bit_length()), bp, warps)
                     extra = {"warmup_steps": 0} if mode == "sds" else {}
@@ -61,6 +64,13 @@ def main(argv=None) -> None:
                     mark = " (default)" if (bp, warps) == default(r)[1:] else ""
                     print(f"  {mode:7s} BLOCK_P={bp:3d} warps={warps}: {ms:.3f} ms = {ms / ref:.2f}x{mark}", flush=True)
                 fused._blocks = default
+                chunks = fused.ADAM_CHUNK, fused.GRAM_CHUNK
+                for fused.ADAM_CHUNK, fused.GRAM_CHUNK in CHUNKS:
+                    extra = {"warmup_steps": 0} if mode == "sds" else {}
+                    ms = timed(SDSAdamW(named, lr=1e-4, mode=mode, fused=True, **extra), args.steps)
+                    print(f"  {mode:7s} ADAM_CHUNK={fused.ADAM_CHUNK:2d} GRAM_CHUNK={fused.GRAM_CHUNK}: {ms:.3f} ms = "
+                          f"{ms / ref:.2f}x", flush=True)
+                fused.ADAM_CHUNK, fused.GRAM_CHUNK = chunks
             del named
             torch.cuda.empty_cache()
 

@@ -12,8 +12,9 @@ shapes.  A family steps in
 3. one step-count increment (``_foreach_add_``, as torch's fused AdamW) and two Adam launches
    (:func:`adam`), each over every factor of one kind.
 
-Nothing is stacked or copied: the kernels read each tensor through an int64 entry table of data pointers
-(:class:`Tables`, rebuilt only when a pointer changes), so the extra memory of the step is the r×r batches.
+Nothing is stacked or copied: the kernels read each tensor through an int64 entry table of data pointers and a
+table of work items (:class:`Tables`, rebuilt only when a pointer changes), so the extra memory of the step is
+the r×r batches (and the Gram's partial sums, one r×r per work item).
 Nothing reads a value on the host either, so with ``fused=True`` and pairs past ``sds``'s warm-up and ramp a
 whole training step can be captured in a CUDA graph.
 
@@ -23,6 +24,8 @@ factor is stepped with the maps of its partner's Gram (index ``k + q``), a ``B``
 
 from __future__ import annotations
 
+import math
+import operator
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -40,6 +43,11 @@ except ImportError:  # CPU-only installs: the step keeps its torch path
     triton = None
 
 __all__ = ["MAX_RANK", "Family", "Tables", "adam", "available", "families", "grams", "supported"]
+
+GRAM_CHUNK = 2048
+"""Columns per work item of the Gram kernel (its partial sums: one r×r float32 per item)."""
+ADAM_CHUNK = 8
+"""Column blocks per work item of the Adam kernel (its r×r maps are loaded once per item)."""
 
 
 def available(t: Tensor) -> bool:
@@ -59,6 +67,7 @@ class Family:
     pairs: list[tuple[int, int]] = field(default_factory=list)
     has_a: list[bool] = field(default_factory=list)
     has_b: list[bool] = field(default_factory=list)
+    roots: list[float] = field(default_factory=list)  # √min(m, n) per pair (mode sds's step damping)
 
     @property
     def k(self) -> int:
@@ -75,6 +84,7 @@ def families(group: dict[str, Any], buckets: Sequence[Any]) -> list[Family]:
         fam.pairs += list(zip(bucket.a, bucket.b))
         fam.has_a += [bucket.has_a] * len(bucket.a)
         fam.has_b += [bucket.has_b] * len(bucket.a)
+        fam.roots += [math.sqrt(min(bucket.b_shape[0], math.prod(bucket.a_shape[1:])))] * len(bucket.a)
     return list(out.values())
 
 
@@ -94,20 +104,30 @@ def _tl_dtype(dtype: torch.dtype) -> Any:
 
 
 class Tables:
-    """The int64 entry tables of the kernels (:data:`sdsopt.kernels.FIELDS` columns), cached per key and rebuilt
-    (one host-to-device copy) only when a data pointer changes, e.g. when gradients are re-allocated."""
+    """The kernels' int64 entry tables (:data:`sdsopt.kernels.FIELDS` columns) and work items, cached per key.
+
+    A table is rebuilt (one host-to-device copy) only when the parameters' or gradients' data pointers change
+    (gradients re-allocated by ``zero_grad(set_to_none=True)`` usually get the same blocks back) or the state
+    tensors are other objects (``load_state_dict``); the cache holds those objects, so an identity cannot be
+    reused by a new tensor while its table is cached.  Layout (contiguity) is checked when a table is built.
+    """
 
     def __init__(self) -> None:
-        self._cache: dict[Any, tuple[tuple[tuple[int, ...], ...], Tensor]] = {}
+        self._cache: dict[Any, tuple[Any, ...]] = {}
 
-    def get(self, key: Any, rows: list[tuple[int, ...]], device: torch.device) -> Tensor:
-        rows_t = tuple(rows)
+    def get(self, key: Any, ptrs: tuple[int, ...], objs: list[Tensor], build: Any,
+            device: torch.device) -> tuple[Tensor, Tensor, int]:
+        """``(table, items, item count)`` for ``key``: cached while the data pointers ``ptrs`` are equal and the
+        tensors ``objs`` (state) are the same objects, else from ``build() -> (rows, items)``."""
         hit = self._cache.get(key)
-        if hit is not None and hit[0] == rows_t:
-            return hit[1]
-        table = torch.tensor(rows, dtype=torch.int64, device=device)
-        self._cache[key] = (rows_t, table)
-        return table
+        if (hit is not None and hit[0] == ptrs and len(hit[1]) == len(objs)
+                and all(map(operator.is_, hit[1], objs))):
+            return hit[2]
+        rows, items = build()
+        value = (torch.tensor(rows, dtype=torch.int64, device=device),
+                 torch.tensor(items, dtype=torch.int64, device=device), len(items))
+        self._cache[key] = (ptrs, objs, value)
+        return value
 
     def constant(self, key: Any, values: list[Any], device: torch.device, dtype: torch.dtype) -> Tensor:
         """A device tensor of host ``values`` (per-pair constants of a family), cached as the tables are."""
@@ -119,36 +139,50 @@ class Tables:
         return out
 
 
-def _ptr(t: Tensor | None) -> int:
-    return 0 if t is None else t.data_ptr()
-
-
 def _blocks(r: int) -> tuple[int, int, int]:
     """``(RP, BP, warps)``: r padded to a power of two ≥ 16 (``tl.dot``'s minimum), the column block (a tile of
-    at most 4096 float32 per operand) and the warps per program."""
+    at most 2048 float32 per operand) and the warps per program."""
     rp = max(16, triton.next_power_of_2(r))
-    return rp, max(16, min(128, 4096 // rp)), 4 if rp <= 32 else 8
+    return rp, max(16, min(64, 2048 // rp)), 4
 
 
 def _precision(device: torch.device) -> str:
     return "tf32x3" if device.type == "cuda" else "ieee"
 
 
+def _chunks(lengths: list[int], chunk: int) -> tuple[list[tuple[int, int]], list[tuple[int, int, int]]]:
+    """Work items ``(entry, c0, c1)`` of at most ``chunk`` columns, and per entry ``(first item, count)``."""
+    items, spans = [], []
+    for j, p in enumerate(lengths):
+        spans.append((len(items), max(1, -(-p // chunk))))
+        items += [(j, c, min(c + chunk, p)) for c in range(0, p, chunk)] or [(j, 0, 0)]
+    return spans, items
+
+
 def grams(tables: Tables, key: Any, group: dict[str, Any], fam: Family) -> Tensor:
-    """``K = [K_A; K_B]`` ``[2k, r, r]`` float32 for the family's pairs: two launches, one program per factor."""
+    """``K = [K_A; K_B]`` ``[2k, r, r]`` float32 for the family's pairs: per factor kind one launch over work
+    items of :data:`GRAM_CHUNK` columns, then one launch that adds each factor's partial sums."""
     params: list[Tensor] = group["params"]
     device = params[fam.pairs[0][0]].device
     K = torch.empty(2 * fam.k, fam.r, fam.r, dtype=torch.float32, device=device)
     rp, bp, warps = _blocks(fam.r)
     for side, trans in ((0, False), (1, True)):
-        rows = []
-        for q, pair in enumerate(fam.pairs):
-            x = params[pair[side]]
-            rows.append((x.data_ptr(), 0, 0, 0, 0, 0, x.numel() // fam.r, q))
-        table = tables.get((key, "gram", side), rows, device)
-        kernels.gram_kernel[(fam.k,)](table, K[side * fam.k:], fam.r, TRANS=trans, RP=rp, BP=bp,
-                                      DT=_tl_dtype(fam.dtype),
-                                      PREC=_precision(device), num_warps=warps)
+        factors = [params[pair[side]] for pair in fam.pairs]
+        ptrs = tuple(x.data_ptr() for x in factors)
+
+        def build(factors=factors, ptrs=ptrs):
+            lengths = [x.numel() // fam.r for x in factors]
+            spans, items = _chunks(lengths, GRAM_CHUNK)
+            rows = [(ptr, first, count, 0, 0, 0, p, q)
+                    for q, (ptr, (first, count), p) in enumerate(zip(ptrs, spans, lengths))]
+            return rows, items
+
+        table, items, n = tables.get((key, "gram", side), ptrs, [], build, device)
+        ws = torch.empty(n, fam.r, fam.r, dtype=torch.float32, device=device)
+        kernels.gram_kernel[(n,)](table, items, ws, fam.r, TRANS=trans, RP=rp, BP=bp, DT=_tl_dtype(fam.dtype),
+                                  PREC=_precision(device), num_warps=warps)
+        kernels.gram_sum_kernel[(fam.k,)](table, ws, K[side * fam.k:], fam.r, RP=rp, num_warps=4)
+        del ws
     return K
 
 
@@ -168,34 +202,40 @@ def adam(tables: Tables, key: Any, group: dict[str, Any], fam: Family, lists: di
     beta1, beta2 = group["betas"]
     launches, steps, done = [], [], set()
     for side, trans, present in ((0, False, fam.has_a), (1, True, fam.has_b)):
-        rows, longest = [], 0
-        for q, (pair, has) in enumerate(zip(fam.pairs, present)):
-            if not has:
-                continue
-            pos = position[pair[side]]
-            x = lists["params"][pos]
-            g = lists["grads"][pos]
-            if g.dtype != x.dtype or not (x.is_contiguous() and g.is_contiguous()):
-                raise RuntimeError(f"SDSAdamW fused step: {tuple(x.shape)} factor with a {g.dtype} or strided "
-                                   "gradient; pass fused=False for this model.")
-            p = x.numel() // fam.r
-            rows.append((x.data_ptr(), g.data_ptr(), lists["exp_avgs"][pos].data_ptr(),
-                         lists["exp_avg_sqs"][pos].data_ptr(),
-                         _ptr(lists["max_exp_avg_sqs"][pos] if amsgrad else None),
-                         lists["state_steps"][pos].data_ptr(), p, q))
-            steps.append(lists["state_steps"][pos])
-            done.add(pos)
-            longest = max(longest, p)
-        if rows:
-            launches.append((side, trans, tables.get((key, "adam", side), rows, device), len(rows), longest))
+        qs = [q for q, has in enumerate(present) if has]
+        if not qs:
+            continue
+        pos = [position[fam.pairs[q][side]] for q in qs]
+        x = [lists["params"][i] for i in pos]
+        g = [lists["grads"][i] for i in pos]
+        state = [[lists[name][i] for i in pos] for name in ("exp_avgs", "exp_avg_sqs", "state_steps")]
+        state.append([lists["max_exp_avg_sqs"][i] for i in pos] if amsgrad else [])
+        ptrs = tuple(t.data_ptr() for t in x) + tuple(t.data_ptr() for t in g)
+
+        def build(x=x, g=g, state=state, qs=qs):
+            for xi, gi in zip(x, g):
+                if gi.dtype != xi.dtype or gi.shape != xi.shape or not (xi.is_contiguous() and gi.is_contiguous()):
+                    raise RuntimeError(f"SDSAdamW(fused=True): a {tuple(xi.shape)} LoRA factor has a {gi.dtype} "
+                                       f"gradient of shape {tuple(gi.shape)} or a strided layout; the kernels need "
+                                       "contiguous gradients of the parameter's dtype. Pass fused=False.")
+            lengths = [t.numel() // fam.r for t in x]
+            _, items = _chunks(lengths, ADAM_CHUNK * bp)
+            rows = [(xi.data_ptr(), gi.data_ptr(), mi.data_ptr(), vi.data_ptr(), wi.data_ptr() if amsgrad else 0,
+                     si.data_ptr(), p, q)
+                    for xi, gi, mi, vi, si, wi, p, q in zip(x, g, *state[:3], state[3] or x, lengths, qs)]
+            return rows, items
+
+        table, items, n = tables.get((key, "adam", side), ptrs, [t for ts in state for t in ts], build, device)
+        launches.append((side, trans, table, items, n))
+        steps += state[2]
+        done.update(pos)
     if not steps:
         return done
     torch._foreach_add_(steps, 1)
     lr = group["lr"]
-    for side, trans, table, n, longest in launches:
-        grid = (n, triton.cdiv(longest, bp))
-        kernels.adam_kernel[grid](
-            table, gmaps[(1 - side) * fam.k:], gmaps if fmaps is None else fmaps[(1 - side) * fam.k:],
+    for side, trans, table, items, n in launches:
+        kernels.adam_kernel[(n,)](
+            table, items, gmaps[(1 - side) * fam.k:], gmaps if fmaps is None else fmaps[(1 - side) * fam.k:],
             gmaps if scales is None else scales[(1 - side) * fam.k:], gmaps if ramps is None else ramps,
             lr if isinstance(lr, Tensor) else gmaps, gmaps if found_inf is None else found_inf,
             fam.r, 0.0 if isinstance(lr, Tensor) else float(lr), beta1, beta2, group["eps"],

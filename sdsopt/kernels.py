@@ -9,9 +9,12 @@ Every factor is seen in row form (:mod:`sdsopt.linalg`): ``X`` is ``r × p``; ``
 ``X`` itself (``TRANS=False``), ``B`` (``m × r``, row-major) is ``X = Bᵀ`` read as ``p × r`` tiles
 (``TRANS=True``), so both layouts load contiguous memory.
 
-:func:`gram_kernel` — ``K = X Xᵀ`` (MATH 2.1), one program per factor, float32 accumulation.
+:func:`gram_kernel` — ``X Xᵀ`` (MATH 2.1) over one *work item* (a factor's columns ``c0 … c1``) per program,
+float32 partial sums, which :func:`gram_sum_kernel` adds in a fixed order (deterministic: no atomics).
 
-:func:`adam_kernel` — one program per ``BLOCK_P`` columns of ``X`` (rows of ``B``).  With the factor's map
+:func:`adam_kernel` — one work item per program, in blocks of ``BLOCK_P`` columns (rows of ``B``), its r×r maps
+loaded once.  Work items (an int64 ``[n, 3]`` table: entry, first and last column) cut every factor into chunks of
+about equal length, so programs are balanced whatever the factors' shapes.  With the factor's map
 ``G`` (``r × r``) the gradient enters Adam as ``g̃ = G g``; Adam's moments update in place and give the
 direction ``û = m̂ / (√v̂ + ε)`` (torch's AdamW: ``m̂ = m/(1−β₁ᵗ)``, ``√v̂ = √v/√(1−β₂ᵗ)``, amsgrad on ``v``);
 then, with weight decay ``λ``, learning rate ``η``, the optional ramp ``ρ`` and re-balancing scale ``c``:
@@ -36,112 +39,139 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-__all__ = ["FIELDS", "adam_kernel", "gram_kernel"]
+__all__ = ["FIELDS", "adam_kernel", "gram_kernel", "gram_sum_kernel"]
 
 FIELDS = 8
-"""Entry-table columns: parameter, gradient, exp_avg, exp_avg_sq, max_exp_avg_sq, step (data pointers),
-``p``, the pair's index ``q`` in its family (maps, scales and ramps are read at ``q``)."""
+"""Entry-table columns: parameter, gradient, exp_avg, exp_avg_sq, max_exp_avg_sq, step (data pointers; the Gram
+table keeps its first work item and their count in the gradient's and exp_avg's columns), ``p``, the pair's index
+``q`` in its family (maps, scales and ramps are read at ``q``)."""
 
 
 @triton.jit
-def _tile(ptr, start, p, r, TRANS: tl.constexpr, RP: tl.constexpr, BP: tl.constexpr):
-    """Offsets and mask of columns ``start … start+BP`` of the row-form ``r × p`` factor: ``[RP, BP]`` for ``A``,
-    ``[BP, RP]`` (rows of ``B``) for ``TRANS``."""
+def _tile(ptr, start, stop, p, r, TRANS: tl.constexpr, RP: tl.constexpr, BP: tl.constexpr):
+    """Pointers and mask of columns ``start … min(start+BP, stop)`` of the row-form ``r × p`` factor: ``[RP, BP]``
+    for ``A``, ``[BP, RP]`` (rows of ``B``) for ``TRANS``."""
     i = tl.arange(0, RP)
     c = start + tl.arange(0, BP)
     if TRANS:
         offs = c[:, None] * r + i[None, :]
-        mask = (c[:, None] < p) & (i[None, :] < r)
+        mask = (c[:, None] < stop) & (i[None, :] < r)
     else:
         offs = i[:, None] * p + c[None, :]
-        mask = (i[:, None] < r) & (c[None, :] < p)
+        mask = (i[:, None] < r) & (c[None, :] < stop)
     return ptr + offs, mask
 
 
 @triton.jit
-def gram_kernel(table, out, r, TRANS: tl.constexpr, RP: tl.constexpr, BP: tl.constexpr, DT: tl.constexpr,
+def gram_kernel(table, items, ws, r, TRANS: tl.constexpr, RP: tl.constexpr, BP: tl.constexpr, DT: tl.constexpr,
                 PREC: tl.constexpr):
-    """``out[j] = X_j X_jᵀ`` (``r × r`` float32) for the factor of entry ``j`` (program ``j``)."""
-    j = tl.program_id(0)
+    """``ws[w] = X[:, c0:c1] X[:, c0:c1]ᵀ`` (``r × r`` float32) for work item ``w`` (program ``w``)."""
+    w = tl.program_id(0)
+    j = tl.load(items + w * 3)
+    c0 = tl.load(items + w * 3 + 1)
+    c1 = tl.load(items + w * 3 + 2)
     row = table + j * 8
     x_ptr = tl.load(row).to(tl.pointer_type(DT))
     p = tl.load(row + 6)
     acc = tl.zeros((RP, RP), dtype=tl.float32)
-    for start in range(0, p, BP):
-        ptrs, mask = _tile(x_ptr, start, p, r, TRANS, RP, BP)
+    for start in range(c0, c1, BP):
+        ptrs, mask = _tile(x_ptr, start, c1, p, r, TRANS, RP, BP)
         x = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
         if TRANS:
             acc += tl.dot(tl.trans(x), x, input_precision=PREC)
         else:
             acc += tl.dot(x, tl.trans(x), input_precision=PREC)
     i = tl.arange(0, RP)
-    tl.store(out + j.to(tl.int64) * r * r + i[:, None] * r + i[None, :], acc, mask=(i[:, None] < r) & (i[None, :] < r))
+    tl.store(ws + w.to(tl.int64) * r * r + i[:, None] * r + i[None, :], acc, mask=(i[:, None] < r) & (i[None, :] < r))
 
 
 @triton.jit
-def adam_kernel(table, gmaps, fmaps, scales, ramps, lr_ptr, found_inf, r, lr, beta1, beta2, eps, weight_decay,
-                TRANS: tl.constexpr, COORD: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_RAMP: tl.constexpr,
-                HAS_FOUND_INF: tl.constexpr, LR_TENSOR: tl.constexpr, AMSGRAD: tl.constexpr,
-                MAXIMIZE: tl.constexpr, RP: tl.constexpr, BP: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr):
-    """One ``BP``-column block (program axis 1) of entry ``j`` (axis 0): the update of the module docstring."""
+def gram_sum_kernel(table, ws, out, r, RP: tl.constexpr):
+    """``out[j] = Σ ws[w]`` over entry ``j``'s work items, in order (program ``j``)."""
     j = tl.program_id(0)
-    start = tl.program_id(1) * BP
-    row = table + j * 8
-    p = tl.load(row + 6)
-    if start >= p:
-        return
+    first = tl.load(table + j * 8 + 1)
+    count = tl.load(table + j * 8 + 2)
+    i = tl.arange(0, RP)
+    offs = i[:, None] * r + i[None, :]
+    mask = (i[:, None] < r) & (i[None, :] < r)
+    acc = tl.zeros((RP, RP), dtype=tl.float32)
+    for t in range(count):
+        acc += tl.load(ws + (first + t) * r * r + offs, mask=mask, other=0.0)
+    tl.store(out + j.to(tl.int64) * r * r + offs, acc, mask=mask)
+
+
+@triton.jit
+def adam_kernel(table, items, gmaps, fmaps, scales, ramps, lr_ptr, found_inf, r, lr, beta1, beta2, eps,
+                weight_decay, TRANS: tl.constexpr, COORD: tl.constexpr, HAS_SCALE: tl.constexpr,
+                HAS_RAMP: tl.constexpr, HAS_FOUND_INF: tl.constexpr, LR_TENSOR: tl.constexpr,
+                AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr, RP: tl.constexpr, BP: tl.constexpr,
+                DT: tl.constexpr, PREC: tl.constexpr):
+    """Work item ``w`` (program ``w``): the update of the module docstring on its columns, ``BP`` at a time."""
+    w = tl.program_id(0)
     if HAS_FOUND_INF:
         if tl.load(found_inf) > 0:  # torch's fused AdamW: a step with non-finite gradients changes nothing
             return
-    x_ptrs, mask = _tile(tl.load(row).to(tl.pointer_type(DT)), start, p, r, TRANS, RP, BP)
-    g_ptrs, _ = _tile(tl.load(row + 1).to(tl.pointer_type(DT)), start, p, r, TRANS, RP, BP)
-    m_ptrs, _ = _tile(tl.load(row + 2).to(tl.pointer_type(DT)), start, p, r, TRANS, RP, BP)
-    v_ptrs, _ = _tile(tl.load(row + 3).to(tl.pointer_type(DT)), start, p, r, TRANS, RP, BP)
+    j = tl.load(items + w * 3)
+    c0 = tl.load(items + w * 3 + 1)
+    c1 = tl.load(items + w * 3 + 2)
+    row = table + j * 8
+    p = tl.load(row + 6)
+    x_base = tl.load(row).to(tl.pointer_type(DT))
+    g_base = tl.load(row + 1).to(tl.pointer_type(DT))
+    m_base = tl.load(row + 2).to(tl.pointer_type(DT))
+    v_base = tl.load(row + 3).to(tl.pointer_type(DT))
+    w_base = tl.load(row + 4).to(tl.pointer_type(DT))
     step = tl.load(tl.load(row + 5).to(tl.pointer_type(tl.float32)))
     q = tl.load(row + 7)
     base = q * r * r
     i = tl.arange(0, RP)
     r_mask = (i[:, None] < r) & (i[None, :] < r)
     G = tl.load(gmaps + base + i[:, None] * r + i[None, :], mask=r_mask, other=0.0)
-
-    g = tl.load(g_ptrs, mask=mask, other=0.0).to(tl.float32)
-    if MAXIMIZE:
-        g = -g
-    if TRANS:  # row form X = Bᵀ: g̃ᵀ = gᵀ Gᵀ
-        g = tl.dot(g, tl.trans(G), input_precision=PREC)
-    else:
-        g = tl.dot(G, g, input_precision=PREC)
-    m = tl.load(m_ptrs, mask=mask, other=0.0).to(tl.float32)
-    v = tl.load(v_ptrs, mask=mask, other=0.0).to(tl.float32)
-    m = beta1 * m + (1.0 - beta1) * g
-    v = beta2 * v + (1.0 - beta2) * g * g
-    tl.store(m_ptrs, m.to(DT), mask=mask)
-    tl.store(v_ptrs, v.to(DT), mask=mask)
-    if AMSGRAD:
-        w_ptrs, _ = _tile(tl.load(row + 4).to(tl.pointer_type(DT)), start, p, r, TRANS, RP, BP)
-        v = tl.maximum(tl.load(w_ptrs, mask=mask, other=0.0).to(tl.float32), v)
-        tl.store(w_ptrs, v.to(DT), mask=mask)
-    bias1 = 1.0 - tl.exp2(step * tl.log2(beta1))
-    bias2 = 1.0 - tl.exp2(step * tl.log2(beta2))
-    u = (m / bias1) / (tl.sqrt(v) / tl.sqrt(bias2) + eps)
-
-    x = tl.load(x_ptrs, mask=mask, other=0.0).to(tl.float32)
     if COORD:
         F = tl.load(fmaps + base + i[:, None] * r + i[None, :], mask=r_mask, other=0.0)
-        if TRANS:
-            t = tl.dot(u, G, input_precision=PREC) + weight_decay * x
-            d = tl.dot(t, F, input_precision=PREC)
-        else:
-            t = tl.dot(tl.trans(G), u, input_precision=PREC) + weight_decay * x
-            d = tl.dot(F, t, input_precision=PREC)
-    else:
-        d = u + weight_decay * x
+    bias1 = 1.0 - tl.exp2(step * tl.log2(beta1))
+    root2 = tl.sqrt(1.0 - tl.exp2(step * tl.log2(beta2)))
     if LR_TENSOR:
         lr = tl.load(lr_ptr)
-    d = d * -lr
+    gain = -lr
     if HAS_RAMP:
-        d = d * tl.load(ramps + q)
-    x = x + d
+        gain = gain * tl.load(ramps + q)
     if HAS_SCALE:
-        x = x * tl.load(scales + q)
-    tl.store(x_ptrs, x.to(DT), mask=mask)
+        scale = tl.load(scales + q)
+    for start in range(c0, c1, BP):
+        x_ptrs, mask = _tile(x_base, start, c1, p, r, TRANS, RP, BP)
+        g_ptrs, _ = _tile(g_base, start, c1, p, r, TRANS, RP, BP)
+        m_ptrs, _ = _tile(m_base, start, c1, p, r, TRANS, RP, BP)
+        v_ptrs, _ = _tile(v_base, start, c1, p, r, TRANS, RP, BP)
+        g = tl.load(g_ptrs, mask=mask, other=0.0).to(tl.float32)
+        if MAXIMIZE:
+            g = -g
+        if TRANS:  # row form X = Bᵀ: g̃ᵀ = gᵀ Gᵀ
+            g = tl.dot(g, tl.trans(G), input_precision=PREC)
+        else:
+            g = tl.dot(G, g, input_precision=PREC)
+        m = tl.load(m_ptrs, mask=mask, other=0.0).to(tl.float32)
+        v = tl.load(v_ptrs, mask=mask, other=0.0).to(tl.float32)
+        m = beta1 * m + (1.0 - beta1) * g
+        v = beta2 * v + (1.0 - beta2) * g * g
+        tl.store(m_ptrs, m.to(DT), mask=mask)
+        tl.store(v_ptrs, v.to(DT), mask=mask)
+        if AMSGRAD:
+            w_ptrs, _ = _tile(w_base, start, c1, p, r, TRANS, RP, BP)
+            v = tl.maximum(tl.load(w_ptrs, mask=mask, other=0.0).to(tl.float32), v)
+            tl.store(w_ptrs, v.to(DT), mask=mask)
+        u = (m / bias1) / (tl.sqrt(v) / root2 + eps)
+        x = tl.load(x_ptrs, mask=mask, other=0.0).to(tl.float32)
+        if COORD:
+            if TRANS:
+                t = tl.dot(u, G, input_precision=PREC) + weight_decay * x
+                d = tl.dot(t, F, input_precision=PREC)
+            else:
+                t = tl.dot(tl.trans(G), u, input_precision=PREC) + weight_decay * x
+                d = tl.dot(F, t, input_precision=PREC)
+        else:
+            d = u + weight_decay * x
+        x = x + gain * d
+        if HAS_SCALE:
+            x = x * scale
+        tl.store(x_ptrs, x.to(DT), mask=mask)

@@ -109,9 +109,22 @@ def split_fused(group: dict[str, Any], buckets: list[Bucket]) -> tuple[list[Buck
     return kernel, rest
 
 
+def _families(opt: SDSAdamW, gi: int, group: dict[str, Any], buckets: list[Bucket]) -> list[fused.Family]:
+    """:func:`sdsopt.fused.families` of the group's kernel buckets, cached while the buckets are the same."""
+    cached = opt._bucket_cache.get(("families", gi))
+    if cached is not None and len(cached[0]) == len(buckets) and all(a is b for a, b in zip(cached[0], buckets)):
+        return cached[1]
+    out = fused.families(group, buckets)
+    opt._bucket_cache[("families", gi)] = (list(buckets), out)
+    return out
+
+
 def _drop(lists: dict[str, list[Tensor]], done: set[int]) -> None:
     """Take the positions ``done`` (stepped by the mode) out of the lists of the common Adam call."""
-    if done:
+    if done and len(done) == len(lists["params"]):  # every parameter of the group was a stepped factor
+        for key in lists:
+            lists[key] = []
+    elif done:
         for key, values in lists.items():
             if values:
                 lists[key] = [v for q, v in enumerate(values) if q not in done]
@@ -262,7 +275,7 @@ class Coordinates(Mode):
         params: list[Tensor] = group["params"]
         lr = group["lr"]
         done: set[int] = set()
-        for fi, fam in enumerate(fused.families(group, buckets)):
+        for fi, fam in enumerate(_families(opt, ctx.gi, group, buckets)):
             key = (ctx.gi, "sds", fi)
             device = params[fam.pairs[0][0]].device
             _, tol = algebra_precision(fam.dtype, group["linalg_dtype"], group["rank_tol"], "cholesky")
@@ -280,8 +293,8 @@ class Coordinates(Mode):
             gamma = group["step_damping"] * lr
             shift: Tensor | float = 0.0
             if gamma > 0:
-                roots = [math.sqrt(min(params[ib].shape[0], params[ia].numel() // fam.r)) for ia, ib in fam.pairs]
-                shift = (opt._tables.constant((key, "roots"), roots * 2, device, torch.float32) * gamma).view(-1, 1, 1)
+                roots = opt._tables.constant((key, "roots"), fam.roots * 2, device, torch.float32)
+                shift = (roots * gamma).view(-1, 1, 1)
             L_inv, F = fused_frames(K, tol, shift)
             del K
             ramp = self._ramp(opt, group, [ia for ia, _ in fam.pairs], L_inv)
@@ -454,7 +467,7 @@ class Rewrite(Mode):
         Returns the positions stepped."""
         opt, group = ctx.opt, ctx.group
         done: set[int] = set()
-        for fi, fam in enumerate(fused.families(group, buckets)):
+        for fi, fam in enumerate(_families(opt, ctx.gi, group, buckets)):
             key = (ctx.gi, "rewrite", fi)
             route, _, tol = self._route(ctx.gi, group, group["params"][fam.pairs[0][0]])
             K = fused.grams(opt._tables, key, group, fam)

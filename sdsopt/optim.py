@@ -289,7 +289,7 @@ class SDSAdamW(Optimizer):
         self._pairing: PairingFn = _pairing.resolve_pairing(pairing)
         if isinstance(params, torch.nn.Module):  # e.g. Trainer(optimizer_cls_and_kwargs=(SDSAdamW, {"model": model}))
             params = [(n, p) for n, p in params.named_parameters() if p.requires_grad]
-        self._bucket_cache: dict[int, tuple[Any, ...]] = {}
+        self._bucket_cache: dict[Any, tuple[Any, ...]] = {}
         self._tables = Tables()  # the fused kernels' entry tables (sdsopt.fused)
         self._group_sizes: list[int] = []
         self._capture: LoraCapture | None = None

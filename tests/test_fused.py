@@ -35,8 +35,9 @@ def _pairs(shapes: list[tuple[int, int]], r: int, seed: int) -> list[tuple[str, 
     gen = torch.Generator().manual_seed(seed)
     named = []
     for i, (m, n) in enumerate(shapes):
-        named.append((f"layers.{i}.lora_A.default.weight", torch.randn(r, n, generator=gen, dtype=torch.float64) / n**0.5))
-        named.append((f"layers.{i}.lora_B.default.weight", torch.randn(m, r, generator=gen, dtype=torch.float64) / r**0.5))
+        A = torch.randn(r, n, generator=gen, dtype=torch.float64) / n**0.5
+        B = torch.randn(m, r, generator=gen, dtype=torch.float64) / r**0.5
+        named += [(f"layers.{i}.lora_A.default.weight", A), (f"layers.{i}.lora_B.default.weight", B)]
     return named
 
 
@@ -69,9 +70,9 @@ def _err(got, ref):
     seed=st.integers(0, 2**16),
 )
 def test_fused_step_matches_the_float64_torch_step(r, shapes, mode, dtype, wd, amsgrad, maximize, seed):
-    """Random shapes (uneven, r up to 128, rank-deficient where r > min(m, n)), both modes, bf16, weight decay,
-    amsgrad, maximize, all three modes the kernels serve: the kernels' parameters and moments equal the float64 torch path's to the stated
-    tolerance."""
+    """Random shapes (uneven, r up to 128, rank-deficient where r > min(m, n)), the three modes the kernels serve,
+    bf16, weight decay, amsgrad, maximize: the kernels' parameters and moments equal the float64 torch path's
+    to the stated tolerance."""
     named = _pairs(shapes, r, seed)
     if dtype == torch.bfloat16:  # the reference starts from the same rounded factors
         named = [(n, t.to(dtype).double()) for n, t in named]
@@ -82,14 +83,14 @@ def test_fused_step_matches_the_float64_torch_step(r, shapes, mode, dtype, wd, a
         kw.update(route="eigh")  # the reference's route on every device
     ref = _run(named, torch.float64, "cpu", 3, seed, **kw)
     got = _run(named, dtype, DEVICE, 3, seed, fused=True, **kw)
-    base = _run(named, dtype, "cpu", 3, seed, **kw)  # the torch path in the same dtype
+    base = _run(named, dtype, DEVICE, 3, seed, **kw)  # the torch path (fused=False), same dtype and device
     tol = TOLERANCE[dtype]
     assert _err(got[0], ref[0]) <= max(tol, 4 * _err(base[0], ref[0]))
     if dtype == torch.float32:
         assert _err(got[1], ref[1]) <= max(tol, 4 * _err(base[1], ref[1]))
     else:  # bf16 moments after one step: later ones can cancel to near zero
         one = [_run(named, dt, dev, 1, seed, **flags)[1] for dt, dev, flags in
-               ((torch.float64, "cpu", {}), (dtype, DEVICE, {"fused": True}), (dtype, "cpu", {}))]
+               ((torch.float64, "cpu", {}), (dtype, DEVICE, {"fused": True}), (dtype, DEVICE, {}))]
         assert _err(one[1], one[0]) <= max(tol, 4 * _err(one[2], one[0]))
 
 
@@ -120,7 +121,8 @@ def test_a_step_with_nonfinite_gradients_changes_nothing():
     group = {"params": [A, B], "amsgrad": True, "betas": (0.9, 0.999), "lr": 1e-2, "eps": 1e-8,
              "weight_decay": 0.1, "maximize": False}
     lists = {"params": [A, B], "grads": [torch.randn_like(A), torch.randn_like(B)],
-             "exp_avgs": [torch.rand_like(A), torch.rand_like(B)], "exp_avg_sqs": [torch.rand_like(A), torch.rand_like(B)],
+             "exp_avgs": [torch.rand_like(A), torch.rand_like(B)],
+             "exp_avg_sqs": [torch.rand_like(A), torch.rand_like(B)],
              "max_exp_avg_sqs": [torch.rand_like(A), torch.rand_like(B)],
              "state_steps": [torch.full((), 3.0, device=DEVICE), torch.full((), 3.0, device=DEVICE)]}
     eye = torch.eye(4, device=DEVICE).expand(2, 4, 4).contiguous()
@@ -137,12 +139,12 @@ def test_a_step_with_nonfinite_gradients_changes_nothing():
 
 def _model(dtype, seed=0):
     torch.manual_seed(seed)
-    model = torch.nn.ModuleDict({
-        "a": torch.nn.ModuleDict({"lora_A": torch.nn.Linear(24, 4, bias=False), "lora_B": torch.nn.Linear(4, 18, bias=False)}),
-        "b": torch.nn.ModuleDict({"lora_A": torch.nn.Linear(18, 4, bias=False), "lora_B": torch.nn.Linear(4, 24, bias=False)}),
-        "c": torch.nn.ModuleDict({"lora_A": torch.nn.Linear(24, 8, bias=False), "lora_B": torch.nn.Linear(8, 24, bias=False)}),
-        "head": torch.nn.Linear(24, 3),
-    })
+    def pair(n, r, m):
+        return torch.nn.ModuleDict({"lora_A": torch.nn.Linear(n, r, bias=False),
+                                    "lora_B": torch.nn.Linear(r, m, bias=False)})
+
+    model = torch.nn.ModuleDict({"a": pair(24, 4, 18), "b": pair(18, 4, 24), "c": pair(24, 8, 24),
+                                 "head": torch.nn.Linear(24, 3)})
     return model.to(dtype).to(DEVICE)
 
 
