@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
@@ -60,7 +61,7 @@ def variants(device: torch.device, modes: list[str], routes: list[str], guard: b
              torch_ops: tuple[str, ...] = ()):
     """AdamW foreach/fused, then SDSAdamW per mode (and sds_polar route), ``fused=True`` (on CUDA: the Triton
     kernels); with ``guard`` each SDSAdamW variant also with ``skip_nonfinite=True`` (the cost of the non-finite
-    check); the modes in ``torch_ops`` also with ``fused=False`` (the torch-ops step, foreach Adam)."""
+    check); the modes in ``torch_ops`` also without the kernels (``SDSOPT_KERNELS=0``: the torch-ops step)."""
     out = {"AdamW foreach": lambda named: torch.optim.AdamW([p for _, p in named], lr=1e-4, foreach=True),
            "AdamW fused": lambda named: torch.optim.AdamW([p for _, p in named], lr=1e-4, fused=True)}
     for mode in modes:  # sds measured in its coordinate phase (warmup_steps=0); its route is Cholesky
@@ -71,10 +72,10 @@ def variants(device: torch.device, modes: list[str], routes: list[str], guard: b
                 out[label] = (lambda mode, route, extra, skip: lambda named: SDSAdamW(
                     named, lr=1e-4, mode=mode, route=route, fused=True, skip_nonfinite=skip, **extra)
                 )(mode, route, extra, skip)
-            if mode in torch_ops:
+            if mode in torch_ops:  # fused=True without the kernels (SDSOPT_KERNELS=0 while it is timed)
                 extra = {"warmup_steps": 0} if mode == "sds" else {}
                 out[f"SDSAdamW {mode} (torch ops)"] = (lambda mode, extra: lambda named: SDSAdamW(
-                    named, lr=1e-4, mode=mode, fused=False, **extra))(mode, extra)
+                    named, lr=1e-4, mode=mode, fused=True, **extra))(mode, extra)
     return out
 
 
@@ -165,7 +166,7 @@ def main(argv=None):
     ap.add_argument("--check", action="store_true", help="check the device step against float64 CPU")
     ap.add_argument("--guard", action="store_true", help="also time every SDSAdamW variant with skip_nonfinite=True")
     ap.add_argument("--torch-ops", nargs="*", default=["sds", "scaled"],
-                    help="modes also timed with fused=False (the torch-ops step; on CUDA fused=True runs the kernels)")
+                    help="modes also timed without the kernels (SDSOPT_KERNELS=0: the torch-ops step)")
     ap.add_argument("--out", default=None, help="write rows as JSON here")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
@@ -184,7 +185,9 @@ def main(argv=None):
             results = {}
             for label, make in variants(device, args.modes, args.routes, args.guard, tuple(args.torch_ops)).items():
                 opt = make(named)
+                os.environ["SDSOPT_KERNELS"] = "0" if label.endswith("(torch ops)") else "1"
                 ms, peak = time_steps(opt, device, args.steps, args.warmup)
+                os.environ.pop("SDSOPT_KERNELS")
                 results[label] = (ms, peak, state_mb(opt))
                 del opt
                 if device.type == "cuda":

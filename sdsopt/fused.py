@@ -52,8 +52,10 @@ ADAM_CHUNK = 8
 
 def available(t: Tensor) -> bool:
     """Can the kernels step tensors like ``t``?  On CUDA with Triton installed (and on the CPU under Triton's
-    interpreter, ``TRITON_INTERPRET=1``, which the tests use to check the kernels without a GPU)."""
-    if triton is None:
+    interpreter, ``TRITON_INTERPRET=1``, which the tests use to check the kernels without a GPU), unless the
+    environment sets ``SDSOPT_KERNELS=0`` (``fused=True`` then takes the torch-ops step: for A/B runs and
+    bisecting)."""
+    if triton is None or os.environ.get("SDSOPT_KERNELS", "1") == "0":
         return False
     return t.is_cuda or (t.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
 
