@@ -1,26 +1,28 @@
-"""The sweep behind ``sdsopt.fused``'s launch settings: the fused step's time per column block and warp count
-(``_blocks``), then per work-item size (``ADAM_CHUNK``, ``GRAM_CHUNK``).
+"""The sweep behind ``sdsopt.fused.launch``: the fused step's time per kernel setting (column block, warps,
+pipelining stages, matmul precision) and work-item size (``ADAM_CHUNK``, ``GRAM_CHUNK``).
 
     python benchmarks/kernel_blocks.py --ranks 16 64 --dtypes fp32 bf16      # CUDA only
 
-For every (rank, dtype) the SDSAdamW ``sds`` and ``scaled`` steps (``fused=True``) are timed with each candidate
-``(BLOCK_P, warps)`` for the Adam kernel and the Gram kernel together, then with each work-item size at the
-default blocks (median of ``--steps`` steps, CUDA events), next to fused AdamW in the same run.  Prints one line
-per candidate; the defaults are marked.
+For every (rank, dtype) the SDSAdamW step (``fused=True``) is timed with the default settings, then with one
+setting changed at a time (median of ``--steps`` steps, CUDA events), next to fused AdamW in the same run.
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+from dataclasses import replace
 
 import torch
 
 from sdsopt import SDSAdamW, fused
 from step_time import DTYPES, lora_params
 
-CANDIDATES = [(16, 4), (32, 4), (32, 8), (64, 4), (64, 8), (128, 4)]
-CHUNKS = [(4, 2048), (16, 2048), (8, 1024), (8, 4096)]  # (ADAM_CHUNK, GRAM_CHUNK); the default is timed above
+# Adam (BLOCK_P, warps, stages, precision) and Gram (BLOCK_P, stages) candidates, each at the other's default
+ADAM = [(16, 4, 1, "tf32x3"), (32, 4, 1, "tf32x3"), (64, 4, 1, "tf32x3"), (32, 8, 1, "tf32x3"), (32, 4, 2, "tf32x3"),
+        (16, 4, 1, "ieee"), (32, 4, 1, "ieee"), (64, 4, 1, "ieee")]
+GRAM = [(32, 2), (64, 2), (128, 2), (128, 3), (256, 2)]
+CHUNKS = [(4, 2048), (16, 2048), (8, 1024), (8, 4096)]  # (ADAM_CHUNK, GRAM_CHUNK)
 
 
 def timed(opt, steps: int) -> float:
@@ -46,30 +48,36 @@ def main(argv=None) -> None:
     ap.add_argument("--steps", type=int, default=20)
     args = ap.parse_args(argv)
     device = torch.device("cuda")
-    default = fused._blocks
+    default = fused.launch
     print(f"device {torch.cuda.get_device_name(device)} | llama7b shapes | median of {args.steps} steps", flush=True)
     for dname in args.dtypes:
         for r in args.ranks:
             named = lora_params("llama7b", r, DTYPES[dname], device)
             ref = timed(torch.optim.AdamW([p for _, p in named], lr=1e-4, fused=True), args.steps)
-            print(f"r={r} {dname}: AdamW fused {ref:.3f} ms", flush=True)
-            rp = default(r)[0]
-            for mode in args.modes:
-                for bp, warps in CANDIDATES:
-                    if rp * bp >= 16384:  # tiles of 64 KB of float32 per operand exceed shared memory
-                        continue
-                    fused._blocks = lambda r, bp=bp, warps=warps: (max(16, 1 << (r - 1).bit_length()), bp, warps)
-                    extra = {"warmup_steps": 0} if mode == "sds" else {}
+            base = default(r, device)
+            print(f"r={r} {dname}: AdamW fused {ref:.3f} ms; default {base}", flush=True)
+
+            def run(label: str, cfg: fused.Launch, mode: str, named=named) -> None:
+                fused.launch = lambda r, device: cfg
+                extra = {"warmup_steps": 0} if mode == "sds" else {}
+                try:
                     ms = timed(SDSAdamW(named, lr=1e-4, mode=mode, fused=True, **extra), args.steps)
-                    mark = " (default)" if (bp, warps) == default(r)[1:] else ""
-                    print(f"  {mode:7s} BLOCK_P={bp:3d} warps={warps}: {ms:.3f} ms = {ms / ref:.2f}x{mark}", flush=True)
-                fused._blocks = default
+                    print(f"  {mode:7s} {label}: {ms:.3f} ms = {ms / ref:.2f}x", flush=True)
+                except Exception as err:  # a candidate beyond the chip's shared memory: report, go on
+                    print(f"  {mode:7s} {label}: failed ({type(err).__name__}: {str(err)[:80]})", flush=True)
+                finally:
+                    fused.launch = default
+
+            for mode in args.modes:
+                run("default", base, mode)
+                for bp, warps, stages, prec in ADAM:
+                    run(f"adam BLOCK_P={bp} warps={warps} stages={stages} {prec}",
+                        replace(base, adam_bp=bp, adam_warps=warps, adam_stages=stages, precision=prec), mode)
+                for bp, stages in GRAM:
+                    run(f"gram BLOCK_P={bp} stages={stages}", replace(base, gram_bp=bp, gram_stages=stages), mode)
                 chunks = fused.ADAM_CHUNK, fused.GRAM_CHUNK
                 for fused.ADAM_CHUNK, fused.GRAM_CHUNK in CHUNKS:
-                    extra = {"warmup_steps": 0} if mode == "sds" else {}
-                    ms = timed(SDSAdamW(named, lr=1e-4, mode=mode, fused=True, **extra), args.steps)
-                    print(f"  {mode:7s} ADAM_CHUNK={fused.ADAM_CHUNK:2d} GRAM_CHUNK={fused.GRAM_CHUNK}: {ms:.3f} ms = "
-                          f"{ms / ref:.2f}x", flush=True)
+                    run(f"ADAM_CHUNK={fused.ADAM_CHUNK} GRAM_CHUNK={fused.GRAM_CHUNK}", base, mode)
                 fused.ADAM_CHUNK, fused.GRAM_CHUNK = chunks
             del named
             torch.cuda.empty_cache()

@@ -42,7 +42,7 @@ try:
 except ImportError:  # CPU-only installs: the step keeps its torch path
     triton = None
 
-__all__ = ["MAX_RANK", "Family", "Tables", "adam", "available", "families", "grams", "supported"]
+__all__ = ["MAX_RANK", "Family", "Launch", "Tables", "adam", "available", "families", "grams", "launch", "supported"]
 
 GRAM_CHUNK = 2048
 """Columns per work item of the Gram kernel (its partial sums: one r×r float32 per item)."""
@@ -141,15 +141,28 @@ class Tables:
         return out
 
 
-def _blocks(r: int) -> tuple[int, int, int]:
-    """``(RP, BP, warps)``: r padded to a power of two ≥ 16 (``tl.dot``'s minimum), the column block (a tile of
-    at most 2048 float32 per operand) and the warps per program."""
+@dataclass(frozen=True)
+class Launch:
+    """Launch settings of the kernels for one rank: ``rp`` (r padded to a power of two ≥ 16, ``tl.dot``'s
+    minimum), per kernel the column block, warps and software-pipelining stages, and the matmul precision
+    (``tf32x3``: three TF32 tensor-core passes, float32 accuracy; ``ieee``: float32 FMAs)."""
+
+    rp: int
+    adam_bp: int
+    adam_warps: int
+    adam_stages: int
+    gram_bp: int
+    gram_warps: int
+    gram_stages: int
+    precision: str
+
+
+def launch(r: int, device: torch.device) -> Launch:
+    """The settings measured best on an H100 (``benchmarks/kernel_blocks.py``; RESULTS.md)."""
     rp = max(16, triton.next_power_of_2(r))
-    return rp, max(16, min(64, 2048 // rp)), 4
-
-
-def _precision(device: torch.device) -> str:
-    return "tf32x3" if device.type == "cuda" else "ieee"
+    return Launch(rp=rp, adam_bp=max(16, min(64, 2048 // rp)), adam_warps=4, adam_stages=1,
+                  gram_bp=max(32, min(128, 8192 // rp)), gram_warps=4, gram_stages=2,
+                  precision="tf32x3" if device.type == "cuda" else "ieee")
 
 
 def _chunks(lengths: list[int], chunk: int) -> tuple[list[tuple[int, int]], list[tuple[int, int, int]]]:
@@ -167,7 +180,7 @@ def grams(tables: Tables, key: Any, group: dict[str, Any], fam: Family) -> Tenso
     params: list[Tensor] = group["params"]
     device = params[fam.pairs[0][0]].device
     K = torch.empty(2 * fam.k, fam.r, fam.r, dtype=torch.float32, device=device)
-    rp, bp, warps = _blocks(fam.r)
+    cfg = launch(fam.r, device)
     for side, trans in ((0, False), (1, True)):
         factors = [params[pair[side]] for pair in fam.pairs]
         ptrs = tuple(x.data_ptr() for x in factors)
@@ -181,9 +194,10 @@ def grams(tables: Tables, key: Any, group: dict[str, Any], fam: Family) -> Tenso
 
         table, items, n = tables.get((key, "gram", side), ptrs, [], build, device)
         ws = torch.empty(n, fam.r, fam.r, dtype=torch.float32, device=device)
-        kernels.gram_kernel[(n,)](table, items, ws, fam.r, TRANS=trans, RP=rp, BP=bp, DT=_tl_dtype(fam.dtype),
-                                  PREC=_precision(device), num_warps=warps)
-        kernels.gram_sum_kernel[(fam.k,)](table, ws, K[side * fam.k:], fam.r, RP=rp, num_warps=4)
+        kernels.gram_kernel[(n,)](table, items, ws, fam.r, TRANS=trans, RP=cfg.rp, BP=cfg.gram_bp,
+                                  DT=_tl_dtype(fam.dtype), PREC=cfg.precision, num_warps=cfg.gram_warps,
+                                  num_stages=cfg.gram_stages)
+        kernels.gram_sum_kernel[(fam.k,)](table, ws, K[side * fam.k:], fam.r, RP=cfg.rp, num_warps=4)
         del ws
     return K
 
@@ -199,7 +213,7 @@ def adam(tables: Tables, key: Any, group: dict[str, Any], fam: Family, lists: di
     device = params[fam.pairs[0][0]].device
     gmaps = gmaps.contiguous()  # row-major r×r (no copy unless a solver returned column-major batches)
     fmaps = None if fmaps is None else fmaps.contiguous()
-    rp, bp, warps = _blocks(fam.r)
+    cfg = launch(fam.r, device)
     amsgrad = group["amsgrad"]
     beta1, beta2 = group["betas"]
     launches, steps, done = [], [], set()
@@ -221,7 +235,7 @@ def adam(tables: Tables, key: Any, group: dict[str, Any], fam: Family, lists: di
                                        f"gradient of shape {tuple(gi.shape)} or a strided layout; the kernels need "
                                        "contiguous gradients of the parameter's dtype. Pass fused=False.")
             lengths = [t.numel() // fam.r for t in x]
-            _, items = _chunks(lengths, ADAM_CHUNK * bp)
+            _, items = _chunks(lengths, ADAM_CHUNK * cfg.adam_bp)
             rows = [(xi.data_ptr(), gi.data_ptr(), mi.data_ptr(), vi.data_ptr(), wi.data_ptr() if amsgrad else 0,
                      si.data_ptr(), p, q)
                     for xi, gi, mi, vi, si, wi, p, q in zip(x, g, *state[:3], state[3] or x, lengths, qs)]
@@ -244,8 +258,8 @@ def adam(tables: Tables, key: Any, group: dict[str, Any], fam: Family, lists: di
             group["weight_decay"],
             TRANS=trans, COORD=fmaps is not None, HAS_SCALE=scales is not None, HAS_RAMP=ramps is not None,
             HAS_FOUND_INF=found_inf is not None, LR_TENSOR=isinstance(lr, Tensor), AMSGRAD=amsgrad,
-            MAXIMIZE=group["maximize"], RP=rp, BP=bp, DT=_tl_dtype(fam.dtype), PREC=_precision(device),
-            num_warps=warps)
+            MAXIMIZE=group["maximize"], RP=cfg.rp, BP=cfg.adam_bp, DT=_tl_dtype(fam.dtype), PREC=cfg.precision,
+            num_warps=cfg.adam_warps, num_stages=cfg.adam_stages)
     if found_inf is not None:
         torch._foreach_sub_(steps, [found_inf] * len(steps))
     return done
