@@ -3,7 +3,8 @@
     python benchmarks/profile_step.py --rank 16 --mode sds_polar --route newton_schulz
     python benchmarks/profile_step.py --rank 16 --mode sds        # coordinate steps (no warm-up)
 
-Prints the top operators by device time, then by host time (a host-bound step shows there).
+Prints the top operators by device time, then by host time (a host-bound step shows there); ``--host`` prints
+cProfile's top Python functions of 20 steps instead (where the host time of a step goes).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ def main(argv=None):
     ap.add_argument("--mode", default="sds")
     ap.add_argument("--route", default="auto")
     ap.add_argument("--rows", type=int, default=20)
+    ap.add_argument("--host", action="store_true", help="cProfile the Python side of 20 steps")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     shape = args.shape or ("llama7b" if device.type == "cuda" else "small")
@@ -34,6 +36,23 @@ def main(argv=None):
     opt = SDSAdamW(named, lr=1e-4, mode=args.mode, route=args.route, fused=True, **extra)
     for _ in range(3):
         opt.step()
+    if args.host:
+        import cProfile
+        import pstats
+        import time
+
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        with cProfile.Profile() as prof:
+            for _ in range(20):
+                opt.step()
+        host = (time.perf_counter() - t0) / 20 * 1e3
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        print(f"{shape} r={args.rank} {args.dtype} mode={args.mode}: {host:.2f} ms of host time per step (cProfile on)")
+        pstats.Stats(prof).sort_stats("tottime").print_stats(args.rows)
+        return
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:
         for _ in range(5):

@@ -95,7 +95,7 @@ def _unstack(stacked: Tensor, shape: torch.Size) -> list[Tensor] | tuple[Tensor,
 
 def split_fused(group: dict[str, Any], buckets: list[Bucket]) -> tuple[list[Bucket], list[Bucket]]:
     """``(kernel buckets, torch buckets)``: with ``fused=True`` the buckets the Triton kernels step
-    (:mod:`sdsopt.fused`: CUDA, float32/bf16/fp16 factors of rank ≤ 128 with float32 algebra, not FSDP2 shards)."""
+    (:mod:`sdsopt.fused`: CUDA, float32/bf16/fp16 factors of rank ≤ 64 with float32 algebra, not FSDP2 shards)."""
     if not group["fused"] or group["linalg_dtype"] not in (None, torch.float32):
         return [], buckets
     params: list[Tensor] = group["params"]

@@ -20,7 +20,7 @@ mode           f(λ)                                        MATH
 =============  ==========================================  =============================
 
 ``scaled`` needs no eigenvectors: its default route forms ``P = (K + δI)^{-1}`` from a Cholesky
-factor (``torch.cholesky_inverse``), as cheap as mode ``sds``'s maps; ``route='eigh'`` keeps the
+factor (``L^{-T} L^{-1}``), as cheap as mode ``sds``'s maps; ``route='eigh'`` keeps the
 spectral form.
 
 (``lora`` is the identity and never reaches this module.)  ``svd_oracle`` (:func:`svd_refactor`)
@@ -115,7 +115,10 @@ def preconditioner(
     if spec_other is None and route == "newton_schulz" and mode == "sds_polar":
         return inv_sqrt_newton_schulz(K_other, rank_tol)[0]
     if spec_other is None and route == "cholesky" and mode == "scaled":
-        return torch.cholesky_inverse(cholesky_lower(K_other, rank_tol, shift=damping, empty_identity=False))
+        # (K + δI)^{-1} = L^{-T} L^{-1} by a triangular solve (cuBLAS on CUDA; torch.cholesky_inverse calls MAGMA
+        # there, which cannot be captured in a CUDA graph)
+        L_inv = lower_inverse(cholesky_lower(K_other, rank_tol, shift=damping, empty_identity=False))
+        return L_inv.mT @ L_inv
     spec = spec_other if spec_other is not None else spectrum(K_other, rank_tol)
     return spectral_matrix(spec, spectral_function(spec, mode, damping))
 

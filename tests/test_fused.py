@@ -3,7 +3,8 @@
 On CUDA with Triton the kernels run on the GPU; without CUDA ``tests/conftest.py`` turns on Triton's interpreter
 (``TRITON_INTERPRET=1``) so the same kernels run on the CPU; without Triton every test here skips.
 
-Stated tolerance (parameters and Adam moments after three steps, max |Δ| / max |reference|): float32 factors
+Ranks up to 128 are drawn: above :data:`sdsopt.fused.MAX_RANK` (64) the step keeps the torch path, which must
+then agree as well.  Stated tolerance (parameters and Adam moments after three steps, max |Δ| / max |reference|): float32 factors
 2e-4, bf16 factors three bf16 ulps (3·2⁻⁷; their moments after one step, as later ones can cancel to near zero),
 or 4× the error of the torch path in the same dtype where that is larger (rank-deficient pairs, ``r > min(m, n)``,
 amplify the rounding of both paths by their frames' conditioning).
@@ -158,7 +159,7 @@ def _steps(model, opt, n, seed=1):
 
 def test_mixed_phases_and_checkpoints_resume_bit_exactly():
     """A group with pairs of two ranks (two families), in warm-up and then in coordinates, and a plain parameter,
-    ``fused=True``: ``BA`` as the torch path's (float32) to 1e-5, and a checkpoint taken mid-run resumes bit-exactly."""
+    ``fused=True``: ``BA`` as the torch path's (float32) to 3e-5 (the re-split's SVD, GPU rounding), and a checkpoint taken mid-run resumes bit-exactly."""
     kw = dict(lr=1e-2, warmup_steps=2, coordinate_ramp=3, weight_decay=0.05)
     ref, got = _model(torch.float32), _model(torch.float32)
     opt_ref = SDSAdamW(ref.named_parameters(), **kw)
@@ -168,7 +169,7 @@ def test_mixed_phases_and_checkpoints_resume_bit_exactly():
     for name in ("a", "b", "c", "head"):  # the products: the re-split's SVD may rotate factors within a cluster
         want, have = (m[name].lora_B.weight @ m[name].lora_A.weight if name != "head" else m[name].weight
                       for m in (ref, got))
-        assert (have.cpu() - want.cpu()).abs().max() <= 1e-5 * want.abs().max(), name
+        assert (have.cpu() - want.cpu()).abs().max() <= 3e-5 * want.abs().max(), name
     state = copy.deepcopy(opt.state_dict())
     saved = {k: v.clone() for k, v in got.state_dict().items()}
     _steps(got, opt, 3, seed=2)
@@ -181,9 +182,11 @@ def test_mixed_phases_and_checkpoints_resume_bit_exactly():
         assert torch.equal(p, q)
 
 
-def test_float64_factors_keep_the_torch_path():
-    """The kernels take float32/bf16/fp16 factors with float32 algebra; float64 factors or ``linalg_dtype=float64``
-    keep the torch path (whose algebra is float64)."""
+def test_float64_factors_and_large_ranks_keep_the_torch_path():
+    """The kernels take float32/bf16/fp16 factors of rank ≤ 64 with float32 algebra; float64 factors,
+    ``linalg_dtype=float64`` or a larger rank keep the torch path (whose algebra is float64 for float64)."""
+    assert fused.supported(torch.bfloat16, fused.MAX_RANK) and not fused.supported(torch.float32, fused.MAX_RANK + 1)
+    assert not fused.supported(torch.float64, 8)
     for dtype, linalg in ((torch.float64, None), (torch.float32, torch.float64), (torch.float32, None)):
         model = _model(dtype)
         opt = SDSAdamW(model.named_parameters(), fused=True, warmup_steps=0, linalg_dtype=linalg)
