@@ -21,7 +21,9 @@ from step_time import DTYPES, lora_params
 # Adam (BLOCK_P, warps, stages, precision) and Gram (BLOCK_P, stages) candidates, each at the other's default
 ADAM = [(16, 4, 1, "tf32x3"), (32, 4, 1, "tf32x3"), (64, 4, 1, "tf32x3"), (32, 8, 1, "tf32x3"), (32, 4, 2, "tf32x3"),
         (16, 4, 1, "ieee"), (32, 4, 1, "ieee"), (64, 4, 1, "ieee")]
-GRAM = [(32, 2), (64, 2), (128, 2), (128, 3), (256, 2)]
+# Gram (BLOCK_P, warps, stages, precision)
+GRAM = [(64, 4, 2, "tf32x3"), (128, 8, 2, "tf32x3"), (128, 4, 3, "tf32x3"), (256, 8, 2, "tf32x3"),
+        (16, 4, 2, "ieee"), (32, 4, 2, "ieee"), (64, 4, 2, "ieee"), (32, 8, 3, "ieee")]
 CHUNKS = [(4, 2048), (16, 2048), (8, 1024), (8, 4096)]  # (ADAM_CHUNK, GRAM_CHUNK)
 
 
@@ -46,6 +48,7 @@ def main(argv=None) -> None:
     ap.add_argument("--dtypes", nargs="+", choices=DTYPES, default=["fp32", "bf16"])
     ap.add_argument("--modes", nargs="+", default=["sds", "scaled"])
     ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--sweep", nargs="+", choices=["adam", "gram", "chunks"], default=["adam", "gram", "chunks"])
     args = ap.parse_args(argv)
     device = torch.device("cuda")
     default = fused.launch
@@ -70,13 +73,14 @@ def main(argv=None) -> None:
 
             for mode in args.modes:
                 run("default", base, mode)
-                for bp, warps, stages, prec in ADAM:
+                for bp, warps, stages, prec in ADAM if "adam" in args.sweep else []:
                     run(f"adam BLOCK_P={bp} warps={warps} stages={stages} {prec}",
                         replace(base, adam_bp=bp, adam_warps=warps, adam_stages=stages, precision=prec), mode)
-                for bp, stages in GRAM:
-                    run(f"gram BLOCK_P={bp} stages={stages}", replace(base, gram_bp=bp, gram_stages=stages), mode)
+                for bp, warps, stages, prec in GRAM if "gram" in args.sweep else []:
+                    run(f"gram BLOCK_P={bp} warps={warps} stages={stages} {prec}",
+                        replace(base, gram_bp=bp, gram_warps=warps, gram_stages=stages, gram_precision=prec), mode)
                 chunks = fused.ADAM_CHUNK, fused.GRAM_CHUNK
-                for fused.ADAM_CHUNK, fused.GRAM_CHUNK in CHUNKS:
+                for fused.ADAM_CHUNK, fused.GRAM_CHUNK in CHUNKS if "chunks" in args.sweep else []:
                     run(f"ADAM_CHUNK={fused.ADAM_CHUNK} GRAM_CHUNK={fused.GRAM_CHUNK}", base, mode)
                 fused.ADAM_CHUNK, fused.GRAM_CHUNK = chunks
             del named

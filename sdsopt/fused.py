@@ -145,8 +145,8 @@ class Tables:
 @dataclass(frozen=True)
 class Launch:
     """Launch settings of the kernels for one rank: ``rp`` (r padded to a power of two ≥ 16, ``tl.dot``'s
-    minimum), per kernel the column block, warps and software-pipelining stages, and the matmul precision
-    (``tf32x3``: three TF32 tensor-core passes, float32 accuracy; ``ieee``: float32 FMAs)."""
+    minimum), per kernel the column block, warps, software-pipelining stages and matmul precision (``tf32x3``:
+    three TF32 tensor-core passes, float32 accuracy; ``ieee``: float32 FMAs)."""
 
     rp: int
     adam_bp: int
@@ -156,6 +156,7 @@ class Launch:
     gram_warps: int
     gram_stages: int
     precision: str
+    gram_precision: str
 
 
 def launch(r: int, device: torch.device) -> Launch:
@@ -163,7 +164,8 @@ def launch(r: int, device: torch.device) -> Launch:
     rp = max(16, triton.next_power_of_2(r))
     return Launch(rp=rp, adam_bp=max(16, min(64, 2048 // rp)), adam_warps=4, adam_stages=1,
                   gram_bp=max(32, min(128, 8192 // rp)), gram_warps=4, gram_stages=2,
-                  precision="tf32x3" if device.type == "cuda" else "ieee")
+                  precision="tf32x3" if device.type == "cuda" else "ieee",
+                  gram_precision="tf32x3" if device.type == "cuda" else "ieee")
 
 
 def _chunks(lengths: list[int], chunk: int) -> tuple[list[tuple[int, int]], list[tuple[int, int, int]]]:
@@ -196,7 +198,7 @@ def grams(tables: Tables, key: Any, group: dict[str, Any], fam: Family) -> Tenso
         table, items, n = tables.get((key, "gram", side), ptrs, [], build, device)
         ws = torch.empty(n, fam.r, fam.r, dtype=torch.float32, device=device)
         kernels.gram_kernel[(n,)](table, items, ws, fam.r, TRANS=trans, RP=cfg.rp, BP=cfg.gram_bp,
-                                  DT=_tl_dtype(fam.dtype), PREC=cfg.precision, num_warps=cfg.gram_warps,
+                                  DT=_tl_dtype(fam.dtype), PREC=cfg.gram_precision, num_warps=cfg.gram_warps,
                                   num_stages=cfg.gram_stages)
         kernels.gram_sum_kernel[(fam.k,)](table, ws, K[side * fam.k:], fam.r, RP=cfg.rp, num_warps=4)
         del ws

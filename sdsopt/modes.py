@@ -224,7 +224,14 @@ class Coordinates(Mode):
     state = ("sds_warmup",)
 
     def host_decision(self, opt: SDSAdamW, group: dict[str, Any]) -> bool:
-        return any(self.counting(opt, group, ia) for ia, _ in group["lora_pairs"])
+        return not self.settled(opt, group) and any(self.counting(opt, group, ia) for ia, _ in group["lora_pairs"])
+
+    @staticmethod
+    def settled(opt: SDSAdamW, group: dict[str, Any]) -> bool:
+        """Mode ``sds``: has every pair of the group finished its warm-up and ramp?  (Then nothing is counted on
+        the host any more: the per-pair loops of the step are skipped.)  Recorded by :meth:`_advance` with the
+        group's ``warmup_steps`` and ``coordinate_ramp``, so changing them re-opens the count."""
+        return opt._settled.get(id(group)) == (group["warmup_steps"], group["coordinate_ramp"])
 
     def before(self, ctx: StepContext) -> Callable[[], None]:
         """Step every pair past its warm-up here, bucket by bucket (:meth:`_step_coordinates`), and take those
@@ -246,7 +253,7 @@ class Coordinates(Mode):
         """The factors ``min(1, (n − warmup_steps + 1)/coordinate_ramp)`` of pairs at count ``n`` (``[k, 1, 1]``
         if they differ), or ``None`` once every pair of the bucket is past its ramp."""
         ramp, start = group["coordinate_ramp"], group["warmup_steps"]
-        if ramp <= 1:
+        if ramp <= 1 or self.settled(opt, group):
             return None
         c = [min(1.0, (opt.state[group["params"][i]].get("sds_warmup", 0) - start + 1) / ramp) for i in ids_a]
         if all(v == 1.0 for v in c):
@@ -369,16 +376,24 @@ class Coordinates(Mode):
         """Mode ``sds`` after Adam: count the pair's steps (warm-up, then the coordinate ramp); pairs that just
         finished the warm-up are re-split (2.4) (if ``resplit``) and their Adam state reset, so that their moments
         start in coordinates."""
+        if self.settled(opt, group):
+            return
         params: list[Tensor] = group["params"]
         finished: list[tuple[int, int]] = []
+        counting = False
         for ia, ib in group["lora_pairs"]:
-            if not (ia in position or ib in position) or not self.counting(opt, group, ia):
+            if not self.counting(opt, group, ia):
+                continue
+            counting = True
+            if not (ia in position or ib in position):
                 continue
             count = opt.state[params[ia]].get("sds_warmup", 0)
             for i in (ia, ib):
                 opt.state[params[i]]["sds_warmup"] = count + 1
             if count + 1 == group["warmup_steps"]:
                 finished.append((ia, ib))
+        if not counting:
+            opt._settled[id(group)] = (group["warmup_steps"], group["coordinate_ramp"])
         if not finished:
             return
         # a frozen factor (LoRA-FA) is never rewritten; with r > min(m, n) the core R_B R_Aᵀ is rank-deficient by

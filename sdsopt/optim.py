@@ -291,6 +291,8 @@ class SDSAdamW(Optimizer):
             params = [(n, p) for n, p in params.named_parameters() if p.requires_grad]
         self._bucket_cache: dict[Any, tuple[Any, ...]] = {}
         self._tables = Tables()  # the fused kernels' entry tables (sdsopt.fused)
+        self._settled: dict[int, tuple[int, int]] = {}  # mode sds: groups past every pair's warm-up and ramp
+        self._param_kinds: dict[int, list[tuple[bool, bool]]] = {}  # per group: (complex, DTensor) per parameter
         self._group_sizes: list[int] = []
         self._capture: LoraCapture | None = None
         super().__init__(params, defaults)
@@ -418,6 +420,7 @@ class SDSAdamW(Optimizer):
         """
         self._check_state_dict(state_dict)
         skipped = int(state_dict["param_groups"][0].get("skipped_steps", 0)) if state_dict["param_groups"] else 0
+        self._settled.clear()
         super().load_state_dict(state_dict)
         for group in self.param_groups:
             group.pop("skipped_steps", None)
@@ -471,7 +474,10 @@ class SDSAdamW(Optimizer):
         params, grads, exp_avgs, exp_avg_sqs, steps = (lists[k] for k in
                                                       ("params", "grads", "exp_avgs", "exp_avg_sqs", "state_steps"))
         amsgrad = group["amsgrad"]
-        for i, p in enumerate(group["params"]):
+        kinds = self._param_kinds.get(gi)
+        if kinds is None or len(kinds) != len(group["params"]):  # per parameter: (complex, DTensor), fixed
+            kinds = self._param_kinds[gi] = [(torch.is_complex(p), is_dtensor(p)) for p in group["params"]]
+        for i, (p, (complex_p, sharded)) in enumerate(zip(group["params"], kinds)):
             grad = p.grad
             if grad is None:
                 continue
@@ -480,7 +486,7 @@ class SDSAdamW(Optimizer):
                     f"SDSAdamW: {param_label(group, i, gi)} has a sparse gradient; SDSAdamW (like AdamW) "
                     "needs dense gradients (e.g. nn.Embedding(sparse=False))."
                 )
-            has_complex |= torch.is_complex(p)
+            has_complex |= complex_p
             state = self.state[p]
             if "step" not in state:  # (mode sds may have put the pair's warm-up count there)
                 state["step"] = (
@@ -493,7 +499,7 @@ class SDSAdamW(Optimizer):
                 if amsgrad:
                     state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             position[i] = len(params)
-            if is_dtensor(p):  # FSDP2 shards: the update is elementwise, so Adam runs on the local shards
+            if sharded:  # FSDP2 shards: the update is elementwise, so Adam runs on the local shards
                 params.append(local(p))
                 grads.append(local_grad(p, param_label(group, i, gi)))
                 exp_avgs.append(local(state["exp_avg"]))
@@ -608,8 +614,11 @@ class SDSAdamW(Optimizer):
         """
         pairs = group["lora_pairs"]
         sds = group["mode"] == "sds"
-        key = tuple((ia in position, ib in position, sds and Coordinates.in_coordinates(self, group, ia))
-                    for ia, ib in pairs)
+        if sds and Coordinates.settled(self, group):  # every pair in coordinates: no per-pair state lookups
+            key = tuple((ia in position, ib in position, True) for ia, ib in pairs)
+        else:
+            key = tuple((ia in position, ib in position, sds and Coordinates.in_coordinates(self, group, ia))
+                        for ia, ib in pairs)
         cached = self._bucket_cache.get(gi)
         if cached is not None and cached[0] == key and cached[1] is pairs:
             return cached[2]
