@@ -117,6 +117,7 @@ class Tables:
 
     def __init__(self) -> None:
         self._cache: dict[Any, tuple[Any, ...]] = {}
+        self.memo: dict[Any, tuple[Any, ...]] = {}  # per family and side: its positions in the step's lists
 
     def get(self, key: Any, ptrs: tuple[int, ...], objs: list[Tensor], build: Any,
             device: torch.device) -> tuple[Tensor, Tensor, int]:
@@ -163,7 +164,7 @@ def launch(r: int, device: torch.device) -> Launch:
     """The settings measured best on an H100 (``benchmarks/kernel_blocks.py``; RESULTS.md)."""
     rp = max(16, triton.next_power_of_2(r))
     return Launch(rp=rp, adam_bp=max(16, min(64, 2048 // rp)), adam_warps=4, adam_stages=1,
-                  gram_bp=max(32, min(128, 8192 // rp)), gram_warps=4, gram_stages=2,
+                  gram_bp=64, gram_warps=4, gram_stages=2,
                   precision="tf32x3" if device.type == "cuda" else "ieee",
                   gram_precision="tf32x3" if device.type == "cuda" else "ieee")
 
@@ -221,14 +222,19 @@ def adam(tables: Tables, key: Any, group: dict[str, Any], fam: Family, lists: di
     beta1, beta2 = group["betas"]
     launches, steps, done = [], [], set()
     for side, trans, present in ((0, False, fam.has_a), (1, True, fam.has_b)):
-        qs = [q for q, has in enumerate(present) if has]
+        memo = tables.memo.get((key, "lists", side))
+        if memo is not None and memo[0] is position and memo[1] is fam and memo[2] == amsgrad:
+            _, _, _, qs, pos, x, state = memo  # the same position map: the same parameters and state tensors
+        else:
+            qs = [q for q, has in enumerate(present) if has]
+            pos = [position[fam.pairs[q][side]] for q in qs]
+            x = [lists["params"][i] for i in pos]
+            state = [[lists[name][i] for i in pos] for name in ("exp_avgs", "exp_avg_sqs", "state_steps")]
+            state.append([lists["max_exp_avg_sqs"][i] for i in pos] if amsgrad else [])
+            tables.memo[(key, "lists", side)] = (position, fam, amsgrad, qs, pos, x, state)
         if not qs:
             continue
-        pos = [position[fam.pairs[q][side]] for q in qs]
-        x = [lists["params"][i] for i in pos]
         g = [lists["grads"][i] for i in pos]
-        state = [[lists[name][i] for i in pos] for name in ("exp_avgs", "exp_avg_sqs", "state_steps")]
-        state.append([lists["max_exp_avg_sqs"][i] for i in pos] if amsgrad else [])
         ptrs = tuple(t.data_ptr() for t in x) + tuple(t.data_ptr() for t in g)
 
         def build(x=x, g=g, state=state, qs=qs):

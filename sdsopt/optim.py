@@ -293,6 +293,7 @@ class SDSAdamW(Optimizer):
         self._tables = Tables()  # the fused kernels' entry tables (sdsopt.fused)
         self._settled: dict[int, tuple[int, int]] = {}  # mode sds: groups past every pair's warm-up and ramp
         self._param_kinds: dict[int, list[tuple[bool, bool]]] = {}  # per group: (complex, DTensor) per parameter
+        self._lists_cache: dict[int, tuple[Any, ...]] = {}  # per group: the last step's lists (_init_group)
         self._group_sizes: list[int] = []
         self._capture: LoraCapture | None = None
         super().__init__(params, defaults)
@@ -421,6 +422,7 @@ class SDSAdamW(Optimizer):
         self._check_state_dict(state_dict)
         skipped = int(state_dict["param_groups"][0].get("skipped_steps", 0)) if state_dict["param_groups"] else 0
         self._settled.clear()
+        self._lists_cache.clear()  # the state tensors are new objects
         super().load_state_dict(state_dict)
         for group in self.param_groups:
             group.pop("skipped_steps", None)
@@ -460,17 +462,40 @@ class SDSAdamW(Optimizer):
 
     # ------------------------------------------------------------------ step
     def _init_group(self, group: dict[str, Any], gi: int) -> tuple[dict[int, int], dict[str, list[Tensor]], bool]:
-        """Collect params with grads and their AdamW state, as ``torch.optim.Adam._init_group`` does."""
-        lists: dict[str, list[Tensor]] = defaultdict(list)
-        position: dict[int, int] = {}
-        has_complex = False
-        device_step = bool(group["fused"])  # torch keeps `step` on the device for fused kernels
+        """Collect params with grads and their AdamW state, as ``torch.optim.Adam._init_group`` does.
+
+        The lists of a step whose parameters with gradients, ``amsgrad`` and ``fused`` are those of the previous
+        step are that step's (state tensors are updated in place), with this step's gradients: the per-parameter
+        loop runs only when that changes, on the first steps and after ``load_state_dict``.
+        """
         if len(group["params"]) != self._group_sizes[gi]:
             raise RuntimeError(
                 f"SDSAdamW: param group {gi} now holds {len(group['params'])} tensors instead of the "
                 f"{self._group_sizes[gi]} it was built with, so its LoRA pairs are lost. A wrapper replaced the "
                 "parameters (DeepSpeed ZeRO flattens them into partitions): SDSAdamW supports DDP and FSDP2, not ZeRO."
             )
+        now = [p.grad for p in group["params"]]
+        key = (tuple(g is not None for g in now), group["amsgrad"], group["fused"])
+        cached = self._lists_cache.get(gi)
+        if cached is not None and cached[0] == key:
+            _, position, template, has_complex = cached
+            grads = [now[i] for i in position]
+            if not any(g.is_sparse for g in grads):
+                lists: dict[str, list[Tensor]] = defaultdict(list, {k: list(v) for k, v in template.items()})
+                lists["grads"] = grads
+                return position, lists, has_complex
+        position, lists, has_complex = self._collect(group, gi)
+        if not any(sharded for _, sharded in self._param_kinds[gi]):  # (DTensor local views are per call)
+            template = {k: list(v) for k, v in lists.items() if k != "grads"}
+            self._lists_cache[gi] = (key, position, template, has_complex)
+        return position, lists, has_complex
+
+    def _collect(self, group: dict[str, Any], gi: int) -> tuple[dict[int, int], dict[str, list[Tensor]], bool]:
+        """:meth:`_init_group`'s per-parameter loop (creates the state of parameters stepped the first time)."""
+        lists: dict[str, list[Tensor]] = defaultdict(list)
+        position: dict[int, int] = {}
+        has_complex = False
+        device_step = bool(group["fused"])  # torch keeps `step` on the device for fused kernels
         params, grads, exp_avgs, exp_avg_sqs, steps = (lists[k] for k in
                                                       ("params", "grads", "exp_avgs", "exp_avg_sqs", "state_steps"))
         amsgrad = group["amsgrad"]
