@@ -58,12 +58,16 @@ def lora_params(shape: str, r: int, dtype: torch.dtype, device: torch.device, se
 
 
 def variants(device: torch.device, modes: list[str], routes: list[str], guard: bool = False,
-             torch_ops: tuple[str, ...] = ()):
+             torch_ops: tuple[str, ...] = (), graphs: bool = False):
     """AdamW foreach/fused, then SDSAdamW per mode (and sds_polar route), ``fused=True`` (on CUDA: the Triton
     kernels); with ``guard`` each SDSAdamW variant also with ``skip_nonfinite=True`` (the cost of the non-finite
-    check); the modes in ``torch_ops`` also without the kernels (``SDSOPT_KERNELS=0``: the torch-ops step)."""
+    check); the modes in ``torch_ops`` also without the kernels (``SDSOPT_KERNELS=0``: the torch-ops step); with
+    ``graphs`` fused AdamW (``capturable=True``) and the ``sds``/``scaled`` steps also captured in a CUDA graph."""
     out = {"AdamW foreach": lambda named: torch.optim.AdamW([p for _, p in named], lr=1e-4, foreach=True),
            "AdamW fused": lambda named: torch.optim.AdamW([p for _, p in named], lr=1e-4, fused=True)}
+    if graphs:
+        out["AdamW fused (CUDA graph)"] = lambda named: torch.optim.AdamW(
+            [p for _, p in named], lr=1e-4, fused=True, capturable=True)
     for mode in modes:  # sds measured in its coordinate phase (warmup_steps=0); its route is Cholesky
         for route in routes if mode == "sds_polar" else ["auto"]:
             for skip in (False, True) if guard else (False,):
@@ -72,6 +76,10 @@ def variants(device: torch.device, modes: list[str], routes: list[str], guard: b
                 out[label] = (lambda mode, route, extra, skip: lambda named: SDSAdamW(
                     named, lr=1e-4, mode=mode, route=route, fused=True, skip_nonfinite=skip, **extra)
                 )(mode, route, extra, skip)
+            if graphs and mode in ("sds", "scaled"):
+                extra = {"warmup_steps": 0} if mode == "sds" else {}
+                out[f"SDSAdamW {mode} (CUDA graph)"] = (lambda mode, extra: lambda named: SDSAdamW(
+                    named, lr=1e-4, mode=mode, fused=True, **extra))(mode, extra)
             if mode in torch_ops:  # fused=True without the kernels (SDSOPT_KERNELS=0 while it is timed)
                 extra = {"warmup_steps": 0} if mode == "sds" else {}
                 out[f"SDSAdamW {mode} (torch ops)"] = (lambda mode, extra: lambda named: SDSAdamW(
@@ -88,12 +96,15 @@ class Row:
     ratio_to_fused: float
     peak_extra_mb: float
     state_mb: float
+    host_ms: float = float("nan")
 
 
-def time_steps(opt, device, steps: int, warmup: int) -> tuple[float, float]:
+def time_steps(opt, device, steps: int, warmup: int) -> tuple[float, float, float]:
+    """``(median step time, peak extra MB, median host time)``: on CUDA the step between two events (the GPU's
+    time, or the host's where the host is slower), and the time until ``opt.step()`` returns, without a sync."""
     for _ in range(warmup):
         opt.step()
-    times = []
+    times, host = [], []
     peak = 0.0
     for _ in range(steps):
         if device.type == "cuda":
@@ -102,7 +113,9 @@ def time_steps(opt, device, steps: int, warmup: int) -> tuple[float, float]:
             torch.cuda.reset_peak_memory_stats()
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
+            t0 = time.perf_counter()
             opt.step()
+            host.append((time.perf_counter() - t0) * 1e3)
             end.record()
             torch.cuda.synchronize()
             times.append(start.elapsed_time(end))
@@ -113,7 +126,31 @@ def time_steps(opt, device, steps: int, warmup: int) -> tuple[float, float]:
             times.append((time.perf_counter() - t0) * 1e3)
     if device.type == "cpu":
         peak = cpu_peak_extra_mb(opt)
-    return statistics.median(times), peak
+    return statistics.median(times), peak, statistics.median(host) if host else float("nan")
+
+
+def time_graph(opt, steps: int, warmup: int) -> tuple[float, float, float]:
+    """As :func:`time_steps` for the step captured in a CUDA graph and replayed (the GPU's time alone: no host
+    work per step; gradients and hyperparameters fixed, as in a captured training step)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            opt.step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        opt.step()
+    times = []
+    for _ in range(steps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize()
+        start.record()
+        graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times), float("nan"), float("nan")
 
 
 def cpu_peak_extra_mb(opt) -> float:
@@ -167,6 +204,7 @@ def main(argv=None):
     ap.add_argument("--guard", action="store_true", help="also time every SDSAdamW variant with skip_nonfinite=True")
     ap.add_argument("--torch-ops", nargs="*", default=["sds", "scaled"],
                     help="modes also timed without the kernels (SDSOPT_KERNELS=0: the torch-ops step)")
+    ap.add_argument("--graphs", action="store_true", help="also time the steps captured in CUDA graphs")
     ap.add_argument("--out", default=None, help="write rows as JSON here")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
@@ -183,20 +221,23 @@ def main(argv=None):
             if args.check and dname == "fp32":
                 checks[r] = check_against_cpu(named, device)
             results = {}
-            for label, make in variants(device, args.modes, args.routes, args.guard, tuple(args.torch_ops)).items():
+            for label, make in variants(device, args.modes, args.routes, args.guard, tuple(args.torch_ops),
+                                          args.graphs).items():
                 opt = make(named)
                 os.environ["SDSOPT_KERNELS"] = "0" if label.endswith("(torch ops)") else "1"
-                ms, peak = time_steps(opt, device, args.steps, args.warmup)
+                timer = time_graph if label.endswith("(CUDA graph)") else time_steps
+                ms, peak, host = timer(opt, device, args.steps, args.warmup) if timer is time_steps else timer(
+                    opt, args.steps, args.warmup)
                 os.environ.pop("SDSOPT_KERNELS")
-                results[label] = (ms, peak, state_mb(opt))
+                results[label] = (ms, peak, state_mb(opt), host)
                 del opt
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
             ref = results.get("AdamW fused", results["AdamW foreach"])[0]
-            for label, (ms, peak, smb) in results.items():
-                rows.append(Row(label, r, dname, ms, ms / ref, peak, smb))
+            for label, (ms, peak, smb, host) in results.items():
+                rows.append(Row(label, r, dname, ms, ms / ref, peak, smb, host))
                 print(f"  r={r:<4} {dname} {label:<28} {ms:9.3f} ms  {ms / ref:6.2f}x  "
-                      f"peak+{peak:8.1f} MB  state {smb:8.1f} MB", flush=True)
+                      f"peak+{peak:8.1f} MB  state {smb:8.1f} MB  host {host:6.2f} ms", flush=True)
             del named
     ref_name = "AdamW fused" if any(r.variant == "AdamW fused" for r in rows) else "AdamW foreach"
     print("\n| variant | dtype | " + " | ".join(f"r={r}" for r in ranks) + " |")
@@ -206,7 +247,8 @@ def main(argv=None):
             cells = []
             for r in ranks:
                 row = next(x for x in rows if x.variant == label and x.rank == r and x.dtype == dname)
-                cells.append(f"{row.median_ms:.2f} ms ({row.ratio_to_fused:.2f}x)")
+                host = f", host {row.host_ms:.2f}" if row.host_ms == row.host_ms else ""
+                cells.append(f"{row.median_ms:.2f} ms ({row.ratio_to_fused:.2f}x{host})")
             print(f"| {label} | {dname} | " + " | ".join(cells) + " |")
     print(f"(ratios to {ref_name})")
     if checks:
