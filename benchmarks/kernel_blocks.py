@@ -57,11 +57,11 @@ def main(argv=None) -> None:
         for r in args.ranks:
             named = lora_params("llama7b", r, DTYPES[dname], device)
             ref = timed(torch.optim.AdamW([p for _, p in named], lr=1e-4, fused=True), args.steps)
-            base = default(r, device)
+            base = default(r, device, DTYPES[dname])
             print(f"r={r} {dname}: AdamW fused {ref:.3f} ms; default {base}", flush=True)
 
             def run(label: str, cfg: fused.Launch, mode: str, named=named) -> None:
-                fused.launch = lambda r, device: cfg
+                fused.launch = lambda r, device, dtype=None: cfg
                 extra = {"warmup_steps": 0} if mode == "sds" else {}
                 try:
                     ms = timed(SDSAdamW(named, lr=1e-4, mode=mode, fused=True, **extra), args.steps)

@@ -156,17 +156,21 @@ class Launch:
     gram_bp: int
     gram_warps: int
     gram_stages: int
-    precision: str
+    precision: str  # the gradient's coordinates g̃ = G g
     gram_precision: str
+    map_precision: str  # the map back of the change
 
 
-def launch(r: int, device: torch.device) -> Launch:
-    """The settings measured best on an H100 (``benchmarks/kernel_blocks.py``; RESULTS.md)."""
+def launch(r: int, device: torch.device, dtype: torch.dtype = torch.float32) -> Launch:
+    """The settings measured best on an H100 (``benchmarks/kernel_blocks.py``; RESULTS.md), and the matmul
+    precisions of :mod:`sdsopt.kernels` (``ieee`` on the CPU, Triton's interpreter)."""
     rp = max(16, triton.next_power_of_2(r))
+    exact = "tf32x3" if dtype == torch.float32 else "tf32"  # bf16/fp16 values are exact in TF32
+    cuda = device.type == "cuda"
     return Launch(rp=rp, adam_bp=max(16, min(64, 2048 // rp)), adam_warps=4, adam_stages=1,
                   gram_bp=64, gram_warps=4, gram_stages=2,
-                  precision="tf32x3" if device.type == "cuda" else "ieee",
-                  gram_precision="tf32x3" if device.type == "cuda" else "ieee")
+                  precision=exact if cuda else "ieee", gram_precision=exact if cuda else "ieee",
+                  map_precision="tf32" if cuda else "ieee")
 
 
 def _chunks(lengths: list[int], chunk: int) -> tuple[list[tuple[int, int]], list[tuple[int, int, int]]]:
@@ -184,7 +188,7 @@ def grams(tables: Tables, key: Any, group: dict[str, Any], fam: Family) -> Tenso
     params: list[Tensor] = group["params"]
     device = params[fam.pairs[0][0]].device
     K = torch.empty(2 * fam.k, fam.r, fam.r, dtype=torch.float32, device=device)
-    cfg = launch(fam.r, device)
+    cfg = launch(fam.r, device, fam.dtype)
     for side, trans in ((0, False), (1, True)):
         factors = [params[pair[side]] for pair in fam.pairs]
         ptrs = tuple(x.data_ptr() for x in factors)
@@ -217,7 +221,7 @@ def adam(tables: Tables, key: Any, group: dict[str, Any], fam: Family, lists: di
     device = params[fam.pairs[0][0]].device
     gmaps = gmaps.contiguous()  # row-major r×r (no copy unless a solver returned column-major batches)
     fmaps = None if fmaps is None else fmaps.contiguous()
-    cfg = launch(fam.r, device)
+    cfg = launch(fam.r, device, fam.dtype)
     amsgrad = group["amsgrad"]
     beta1, beta2 = group["betas"]
     launches, steps, done = [], [], set()
@@ -268,7 +272,7 @@ def adam(tables: Tables, key: Any, group: dict[str, Any], fam: Family, lists: di
             TRANS=trans, COORD=fmaps is not None, HAS_SCALE=scales is not None, HAS_RAMP=ramps is not None,
             HAS_FOUND_INF=found_inf is not None, LR_TENSOR=isinstance(lr, Tensor), AMSGRAD=amsgrad,
             MAXIMIZE=group["maximize"], RP=cfg.rp, BP=cfg.adam_bp, DT=_tl_dtype(fam.dtype), PREC=cfg.precision,
-            num_warps=cfg.adam_warps, num_stages=cfg.adam_stages)
+            PREC_MAP=cfg.map_precision, num_warps=cfg.adam_warps, num_stages=cfg.adam_stages)
     if found_inf is not None:
         torch._foreach_sub_(steps, [found_inf] * len(steps))
     return done

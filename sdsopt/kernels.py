@@ -30,8 +30,12 @@ then, with weight decay ``λ``, learning rate ``η``, the optional ramp ``ρ`` a
   and the update is AdamW's on the factor, ``X ← X − η(û + λX)``.
 
 Arithmetic is float32 in registers whatever the parameter dtype; the moments are stored in the parameter's
-dtype, as torch's AdamW keeps them.  Matrix products use ``tf32x3`` (three TF32 tensor-core passes, float32
-accuracy) on the GPU.
+dtype, as torch's AdamW keeps them.  Matrix products on the GPU (:func:`sdsopt.fused.launch`): for float32
+factors the Grams and ``g̃`` use ``tf32x3`` (three TF32 tensor-core passes, float32 accuracy: the frames resolve
+weak directions, the moments persist), the map back of the change plain TF32 (its rounding, 2⁻¹¹ of the change,
+is far below the change's own size in the parameter: ~1e-3·η relative); bf16/fp16 factors, whose values TF32
+holds exactly, use TF32 throughout (the r×r maps are then rounded to TF32 in both directions alike, a change of
+coordinates all the same).
 """
 
 from __future__ import annotations
@@ -105,7 +109,7 @@ def adam_kernel(table, items, gmaps, fmaps, scales, ramps, lr_ptr, found_inf, r,
                 weight_decay, TRANS: tl.constexpr, COORD: tl.constexpr, HAS_SCALE: tl.constexpr,
                 HAS_RAMP: tl.constexpr, HAS_FOUND_INF: tl.constexpr, LR_TENSOR: tl.constexpr,
                 AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr, RP: tl.constexpr, BP: tl.constexpr,
-                DT: tl.constexpr, PREC: tl.constexpr):
+                DT: tl.constexpr, PREC: tl.constexpr, PREC_MAP: tl.constexpr):
     """Work item ``w`` (program ``w``): the update of the module docstring on its columns, ``BP`` at a time."""
     w = tl.program_id(0)
     if HAS_FOUND_INF:
@@ -164,11 +168,11 @@ def adam_kernel(table, items, gmaps, fmaps, scales, ramps, lr_ptr, found_inf, r,
         x = tl.load(x_ptrs, mask=mask, other=0.0).to(tl.float32)
         if COORD:
             if TRANS:
-                t = tl.dot(u, G, input_precision=PREC) + weight_decay * x
-                d = tl.dot(t, F, input_precision=PREC)
+                t = tl.dot(u, G, input_precision=PREC_MAP) + weight_decay * x
+                d = tl.dot(t, F, input_precision=PREC_MAP)
             else:
-                t = tl.dot(tl.trans(G), u, input_precision=PREC) + weight_decay * x
-                d = tl.dot(F, t, input_precision=PREC)
+                t = tl.dot(tl.trans(G), u, input_precision=PREC_MAP) + weight_decay * x
+                d = tl.dot(F, t, input_precision=PREC_MAP)
         else:
             d = u + weight_decay * x
         x = x + gain * d
