@@ -30,8 +30,8 @@ from torch import Tensor
 
 from .linalg import cholesky_lower, finite_or_zero, trace
 
-__all__ = ["RESPLIT_FLOOR", "balance_from_traces", "balance_scales", "coordinates", "factor_map", "fused_frames",
-           "lower_inverse", "resplit_maps", "to_coordinates", "to_factors"]
+__all__ = ["RESPLIT_FLOOR", "balance_scales", "coordinates", "factor_map", "lower_inverse", "resplit_maps",
+           "to_coordinates", "to_factors"]
 
 RESPLIT_FLOOR = 1e-3
 """Relative floor of the re-split: ``D_A = diag(√max(σ, floor·σ_max))``, ``D_B = Σ D_A^{-1}``."""
@@ -88,40 +88,6 @@ def factor_map(K_other: Tensor, L_inv: Tensor, step_shift: float = 0.0) -> Tenso
     return torch.where(empty, eye, M)
 
 
-def fused_frames(K: Tensor, rank_tol: float, step_shift: Tensor | float = 0.0) -> tuple[Tensor, Tensor]:
-    """The two r×r matrices of the fused coordinate step (:mod:`sdsopt.kernels`): ``(L^{-1}, F)`` for Grams
-    ``K`` ``[k, r, r]`` (consumed: overwritten), with ``L Lᵀ = K + μI``, ``μ = τ·trace K + μ_s`` (``step_shift``
-    ``μ_s``: a float or ``[k, 1, 1]``) and the filter of :func:`factor_map`
-
-        F = (K + μ_s I)(K + μI)^{-1} = I − τ·trace K·L^{-T} L^{-1}
-
-    so that ``M = F L^{-T}`` and ``M Lᵀ = F`` (the map back of weight decay) without forming ``M``, and ``K``
-    is not needed after its factorisation: the Gram's buffer holds the shifted matrix while ``L`` is computed,
-    which keeps the step's peak at about two ``[k, r, r]`` batches.  The fallbacks of
-    :func:`sdsopt.linalg.cholesky_lower` (``K = 0``, a failed factorisation) take ``F = I``: their ``L`` is a
-    multiple of ``I``, whose inverse is the exact map back.
-    """
-    r = K.shape[-1]
-    eye = torch.eye(r, dtype=K.dtype, device=K.device)
-    tiny = torch.finfo(K.dtype).tiny
-    K.masked_fill_(~K.sum(dim=(-2, -1), keepdim=True).isfinite(), 0.0)  # finite_or_zero, in place
-    t = trace(K)
-    tol_t = rank_tol * t
-    K.diagonal(dim1=-2, dim2=-1).add_((tol_t + step_shift).squeeze(-1))
-    L, info = torch.linalg.cholesky_ex(K)
-    del K
-    empty = t <= tiny
-    failed = (info != 0)[..., None, None] | ~L.isfinite().all(dim=(-2, -1), keepdim=True)
-    scale = torch.where(empty, 1.0, ((t + step_shift) / r).clamp_min(tiny).sqrt())
-    L = torch.where(failed | empty, scale * eye, L)
-    L_inv = lower_inverse(L)  # (LAPACK/cuSOLVER layout: column-major)
-    del L
-    L_inv = L_inv.contiguous()  # the kernels read row-major r×r maps
-    F = L_inv.mT @ L_inv
-    F.mul_(-tol_t).diagonal(dim1=-2, dim2=-1).add_(1.0)
-    return L_inv, torch.where(failed | empty, eye, F)
-
-
 def to_factors(M_other: Tensor, delta: Tensor, side: str) -> Tensor:
     """(2.2) backwards: the change of factor ``X`` for a change ``delta`` of its coordinates.
 
@@ -172,12 +138,8 @@ def balance_scales(K_A: Tensor, K_B: Tensor) -> tuple[Tensor, Tensor]:
     gradients and Adam state (all invariant under the scaling, MATH P1).  ``1`` where either
     factor is zero or non-finite.
     """
-    return balance_from_traces(trace(finite_or_zero(K_A)), trace(finite_or_zero(K_B)))
-
-
-def balance_from_traces(t_a: Tensor, t_b: Tensor) -> tuple[Tensor, Tensor]:
-    """:func:`balance_scales` from the traces of the (finite) Grams."""
-    tiny = torch.finfo(t_a.dtype).tiny
+    t_a, t_b = trace(finite_or_zero(K_A)), trace(finite_or_zero(K_B))
+    tiny = torch.finfo(K_A.dtype).tiny
     ok = (t_a > tiny) & (t_b > tiny)
     c = torch.where(ok, (t_b / torch.where(ok, t_a, 1.0)).pow(0.25), 1.0)
     return c, 1.0 / c

@@ -42,7 +42,8 @@ try:
 except ImportError:  # CPU-only installs: the step keeps its torch path
     triton = None
 
-__all__ = ["MAX_RANK", "Family", "Launch", "Tables", "adam", "available", "families", "grams", "launch", "supported"]
+__all__ = ["MAX_RANK", "Family", "Launch", "Tables", "adam", "available", "families", "frames", "grams", "launch",
+           "supported"]
 
 GRAM_CHUNK = 2048
 """Columns per work item of the Gram kernel (its partial sums: one r×r float32 per item)."""
@@ -165,12 +166,9 @@ def launch(r: int, device: torch.device, dtype: torch.dtype = torch.float32) -> 
     """The settings measured best on an H100 (``benchmarks/kernel_blocks.py``; RESULTS.md), and the matmul
     precisions of :mod:`sdsopt.kernels` (``ieee`` on the CPU, Triton's interpreter)."""
     rp = max(16, triton.next_power_of_2(r))
-    exact = "tf32x3" if dtype == torch.float32 else "tf32"  # bf16/fp16 values are exact in TF32
-    cuda = device.type == "cuda"
+    exact = ("tf32x3" if dtype == torch.float32 else "tf32") if device.type == "cuda" else "ieee"
     return Launch(rp=rp, adam_bp=max(16, min(64, 2048 // rp)), adam_warps=4, adam_stages=1,
-                  gram_bp=64, gram_warps=4, gram_stages=2,
-                  precision=exact if cuda else "ieee", gram_precision=exact if cuda else "ieee",
-                  map_precision="tf32" if cuda else "ieee")
+                  gram_bp=64, gram_warps=4, gram_stages=2, precision=exact, gram_precision=exact, map_precision=exact)
 
 
 def _chunks(lengths: list[int], chunk: int) -> tuple[list[tuple[int, int]], list[tuple[int, int, int]]]:
@@ -208,6 +206,21 @@ def grams(tables: Tables, key: Any, group: dict[str, Any], fam: Family) -> Tenso
         kernels.gram_sum_kernel[(fam.k,)](table, ws, K[side * fam.k:], fam.r, RP=cfg.rp, num_warps=4)
         del ws
     return K
+
+
+def frames(K: Tensor, k: int, tol: float, shifts: Tensor | None, both: Tensor | None
+           ) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Mode ``sds``'s maps for ``K = [K_A; K_B]`` (``[2k, r, r]`` float32): ``(G, F, scales)`` with ``G = L^{-1}``
+    and ``F`` of :func:`sdsopt.kernels.frames_kernel` (``L Lᵀ = K + (τ·trace K + μ_s)·I``, ``shifts``: ``μ_s`` per
+    pair or ``None``), and the re-balancing scales ``[2k]`` of the pairs marked in ``both`` (``None``: none).
+    One launch, one program per pair (the torch ops it replaces cost ~40 launches of host time per step)."""
+    G, F = torch.empty_like(K), torch.empty_like(K)
+    scales = torch.empty(2 * k, dtype=K.dtype, device=K.device) if both is not None else None
+    rp = max(16, triton.next_power_of_2(K.shape[-1]))
+    kernels.frames_kernel[(k,)](K, G, F, K if scales is None else scales, K if shifts is None else shifts,
+                                K if both is None else both, k, K.shape[-1], tol, HAS_SHIFT=shifts is not None,
+                                HAS_SCALE=both is not None, RP=rp, num_warps=4)
+    return G, F, scales
 
 
 def adam(tables: Tables, key: Any, group: dict[str, Any], fam: Family, lists: dict[str, list[Tensor]],

@@ -12,6 +12,9 @@ Every factor is seen in row form (:mod:`sdsopt.linalg`): ``X`` is ``r × p``; ``
 :func:`gram_kernel` — ``X Xᵀ`` (MATH 2.1) over one *work item* (a factor's columns ``c0 … c1``) per program,
 float32 partial sums, which :func:`gram_sum_kernel` adds in a fixed order (deterministic: no atomics).
 
+:func:`frames_kernel` — the r×r algebra of mode ``sds`` in one launch: per pair, both Grams' Cholesky factors,
+their inverses ``G = L^{-1}``, the filters ``F`` of the map back and the re-balancing scale.
+
 :func:`adam_kernel` — one work item per program, in blocks of ``BLOCK_P`` columns (rows of ``B``), its r×r maps
 loaded once.  Work items (an int64 ``[n, 3]`` table: entry, first and last column) cut every factor into chunks of
 about equal length, so programs are balanced whatever the factors' shapes.  With the factor's map
@@ -20,7 +23,7 @@ direction ``û = m̂ / (√v̂ + ε)`` (torch's AdamW: ``m̂ = m/(1−β₁ᵗ)`
 then, with weight decay ``λ``, learning rate ``η``, the optional ramp ``ρ`` and re-balancing scale ``c``:
 
 * ``COORD=True`` (mode ``sds``, MATH 2.2): ``G = L^{-1}`` of the partner's frame ``L Lᵀ = K + μI`` and the
-  filter ``F = (K + μ_s I)(K + μI)^{-1}`` (:func:`sdsopt.coordinates.fused_frames`).  Adam runs on the
+  filter ``F = (K + μ_s I)(K + μI)^{-1}`` (:func:`frames_kernel`).  Adam runs on the
   coordinates ``X̃ = Lᵀ X``, whose change ``ΔX̃ = −η(λX̃ + û)`` maps back by ``M = F L^{-T}``::
 
       X ← c·(X + ρ·ΔX),   ΔX = −η·F·(L^{-T} û + λX)
@@ -30,12 +33,10 @@ then, with weight decay ``λ``, learning rate ``η``, the optional ramp ``ρ`` a
   and the update is AdamW's on the factor, ``X ← X − η(û + λX)``.
 
 Arithmetic is float32 in registers whatever the parameter dtype; the moments are stored in the parameter's
-dtype, as torch's AdamW keeps them.  Matrix products on the GPU (:func:`sdsopt.fused.launch`): for float32
-factors the Grams and ``g̃`` use ``tf32x3`` (three TF32 tensor-core passes, float32 accuracy: the frames resolve
-weak directions, the moments persist), the map back of the change plain TF32 (its rounding, 2⁻¹¹ of the change,
-is far below the change's own size in the parameter: ~1e-3·η relative); bf16/fp16 factors, whose values TF32
-holds exactly, use TF32 throughout (the r×r maps are then rounded to TF32 in both directions alike, a change of
-coordinates all the same).
+dtype, as torch's AdamW keeps them.  Matrix products on the GPU (:func:`sdsopt.fused.launch`): ``tf32x3`` (three
+TF32 tensor-core passes, float32 accuracy) for float32 factors; TF32 for bf16/fp16 factors, whose values TF32
+holds exactly (the float32 r×r maps are then rounded to TF32, alike in both directions of the map: a change of
+coordinates all the same, 2⁻¹¹ from the float32 one, far below the bf16 rounding of the parameter).
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-__all__ = ["FIELDS", "adam_kernel", "gram_kernel", "gram_sum_kernel"]
+__all__ = ["FIELDS", "adam_kernel", "frames_kernel", "gram_kernel", "gram_sum_kernel"]
 
 FIELDS = 8
 """Entry-table columns: parameter, gradient, exp_avg, exp_avg_sq, max_exp_avg_sq, step (data pointers; the Gram
@@ -179,3 +180,74 @@ def adam_kernel(table, items, gmaps, fmaps, scales, ramps, lr_ptr, found_inf, r,
         if HAS_SCALE:
             x = x * scale
         tl.store(x_ptrs, x.to(DT), mask=mask)
+
+
+@triton.jit
+def _frame(K_ptr, G_ptr, F_ptr, r, tol, shift, RP: tl.constexpr):
+    """One Gram's frame, as :func:`sdsopt.linalg.cholesky_lower` and :func:`sdsopt.coordinates.factor_map` give it
+    (``M = F G``ᵀ; tests/test_fused.py checks them against each other): ``L Lᵀ = K + μI``,
+    ``μ = τ·trace K + μ_s``, by an unblocked Cholesky in float32; ``G = L^{-1}`` by forward substitution;
+    ``F = (K + μ_s I) Gᵀ G``; the fallbacks ``K = 0`` or non-finite → ``G = F = I``, a failed factorisation →
+    ``L = √((trace K + μ_s)/r)·I``, ``F = I``.  Returns the (finite) trace."""
+    rows = tl.arange(0, RP)[:, None]
+    cols = tl.arange(0, RP)[None, :]
+    inside = (rows < r) & (cols < r)
+    eye = tl.where(rows == cols, 1.0, 0.0)
+    K = tl.load(K_ptr + rows * r + cols, mask=inside, other=0.0)
+    total = tl.sum(tl.sum(K, axis=1), axis=0)
+    finite = (total == total) & (tl.abs(total) < float("inf"))
+    K = tl.where(finite, K, 0.0)
+    t = tl.sum(tl.sum(tl.where(rows == cols, K, 0.0), axis=1), axis=0)
+    tiny = 1.1754943508222875e-38
+    empty = t <= tiny
+    A = K + (tol * t + shift) * tl.where(inside, eye, 0.0) + tl.where(inside, 0.0, eye)  # padding: identity
+    L = tl.zeros((RP, RP), dtype=tl.float32)
+    failed = t != t  # False
+    for j in range(RP):
+        col = tl.sum(tl.where(cols == j, A, 0.0), axis=1)  # A[:, j]
+        d = tl.sum(tl.where(tl.arange(0, RP) == j, col, 0.0), axis=0)
+        failed = failed | (d <= 0.0) | (d != d)
+        root = tl.sqrt(tl.maximum(d, tiny))
+        lj = tl.where(tl.arange(0, RP) > j, col / root, 0.0) + tl.where(tl.arange(0, RP) == j, root, 0.0)
+        L = L + tl.where(cols == j, lj[:, None], 0.0)
+        A = A - lj[:, None] * lj[None, :]
+    X = tl.zeros((RP, RP), dtype=tl.float32)  # L^{-1}, row by row
+    for i in range(RP):
+        row = tl.sum(tl.where(rows == i, L, 0.0), axis=0)  # L[i, :]
+        d = tl.sum(tl.where(tl.arange(0, RP) == i, row, 0.0), axis=0)
+        below = tl.where(tl.arange(0, RP) < i, row, 0.0)
+        acc = tl.sum(below[:, None] * X, axis=0)
+        x = (tl.where(tl.arange(0, RP) == i, 1.0, 0.0) - acc) / d
+        X = tl.where(rows == i, x[None, :], X)
+    failed = failed | (tl.sum(tl.sum(tl.where(X == X, 0.0, 1.0), axis=1), axis=0) > 0)
+    # F = (K + μ_s I)(K + μI)^{-1} = (K + μ_s I) Gᵀ G: no cancellation in the partner's null directions, where
+    # the equal I − τ·trace K·Gᵀ G would subtract two numbers near 1
+    F = tl.dot(K + shift * eye, tl.dot(tl.trans(X), X, input_precision="ieee"), input_precision="ieee")
+    scale = tl.sqrt(tl.maximum((t + shift) / r, tiny))
+    X = tl.where(empty, eye, tl.where(failed, eye / scale, X))
+    F = tl.where(empty | failed, eye, F)
+    tl.store(G_ptr + rows * r + cols, X, mask=inside)
+    tl.store(F_ptr + rows * r + cols, F, mask=inside)
+    return t
+
+
+@triton.jit
+def frames_kernel(K, G, F, scales, shifts, both, k, r, tol, HAS_SHIFT: tl.constexpr, HAS_SCALE: tl.constexpr,
+                  RP: tl.constexpr):
+    """Pair ``q`` (program ``q``): the frames of ``K_A`` (index ``q``) and ``K_B`` (``k + q``), and with
+    ``HAS_SCALE`` the re-balancing scales (:func:`sdsopt.coordinates.balance_scales`) where ``both[q]``:
+    ``scales[q] = 1/c`` (for ``B``, which steps with ``K_A``'s maps), ``scales[k + q] = c``."""
+    q = tl.program_id(0)
+    shift = 0.0
+    if HAS_SHIFT:
+        shift = tl.load(shifts + q)
+    rr = r * r
+    t_a = _frame(K + q.to(tl.int64) * rr, G + q.to(tl.int64) * rr, F + q.to(tl.int64) * rr, r, tol, shift, RP)
+    b = (q + k).to(tl.int64)
+    t_b = _frame(K + b * rr, G + b * rr, F + b * rr, r, tol, shift, RP)
+    if HAS_SCALE:
+        tiny = 1.1754943508222875e-38
+        ok = (t_a > tiny) & (t_b > tiny) & (tl.load(both + q) != 0)
+        c = tl.where(ok, tl.sqrt(tl.sqrt(t_b / tl.where(ok, t_a, 1.0))), 1.0)
+        tl.store(scales + q, 1.0 / c)
+        tl.store(scales + k + q, c)

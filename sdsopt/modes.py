@@ -30,18 +30,16 @@ from torch import Tensor
 
 from . import fused
 from .coordinates import (
-    balance_from_traces,
     balance_scales,
     coordinates,
     factor_map,
-    fused_frames,
     lower_inverse,
     resplit_maps,
     to_coordinates,
     to_factors,
 )
 from .distributed import is_dtensor, local, process_group, reduce_parts
-from .linalg import algebra_precision, cholesky_lower, finite_or_zero, gram, spectrum, trace
+from .linalg import algebra_precision, cholesky_lower, finite_or_zero, gram, spectrum
 from .pairing import a_rows, b_matrix, param_label
 from .rewrite import preconditioner, resolve_route, sigma_correction, sigma_split, svd_refactor
 
@@ -275,9 +273,9 @@ class Coordinates(Mode):
 
     def _step_fused(self, ctx: StepContext, buckets: list[Bucket]) -> set[int]:
         """:meth:`_step_coordinates` by the kernels of :mod:`sdsopt.fused`, per family of pairs of one rank and
-        dtype: the Grams (two launches), the frames ``(L^{-1}, F)`` of all of them (:func:`fused_frames`:
-        one Cholesky, one triangular inverse), the re-balancing scales from the Grams' traces, and the fused
-        coordinate AdamW update (two launches).  Returns the positions stepped."""
+        dtype: the Grams (four launches), the frames ``(L^{-1}, F)`` and re-balancing scales of all of them (one
+        launch: :func:`sdsopt.fused.frames`), and the fused coordinate AdamW update (two launches).  Returns the
+        positions stepped."""
         opt, group = ctx.opt, ctx.group
         params: list[Tensor] = group["params"]
         lr = group["lr"]
@@ -287,27 +285,22 @@ class Coordinates(Mode):
             device = params[fam.pairs[0][0]].device
             _, tol = algebra_precision(fam.dtype, group["linalg_dtype"], group["rank_tol"], "cholesky")
             K = fused.grams(opt._tables, key, group, fam)
-            finite = K.sum(dim=(-2, -1)).isfinite()
-            t = torch.where(finite, trace(K).view(-1), 0.0)
-            scales = None
-            if group["rebalance"] and lr > 0:
-                both = [a and b for a, b in zip(fam.has_a, fam.has_b)]
-                if any(both):
-                    c, _ = balance_from_traces(t[:fam.k], t[fam.k:])
-                    c = torch.where(opt._tables.constant((key, "both"), both, device, torch.bool), c, 1.0)
-                    scales = torch.cat([1.0 / c, c])
+            both = None
+            if group["rebalance"] and lr > 0 and any(a and b for a, b in zip(fam.has_a, fam.has_b)):
+                both = opt._tables.constant((key, "both"), [a and b for a, b in zip(fam.has_a, fam.has_b)],
+                                            device, torch.int32)
             # μ_s = γ·lr·√min(m, n) per pair (see the class docstring), the same for both Grams of the pair
             gamma = group["step_damping"] * lr
-            shift: Tensor | float = 0.0
+            shifts = None
             if gamma > 0:
-                roots = opt._tables.constant((key, "roots"), fam.roots * 2, device, torch.float32)
-                shift = (roots * gamma).view(-1, 1, 1)
-            L_inv, F = fused_frames(K, tol, shift)
+                shifts = opt._tables.constant((key, "roots"), fam.roots, device, torch.float32) * gamma
+            G, F, scales = fused.frames(K, fam.k, tol, shifts, both)
             del K
-            ramp = self._ramp(opt, group, [ia for ia, _ in fam.pairs], L_inv)
+            ramp = self._ramp(opt, group, [ia for ia, _ in fam.pairs], G)
             if ramp is not None:
-                ramp = torch.as_tensor(ramp, dtype=torch.float32, device=device).reshape(-1).expand(fam.k).contiguous()
-            done |= fused.adam(opt._tables, key, group, fam, ctx.lists, ctx.position, gmaps=L_inv, fmaps=F,
+                ramp = torch.as_tensor(ramp, dtype=torch.float32, device=device).reshape(-1).expand(fam.k)
+                ramp = ramp.contiguous()
+            done |= fused.adam(opt._tables, key, group, fam, ctx.lists, ctx.position, gmaps=G, fmaps=F,
                                scales=scales, ramps=ramp, found_inf=ctx.found_inf)
         return done
 

@@ -4,10 +4,10 @@ On CUDA with Triton the kernels run on the GPU; without CUDA ``tests/conftest.py
 (``TRITON_INTERPRET=1``) so the same kernels run on the CPU; without Triton every test here skips.
 
 Ranks up to 128 are drawn: above :data:`sdsopt.fused.MAX_RANK` (64) the step keeps the torch path, which must
-then agree as well.  Stated tolerance (parameters and Adam moments after three steps, max |Δ| / max |reference|): float32 factors
-2e-4, bf16 factors three bf16 ulps (3·2⁻⁷; their moments after one step, as later ones can cancel to near zero),
-or 4× the error of the torch path in the same dtype where that is larger (rank-deficient pairs, ``r > min(m, n)``,
-amplify the rounding of both paths by their frames' conditioning).
+then agree as well.  Stated tolerance (parameters and Adam moments after three steps, max |Δ| / max |reference|):
+float32 factors 2e-4, bf16 factors three bf16 ulps (3·2⁻⁷; their moments after one step, as later ones can cancel
+to near zero), or 4× the error of the torch path in the same dtype where that is larger (rank-deficient pairs,
+``r > min(m, n)``, amplify the rounding of both paths by their frames' conditioning).
 """
 
 from __future__ import annotations
@@ -159,7 +159,8 @@ def _steps(model, opt, n, seed=1):
 
 def test_mixed_phases_and_checkpoints_resume_bit_exactly():
     """A group with pairs of two ranks (two families), in warm-up and then in coordinates, and a plain parameter,
-    ``fused=True``: ``BA`` as the torch path's (float32) to 3e-5 (the re-split's SVD, GPU rounding), and a checkpoint taken mid-run resumes bit-exactly."""
+    ``fused=True``: ``BA`` as the torch path's (float32) to 3e-5 (the re-split's SVD, GPU rounding), and a
+    checkpoint taken mid-run resumes bit-exactly."""
     kw = dict(lr=1e-2, warmup_steps=2, coordinate_ramp=3, weight_decay=0.05)
     ref, got = _model(torch.float32), _model(torch.float32)
     opt_ref = SDSAdamW(ref.named_parameters(), **kw)
@@ -233,3 +234,42 @@ def test_the_step_is_captured_in_a_cuda_graph(mode):
     torch.cuda.synchronize()
     for p, q in zip(graphed.parameters(), eager.parameters()):
         assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("r", [1, 3, 16, 40, 64])
+def test_frames_kernel_matches_the_torch_frames(r):
+    """:func:`sdsopt.fused.frames` (one Triton program per pair: Cholesky, inverse, filter, scales) against the
+    torch path's :func:`cholesky_lower`, :func:`lower_inverse`, :func:`factor_map` and :func:`balance_scales` in
+    float64: full-rank, rank-deficient, zero and non-finite Grams, with and without a step shift, to 1e-5 or 8× the
+    float32 torch path's own error (ill-conditioned Grams: an unblocked Cholesky rounds more than LAPACK's)."""
+    from sdsopt.coordinates import balance_scales, factor_map, lower_inverse
+    from sdsopt.linalg import cholesky_lower
+
+    gen = torch.Generator().manual_seed(r)
+    X = [torch.randn(r, p, generator=gen) for p in (3 * r + 5, max(1, r // 2), r + 1, 7)]
+    K = torch.stack([x @ x.T for x in X] * 2)  # k = 4 pairs: K_A = K_B families alike
+    K[6] = 0.0
+    K[3, 0, 0] = float("nan")
+    K = K.to(DEVICE)
+    tol = 1e-5
+    for shifts in (None, torch.tensor([0.0, 1e-3, 0.5, 2.0], device=DEVICE)):
+        both = torch.tensor([1, 1, 0, 1], dtype=torch.int32, device=DEVICE)
+        G, F, scales = fused.frames(K.clone(), 4, tol, shifts, both)
+        shift = (torch.zeros(4, device=DEVICE) if shifts is None else shifts).repeat(2).cpu()
+        K64 = K.double().cpu()
+
+        def torch_frames(Kj: torch.Tensor, mu: float) -> tuple[torch.Tensor, torch.Tensor]:
+            L_inv = lower_inverse(cholesky_lower(Kj, tol, shift=mu))
+            return L_inv, factor_map(Kj, L_inv, mu)
+
+        for j in range(8):
+            want = torch_frames(K64[j:j + 1], float(shift[j]))
+            base = [t.double() for t in torch_frames(K64[j:j + 1].float(), float(shift[j]))]  # float32 torch
+            got = (G[j:j + 1].double().cpu(), (F[j:j + 1] @ G[j:j + 1].mT).double().cpu())
+            for a, b, w in zip(got, base, want):
+                err = lambda x: ((x - w).abs().max() / w.abs().max().clamp_min(1e-30)).item()  # noqa: E731
+                assert err(a) <= max(1e-5, 8 * err(b)), (j, shifts)  # ill-conditioned: float32 noise in both
+        c, _ = balance_scales(K64[:4], K64[4:])
+        c = torch.where(both.cpu().bool().view(-1, 1, 1), c, 1.0).view(-1)
+        assert torch.allclose(scales[4:].double().cpu(), c, rtol=1e-5)
+        assert torch.allclose(scales[:4].double().cpu(), 1 / c, rtol=1e-5)
