@@ -157,9 +157,10 @@ class Launch:
     gram_bp: int
     gram_warps: int
     gram_stages: int
-    precision: str  # the gradient's coordinates g̃ = G g
+    precision: str  # the gradient's coordinates g̃ = G g (mode sds)
     gram_precision: str
     map_precision: str  # the map back of the change
+    rewrite_precision: str  # g̃ = P g of the rewrite modes (no map back: P's rounding would not cancel)
 
 
 def launch(r: int, device: torch.device, dtype: torch.dtype = torch.float32) -> Launch:
@@ -168,7 +169,8 @@ def launch(r: int, device: torch.device, dtype: torch.dtype = torch.float32) -> 
     rp = max(16, triton.next_power_of_2(r))
     exact = ("tf32x3" if dtype == torch.float32 else "tf32") if device.type == "cuda" else "ieee"
     return Launch(rp=rp, adam_bp=max(16, min(64, 2048 // rp)), adam_warps=4, adam_stages=1,
-                  gram_bp=64, gram_warps=4, gram_stages=2, precision=exact, gram_precision=exact, map_precision=exact)
+                  gram_bp=64, gram_warps=4, gram_stages=2, precision=exact, gram_precision=exact, map_precision=exact,
+                  rewrite_precision="tf32x3" if device.type == "cuda" else "ieee")
 
 
 def _chunks(lengths: list[int], chunk: int) -> tuple[list[tuple[int, int]], list[tuple[int, int, int]]]:
@@ -284,8 +286,9 @@ def adam(tables: Tables, key: Any, group: dict[str, Any], fam: Family, lists: di
             group["weight_decay"],
             TRANS=trans, COORD=fmaps is not None, HAS_SCALE=scales is not None, HAS_RAMP=ramps is not None,
             HAS_FOUND_INF=found_inf is not None, LR_TENSOR=isinstance(lr, Tensor), AMSGRAD=amsgrad,
-            MAXIMIZE=group["maximize"], RP=cfg.rp, BP=cfg.adam_bp, DT=_tl_dtype(fam.dtype), PREC=cfg.precision,
-            PREC_MAP=cfg.map_precision, num_warps=cfg.adam_warps, num_stages=cfg.adam_stages)
+            MAXIMIZE=group["maximize"], RP=cfg.rp, BP=cfg.adam_bp, DT=_tl_dtype(fam.dtype),
+            PREC=cfg.precision if fmaps is not None else cfg.rewrite_precision, PREC_MAP=cfg.map_precision,
+            num_warps=cfg.adam_warps, num_stages=cfg.adam_stages)
     if found_inf is not None:
         torch._foreach_sub_(steps, [found_inf] * len(steps))
     return done

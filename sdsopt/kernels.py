@@ -35,8 +35,9 @@ then, with weight decay ``λ``, learning rate ``η``, the optional ramp ``ρ`` a
 Arithmetic is float32 in registers whatever the parameter dtype; the moments are stored in the parameter's
 dtype, as torch's AdamW keeps them.  Matrix products on the GPU (:func:`sdsopt.fused.launch`): ``tf32x3`` (three
 TF32 tensor-core passes, float32 accuracy) for float32 factors; TF32 for bf16/fp16 factors, whose values TF32
-holds exactly (the float32 r×r maps are then rounded to TF32, alike in both directions of the map: a change of
-coordinates all the same, 2⁻¹¹ from the float32 one, far below the bf16 rounding of the parameter).
+holds exactly (mode ``sds``: the float32 r×r maps are then rounded to TF32, alike in both directions of the map: a
+change of coordinates all the same, 2⁻¹¹ from the float32 one; the rewrite modes keep ``tf32x3`` for ``P g``,
+whose rounding no map back would undo and which an ill-conditioned ``P`` amplifies).
 """
 
 from __future__ import annotations

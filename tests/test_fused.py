@@ -240,7 +240,7 @@ def test_the_step_is_captured_in_a_cuda_graph(mode):
 def test_frames_kernel_matches_the_torch_frames(r):
     """:func:`sdsopt.fused.frames` (one Triton program per pair: Cholesky, inverse, filter, scales) against the
     torch path's :func:`cholesky_lower`, :func:`lower_inverse`, :func:`factor_map` and :func:`balance_scales` in
-    float64: full-rank, rank-deficient, zero and non-finite Grams, with and without a step shift, to 1e-5 or 8× the
+    float64: full-rank, rank-deficient, zero and non-finite Grams, with and without a step shift, to 3e-5 or 8× the
     float32 torch path's own error (ill-conditioned Grams: an unblocked Cholesky rounds more than LAPACK's)."""
     from sdsopt.coordinates import balance_scales, factor_map, lower_inverse
     from sdsopt.linalg import cholesky_lower
@@ -268,7 +268,7 @@ def test_frames_kernel_matches_the_torch_frames(r):
             got = (G[j:j + 1].double().cpu(), (F[j:j + 1] @ G[j:j + 1].mT).double().cpu())
             for a, b, w in zip(got, base, want):
                 err = lambda x: ((x - w).abs().max() / w.abs().max().clamp_min(1e-30)).item()  # noqa: E731
-                assert err(a) <= max(1e-5, 8 * err(b)), (j, shifts)  # ill-conditioned: float32 noise in both
+                assert err(a) <= max(3e-5, 8 * err(b)), (j, shifts)  # ill-conditioned: float32 noise in both
         c, _ = balance_scales(K64[:4], K64[4:])
         c = torch.where(both.cpu().bool().view(-1, 1, 1), c, 1.0).view(-1)
         assert torch.allclose(scales[4:].double().cpu(), c, rtol=1e-5)
