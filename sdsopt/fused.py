@@ -129,8 +129,7 @@ class Tables:
                 and all(map(operator.is_, hit[1], objs))):
             return hit[2]
         rows, items = build()
-        value = (torch.tensor(rows, dtype=torch.int64, device=device),
-                 torch.tensor(items, dtype=torch.int64, device=device), len(items))
+        value = (_to_device(rows, torch.int64, device), _to_device(items, torch.int64, device), len(items))
         self._cache[key] = (ptrs, objs, value)
         return value
 
@@ -139,9 +138,16 @@ class Tables:
         hit = self._cache.get(key)
         if hit is not None and hit[0] == tuple(values):
             return hit[1]
-        out = torch.tensor(values, dtype=dtype, device=device)
+        out = _to_device(values, dtype, device)
         self._cache[key] = (tuple(values), out)
         return out
+
+
+def _to_device(values: list[Any], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """Host values on ``device`` without a synchronising copy (pinned memory, ``non_blocking``; the caching host
+    allocator keeps the buffer until the copy is done), so that no step waits for the device."""
+    host = torch.tensor(values, dtype=dtype)
+    return host.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else host.to(device)
 
 
 @dataclass(frozen=True)

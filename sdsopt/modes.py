@@ -297,9 +297,10 @@ class Coordinates(Mode):
             G, F, scales = fused.frames(K, fam.k, tol, shifts, both)
             del K
             ramp = self._ramp(opt, group, [ia for ia, _ in fam.pairs], G)
-            if ramp is not None:
-                ramp = torch.as_tensor(ramp, dtype=torch.float32, device=device).reshape(-1).expand(fam.k)
-                ramp = ramp.contiguous()
+            if isinstance(ramp, float):  # (a fill, not a host-to-device copy)
+                ramp = torch.full((fam.k,), ramp, dtype=torch.float32, device=device)
+            elif ramp is not None:
+                ramp = ramp.reshape(-1).float()
             done |= fused.adam(opt._tables, key, group, fam, ctx.lists, ctx.position, gmaps=G, fmaps=F,
                                scales=scales, ramps=ramp, found_inf=ctx.found_inf)
         return done
