@@ -10,13 +10,12 @@ setting changed at a time (median of ``--steps`` steps, CUDA events), next to fu
 from __future__ import annotations
 
 import argparse
-import statistics
 from dataclasses import replace
 
 import torch
 
 from sdsopt import SDSAdamW, fused
-from step_time import DTYPES, lora_params
+from step_time import DTYPES, cuda_median, lora_params
 
 # Adam (BLOCK_P, warps, stages, precision) and Gram (BLOCK_P, stages) candidates, each at the other's default
 ADAM = [(16, 4, 1, "tf32x3"), (32, 4, 1, "tf32x3"), (64, 4, 1, "tf32x3"), (32, 8, 1, "tf32x3"), (32, 4, 2, "tf32x3"),
@@ -30,16 +29,7 @@ CHUNKS = [(4, 2048), (16, 2048), (8, 1024), (8, 4096)]  # (ADAM_CHUNK, GRAM_CHUN
 def timed(opt, steps: int) -> float:
     for _ in range(3):
         opt.step()
-    times = []
-    for _ in range(steps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        torch.cuda.synchronize()
-        start.record()
-        opt.step()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+    return cuda_median(opt.step, steps)
 
 
 def main(argv=None) -> None:

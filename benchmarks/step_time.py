@@ -141,16 +141,21 @@ def time_graph(opt, steps: int, warmup: int) -> tuple[float, float, float]:
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         opt.step()
+    return cuda_median(graph.replay, steps), float("nan"), float("nan")
+
+
+def cuda_median(fn, steps: int) -> float:
+    """Median over ``steps`` calls of ``fn`` of the time between CUDA events around it (ms)."""
     times = []
     for _ in range(steps):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         torch.cuda.synchronize()
         start.record()
-        graph.replay()
+        fn()
         end.record()
         torch.cuda.synchronize()
         times.append(start.elapsed_time(end))
-    return statistics.median(times), float("nan"), float("nan")
+    return statistics.median(times)
 
 
 def cpu_peak_extra_mb(opt) -> float:
