@@ -5,10 +5,11 @@ Per param group and step, the pairs a mode hands over (mode ``sds``: those past 
 ``sds_polar`` without the σ channel: all) are grouped into *families* of one rank and dtype, whatever their
 shapes.  A family steps in
 
-1. two Gram launches (all ``A`` factors, all ``B`` factors: :func:`grams`), into one ``[2k, r, r]`` float32
-   batch ``K = [K_A; K_B]``;
-2. the mode's r×r algebra on that batch, batched over every pair of the family (a handful of torch calls:
-   Cholesky, triangular inverse, ...);
+1. per factor kind (all ``A`` factors, all ``B`` factors) a Gram launch over work items and an ordered sum of its
+   partial sums (:func:`grams`), into one ``[2k, r, r]`` float32 batch ``K = [K_A; K_B]``;
+2. the mode's r×r algebra on that batch, batched over every pair of the family: mode ``sds`` one launch
+   (:func:`frames`: Cholesky factors, their inverses, the filters of the map back, the re-balancing scales);
+   the rewrite modes their preconditioner ``P`` by torch calls (:func:`sdsopt.rewrite.preconditioner`);
 3. one step-count increment (``_foreach_add_``, as torch's fused AdamW) and two Adam launches
    (:func:`adam`), each over every factor of one kind.
 

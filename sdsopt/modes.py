@@ -286,9 +286,9 @@ class Coordinates(Mode):
             _, tol = algebra_precision(fam.dtype, group["linalg_dtype"], group["rank_tol"], "cholesky")
             K = fused.grams(opt._tables, key, group, fam)
             both = None
-            if group["rebalance"] and lr > 0 and any(a and b for a, b in zip(fam.has_a, fam.has_b)):
-                both = opt._tables.constant((key, "both"), [a and b for a, b in zip(fam.has_a, fam.has_b)],
-                                            device, torch.int32)
+            pairs_both = [a and b for a, b in zip(fam.has_a, fam.has_b)]  # re-balanced: both factors stepped
+            if group["rebalance"] and lr > 0 and any(pairs_both):
+                both = opt._tables.constant((key, "both"), pairs_both, device, torch.int32)
             # μ_s = γ·lr·√min(m, n) per pair (see the class docstring), the same for both Grams of the pair
             gamma = group["step_damping"] * lr
             shifts = None
