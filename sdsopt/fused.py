@@ -9,7 +9,8 @@ shapes.  A family steps in
    partial sums (:func:`grams`), into one ``[2k, r, r]`` float32 batch ``K = [K_A; K_B]``;
 2. the mode's r×r algebra on that batch, batched over every pair of the family: mode ``sds`` one launch
    (:func:`frames`: Cholesky factors, their inverses, the filters of the map back, the re-balancing scales);
-   the rewrite modes their preconditioner ``P`` by torch calls (:func:`sdsopt.rewrite.preconditioner`);
+   ``scaled`` one launch too (:func:`inverses`); ``sds_polar`` its preconditioner by torch calls
+   (:func:`sdsopt.rewrite.preconditioner`);
 3. one step-count increment (``_foreach_add_``, as torch's fused AdamW) and two Adam launches
    (:func:`adam`), each over every factor of one kind.
 
@@ -43,8 +44,8 @@ try:
 except ImportError:  # CPU-only installs: the step keeps its torch path
     triton = None
 
-__all__ = ["MAX_RANK", "Family", "Launch", "Tables", "adam", "available", "families", "frames", "grams", "launch",
-           "supported"]
+__all__ = ["MAX_RANK", "Family", "Launch", "Tables", "adam", "available", "families", "frames", "grams", "inverses",
+           "launch", "supported"]
 
 GRAM_CHUNK = 2048
 """Columns per work item of the Gram kernel (its partial sums: one r×r float32 per item)."""
@@ -225,11 +226,26 @@ def frames(K: Tensor, k: int, tol: float, shifts: Tensor | None, both: Tensor | 
     One launch, one program per pair (the torch ops it replaces cost ~40 launches of host time per step)."""
     G, F = torch.empty_like(K), torch.empty_like(K)
     scales = torch.empty(2 * k, dtype=K.dtype, device=K.device) if both is not None else None
+    _frames(K, G, F, k, tol, 0.0, shifts, both, scales, inverse=False)
+    return G, F, scales
+
+
+def inverses(K: Tensor, k: int, tol: float, damping: float) -> Tensor:
+    """Mode ``scaled``'s preconditioners ``P = (K + (τ·trace K + δ)·I)^{-1}`` for ``K = [K_A; K_B]``, as
+    :func:`sdsopt.rewrite.preconditioner`'s Cholesky route computes them (``K = 0`` gives ``δ^{-1}·I``), in one
+    launch."""
+    P = torch.empty_like(K)
+    _frames(K, P, P, k, tol, damping, None, None, None, inverse=True)
+    return P
+
+
+def _frames(K: Tensor, G: Tensor, F: Tensor, k: int, tol: float, shift0: float, shifts: Tensor | None,
+            both: Tensor | None, scales: Tensor | None, *, inverse: bool) -> None:
     rp = max(16, triton.next_power_of_2(K.shape[-1]))
     kernels.frames_kernel[(k,)](K, G, F, K if scales is None else scales, K if shifts is None else shifts,
-                                K if both is None else both, k, K.shape[-1], tol, HAS_SHIFT=shifts is not None,
-                                HAS_SCALE=both is not None, RP=rp, num_warps=4)
-    return G, F, scales
+                                K if both is None else both, k, K.shape[-1], tol, shift0,
+                                HAS_SHIFT=shifts is not None, HAS_SCALE=both is not None, INVERSE=inverse, RP=rp,
+                                num_warps=4)
 
 
 def adam(tables: Tables, key: Any, group: dict[str, Any], fam: Family, lists: dict[str, list[Tensor]],

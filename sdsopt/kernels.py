@@ -13,7 +13,8 @@ Every factor is seen in row form (:mod:`sdsopt.linalg`): ``X`` is ``r × p``; ``
 float32 partial sums, which :func:`gram_sum_kernel` adds in a fixed order (deterministic: no atomics).
 
 :func:`frames_kernel` — the r×r algebra of mode ``sds`` in one launch: per pair, both Grams' Cholesky factors,
-their inverses ``G = L^{-1}``, the filters ``F`` of the map back and the re-balancing scale.
+their inverses ``G = L^{-1}``, the filters ``F`` of the map back and the re-balancing scale (mode ``scaled``: its
+preconditioners ``(K + δI)^{-1}``).
 
 :func:`adam_kernel` — one work item per program, in blocks of ``BLOCK_P`` columns (rows of ``B``), its r×r maps
 loaded once.  Work items (an int64 ``[n, 3]`` table: entry, first and last column) cut every factor into chunks of
@@ -184,12 +185,14 @@ def adam_kernel(table, items, gmaps, fmaps, scales, ramps, lr_ptr, found_inf, r,
 
 
 @triton.jit
-def _frame(K_ptr, G_ptr, F_ptr, r, tol, shift, RP: tl.constexpr):
+def _frame(K_ptr, G_ptr, F_ptr, r, tol, shift, RP: tl.constexpr, INVERSE: tl.constexpr):
     """One Gram's frame, as :func:`sdsopt.linalg.cholesky_lower` and :func:`sdsopt.coordinates.factor_map` give it
     (``M = F G``ᵀ; tests/test_fused.py checks them against each other): ``L Lᵀ = K + μI``,
     ``μ = τ·trace K + μ_s``, by an unblocked Cholesky in float32; ``G = L^{-1}`` by forward substitution;
     ``F = (K + μ_s I) Gᵀ G``; the fallbacks ``K = 0`` or non-finite → ``G = F = I``, a failed factorisation →
-    ``L = √((trace K + μ_s)/r)·I``, ``F = I``.  Returns the (finite) trace."""
+    ``L = √((trace K + μ_s)/r)·I``, ``F = I``.  ``INVERSE`` (mode ``scaled``, :func:`sdsopt.rewrite.preconditioner`):
+    store ``(K + μI)^{-1} = Gᵀ G`` at ``G_ptr`` instead, ``K = 0`` factored as ``√μ_s·I`` (no identity fallback).
+    Returns the (finite) trace."""
     rows = tl.arange(0, RP)[:, None]
     cols = tl.arange(0, RP)[None, :]
     inside = (rows < r) & (cols < r)
@@ -200,7 +203,10 @@ def _frame(K_ptr, G_ptr, F_ptr, r, tol, shift, RP: tl.constexpr):
     K = tl.where(finite, K, 0.0)
     t = tl.sum(tl.sum(tl.where(rows == cols, K, 0.0), axis=1), axis=0)
     tiny = 1.1754943508222875e-38
-    empty = t <= tiny
+    if INVERSE:
+        empty = t != t  # (False: K + δI is positive definite for K = 0)
+    else:
+        empty = t <= tiny
     A = K + (tol * t + shift) * tl.where(inside, eye, 0.0) + tl.where(inside, 0.0, eye)  # padding: identity
     L = tl.zeros((RP, RP), dtype=tl.float32)
     failed = t != t  # False
@@ -221,31 +227,36 @@ def _frame(K_ptr, G_ptr, F_ptr, r, tol, shift, RP: tl.constexpr):
         x = (tl.where(tl.arange(0, RP) == i, 1.0, 0.0) - acc) / d
         X = tl.where(rows == i, x[None, :], X)
     failed = failed | (tl.sum(tl.sum(tl.where(X == X, 0.0, 1.0), axis=1), axis=0) > 0)
-    # F = (K + μ_s I)(K + μI)^{-1} = (K + μ_s I) Gᵀ G: no cancellation in the partner's null directions, where
-    # the equal I − τ·trace K·Gᵀ G would subtract two numbers near 1
-    F = tl.dot(K + shift * eye, tl.dot(tl.trans(X), X, input_precision="ieee"), input_precision="ieee")
     scale = tl.sqrt(tl.maximum((t + shift) / r, tiny))
     X = tl.where(empty, eye, tl.where(failed, eye / scale, X))
-    F = tl.where(empty | failed, eye, F)
-    tl.store(G_ptr + rows * r + cols, X, mask=inside)
-    tl.store(F_ptr + rows * r + cols, F, mask=inside)
+    XtX = tl.dot(tl.trans(X), X, input_precision="ieee")  # (K + μI)^{-1}
+    if INVERSE:
+        tl.store(G_ptr + rows * r + cols, XtX, mask=inside)
+    else:
+        # F = (K + μ_s I)(K + μI)^{-1} = (K + μ_s I) Gᵀ G: no cancellation in the partner's null directions, where
+        # the equal I − τ·trace K·Gᵀ G would subtract two numbers near 1
+        F = tl.where(empty | failed, eye, tl.dot(K + shift * eye, XtX, input_precision="ieee"))
+        tl.store(G_ptr + rows * r + cols, X, mask=inside)
+        tl.store(F_ptr + rows * r + cols, F, mask=inside)
     return t
 
 
 @triton.jit
-def frames_kernel(K, G, F, scales, shifts, both, k, r, tol, HAS_SHIFT: tl.constexpr, HAS_SCALE: tl.constexpr,
-                  RP: tl.constexpr):
-    """Pair ``q`` (program ``q``): the frames of ``K_A`` (index ``q``) and ``K_B`` (``k + q``), and with
-    ``HAS_SCALE`` the re-balancing scales (:func:`sdsopt.coordinates.balance_scales`) where ``both[q]``:
-    ``scales[q] = 1/c`` (for ``B``, which steps with ``K_A``'s maps), ``scales[k + q] = c``."""
+def frames_kernel(K, G, F, scales, shifts, both, k, r, tol, shift0, HAS_SHIFT: tl.constexpr,
+                  HAS_SCALE: tl.constexpr, INVERSE: tl.constexpr, RP: tl.constexpr):
+    """Pair ``q`` (program ``q``): the frames of ``K_A`` (index ``q``) and ``K_B`` (``k + q``) with the absolute
+    shift ``shift0`` (+ ``shifts[q]``), and with ``HAS_SCALE`` the re-balancing scales
+    (:func:`sdsopt.coordinates.balance_scales`) where ``both[q]``: ``scales[q] = 1/c`` (for ``B``, which steps with
+    ``K_A``'s maps), ``scales[k + q] = c``."""
     q = tl.program_id(0)
-    shift = 0.0
+    shift = shift0
     if HAS_SHIFT:
-        shift = tl.load(shifts + q)
+        shift = shift + tl.load(shifts + q)
     rr = r * r
-    t_a = _frame(K + q.to(tl.int64) * rr, G + q.to(tl.int64) * rr, F + q.to(tl.int64) * rr, r, tol, shift, RP)
+    a = q.to(tl.int64)
+    t_a = _frame(K + a * rr, G + a * rr, F + a * rr, r, tol, shift, RP, INVERSE)
     b = (q + k).to(tl.int64)
-    t_b = _frame(K + b * rr, G + b * rr, F + b * rr, r, tol, shift, RP)
+    t_b = _frame(K + b * rr, G + b * rr, F + b * rr, r, tol, shift, RP, INVERSE)
     if HAS_SCALE:
         tiny = 1.1754943508222875e-38
         ok = (t_a > tiny) & (t_b > tiny) & (tl.load(both + q) != 0)

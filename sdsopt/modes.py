@@ -480,8 +480,11 @@ class Rewrite(Mode):
             key = (ctx.gi, "rewrite", fi)
             route, _, tol = self._route(ctx.gi, group, group["params"][fam.pairs[0][0]])
             K = fused.grams(opt._tables, key, group, fam)
-            P = preconditioner(finite_or_zero(K), mode=group["mode"], route=route, rank_tol=tol,
-                               damping=group["damping"])
+            if group["mode"] == "scaled" and route == "cholesky":  # one launch for all of them
+                P = fused.inverses(K, fam.k, tol, group["damping"])
+            else:
+                P = preconditioner(finite_or_zero(K), mode=group["mode"], route=route, rank_tol=tol,
+                                   damping=group["damping"])
             del K
             done |= fused.adam(opt._tables, key, group, fam, ctx.lists, ctx.position, gmaps=P, fmaps=None,
                                scales=None, ramps=None, found_inf=ctx.found_inf)

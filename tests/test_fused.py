@@ -241,9 +241,11 @@ def test_frames_kernel_matches_the_torch_frames(r):
     """:func:`sdsopt.fused.frames` (one Triton program per pair: Cholesky, inverse, filter, scales) against the
     torch path's :func:`cholesky_lower`, :func:`lower_inverse`, :func:`factor_map` and :func:`balance_scales` in
     float64: full-rank, rank-deficient, zero and non-finite Grams, with and without a step shift, to 3e-5 or 8× the
-    float32 torch path's own error (ill-conditioned Grams: an unblocked Cholesky rounds more than LAPACK's)."""
+    float32 torch path's own error (ill-conditioned Grams: an unblocked Cholesky rounds more than LAPACK's); and
+    mode ``scaled``'s inverses (:func:`sdsopt.fused.inverses`) against :func:`preconditioner`'s Cholesky route."""
     from sdsopt.coordinates import balance_scales, factor_map, lower_inverse
-    from sdsopt.linalg import cholesky_lower
+    from sdsopt.linalg import cholesky_lower, finite_or_zero
+    from sdsopt.rewrite import preconditioner
 
     gen = torch.Generator().manual_seed(r)
     X = [torch.randn(r, p, generator=gen) for p in (3 * r + 5, max(1, r // 2), r + 1, 7)]
@@ -269,6 +271,14 @@ def test_frames_kernel_matches_the_torch_frames(r):
             for a, b, w in zip(got, base, want):
                 err = lambda x: ((x - w).abs().max() / w.abs().max().clamp_min(1e-30)).item()  # noqa: E731
                 assert err(a) <= max(3e-5, 8 * err(b)), (j, shifts)  # ill-conditioned: float32 noise in both
+        if shifts is None:  # mode scaled's preconditioners, as the Cholesky route of preconditioner() forms them
+            P = fused.inverses(K.clone(), 4, tol, 1e-3)
+            want = preconditioner(finite_or_zero(K64), mode="scaled", route="cholesky", rank_tol=tol, damping=1e-3)
+            base = preconditioner(finite_or_zero(K64.float()), mode="scaled", route="cholesky", rank_tol=tol,
+                                  damping=1e-3).double()
+            for j in range(8):
+                err = lambda x: ((x[j] - want[j]).abs().max() / want[j].abs().max()).item()  # noqa: E731
+                assert err(P.double().cpu()) <= max(3e-5, 8 * err(base)), j
         c, _ = balance_scales(K64[:4], K64[4:])
         c = torch.where(both.cpu().bool().view(-1, 1, 1), c, 1.0).view(-1)
         assert torch.allclose(scales[4:].double().cpu(), c, rtol=1e-5)
