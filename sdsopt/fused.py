@@ -300,6 +300,8 @@ def adam(tables: Tables, key: Any, group: dict[str, Any], fam: Family, lists: di
         return done
     torch._foreach_add_(steps, 1)
     lr = group["lr"]
+    if isinstance(lr, Tensor):  # read by the kernel on the device (float32), as torch's fused AdamW does
+        lr = lr.to(device=device, dtype=torch.float32, non_blocking=True).reshape(())
     for side, trans, table, items, n in launches:
         kernels.adam_kernel[(n,)](
             table, items, gmaps[(1 - side) * fam.k:], gmaps if fmaps is None else fmaps[(1 - side) * fam.k:],

@@ -145,6 +145,8 @@ def adam_kernel(table, items, gmaps, fmaps, scales, ramps, lr_ptr, found_inf, r,
         gain = gain * tl.load(ramps + q)
     if HAS_SCALE:
         scale = tl.load(scales + q)
+        if LR_TENSOR:  # lr = 0 moves nothing, not even the balance (a float lr decides this on the host)
+            scale = tl.where(lr > 0, scale, 1.0)
     for start in range(c0, c1, BP):
         x_ptrs, mask = _tile(x_base, start, c1, p, r, TRANS, RP, BP)
         g_ptrs, _ = _tile(g_base, start, c1, p, r, TRANS, RP, BP)

@@ -287,13 +287,14 @@ class Coordinates(Mode):
             K = fused.grams(opt._tables, key, group, fam)
             both = None
             pairs_both = [a and b for a, b in zip(fam.has_a, fam.has_b)]  # re-balanced: both factors stepped
-            if group["rebalance"] and lr > 0 and any(pairs_both):
+            # lr = 0 (a scheduler) moves nothing, not even the balance (a Tensor lr: decided in the kernel)
+            if group["rebalance"] and (isinstance(lr, Tensor) or lr > 0) and any(pairs_both):
                 both = opt._tables.constant((key, "both"), pairs_both, device, torch.int32)
             # μ_s = γ·lr·√min(m, n) per pair (see the class docstring), the same for both Grams of the pair
-            gamma = group["step_damping"] * lr
             shifts = None
-            if gamma > 0:
-                shifts = opt._tables.constant((key, "roots"), fam.roots, device, torch.float32) * gamma
+            if group["step_damping"] > 0 and (isinstance(lr, Tensor) or lr > 0):
+                roots = opt._tables.constant((key, "roots"), fam.roots, device, torch.float32)
+                shifts = roots * (group["step_damping"] * lr)
             G, F, scales = fused.frames(K, fam.k, tol, shifts, both)
             del K
             ramp = self._ramp(opt, group, [ia for ia, _ in fam.pairs], G)
@@ -606,7 +607,7 @@ class Rewrite(Mode):
                 sub["max_exp_avg_sqs"].append(state["sigma_max_exp_avg_sq"])
             sub["state_steps"].append(lists["state_steps"][q].clone())
         opt._adam({**group, "foreach": None, "fused": None}, sub,
-                   lr=group["lr"] * group["sigma_lr_ratio"], weight_decay=0.0)
+                   lr=float(group["lr"]) * group["sigma_lr_ratio"], weight_decay=0.0)  # (σ channel: read on the host)
         return buf.to(g_sigma.dtype)
 
 

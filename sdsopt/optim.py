@@ -47,8 +47,16 @@ _LINALG_DTYPES = (None, torch.float32, torch.float64)
 def _check_hyperparameters(group: dict[str, Any], where: str) -> None:
     """Raise ``ValueError`` naming the offending option (``where``: 'defaults' or 'param group i')."""
     lr = group["lr"]
-    if isinstance(lr, Tensor) or not isinstance(lr, (int, float)):
-        raise ValueError(f"{where}: lr must be a Python float, got {type(lr).__name__} (Tensor lr is not supported).")
+    if isinstance(lr, Tensor):
+        if lr.numel() != 1 or not lr.is_floating_point():
+            raise ValueError(f"SDSAdamW {where}: a Tensor lr must be one floating-point number, got shape "
+                             f"{tuple(lr.shape)} and dtype {lr.dtype}.")
+        if not group["fused"]:
+            raise ValueError(f"SDSAdamW {where}: a Tensor lr needs fused=True (as torch.optim.AdamW's fused or "
+                             "capturable kernels, which read it on the device); pass fused=True or a float lr.")
+        lr = float(lr)  # checked once here (a read on the host); the steps never read it
+    elif not isinstance(lr, (int, float)):
+        raise ValueError(f"SDSAdamW {where}: lr must be a float or a one-element Tensor, got {type(lr).__name__}.")
     checks = [
         (lr >= 0.0, f"lr={lr} must be >= 0"),
         (group["eps"] >= 0.0, f"eps={group['eps']} must be >= 0"),
@@ -115,7 +123,9 @@ class SDSAdamW(Optimizer):
             ``optimizer_cls_and_kwargs=(SDSAdamW, {"model": model, ...})``), or param groups; a
             group may list explicit pairs: ``{"params": [...], "lora_pairs": [(A, B), ...]}``.
         lr, betas, eps, weight_decay, amsgrad, maximize, foreach, fused: as ``torch.optim.AdamW``
-            (same defaults).
+            (same defaults).  ``fused=True`` on CUDA steps the LoRA pairs by Triton kernels
+            (:mod:`sdsopt.fused`), and ``lr`` may then be a one-element Tensor (on the device: a schedule
+            that ``fill_``\ s it reaches a step captured in a CUDA graph); the σ channel reads it on the host.
         mode: ``"sds"`` (default, above), ``"sds_polar"`` (sdsopt 0.1's ``sds``: a one-sided rewrite
             ``g̃B = gB (AAᵀ)^{-1/2}``, ``g̃A = (BᵀB)^{-1/2} gA`` with Adam on the plain factors),
             ``"lora"`` (identity: plain AdamW on the factors), ``"scaled"``

@@ -196,15 +196,38 @@ def test_float64_factors_and_large_ranks_keep_the_torch_path():
         assert (len(kernel), len(rest)) == ((3, 0) if (dtype, linalg) == (torch.float32, None) else (0, 3))
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need CUDA")
 @pytest.mark.parametrize("mode", ["sds", "scaled"])
-def test_the_step_is_captured_in_a_cuda_graph(mode):
+def test_a_tensor_lr_steps_as_the_float_lr(mode):
+    """``fused=True`` with a Tensor lr (changed in place, as schedulers do with ``fill_``) steps as the same float
+    lr does: the kernels read it on the device, including ``lr = 0`` (nothing moves, not even the balance)."""
+    kw = dict(mode=mode, fused=True, weight_decay=0.05, **({"warmup_steps": 1} if mode == "sds" else {}))
+    floats, tensors = _model(torch.float32), _model(torch.float32)
+    opt_f = SDSAdamW(floats.named_parameters(), lr=1e-2, **kw)
+    lr = torch.tensor(1e-2, device=DEVICE)
+    opt_t = SDSAdamW(tensors.named_parameters(), lr=lr, **kw)
+    for i, value in enumerate((1e-2, 3e-3, 0.0, 1e-2)):
+        opt_f.param_groups[0]["lr"] = value
+        lr.fill_(value)
+        before = [p.detach().clone() for p in tensors.parameters()]
+        _steps(floats, opt_f, 1, seed=i)
+        _steps(tensors, opt_t, 1, seed=i)
+        for p, q in zip(tensors.parameters(), floats.parameters()):
+            assert torch.allclose(p, q, rtol=1e-6, atol=1e-8)
+        if value == 0.0:
+            assert all(torch.equal(p, b) for p, b in zip(tensors.parameters(), before))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need CUDA")
+@pytest.mark.parametrize("mode,tensor_lr", [("sds", False), ("scaled", False), ("sds", True)])
+def test_the_step_is_captured_in_a_cuda_graph(mode, tensor_lr):
     """Past the warm-up and ramp, ``opt.step()`` with ``fused=True`` reads nothing on the host: it can be
-    captured in a CUDA graph, and replaying the graph steps as the eager step does (bit for bit)."""
-    kw = dict(lr=1e-2, mode=mode, fused=True, **({"warmup_steps": 1} if mode == "sds" else {}))
+    captured in a CUDA graph, and replaying the graph steps as the eager step does (bit for bit); with a Tensor
+    lr on the device a schedule reaches the replays (``fill_`` between them)."""
+    kw = dict(mode=mode, fused=True, **({"warmup_steps": 1} if mode == "sds" else {}))
     eager, graphed = _model(torch.float32), _model(torch.float32)
-    opt_e = SDSAdamW(eager.named_parameters(), **kw)
-    opt_g = SDSAdamW(graphed.named_parameters(), **kw)
+    opt_e = SDSAdamW(eager.named_parameters(), lr=1e-2, **kw)
+    lr = torch.tensor(1e-2, device=DEVICE) if tensor_lr else 1e-2
+    opt_g = SDSAdamW(graphed.named_parameters(), lr=lr, **kw)
     _steps(eager, opt_e, 3)
     _steps(graphed, opt_g, 3)
     gen = torch.Generator().manual_seed(5)
@@ -224,7 +247,10 @@ def test_the_step_is_captured_in_a_cuda_graph(mode):
     for p, g in zip(eager.parameters(), grads[0]):  # the side stream's step; the capture itself runs nothing
         p.grad = g.clone()
     opt_e.step()
-    for gs in grads[1:]:
+    for i, gs in enumerate(grads[1:]):
+        if tensor_lr:  # a schedule: the replay reads the new value
+            lr.fill_(1e-2 / (i + 2))
+            opt_e.param_groups[0]["lr"] = 1e-2 / (i + 2)
         for p, g in zip(graphed.parameters(), gs):
             p.grad.copy_(g)
         graph.replay()
@@ -233,7 +259,7 @@ def test_the_step_is_captured_in_a_cuda_graph(mode):
         opt_e.step()
     torch.cuda.synchronize()
     for p, q in zip(graphed.parameters(), eager.parameters()):
-        assert torch.equal(p, q)
+        assert torch.equal(p, q) if not tensor_lr else torch.allclose(p, q, rtol=1e-6, atol=1e-8)
 
 
 @pytest.mark.parametrize("r", [1, 3, 16, 40, 64])

@@ -406,7 +406,10 @@ def test_non_finite_gradients_propagate_like_adamw():
     (dict(damping=0.0), "damping"),
     (dict(sigma_lr_ratio=-1.0), "sigma_lr_ratio"),
     (dict(mode="lora", decouple_sigma=True), "decouple_sigma"),
-    (dict(lr=torch.tensor(0.1)), "lr must be a Python float"),
+    (dict(lr=torch.tensor(0.1)), "a Tensor lr needs fused=True"),
+    (dict(lr=torch.tensor([0.1, 0.2]), fused=True), "one floating-point number"),
+    (dict(lr=torch.tensor(-0.1), fused=True), "lr=-0.1.* must be >= 0"),
+    (dict(lr="0.1"), "lr must be a float or a one-element Tensor"),
 ])
 def test_bad_hyperparameters(kw, match):
     with pytest.raises(ValueError, match=match):
