@@ -165,19 +165,23 @@ class Launch:
     gram_bp: int
     gram_warps: int
     gram_stages: int
-    precision: str  # the gradient's coordinates g̃ = G g (mode sds)
+    precision: str  # the Adam kernel's products in mode sds (g̃ = G g and the map back)
     gram_precision: str
-    map_precision: str  # the map back of the change
     rewrite_precision: str  # g̃ = P g of the rewrite modes (no map back: P's rounding would not cancel)
+
+
+def _padded(r: int) -> int:
+    """r padded to a power of two ≥ 16 (``tl.dot``'s smallest operand), the kernels' tile height."""
+    return max(16, triton.next_power_of_2(r))
 
 
 def launch(r: int, device: torch.device, dtype: torch.dtype = torch.float32) -> Launch:
     """The settings measured best on an H100 (``benchmarks/kernel_blocks.py``; RESULTS.md), and the matmul
     precisions of :mod:`sdsopt.kernels` (``ieee`` on the CPU, Triton's interpreter)."""
-    rp = max(16, triton.next_power_of_2(r))
+    rp = _padded(r)
     exact = ("tf32x3" if dtype == torch.float32 else "tf32") if device.type == "cuda" else "ieee"
     return Launch(rp=rp, adam_bp=max(16, min(64, 2048 // rp)), adam_warps=4, adam_stages=1,
-                  gram_bp=64, gram_warps=4, gram_stages=2, precision=exact, gram_precision=exact, map_precision=exact,
+                  gram_bp=64, gram_warps=4, gram_stages=2, precision=exact, gram_precision=exact,
                   rewrite_precision="tf32x3" if device.type == "cuda" else "ieee")
 
 
@@ -241,7 +245,7 @@ def inverses(K: Tensor, k: int, tol: float, damping: float) -> Tensor:
 
 def _frames(K: Tensor, G: Tensor, F: Tensor, k: int, tol: float, shift0: float, shifts: Tensor | None,
             both: Tensor | None, scales: Tensor | None, *, inverse: bool) -> None:
-    rp = max(16, triton.next_power_of_2(K.shape[-1]))
+    rp = _padded(K.shape[-1])
     kernels.frames_kernel[(k,)](K, G, F, K if scales is None else scales, K if shifts is None else shifts,
                                 K if both is None else both, k, K.shape[-1], tol, shift0,
                                 HAS_SHIFT=shifts is not None, HAS_SCALE=both is not None, INVERSE=inverse, RP=rp,
@@ -312,7 +316,7 @@ def adam(tables: Tables, key: Any, group: dict[str, Any], fam: Family, lists: di
             TRANS=trans, COORD=fmaps is not None, HAS_SCALE=scales is not None, HAS_RAMP=ramps is not None,
             HAS_FOUND_INF=found_inf is not None, LR_TENSOR=isinstance(lr, Tensor), AMSGRAD=amsgrad,
             MAXIMIZE=group["maximize"], RP=cfg.rp, BP=cfg.adam_bp, DT=_tl_dtype(fam.dtype),
-            PREC=cfg.precision if fmaps is not None else cfg.rewrite_precision, PREC_MAP=cfg.map_precision,
+            PREC=cfg.precision if fmaps is not None else cfg.rewrite_precision,
             num_warps=cfg.adam_warps, num_stages=cfg.adam_stages)
     if found_inf is not None:
         torch._foreach_sub_(steps, [found_inf] * len(steps))

@@ -112,7 +112,7 @@ def adam_kernel(table, items, gmaps, fmaps, scales, ramps, lr_ptr, found_inf, r,
                 weight_decay, TRANS: tl.constexpr, COORD: tl.constexpr, HAS_SCALE: tl.constexpr,
                 HAS_RAMP: tl.constexpr, HAS_FOUND_INF: tl.constexpr, LR_TENSOR: tl.constexpr,
                 AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr, RP: tl.constexpr, BP: tl.constexpr,
-                DT: tl.constexpr, PREC: tl.constexpr, PREC_MAP: tl.constexpr):
+                DT: tl.constexpr, PREC: tl.constexpr):
     """Work item ``w`` (program ``w``): the update of the module docstring on its columns, ``BP`` at a time."""
     w = tl.program_id(0)
     if HAS_FOUND_INF:
@@ -173,11 +173,11 @@ def adam_kernel(table, items, gmaps, fmaps, scales, ramps, lr_ptr, found_inf, r,
         x = tl.load(x_ptrs, mask=mask, other=0.0).to(tl.float32)
         if COORD:
             if TRANS:
-                t = tl.dot(u, G, input_precision=PREC_MAP) + weight_decay * x
-                d = tl.dot(t, F, input_precision=PREC_MAP)
+                t = tl.dot(u, G, input_precision=PREC) + weight_decay * x
+                d = tl.dot(t, F, input_precision=PREC)
             else:
-                t = tl.dot(tl.trans(G), u, input_precision=PREC_MAP) + weight_decay * x
-                d = tl.dot(F, t, input_precision=PREC_MAP)
+                t = tl.dot(tl.trans(G), u, input_precision=PREC) + weight_decay * x
+                d = tl.dot(F, t, input_precision=PREC)
         else:
             d = u + weight_decay * x
         x = x + gain * d
