@@ -45,7 +45,7 @@ except ImportError:  # CPU-only installs: the step keeps its torch path
     triton = None
 
 __all__ = ["MAX_RANK", "Family", "Launch", "Tables", "adam", "available", "families", "frames", "grams", "inverses",
-           "launch", "supported"]
+           "launch", "supported", "vector_width"]
 
 GRAM_CHUNK = 2048
 """Columns per work item of the Gram kernel (its partial sums: one r×r float32 per item)."""
@@ -123,15 +123,16 @@ class Tables:
         self.memo: dict[Any, tuple[Any, ...]] = {}  # per family and side: its positions in the step's lists
 
     def get(self, key: Any, ptrs: tuple[int, ...], objs: list[Tensor], build: Any,
-            device: torch.device) -> tuple[Tensor, Tensor, int]:
-        """``(table, items, item count)`` for ``key``: cached while the data pointers ``ptrs`` are equal and the
-        tensors ``objs`` (state) are the same objects, else from ``build() -> (rows, items)``."""
+            device: torch.device) -> tuple[Tensor, Tensor, int, int]:
+        """``(table, items, item count, vec)`` for ``key``: cached while the data pointers ``ptrs`` are equal and
+        the tensors ``objs`` (state) are the same objects, else from ``build() -> (rows, items, vec)`` (``vec``:
+        :func:`vector_width`)."""
         hit = self._cache.get(key)
         if (hit is not None and hit[0] == ptrs and len(hit[1]) == len(objs)
                 and all(map(operator.is_, hit[1], objs))):
             return hit[2]
-        rows, items = build()
-        value = (_to_device(rows, torch.int64, device), _to_device(items, torch.int64, device), len(items))
+        rows, items, vec = build()
+        value = (_to_device(rows, torch.int64, device), _to_device(items, torch.int64, device), len(items), vec)
         self._cache[key] = (ptrs, objs, value)
         return value
 
@@ -185,6 +186,17 @@ def launch(r: int, device: torch.device, dtype: torch.dtype = torch.float32) -> 
                   rewrite_precision="tf32x3" if device.type == "cuda" else "ieee")
 
 
+def vector_width(tensors: list[Tensor], lengths: list[int], r: int, trans: bool) -> int:
+    """The kernels' ``VEC`` for a table of these factors: elements per 16 bytes where every data pointer is 16-byte
+    aligned and every length ``p`` (and for ``B``, read in rows of ``r``, the rank) is a multiple of it, so that
+    tiles load and store as 16-byte vectors; else 1 (no promise).  Work-item bounds are multiples of the chunks
+    (:data:`GRAM_CHUNK`, ``ADAM_CHUNK × BLOCK_P``, multiples of 16) or ``p``."""
+    vec = 16 // tensors[0].element_size()
+    ok = (all(t.data_ptr() % 16 == 0 for t in tensors) and all(p % vec == 0 for p in lengths)
+          and (not trans or r % vec == 0))
+    return vec if ok else 1
+
+
 def _chunks(lengths: list[int], chunk: int) -> tuple[list[tuple[int, int]], list[tuple[int, int, int]]]:
     """Work items ``(entry, c0, c1)`` of at most ``chunk`` columns, and per entry ``(first item, count)``."""
     items, spans = [], []
@@ -210,12 +222,13 @@ def grams(tables: Tables, key: Any, group: dict[str, Any], fam: Family) -> Tenso
             spans, items = _chunks(lengths, GRAM_CHUNK)
             rows = [(ptr, first, count, 0, 0, 0, p, q)
                     for q, (ptr, (first, count), p) in enumerate(zip(ptrs, spans, lengths))]
-            return rows, items
+            return rows, items, vector_width(factors, lengths, fam.r, trans)
 
-        table, items, n = tables.get((key, "gram", side), ptrs, [], build, device)
+        table, items, n, vec = tables.get((key, "gram", side), ptrs, [], build, device)
         ws = torch.empty(n, fam.r, fam.r, dtype=torch.float32, device=device)
         kernels.gram_kernel[(n,)](table, items, ws, fam.r, TRANS=trans, RP=cfg.rp, BP=cfg.gram_bp,
-                                  DT=_tl_dtype(fam.dtype), PREC=cfg.gram_precision, num_warps=cfg.gram_warps,
+                                  DT=_tl_dtype(fam.dtype), PREC=cfg.gram_precision, VEC=vec,
+                                  num_warps=cfg.gram_warps,
                                   num_stages=cfg.gram_stages)
         kernels.gram_sum_kernel[(fam.k,)](table, ws, K[side * fam.k:], fam.r, RP=cfg.rp, num_warps=4)
         del ws
@@ -227,7 +240,7 @@ def frames(K: Tensor, k: int, tol: float, shifts: Tensor | None, both: Tensor | 
     """Mode ``sds``'s maps for ``K = [K_A; K_B]`` (``[2k, r, r]`` float32): ``(G, F, scales)`` with ``G = L^{-1}``
     and ``F`` of :func:`sdsopt.kernels.frames_kernel` (``L Lᵀ = K + (τ·trace K + μ_s)·I``, ``shifts``: ``μ_s`` per
     pair or ``None``), and the re-balancing scales ``[2k]`` of the pairs marked in ``both`` (``None``: none).
-    One launch, one program per pair (the torch ops it replaces cost ~40 launches of host time per step)."""
+    One launch, one program per Gram (the torch ops it replaces cost ~40 launches of host time per step)."""
     G, F = torch.empty_like(K), torch.empty_like(K)
     scales = torch.empty(2 * k, dtype=K.dtype, device=K.device) if both is not None else None
     _frames(K, G, F, k, tol, 0.0, shifts, both, scales, inverse=False)
@@ -246,7 +259,7 @@ def inverses(K: Tensor, k: int, tol: float, damping: float) -> Tensor:
 def _frames(K: Tensor, G: Tensor, F: Tensor, k: int, tol: float, shift0: float, shifts: Tensor | None,
             both: Tensor | None, scales: Tensor | None, *, inverse: bool) -> None:
     rp = _padded(K.shape[-1])
-    kernels.frames_kernel[(k,)](K, G, F, K if scales is None else scales, K if shifts is None else shifts,
+    kernels.frames_kernel[(2 * k,)](K, G, F, K if scales is None else scales, K if shifts is None else shifts,
                                 K if both is None else both, k, K.shape[-1], tol, shift0,
                                 HAS_SHIFT=shifts is not None, HAS_SCALE=both is not None, INVERSE=inverse, RP=rp,
                                 num_warps=4)
@@ -294,10 +307,10 @@ def adam(tables: Tables, key: Any, group: dict[str, Any], fam: Family, lists: di
             rows = [(xi.data_ptr(), gi.data_ptr(), mi.data_ptr(), vi.data_ptr(), wi.data_ptr() if amsgrad else 0,
                      si.data_ptr(), p, q)
                     for xi, gi, mi, vi, si, wi, p, q in zip(x, g, *state[:3], state[3] or x, lengths, qs)]
-            return rows, items
+            return rows, items, vector_width(x + g + state[0] + state[1] + state[3], lengths, fam.r, trans)
 
-        table, items, n = tables.get((key, "adam", side), ptrs, [t for ts in state for t in ts], build, device)
-        launches.append((side, trans, table, items, n))
+        table, items, n, vec = tables.get((key, "adam", side), ptrs, [t for ts in state for t in ts], build, device)
+        launches.append((side, trans, table, items, n, vec))
         steps += state[2]
         done.update(pos)
     if not steps:
@@ -306,7 +319,7 @@ def adam(tables: Tables, key: Any, group: dict[str, Any], fam: Family, lists: di
     lr = group["lr"]
     if isinstance(lr, Tensor):  # read by the kernel on the device (float32), as torch's fused AdamW does
         lr = lr.to(device=device, dtype=torch.float32, non_blocking=True).reshape(())
-    for side, trans, table, items, n in launches:
+    for side, trans, table, items, n, vec in launches:
         kernels.adam_kernel[(n,)](
             table, items, gmaps[(1 - side) * fam.k:], gmaps if fmaps is None else fmaps[(1 - side) * fam.k:],
             gmaps if scales is None else scales[(1 - side) * fam.k:], gmaps if ramps is None else ramps,
@@ -316,7 +329,7 @@ def adam(tables: Tables, key: Any, group: dict[str, Any], fam: Family, lists: di
             TRANS=trans, COORD=fmaps is not None, HAS_SCALE=scales is not None, HAS_RAMP=ramps is not None,
             HAS_FOUND_INF=found_inf is not None, LR_TENSOR=isinstance(lr, Tensor), AMSGRAD=amsgrad,
             MAXIMIZE=group["maximize"], RP=cfg.rp, BP=cfg.adam_bp, DT=_tl_dtype(fam.dtype),
-            PREC=cfg.precision if fmaps is not None else cfg.rewrite_precision,
+            PREC=cfg.precision if fmaps is not None else cfg.rewrite_precision, VEC=vec,
             num_warps=cfg.adam_warps, num_stages=cfg.adam_stages)
     if found_inf is not None:
         torch._foreach_sub_(steps, [found_inf] * len(steps))

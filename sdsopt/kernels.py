@@ -55,35 +55,63 @@ table keeps its first work item and their count in the gradient's and exp_avg's 
 
 
 @triton.jit
-def _tile(ptr, start, stop, p, r, TRANS: tl.constexpr, RP: tl.constexpr, BP: tl.constexpr):
-    """Pointers and mask of columns ``start … min(start+BP, stop)`` of the row-form ``r × p`` factor: ``[RP, BP]``
-    for ``A``, ``[BP, RP]`` (rows of ``B``) for ``TRANS``."""
+def _block(start, stop, p, r: tl.constexpr, TRANS: tl.constexpr, RP: tl.constexpr, BP: tl.constexpr):
+    """Offsets and mask of columns ``start … min(start+BP, stop)`` of a row-form ``r × p`` factor: ``[RP, BP]`` for
+    ``A``, ``[BP, RP]`` (rows of ``B``) for ``TRANS``.  (``r`` is a compile-time constant: at ``r = RP`` the mask
+    is constant along the rank axis, so that ``B``'s rows load as vectors.)"""
     i = tl.arange(0, RP)
     c = start + tl.arange(0, BP)
     if TRANS:
         offs = c[:, None] * r + i[None, :]
-        mask = (c[:, None] < stop) & (i[None, :] < r)
+        if r == RP:
+            mask = tl.broadcast_to(c[:, None] < stop, (BP, RP))
+        else:
+            mask = (c[:, None] < stop) & (i[None, :] < r)
     else:
         offs = i[:, None] * p + c[None, :]
-        mask = (i[:, None] < r) & (c[None, :] < stop)
-    return ptr + offs, mask
+        if r == RP:
+            mask = tl.broadcast_to(c[None, :] < stop, (RP, BP))
+        else:
+            mask = (i[:, None] < r) & (c[None, :] < stop)
+    return offs, mask
 
 
 @triton.jit
-def gram_kernel(table, items, ws, r, TRANS: tl.constexpr, RP: tl.constexpr, BP: tl.constexpr, DT: tl.constexpr,
-                PREC: tl.constexpr):
-    """``ws[w] = X[:, c0:c1] X[:, c0:c1]ᵀ`` (``r × r`` float32) for work item ``w`` (program ``w``)."""
-    w = tl.program_id(0)
+def _entry(table, items, w, field, DT: tl.constexpr, VEC: tl.constexpr):
+    """Work item ``w``'s entry row, its columns ``c0 … c1``, the factor's length ``p`` and the data pointer in
+    column ``field``; ``VEC > 1`` promises the host's check that pointers are 16-byte aligned and ``p``, ``c0``,
+    ``c1`` multiples of ``VEC`` elements (so that tiles load and store as 16-byte vectors)."""
     j = tl.load(items + w * 3)
     c0 = tl.load(items + w * 3 + 1)
     c1 = tl.load(items + w * 3 + 2)
     row = table + j * 8
-    x_ptr = tl.load(row).to(tl.pointer_type(DT))
     p = tl.load(row + 6)
+    ptr = tl.load(row + field).to(tl.pointer_type(DT))
+    if VEC > 1:
+        c0 = tl.multiple_of(c0, VEC)
+        c1 = tl.multiple_of(c1, VEC)
+        p = tl.multiple_of(p, VEC)
+        ptr = tl.multiple_of(ptr, 16)
+    return row, c0, c1, p, ptr
+
+
+@triton.jit
+def _aligned(ptr, VEC: tl.constexpr):
+    if VEC > 1:
+        ptr = tl.multiple_of(ptr, 16)
+    return ptr
+
+
+@triton.jit
+def gram_kernel(table, items, ws, r: tl.constexpr, TRANS: tl.constexpr, RP: tl.constexpr, BP: tl.constexpr,
+                DT: tl.constexpr, PREC: tl.constexpr, VEC: tl.constexpr):
+    """``ws[w] = X[:, c0:c1] X[:, c0:c1]ᵀ`` (``r × r`` float32) for work item ``w`` (program ``w``)."""
+    w = tl.program_id(0)
+    _, c0, c1, p, x_ptr = _entry(table, items, w, 0, DT, VEC)
     acc = tl.zeros((RP, RP), dtype=tl.float32)
     for start in range(c0, c1, BP):
-        ptrs, mask = _tile(x_ptr, start, c1, p, r, TRANS, RP, BP)
-        x = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+        offs, mask = _block(start, c1, p, r, TRANS, RP, BP)
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         if TRANS:
             acc += tl.dot(tl.trans(x), x, input_precision=PREC)
         else:
@@ -93,7 +121,7 @@ def gram_kernel(table, items, ws, r, TRANS: tl.constexpr, RP: tl.constexpr, BP: 
 
 
 @triton.jit
-def gram_sum_kernel(table, ws, out, r, RP: tl.constexpr):
+def gram_sum_kernel(table, ws, out, r: tl.constexpr, RP: tl.constexpr):
     """``out[j] = Σ ws[w]`` over entry ``j``'s work items, in order (program ``j``)."""
     j = tl.program_id(0)
     first = tl.load(table + j * 8 + 1)
@@ -108,26 +136,21 @@ def gram_sum_kernel(table, ws, out, r, RP: tl.constexpr):
 
 
 @triton.jit
-def adam_kernel(table, items, gmaps, fmaps, scales, ramps, lr_ptr, found_inf, r, lr, beta1, beta2, eps,
-                weight_decay, TRANS: tl.constexpr, COORD: tl.constexpr, HAS_SCALE: tl.constexpr,
+def adam_kernel(table, items, gmaps, fmaps, scales, ramps, lr_ptr, found_inf, r: tl.constexpr, lr, beta1, beta2,
+                eps, weight_decay, TRANS: tl.constexpr, COORD: tl.constexpr, HAS_SCALE: tl.constexpr,
                 HAS_RAMP: tl.constexpr, HAS_FOUND_INF: tl.constexpr, LR_TENSOR: tl.constexpr,
                 AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr, RP: tl.constexpr, BP: tl.constexpr,
-                DT: tl.constexpr, PREC: tl.constexpr):
+                DT: tl.constexpr, PREC: tl.constexpr, VEC: tl.constexpr):
     """Work item ``w`` (program ``w``): the update of the module docstring on its columns, ``BP`` at a time."""
     w = tl.program_id(0)
     if HAS_FOUND_INF:
         if tl.load(found_inf) > 0:  # torch's fused AdamW: a step with non-finite gradients changes nothing
             return
-    j = tl.load(items + w * 3)
-    c0 = tl.load(items + w * 3 + 1)
-    c1 = tl.load(items + w * 3 + 2)
-    row = table + j * 8
-    p = tl.load(row + 6)
-    x_base = tl.load(row).to(tl.pointer_type(DT))
-    g_base = tl.load(row + 1).to(tl.pointer_type(DT))
-    m_base = tl.load(row + 2).to(tl.pointer_type(DT))
-    v_base = tl.load(row + 3).to(tl.pointer_type(DT))
-    w_base = tl.load(row + 4).to(tl.pointer_type(DT))
+    row, c0, c1, p, x_base = _entry(table, items, w, 0, DT, VEC)
+    g_base = _aligned(tl.load(row + 1).to(tl.pointer_type(DT)), VEC)
+    m_base = _aligned(tl.load(row + 2).to(tl.pointer_type(DT)), VEC)
+    v_base = _aligned(tl.load(row + 3).to(tl.pointer_type(DT)), VEC)
+    w_base = _aligned(tl.load(row + 4).to(tl.pointer_type(DT)), VEC)
     step = tl.load(tl.load(row + 5).to(tl.pointer_type(tl.float32)))
     q = tl.load(row + 7)
     base = q * r * r
@@ -148,29 +171,27 @@ def adam_kernel(table, items, gmaps, fmaps, scales, ramps, lr_ptr, found_inf, r,
         if LR_TENSOR:  # lr = 0 moves nothing, not even the balance (a float lr decides this on the host)
             scale = tl.where(lr > 0, scale, 1.0)
     for start in range(c0, c1, BP):
-        x_ptrs, mask = _tile(x_base, start, c1, p, r, TRANS, RP, BP)
-        g_ptrs, _ = _tile(g_base, start, c1, p, r, TRANS, RP, BP)
-        m_ptrs, _ = _tile(m_base, start, c1, p, r, TRANS, RP, BP)
-        v_ptrs, _ = _tile(v_base, start, c1, p, r, TRANS, RP, BP)
-        g = tl.load(g_ptrs, mask=mask, other=0.0).to(tl.float32)
+        offs, mask = _block(start, c1, p, r, TRANS, RP, BP)
+        g = tl.load(g_base + offs, mask=mask, other=0.0)
+        m = tl.load(m_base + offs, mask=mask, other=0.0)
+        v = tl.load(v_base + offs, mask=mask, other=0.0)
+        x = tl.load(x_base + offs, mask=mask, other=0.0)
+        g = g.to(tl.float32)
         if MAXIMIZE:
             g = -g
         if TRANS:  # row form X = Bᵀ: g̃ᵀ = gᵀ Gᵀ
             g = tl.dot(g, tl.trans(G), input_precision=PREC)
         else:
             g = tl.dot(G, g, input_precision=PREC)
-        m = tl.load(m_ptrs, mask=mask, other=0.0).to(tl.float32)
-        v = tl.load(v_ptrs, mask=mask, other=0.0).to(tl.float32)
-        m = beta1 * m + (1.0 - beta1) * g
-        v = beta2 * v + (1.0 - beta2) * g * g
-        tl.store(m_ptrs, m.to(DT), mask=mask)
-        tl.store(v_ptrs, v.to(DT), mask=mask)
+        m = beta1 * m.to(tl.float32) + (1.0 - beta1) * g
+        v = beta2 * v.to(tl.float32) + (1.0 - beta2) * g * g
+        tl.store(m_base + offs, m.to(DT), mask=mask)
+        tl.store(v_base + offs, v.to(DT), mask=mask)
         if AMSGRAD:
-            w_ptrs, _ = _tile(w_base, start, c1, p, r, TRANS, RP, BP)
-            v = tl.maximum(tl.load(w_ptrs, mask=mask, other=0.0).to(tl.float32), v)
-            tl.store(w_ptrs, v.to(DT), mask=mask)
+            v = tl.maximum(tl.load(w_base + offs, mask=mask, other=0.0).to(tl.float32), v)
+            tl.store(w_base + offs, v.to(DT), mask=mask)
         u = (m / bias1) / (tl.sqrt(v) / root2 + eps)
-        x = tl.load(x_ptrs, mask=mask, other=0.0).to(tl.float32)
+        x = x.to(tl.float32)
         if COORD:
             if TRANS:
                 t = tl.dot(u, G, input_precision=PREC) + weight_decay * x
@@ -183,11 +204,23 @@ def adam_kernel(table, items, gmaps, fmaps, scales, ramps, lr_ptr, found_inf, r,
         x = x + gain * d
         if HAS_SCALE:
             x = x * scale
-        tl.store(x_ptrs, x.to(DT), mask=mask)
+        tl.store(x_base + offs, x.to(DT), mask=mask)
 
 
 @triton.jit
-def _frame(K_ptr, G_ptr, F_ptr, r, tol, shift, RP: tl.constexpr, INVERSE: tl.constexpr):
+def _gram(K_ptr, r: tl.constexpr, RP: tl.constexpr):
+    """A Gram, ``[RP, RP]`` with zero padding (all zero if an entry is not finite), and its trace."""
+    rows = tl.arange(0, RP)[:, None]
+    cols = tl.arange(0, RP)[None, :]
+    K = tl.load(K_ptr + rows * r + cols, mask=(rows < r) & (cols < r), other=0.0)
+    total = tl.sum(tl.sum(K, axis=1), axis=0)
+    finite = (total == total) & (tl.abs(total) < float("inf"))
+    K = tl.where(finite, K, 0.0)
+    return K, tl.sum(tl.sum(tl.where(rows == cols, K, 0.0), axis=1), axis=0)
+
+
+@triton.jit
+def _frame(K_ptr, G_ptr, F_ptr, r: tl.constexpr, tol, shift, RP: tl.constexpr, INVERSE: tl.constexpr):
     """One Gram's frame, as :func:`sdsopt.linalg.cholesky_lower` and :func:`sdsopt.coordinates.factor_map` give it
     (``M = F G``ᵀ; tests/test_fused.py checks them against each other): ``L Lᵀ = K + μI``,
     ``μ = τ·trace K + μ_s``, by an unblocked Cholesky in float32; ``G = L^{-1}`` by forward substitution;
@@ -199,11 +232,7 @@ def _frame(K_ptr, G_ptr, F_ptr, r, tol, shift, RP: tl.constexpr, INVERSE: tl.con
     cols = tl.arange(0, RP)[None, :]
     inside = (rows < r) & (cols < r)
     eye = tl.where(rows == cols, 1.0, 0.0)
-    K = tl.load(K_ptr + rows * r + cols, mask=inside, other=0.0)
-    total = tl.sum(tl.sum(K, axis=1), axis=0)
-    finite = (total == total) & (tl.abs(total) < float("inf"))
-    K = tl.where(finite, K, 0.0)
-    t = tl.sum(tl.sum(tl.where(rows == cols, K, 0.0), axis=1), axis=0)
+    K, t = _gram(K_ptr, r, RP)
     tiny = 1.1754943508222875e-38
     if INVERSE:
         empty = t != t  # (False: K + δI is positive definite for K = 0)
@@ -244,24 +273,26 @@ def _frame(K_ptr, G_ptr, F_ptr, r, tol, shift, RP: tl.constexpr, INVERSE: tl.con
 
 
 @triton.jit
-def frames_kernel(K, G, F, scales, shifts, both, k, r, tol, shift0, HAS_SHIFT: tl.constexpr,
+def frames_kernel(K, G, F, scales, shifts, both, k, r: tl.constexpr, tol, shift0, HAS_SHIFT: tl.constexpr,
                   HAS_SCALE: tl.constexpr, INVERSE: tl.constexpr, RP: tl.constexpr):
-    """Pair ``q`` (program ``q``): the frames of ``K_A`` (index ``q``) and ``K_B`` (``k + q``) with the absolute
-    shift ``shift0`` (+ ``shifts[q]``), and with ``HAS_SCALE`` the re-balancing scales
-    (:func:`sdsopt.coordinates.balance_scales`) where ``both[q]``: ``scales[q] = 1/c`` (for ``B``, which steps with
-    ``K_A``'s maps), ``scales[k + q] = c``."""
-    q = tl.program_id(0)
+    """Gram ``j`` of ``K = [K_A; K_B]`` (program ``j`` of ``2k``; pair ``q = j mod k``): its frame with the
+    absolute shift ``shift0`` (+ ``shifts[q]``), and with ``HAS_SCALE`` the re-balancing scale
+    (:func:`sdsopt.coordinates.balance_scales`) where ``both[q]``, from both traces of the pair:
+    ``scales[q] = 1/c`` (for ``B``, which steps with ``K_A``'s maps), ``scales[k + q] = c``."""
+    j = tl.program_id(0)
+    q = j % k
     shift = shift0
     if HAS_SHIFT:
         shift = shift + tl.load(shifts + q)
     rr = r * r
-    a = q.to(tl.int64)
-    t_a = _frame(K + a * rr, G + a * rr, F + a * rr, r, tol, shift, RP, INVERSE)
-    b = (q + k).to(tl.int64)
-    t_b = _frame(K + b * rr, G + b * rr, F + b * rr, r, tol, shift, RP, INVERSE)
+    at = j.to(tl.int64) * rr
+    t = _frame(K + at, G + at, F + at, r, tol, shift, RP, INVERSE)
     if HAS_SCALE:
         tiny = 1.1754943508222875e-38
+        _, t_other = _gram(K + ((j + k) % (2 * k)).to(tl.int64) * rr, r, RP)
+        is_a = j < k
+        t_a = tl.where(is_a, t, t_other)
+        t_b = tl.where(is_a, t_other, t)
         ok = (t_a > tiny) & (t_b > tiny) & (tl.load(both + q) != 0)
         c = tl.where(ok, tl.sqrt(tl.sqrt(t_b / tl.where(ok, t_a, 1.0))), 1.0)
-        tl.store(scales + q, 1.0 / c)
-        tl.store(scales + k + q, c)
+        tl.store(scales + j, tl.where(is_a, 1.0 / c, c))

@@ -196,6 +196,35 @@ def test_float64_factors_and_large_ranks_keep_the_torch_path():
         assert (len(kernel), len(rest)) == ((3, 0) if (dtype, linalg) == (torch.float32, None) else (0, 3))
 
 
+def test_vector_width_promises_only_what_holds():
+    """The kernels load 16-byte vectors only where every pointer is 16-byte aligned and every length (and, for B's
+    rows, the rank) a multiple of the vector; a misaligned view steps as its aligned copy does."""
+    x = torch.zeros(4, 64, device=DEVICE)
+    assert fused.vector_width([x], [64], 4, False) == 4
+    assert fused.vector_width([x.bfloat16()], [64], 4, False) == 8
+    assert fused.vector_width([x], [63], 4, False) == 1
+    assert fused.vector_width([x.bfloat16()], [64], 6, True) == 1
+    shifted = torch.zeros(1 + 4 * 64, device=DEVICE)[1:].view(4, 64)
+    assert fused.vector_width([x, shifted], [64, 64], 4, False) == 1
+
+    named = _pairs([(24, 32)], 8, seed=3)
+    results = []
+    for offset in (0, 1):
+        params = []
+        for name, t in named:
+            buf = torch.zeros(offset + t.numel(), device=DEVICE)
+            buf[offset:] = t.float().reshape(-1).to(DEVICE)
+            params.append((name, torch.nn.Parameter(buf[offset:].view(t.shape))))
+        opt = SDSAdamW(params, lr=1e-2, fused=True, warmup_steps=0)
+        gen = torch.Generator().manual_seed(4)
+        for _ in range(2):
+            for _, p in params:
+                p.grad = torch.randn(p.shape, generator=gen).to(DEVICE)
+            opt.step()
+        results.append([p.detach().cpu() for _, p in params])
+    assert _err(results[1], results[0]) < 1e-6
+
+
 @pytest.mark.parametrize("mode", ["sds", "scaled"])
 def test_a_tensor_lr_steps_as_the_float_lr(mode):
     """``fused=True`` with a Tensor lr (changed in place, as schedulers do with ``fill_``) steps as the same float
