@@ -21,6 +21,7 @@ from torch import Tensor
 from torch.optim.adam import adam
 from torch.optim.optimizer import Optimizer
 
+from . import compiled
 from . import pairing as _pairing
 from .capture import LoraCapture
 from .checkpoint import check_state_dict
@@ -306,6 +307,7 @@ class SDSAdamW(Optimizer):
         self._lists_cache: dict[int, tuple[Any, ...]] = {}  # per group: the last step's lists (_init_group)
         self._group_sizes: list[int] = []
         self._capture: LoraCapture | None = None
+        self._handle = compiled.register(self)  # the traced step's reference to this optimizer (torch.compile)
         super().__init__(params, defaults)
         if self._pairing is _pairing.peft_pairing:
             names = [n for g in self.param_groups for n in g.get("param_names", [])]
@@ -562,15 +564,20 @@ class SDSAdamW(Optimizer):
             lr=lr, weight_decay=weight_decay, eps=group["eps"], maximize=group["maximize"],
         )
 
-    @torch.compiler.disable
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
         """One SDS-AdamW step: rewrite the paired gradients, then the AdamW update (closure as in AdamW).
 
-        Under ``torch.compile`` the step runs eagerly (``torch.compiler.disable``: a graph break):
-        its data-dependent linear algebra (eigh) and per-shape bucketing do not trace, while the
-        model's forward and backward around it still compile.
+        Under ``torch.compile`` the step is one custom operator in the graph (:mod:`sdsopt.compiled`: no graph
+        break, ``fullgraph=True`` works), whose implementation is this eager step: its host logic (pairing,
+        buckets, warm-up counts, the kernels' tables) does not trace, and need not.
         """
+        if torch.compiler.is_compiling():
+            return compiled.step(self, closure)
+        return self._step(closure)
+
+    def _step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
+        """The eager step (:meth:`step`)."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
