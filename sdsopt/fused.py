@@ -157,7 +157,8 @@ def _to_device(values: list[Any], dtype: torch.dtype, device: torch.device) -> T
 class Launch:
     """Launch settings of the kernels for one rank: ``rp`` (r padded to a power of two ≥ 16, ``tl.dot``'s
     minimum), per kernel the column block, warps, software-pipelining stages and matmul precision (``tf32x3``:
-    three TF32 tensor-core passes, float32 accuracy; ``ieee``: float32 FMAs)."""
+    three TF32 tensor-core passes, float32 accuracy; ``tf32``: one; ``native``: 16-bit operands; ``ieee``: float32
+    FMAs)."""
 
     rp: int
     adam_bp: int
@@ -178,12 +179,29 @@ def _padded(r: int) -> int:
 
 def launch(r: int, device: torch.device, dtype: torch.dtype = torch.float32) -> Launch:
     """The settings measured best on an H100 (``benchmarks/kernel_blocks.py``; RESULTS.md), and the matmul
-    precisions of :mod:`sdsopt.kernels` (``ieee`` on the CPU, Triton's interpreter)."""
+    precisions of :mod:`sdsopt.kernels`:
+
+    * float32 factors: ``tf32x3`` (float32 accuracy) for every product;
+    * 16-bit factors, Grams: ``native`` (16-bit operands: their values, exactly; float32 accumulation);
+    * bf16 factors, mode ``sds``'s Adam products: ``native`` — the float32 maps and Adam's direction rounded to
+      bf16 (2⁻⁹): the change of coordinates is still one (the same rounded ``G`` both ways), and the update's
+      relative rounding stays below the bf16 parameter's own (measured: 7e-4 of the update vs the TF32 products;
+      −26 % of the Adam kernel's time at r = 64);
+    * fp16 factors, those products: ``tf32`` (fp16 could not hold the maps: ``G = L^{-1}`` reaches 1/√μ);
+    * the rewrite modes' ``P g``: ``tf32x3`` (no map back would undo ``P``'s rounding, which an
+      ill-conditioned ``P`` amplifies);
+    * on the CPU (Triton's interpreter, the tests): ``ieee`` (float32 FMAs) throughout.
+    """
     rp = _padded(r)
-    exact = ("tf32x3" if dtype == torch.float32 else "tf32") if device.type == "cuda" else "ieee"
+    if device.type != "cuda":
+        sds = gram = rewrite = "ieee"
+    else:
+        sds = {torch.float32: "tf32x3", torch.bfloat16: "native"}.get(dtype, "tf32")
+        gram = "tf32x3" if dtype == torch.float32 else "native"
+        rewrite = "tf32x3"
     return Launch(rp=rp, adam_bp=max(16, min(64, 2048 // rp)), adam_warps=4, adam_stages=1,
-                  gram_bp=64, gram_warps=4, gram_stages=2, precision=exact, gram_precision=exact,
-                  rewrite_precision="tf32x3" if device.type == "cuda" else "ieee")
+                  gram_bp=64, gram_warps=4, gram_stages=2, precision=sds, gram_precision=gram,
+                  rewrite_precision=rewrite)
 
 
 def vector_width(tensors: list[Tensor], lengths: list[int], r: int, trans: bool) -> int:
@@ -262,7 +280,7 @@ def _frames(K: Tensor, G: Tensor, F: Tensor, k: int, tol: float, shift0: float, 
     kernels.frames_kernel[(2 * k,)](K, G, F, K if scales is None else scales, K if shifts is None else shifts,
                                 K if both is None else both, k, K.shape[-1], tol, shift0,
                                 HAS_SHIFT=shifts is not None, HAS_SCALE=both is not None, INVERSE=inverse, RP=rp,
-                                num_warps=4)
+                                num_warps=1 if rp == 16 else 4)  # (H100: 0.034 vs 0.048 ms at r = 16; 4 best at 64)
 
 
 def adam(tables: Tables, key: Any, group: dict[str, Any], fam: Family, lists: dict[str, list[Tensor]],

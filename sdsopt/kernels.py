@@ -34,11 +34,11 @@ then, with weight decay ``λ``, learning rate ``η``, the optional ramp ``ρ`` a
   and the update is AdamW's on the factor, ``X ← X − η(û + λX)``.
 
 Arithmetic is float32 in registers whatever the parameter dtype; the moments are stored in the parameter's
-dtype, as torch's AdamW keeps them.  Matrix products on the GPU (:func:`sdsopt.fused.launch`): ``tf32x3`` (three
-TF32 tensor-core passes, float32 accuracy) for float32 factors; TF32 for bf16/fp16 factors, whose values TF32
-holds exactly (mode ``sds``: the float32 r×r maps are then rounded to TF32, alike in both directions of the map: a
-change of coordinates all the same, 2⁻¹¹ from the float32 one; the rewrite modes keep ``tf32x3`` for ``P g``,
-whose rounding no map back would undo and which an ill-conditioned ``P`` amplifies).
+dtype, as torch's AdamW keeps them.  Matrix products accumulate in float32; their operands' precision is
+:func:`sdsopt.fused.launch`'s choice per dtype (float32 factors: ``tf32x3``, float32 accuracy; 16-bit factors: their
+Grams from the 16-bit values exactly; bf16 factors' ``sds`` products with bf16 operands, fp16's with TF32 ones —
+the rounded maps act alike in both directions of the map, a change of coordinates all the same; the rewrite
+modes keep ``tf32x3`` for ``P g``, whose rounding no map back would undo).
 """
 
 from __future__ import annotations
@@ -103,19 +103,40 @@ def _aligned(ptr, VEC: tl.constexpr):
 
 
 @triton.jit
+def _mm(a, b, DT: tl.constexpr, PREC: tl.constexpr):
+    """``a @ b``, float32 accumulation, at ``PREC``: a ``tl.dot`` input precision, or ``"native"``: both operands
+    rounded to the factor's 16-bit dtype ``DT`` (bf16 tensor-core products)."""
+    if PREC == "native":
+        return tl.dot(a.to(DT), b.to(DT))
+    else:
+        return tl.dot(a, b, input_precision=PREC)
+
+
+@triton.jit
 def gram_kernel(table, items, ws, r: tl.constexpr, TRANS: tl.constexpr, RP: tl.constexpr, BP: tl.constexpr,
                 DT: tl.constexpr, PREC: tl.constexpr, VEC: tl.constexpr):
-    """``ws[w] = X[:, c0:c1] X[:, c0:c1]ᵀ`` (``r × r`` float32) for work item ``w`` (program ``w``)."""
+    """``ws[w] = X[:, c0:c1] X[:, c0:c1]ᵀ`` (``r × r`` float32) for work item ``w`` (program ``w``).
+
+    At ``tf32x3`` the symmetric product takes two tensor-core passes, not three: with ``X = H + L`` (``H`` the
+    TF32 part, ``L = X − H`` exactly), ``X Xᵀ ≈ H Hᵀ + C + Cᵀ``, ``C = H Lᵀ`` (tf32x3's own three terms, its
+    ``L Hᵀ`` being ``Cᵀ``), so ``C`` is summed over the blocks and transposed once."""
     w = tl.program_id(0)
     _, c0, c1, p, x_ptr = _entry(table, items, w, 0, DT, VEC)
     acc = tl.zeros((RP, RP), dtype=tl.float32)
+    cross = tl.zeros((RP, RP), dtype=tl.float32)
     for start in range(c0, c1, BP):
         offs, mask = _block(start, c1, p, r, TRANS, RP, BP)
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         if TRANS:
-            acc += tl.dot(tl.trans(x), x, input_precision=PREC)
+            x = tl.trans(x)  # [RP, BP]
+        if PREC == "tf32x3":
+            hi = (x.to(tl.int32, bitcast=True) & -8192).to(tl.float32, bitcast=True)  # the 10 leading mantissa bits
+            acc += tl.dot(hi, tl.trans(hi), input_precision="tf32")
+            cross += tl.dot(hi, tl.trans(x - hi), input_precision="tf32")
         else:
-            acc += tl.dot(x, tl.trans(x), input_precision=PREC)
+            acc += _mm(x, tl.trans(x), DT, PREC)
+    if PREC == "tf32x3":
+        acc += cross + tl.trans(cross)
     i = tl.arange(0, RP)
     tl.store(ws + w.to(tl.int64) * r * r + i[:, None] * r + i[None, :], acc, mask=(i[:, None] < r) & (i[None, :] < r))
 
@@ -180,9 +201,9 @@ def adam_kernel(table, items, gmaps, fmaps, scales, ramps, lr_ptr, found_inf, r:
         if MAXIMIZE:
             g = -g
         if TRANS:  # row form X = Bᵀ: g̃ᵀ = gᵀ Gᵀ
-            g = tl.dot(g, tl.trans(G), input_precision=PREC)
+            g = _mm(g, tl.trans(G), DT, PREC)
         else:
-            g = tl.dot(G, g, input_precision=PREC)
+            g = _mm(G, g, DT, PREC)
         m = beta1 * m.to(tl.float32) + (1.0 - beta1) * g
         v = beta2 * v.to(tl.float32) + (1.0 - beta2) * g * g
         tl.store(m_base + offs, m.to(DT), mask=mask)
@@ -194,11 +215,11 @@ def adam_kernel(table, items, gmaps, fmaps, scales, ramps, lr_ptr, found_inf, r:
         x = x.to(tl.float32)
         if COORD:
             if TRANS:
-                t = tl.dot(u, G, input_precision=PREC) + weight_decay * x
-                d = tl.dot(t, F, input_precision=PREC)
+                t = _mm(u, G, DT, PREC) + weight_decay * x
+                d = _mm(t, F, DT, PREC)
             else:
-                t = tl.dot(tl.trans(G), u, input_precision=PREC) + weight_decay * x
-                d = tl.dot(F, t, input_precision=PREC)
+                t = _mm(tl.trans(G), u, DT, PREC) + weight_decay * x
+                d = _mm(F, t, DT, PREC)
         else:
             d = u + weight_decay * x
         x = x + gain * d

@@ -13,6 +13,7 @@ to near zero), or 4× the error of the torch path in the same dtype where that i
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -104,8 +105,14 @@ def _table_pair(r, m, n, dtype, seed=0):
 
 @pytest.mark.parametrize("r,m,n", [(1, 3, 70), (7, 33, 5), (64, 65, 129), (128, 40, 200)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_grams(r, m, n, dtype):
-    """The Gram kernel: ``[K_A; K_B]`` of a family equals the float64 product (uneven p, r > min(m, n))."""
+@pytest.mark.parametrize("split", [False, True])
+def test_grams(r, m, n, dtype, split, monkeypatch):
+    """The Gram kernel: ``[K_A; K_B]`` of a family equals the float64 product (uneven p, r > min(m, n)); ``split``:
+    at ``tf32x3`` (the GPU's float32 precision; its two-pass symmetric split also checked under the interpreter)."""
+    if split:
+        default = fused.launch
+        monkeypatch.setattr(fused, "launch", lambda *a, **k: dataclasses.replace(default(*a, **k),
+                                                                                 gram_precision="tf32x3"))
     A, B = _table_pair(r, m, n, dtype)
     fam = fused.Family(r, dtype, [(0, 1)], [True], [True])
     K = fused.grams(fused.Tables(), "t", {"params": [A, B]}, fam).double().cpu()
