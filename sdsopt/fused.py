@@ -233,7 +233,7 @@ def grams(tables: Tables, key: Any, group: dict[str, Any], fam: Family) -> Tenso
     cfg = launch(fam.r, device, fam.dtype)
     for side, trans in ((0, False), (1, True)):
         factors = [params[pair[side]] for pair in fam.pairs]
-        ptrs = tuple(x.data_ptr() for x in factors)
+        ptrs = tuple(map(Tensor.data_ptr, factors))  # (map: no generator frame per tensor)
 
         def build(factors=factors, ptrs=ptrs):
             lengths = [x.numel() // fam.r for x in factors]
@@ -312,7 +312,7 @@ def adam(tables: Tables, key: Any, group: dict[str, Any], fam: Family, lists: di
         if not qs:
             continue
         g = [lists["grads"][i] for i in pos]
-        ptrs = tuple(t.data_ptr() for t in x) + tuple(t.data_ptr() for t in g)
+        ptrs = tuple(map(Tensor.data_ptr, x + g))
 
         def build(x=x, g=g, state=state, qs=qs):
             for xi, gi in zip(x, g):
