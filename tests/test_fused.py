@@ -17,7 +17,7 @@ import dataclasses
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from sdsopt import SDSAdamW, fused
@@ -71,6 +71,8 @@ def _err(got, ref):
     maximize=st.booleans(),
     seed=st.integers(0, 2**16),
 )
+@example(r=128, shapes=[(150, 70)], mode="sds", dtype=torch.float32, wd=0.1, amsgrad=False, maximize=False, seed=1)
+@example(r=100, shapes=[(40, 130)], mode="scaled", dtype=torch.bfloat16, wd=0.0, amsgrad=True, maximize=True, seed=2)
 def test_fused_step_matches_the_float64_torch_step(r, shapes, mode, dtype, wd, amsgrad, maximize, seed):
     """Random shapes (uneven, r up to 128, rank-deficient where r > min(m, n)), the three modes the kernels serve,
     bf16, weight decay, amsgrad, maximize: the kernels' parameters and moments equal the float64 torch path's
