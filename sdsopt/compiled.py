@@ -17,6 +17,7 @@ bit for bit, either way (tests/test_compile.py).
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import weakref
 from collections.abc import Callable
@@ -28,6 +29,12 @@ from torch import Tensor
 __all__ = ["register", "step", "step_"]
 
 _OPTIMIZERS: weakref.WeakValueDictionary[int, Any] = weakref.WeakValueDictionary()
+_UNSAFE = getattr(torch.Tag, "cudagraph_unsafe", None)
+_TAGS = ({"tags": (_UNSAFE,)} if _UNSAFE is not None and "tags" in inspect.signature(torch.library.custom_op).parameters
+         else {})
+"""``cudagraph_unsafe`` where this torch has it: Inductor's CUDA graphs (``mode="reduce-overhead"``) then leave the
+step out (graph partitions around it, or no CUDA graph), so its host decisions (``sds``'s warm-up, rebuilt tables)
+are taken at every step instead of frozen in a recording."""
 _HANDLES = itertools.count()
 
 
@@ -43,7 +50,7 @@ def _stepped(opt: Any) -> list[Tensor]:
     return [p for group in opt.param_groups for p in group["params"] if p.grad is not None]
 
 
-@torch.library.custom_op("sdsopt::step_", mutates_args=("params",))
+@torch.library.custom_op("sdsopt::step_", mutates_args=("params",), **_TAGS)
 def step_(handle: int, params: list[Tensor], grads: list[Tensor]) -> None:
     """One eager step of the optimizer registered under ``handle`` (:func:`register`), on ``params`` with
     ``grads`` (the parameters with a gradient, in :func:`_stepped`'s order)."""

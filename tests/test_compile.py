@@ -68,6 +68,14 @@ def test_a_closure_is_traced_and_its_loss_returned():
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), twin.parameters()))
 
 
+def test_the_operator_is_left_out_of_inductors_cuda_graphs():
+    """Tagged ``cudagraph_unsafe`` (where torch has the tag), so ``mode="reduce-overhead"`` cannot freeze the step's
+    host decisions in a recording (the CUDA test below steps through ``sds``'s warm-up that way)."""
+    if not hasattr(torch.Tag, "cudagraph_unsafe"):
+        pytest.skip("this torch has no cudagraph_unsafe tag")
+    assert torch.Tag.cudagraph_unsafe in torch.ops.sdsopt.step_.default.tags
+
+
 def test_a_deleted_optimizer_is_named_in_the_error():
     torch._dynamo.reset()
     ((model, opt), _), (x, y) = _twins()
@@ -126,3 +134,31 @@ def test_inductor_fullgraph_with_the_fused_kernels_steps_as_eager(mode):
         twin_opt.step()
     for a, b in zip(model.parameters(), twin.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)  # (Inductor's clipping may round differently)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="Inductor's CUDA graphs need CUDA")
+def test_reduce_overhead_steps_through_the_warm_up_as_eager():
+    """``mode="reduce-overhead"`` (Inductor's CUDA graphs) around ``sds`` with a 2-step warm-up and a ramp: every
+    step, warm-up and coordinate phases, equals the eager step."""
+    torch._dynamo.reset()
+    twins = []
+    for _ in range(2):
+        model = fresh(zero_b=False).cuda()
+        twins.append((model, SDSAdamW(model.named_parameters(), lr=1e-2, fused=True, warmup_steps=2,
+                                      coordinate_ramp=2)))
+    (model, opt), (twin, twin_opt) = twins
+    x, y = (t.cuda() for t in make_data())
+
+    def clipped_step():
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 0.05)
+        opt.step()
+
+    compiled = torch.compile(clipped_step, mode="reduce-overhead")
+    for _ in range(6):
+        _backward(model, x, y)
+        compiled()
+        _backward(twin, x, y)
+        torch.nn.utils.clip_grad_norm_(twin.parameters(), 0.05)
+        twin_opt.step()
+        for a, b in zip(model.parameters(), twin.parameters()):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
