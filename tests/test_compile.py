@@ -13,13 +13,13 @@ from test_optim import fresh, make_data
 BACKENDS = ["eager", "aot_eager"]  # (Inductor: the CPU test at the end, and the CUDA test with the kernels)
 
 
-def _twins(mode="sds", **kw):
+def _twins(mode="sds", device="cpu", **kw):
     """Two equal models with their optimizers, and data."""
     out = []
     for _ in range(2):
-        model = fresh(zero_b=False)
+        model = fresh(zero_b=False).to(device)
         out.append((model, SDSAdamW(model.named_parameters(), lr=1e-2, mode=mode, **kw)))
-    return out, make_data()
+    return out, tuple(t.to(device) for t in make_data())
 
 
 def _backward(model, x, y):
@@ -29,30 +29,45 @@ def _backward(model, x, y):
     return loss
 
 
+def _clipped(model, opt):
+    """Gradient clipping, then the step: the gradients change in the graph before the step reads them."""
+
+    def clipped_step():
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 0.05)
+        opt.step()
+
+    return clipped_step
+
+
+def _compare(twins, data, compiled, steps, exact):
+    """``steps`` steps of ``compiled`` (clipping + step of ``twins[0]``) against the same in eager on ``twins[1]``,
+    parameters compared after every step: bit for bit (``exact``), or to float32 rounding."""
+    (model, _), (twin, twin_opt) = twins
+    for _ in range(steps):
+        _backward(model, *data)
+        compiled()
+        _backward(twin, *data)
+        _clipped(twin, twin_opt)()
+        for a, b in zip(model.parameters(), twin.parameters()):
+            if exact:
+                assert torch.equal(a, b)
+            else:  # (Inductor's clipping may round differently)
+                torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("mode", ["sds", "scaled", "sds_polar"])
 def test_the_step_is_one_graph_without_breaks_and_steps_as_eager(backend, mode):
     torch._dynamo.reset()
-    ((model, opt), (twin, twin_opt)), (x, y) = _twins(mode, warmup_steps=1) if mode == "sds" else _twins(mode)
-
-    def clipped_step(model=model, opt=opt):  # the gradients change in the graph, then the step reads them
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 0.05)
-        opt.step()
-
-    _backward(model, x, y)
-    explained = torch._dynamo.explain(clipped_step)()
+    twins, data = _twins(mode, warmup_steps=1) if mode == "sds" else _twins(mode)
+    (model, opt), (twin, twin_opt) = twins
+    _backward(model, *data)
+    explained = torch._dynamo.explain(_clipped(model, opt))()
     assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
     model.load_state_dict(twin.state_dict())  # (explain ran the step once: start both again)
     opt.load_state_dict(twin_opt.state_dict())
-    compiled = torch.compile(clipped_step, fullgraph=True, backend=backend)
-    for _ in range(4):  # warm-up step, then coordinates (mode sds)
-        _backward(model, x, y)
-        compiled()
-        _backward(twin, x, y)
-        torch.nn.utils.clip_grad_norm_(twin.parameters(), 0.05)
-        twin_opt.step()
-    for a, b in zip(model.parameters(), twin.parameters()):
-        assert torch.equal(a, b)
+    # warm-up step, then coordinates (mode sds)
+    _compare(twins, data, torch.compile(_clipped(model, opt), fullgraph=True, backend=backend), 4, exact=True)
     for a, b in zip(opt.state.values(), twin_opt.state.values()):
         assert all(torch.equal(a[k], b[k]) for k in b if torch.is_tensor(b[k]))
 
@@ -70,7 +85,7 @@ def test_a_closure_is_traced_and_its_loss_returned():
 
 def test_the_operator_is_left_out_of_inductors_cuda_graphs():
     """Tagged ``cudagraph_unsafe`` (where torch has the tag), so ``mode="reduce-overhead"`` cannot freeze the step's
-    host decisions in a recording (the CUDA test below steps through ``sds``'s warm-up that way)."""
+    host decisions in a recording (the last CUDA test steps through ``sds``'s warm-up that way)."""
     if not hasattr(torch.Tag, "cudagraph_unsafe"):
         pytest.skip("this torch has no cudagraph_unsafe tag")
     assert torch.Tag.cudagraph_unsafe in torch.ops.sdsopt.step_.default.tags
@@ -110,55 +125,14 @@ def test_compiled_training_step_with_opt_step_matches_eager():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the fused kernels under Inductor need CUDA")
-@pytest.mark.parametrize("mode", ["sds", "scaled"])
-def test_inductor_fullgraph_with_the_fused_kernels_steps_as_eager(mode):
+@pytest.mark.parametrize("mode,compile_kw,kw", [
+    ("sds", {"fullgraph": True}, {"warmup_steps": 0}),
+    ("scaled", {"fullgraph": True}, {}),
+    # Inductor's CUDA graphs around the step, through sds's warm-up and ramp (the operator is left out of them)
+    ("sds", {"mode": "reduce-overhead"}, {"warmup_steps": 2, "coordinate_ramp": 2}),
+])
+def test_inductor_with_the_fused_kernels_steps_as_eager(mode, compile_kw, kw):
     torch._dynamo.reset()
-    twins = []
-    for _ in range(2):
-        model = fresh(zero_b=False).cuda()
-        twins.append((model, SDSAdamW(model.named_parameters(), lr=1e-2, mode=mode, fused=True,
-                                      **({"warmup_steps": 0} if mode == "sds" else {}))))
-    (model, opt), (twin, twin_opt) = twins
-    x, y = (t.cuda() for t in make_data())
-
-    def clipped_step():
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 0.05)
-        opt.step()
-
-    compiled = torch.compile(clipped_step, fullgraph=True)
-    for _ in range(3):
-        _backward(model, x, y)
-        compiled()
-        _backward(twin, x, y)
-        torch.nn.utils.clip_grad_norm_(twin.parameters(), 0.05)
-        twin_opt.step()
-    for a, b in zip(model.parameters(), twin.parameters()):
-        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)  # (Inductor's clipping may round differently)
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="Inductor's CUDA graphs need CUDA")
-def test_reduce_overhead_steps_through_the_warm_up_as_eager():
-    """``mode="reduce-overhead"`` (Inductor's CUDA graphs) around ``sds`` with a 2-step warm-up and a ramp: every
-    step, warm-up and coordinate phases, equals the eager step."""
-    torch._dynamo.reset()
-    twins = []
-    for _ in range(2):
-        model = fresh(zero_b=False).cuda()
-        twins.append((model, SDSAdamW(model.named_parameters(), lr=1e-2, fused=True, warmup_steps=2,
-                                      coordinate_ramp=2)))
-    (model, opt), (twin, twin_opt) = twins
-    x, y = (t.cuda() for t in make_data())
-
-    def clipped_step():
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 0.05)
-        opt.step()
-
-    compiled = torch.compile(clipped_step, mode="reduce-overhead")
-    for _ in range(6):
-        _backward(model, x, y)
-        compiled()
-        _backward(twin, x, y)
-        torch.nn.utils.clip_grad_norm_(twin.parameters(), 0.05)
-        twin_opt.step()
-        for a, b in zip(model.parameters(), twin.parameters()):
-            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    twins, data = _twins(mode, "cuda", fused=True, **kw)
+    model, opt = twins[0]
+    _compare(twins, data, torch.compile(_clipped(model, opt), **compile_kw), 6, exact=False)
