@@ -77,26 +77,26 @@ def _block(start, stop, p, r: tl.constexpr, TRANS: tl.constexpr, RP: tl.constexp
 
 
 @triton.jit
-def _entry(table, items, w, field, DT: tl.constexpr, VEC: tl.constexpr):
-    """Work item ``w``'s entry row, its columns ``c0 … c1``, the factor's length ``p`` and the data pointer in
-    column ``field``; ``VEC > 1`` promises the host's check that pointers are 16-byte aligned and ``p``, ``c0``,
-    ``c1`` multiples of ``VEC`` elements (so that tiles load and store as 16-byte vectors)."""
+def _entry(table, items, w, DT: tl.constexpr, VEC: tl.constexpr):
+    """Work item ``w``'s entry row, its columns ``c0 … c1``, the factor's length ``p`` and its parameter's data
+    pointer; ``VEC > 1`` promises the host's check that pointers are 16-byte aligned and ``p``, ``c0``, ``c1``
+    multiples of ``VEC`` elements (so that tiles load and store as 16-byte vectors)."""
     j = tl.load(items + w * 3)
     c0 = tl.load(items + w * 3 + 1)
     c1 = tl.load(items + w * 3 + 2)
     row = table + j * 8
     p = tl.load(row + 6)
-    ptr = tl.load(row + field).to(tl.pointer_type(DT))
     if VEC > 1:
         c0 = tl.multiple_of(c0, VEC)
         c1 = tl.multiple_of(c1, VEC)
         p = tl.multiple_of(p, VEC)
-        ptr = tl.multiple_of(ptr, 16)
-    return row, c0, c1, p, ptr
+    return row, c0, c1, p, _pointer(row, 0, DT, VEC)
 
 
 @triton.jit
-def _aligned(ptr, VEC: tl.constexpr):
+def _pointer(row, field, DT: tl.constexpr, VEC: tl.constexpr):
+    """The data pointer in column ``field`` of an entry row (16-byte aligned where ``VEC > 1``)."""
+    ptr = tl.load(row + field).to(tl.pointer_type(DT))
     if VEC > 1:
         ptr = tl.multiple_of(ptr, 16)
     return ptr
@@ -121,9 +121,10 @@ def gram_kernel(table, items, ws, r: tl.constexpr, TRANS: tl.constexpr, RP: tl.c
     TF32 part, ``L = X − H`` exactly), ``X Xᵀ ≈ H Hᵀ + C + Cᵀ``, ``C = H Lᵀ`` (tf32x3's own three terms, its
     ``L Hᵀ`` being ``Cᵀ``), so ``C`` is summed over the blocks and transposed once."""
     w = tl.program_id(0)
-    _, c0, c1, p, x_ptr = _entry(table, items, w, 0, DT, VEC)
+    _, c0, c1, p, x_ptr = _entry(table, items, w, DT, VEC)
     acc = tl.zeros((RP, RP), dtype=tl.float32)
-    cross = tl.zeros((RP, RP), dtype=tl.float32)
+    if PREC == "tf32x3":
+        cross = tl.zeros((RP, RP), dtype=tl.float32)
     for start in range(c0, c1, BP):
         offs, mask = _block(start, c1, p, r, TRANS, RP, BP)
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -167,11 +168,11 @@ def adam_kernel(table, items, gmaps, fmaps, scales, ramps, lr_ptr, found_inf, r:
     if HAS_FOUND_INF:
         if tl.load(found_inf) > 0:  # torch's fused AdamW: a step with non-finite gradients changes nothing
             return
-    row, c0, c1, p, x_base = _entry(table, items, w, 0, DT, VEC)
-    g_base = _aligned(tl.load(row + 1).to(tl.pointer_type(DT)), VEC)
-    m_base = _aligned(tl.load(row + 2).to(tl.pointer_type(DT)), VEC)
-    v_base = _aligned(tl.load(row + 3).to(tl.pointer_type(DT)), VEC)
-    w_base = _aligned(tl.load(row + 4).to(tl.pointer_type(DT)), VEC)
+    row, c0, c1, p, x_base = _entry(table, items, w, DT, VEC)
+    g_base = _pointer(row, 1, DT, VEC)
+    m_base = _pointer(row, 2, DT, VEC)
+    v_base = _pointer(row, 3, DT, VEC)
+    w_base = _pointer(row, 4, DT, VEC)
     step = tl.load(tl.load(row + 5).to(tl.pointer_type(tl.float32)))
     q = tl.load(row + 7)
     base = q * r * r
