@@ -300,14 +300,9 @@ class SDSAdamW(Optimizer):
         self._pairing: PairingFn = _pairing.resolve_pairing(pairing)
         if isinstance(params, torch.nn.Module):  # e.g. Trainer(optimizer_cls_and_kwargs=(SDSAdamW, {"model": model}))
             params = [(n, p) for n, p in params.named_parameters() if p.requires_grad]
-        self._bucket_cache: dict[Any, tuple[Any, ...]] = {}
-        self._tables = Tables()  # the fused kernels' entry tables (sdsopt.fused)
-        self._settled: dict[int, tuple[int, int]] = {}  # mode sds: groups past every pair's warm-up and ramp
-        self._param_kinds: dict[int, list[tuple[bool, bool]]] = {}  # per group: (complex, DTensor) per parameter
-        self._lists_cache: dict[int, tuple[Any, ...]] = {}  # per group: the last step's lists (_init_group)
+        self._fresh_caches()
         self._group_sizes: list[int] = []
         self._capture: LoraCapture | None = None
-        self._handle = compiled.register(self)  # the traced step's reference to this optimizer (torch.compile)
         super().__init__(params, defaults)
         if self._pairing is _pairing.peft_pairing:
             names = [n for g in self.param_groups for n in g.get("param_names", [])]
@@ -328,6 +323,30 @@ class SDSAdamW(Optimizer):
                 UserWarning,
                 stacklevel=2,
             )
+
+    def _fresh_caches(self) -> None:
+        """The per-instance caches, rebuilt lazily (they hold data pointers, lists and device tables of this
+        instance's tensors), and the handle of the compiled step: new for every instance, copies included."""
+        self._bucket_cache: dict[Any, tuple[Any, ...]] = {}
+        self._tables = Tables()  # the fused kernels' entry tables (sdsopt.fused)
+        self._settled: dict[int, tuple[int, int]] = {}  # mode sds: groups past every pair's warm-up and ramp
+        self._param_kinds: dict[int, list[tuple[bool, bool]]] = {}  # per group: (complex, DTensor) per parameter
+        self._lists_cache: dict[int, tuple[Any, ...]] = {}  # per group: the last step's lists (_init_group)
+        self._handle = compiled.register(self)  # the traced step's reference to this optimizer (torch.compile)
+
+    def __getstate__(self) -> dict[str, Any]:
+        """For ``copy.deepcopy`` and pickling: ``Optimizer``'s state (defaults, state, param groups) and this
+        optimizer's own settings (``skip_nonfinite`` and its count, pairing rule, group sizes).  Not the caches
+        (:meth:`_fresh_caches`) and not :meth:`attach`'s hooks, which belong to the original's model: call
+        ``attach`` on the copy's model (mode ``svd_oracle`` says so if it is missing)."""
+        self._skips.poll(wait=True)  # (settles the skip count of sync-free steps still in flight)
+        return {**super().__getstate__(), "skip_nonfinite": self.skip_nonfinite, "_skips": self._skips,
+                "_pairing": self._pairing, "_group_sizes": self._group_sizes}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._capture = None
+        self._fresh_caches()
 
     # ------------------------------------------------------------------ pairing
     def add_param_group(self, param_group: dict[str, Any]) -> None:

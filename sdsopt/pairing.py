@@ -36,12 +36,39 @@ __all__ = [
     "param_label",
     "peft_pairing",
     "regex_pairing",
+    "RegexPairing",
 ]
 
 PairingFn = Callable[[Sequence[str]], list[tuple[str, str]]]
 
 PEFT_PATTERN = r"(?:^|\.)lora_(?:embedding_)?(?P<factor>A|B)(?:\.|$)"
 """PEFT's names: ``lora_A``/``lora_B`` (Linear, Conv, any adapter) and ``lora_embedding_A``/``_B``."""
+
+
+@dataclass(frozen=True)
+class RegexPairing:
+    """The pairing function of :func:`regex_pairing` (a class, so that optimizers holding it pickle)."""
+
+    pattern: str
+    a: str = "A"
+    b: str = "B"
+
+    def __post_init__(self) -> None:
+        if "factor" not in re.compile(self.pattern).groupindex:
+            raise ValueError(f"pairing pattern {self.pattern!r} needs a named group (?P<factor>...)")
+
+    def __call__(self, names: Sequence[str]) -> list[tuple[str, str]]:
+        regex = re.compile(self.pattern)  # (re caches compiled patterns)
+        slots: dict[str, dict[str, str]] = {}
+        for name in names:
+            match = regex.search(name)
+            if match is None or match.group("factor") not in (self.a, self.b):
+                continue
+            start, end = match.span("factor")
+            key = name[:start] + "\0" + name[end:]
+            role = "A" if match.group("factor") == self.a else "B"
+            slots.setdefault(key, {})[role] = name
+        return [(s["A"], s["B"]) for s in slots.values() if len(s) == 2]
 
 
 def regex_pairing(pattern: str, a: str = "A", b: str = "B") -> PairingFn:
@@ -51,24 +78,7 @@ def regex_pairing(pattern: str, a: str = "A", b: str = "B") -> PairingFn:
 
         regex_pairing(r"\\.lora_(?P<factor>down|up)\\.", a="down", b="up")
     """
-    regex = re.compile(pattern)
-    if "factor" not in regex.groupindex:
-        raise ValueError(f"pairing pattern {pattern!r} needs a named group (?P<factor>...)")
-
-    def pair(names: Sequence[str]) -> list[tuple[str, str]]:
-        slots: dict[str, dict[str, str]] = {}
-        for name in names:
-            match = regex.search(name)
-            if match is None or match.group("factor") not in (a, b):
-                continue
-            start, end = match.span("factor")
-            key = name[:start] + "\0" + name[end:]
-            role = "A" if match.group("factor") == a else "B"
-            slots.setdefault(key, {})[role] = name
-        return [(s["A"], s["B"]) for s in slots.values() if len(s) == 2]
-
-    pair.__doc__ = f"pairs names by {pattern!r} (A: {a!r}, B: {b!r})"
-    return pair
+    return RegexPairing(pattern, a, b)
 
 
 peft_pairing: PairingFn = regex_pairing(PEFT_PATTERN)

@@ -348,6 +348,32 @@ def test_checkpoint_resume_is_bit_exact(kw):
     assert_resume_is_bit_exact(lambda m: SDSAdamW(m.named_parameters(), lr=1e-2, **kw))
 
 
+@pytest.mark.parametrize("clone", ["deepcopy", "pickle"])
+def test_a_copied_optimizer_steps_as_the_original(clone):
+    """``copy.deepcopy((model, opt))`` and a pickle round trip give an optimizer of the copied parameters with the
+    original's settings, pairs, state and skip count, its own caches and compile handle, stepping bit-exactly as
+    the original continues (across sds's warm-up)."""
+    import pickle
+
+    data = make_data()
+    model = fresh(zero_b=False)
+    opt = SDSAdamW(model.named_parameters(), lr=1e-2, warmup_steps=3, skip_nonfinite=True)
+    train(model, opt, steps=2, data=data)
+    next(model.parameters()).grad.fill_(float("nan"))
+    with pytest.warns(RuntimeWarning, match="skipped a step"):
+        opt.step()
+    copy_of = {"deepcopy": copy.deepcopy, "pickle": lambda obj: pickle.loads(pickle.dumps(obj))}[clone]
+    twin, twin_opt = copy_of((model, opt))
+    assert twin_opt.param_groups[0]["params"][0] is next(twin.parameters())
+    assert (twin_opt.skip_nonfinite, twin_opt.skipped_steps) == (True, 1)
+    assert [(p.name_a, p.name_b) for p in twin_opt.lora_pairs] == [(p.name_a, p.name_b) for p in opt.lora_pairs]
+    assert twin_opt._handle != opt._handle and twin_opt._tables is not opt._tables
+    train(model, opt, steps=3, data=data)
+    train(twin, twin_opt, steps=3, data=data)
+    for p, q in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(p, q)
+
+
 def test_checkpoint_with_other_pairs_is_refused():
     a = fresh()
     opt = SDSAdamW(a.named_parameters())
