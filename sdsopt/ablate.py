@@ -3,6 +3,7 @@
     python -m sdsopt.ablate --task linear                    # or: sdsopt-ablate --task linear
     python -m sdsopt.ablate --task digits --seeds 3
     python -m sdsopt.ablate --task textlm --steps 400 --device cuda
+    python -m sdsopt.ablate --task smollm_math --rank 8 --device cuda --autocast bf16   # pip install "sdsopt[smollm]"
 
 For each seed the task builds one pre-trained base and one LoRA initialisation; every (mode, lr) run
 starts from a copy of them and sees the same batches in the same order, so an A/B changes exactly
@@ -44,13 +45,16 @@ __all__ = ["ABLATION_MODES", "main", "make_task", "run_grid"]
 
 ABLATION_MODES = ("full", "lora", "sds", "sds_undamped", "sds_polar", "sds_sigma", "scaled", "sds_layer", "psi",
                   "psi_scaled", "svd_oracle")
+TASKS = ("linear", "psi_linear", "digits", "textlm", "minilm", "smollm_math", "smollm_code")
 DEFAULT_LRS = {"linear": [1e-3, 3e-3, 1e-2, 3e-2], "digits": [3e-4, 1e-3, 3e-3, 1e-2], "textlm": [1e-3, 3e-3, 1e-2, 3e-2],
-               "minilm": [1e-4, 3e-4, 1e-3, 3e-3, 1e-2], "psi_linear": [1e-3, 3e-3, 1e-2, 3e-2, 1e-1]}
-DEFAULT_STEPS = {"linear": 300, "digits": 300, "textlm": 300, "minilm": 300, "psi_linear": 300}
+               "minilm": [1e-4, 3e-4, 1e-3, 3e-3, 1e-2], "psi_linear": [1e-3, 3e-3, 1e-2, 3e-2, 1e-1],
+               "smollm_math": [1e-4, 3e-4, 1e-3, 3e-3], "smollm_code": [1e-4, 3e-4, 1e-3, 3e-3]}
+DEFAULT_STEPS = {"linear": 300, "digits": 300, "textlm": 300, "minilm": 300, "psi_linear": 300, "smollm_math": 300,
+                 "smollm_code": 300}
 
 
 def make_task(name: str, args: argparse.Namespace):
-    """Build a task from the command line (``linear``, ``digits``, ``textlm``, ``minilm``)."""
+    """Build a task of :data:`TASKS` from the command line."""
     if name == "linear":
         from .tasks.linear import LinearTask
 
@@ -72,14 +76,22 @@ def make_task(name: str, args: argparse.Namespace):
     if name == "minilm":
         from .tasks.minilm import MiniLMTopicsTask
 
-        return MiniLMTopicsTask(rank=args.rank, max_len=args.max_len, model_dir=args.model_dir, device=args.device)
-    raise ValueError(f"unknown task {name!r}; choose linear, digits, textlm or minilm")
+        return MiniLMTopicsTask(rank=args.rank, max_len=args.max_len or 128, model_dir=args.model_dir, device=args.device)
+    if name in ("smollm_math", "smollm_code"):
+        from .tasks.smollm import SmolLMTask
+
+        return SmolLMTask(kind=name.split("_")[1], rank=args.rank, alpha=args.lora_alpha, rslora=args.rslora,
+                          batch=args.batch or 8, max_len=args.max_len or 320, eval_examples=args.eval_examples,
+                          difficulty=args.difficulty, model_dir=args.model_dir, gguf_file=args.gguf_file,
+                          device=args.device)
+    raise ValueError(f"unknown task {name!r}; choose one of {', '.join(TASKS)}")
 
 
 def make_optimizer(mode: str, model: nn.Module, lr: float, betas: tuple[float, float], weight_decay: float,
-                   psi: dict[str, Any] | None = None):
+                   psi: dict[str, Any] | None = None, options: dict[str, Any] | None = None):
     """The optimizer of one run: AdamW for ``full``, :class:`sdsopt.PSILoRA` for ``psi`` (``psi``: its
-    ``lookahead_iters``, ``momentum``, ``lmbd``, ``adam_lr``), else SDSAdamW in ``mode`` (same Adam everywhere)."""
+    ``lookahead_iters``, ``momentum``, ``lmbd``, ``adam_lr``), else SDSAdamW in ``mode`` (same Adam everywhere)
+    with ``options`` (``--opt KEY=VALUE``: e.g. ``warmup_steps``, ``step_damping``) on top of the mode's own."""
     if mode in ("psi", "psi_scaled"):
         extra = dict(metric="diagonal") if mode == "psi_scaled" else {}
         return PSILoRA(model, lr=lr, betas=betas, weight_decay=weight_decay, **{**(psi or {}), **extra})
@@ -88,6 +100,8 @@ def make_optimizer(mode: str, model: nn.Module, lr: float, betas: tuple[float, f
                                  weight_decay=weight_decay, foreach=False)
     kw: dict[str, Any] = {"sds_sigma": dict(mode="sds_polar", decouple_sigma=True),
                           "sds_undamped": dict(mode="sds", step_damping=0.0)}.get(mode, dict(mode=mode))
+    if mode != "lora":  # lora is plain AdamW on the factors: an SDS option would not change it
+        kw.update(options or {})
     opt = SDSAdamW([(n, p) for n, p in model.named_parameters() if p.requires_grad], lr=lr, betas=betas,
                    weight_decay=weight_decay, **kw)
     return opt
@@ -122,7 +136,8 @@ def run_one(task, mode: str, lr: float, seed: int, args: argparse.Namespace, pro
                          psi=dict(lookahead_iters=getattr(args, "psi_iters", 1),
                                   momentum=getattr(args, "psi_momentum", 0.0),
                                   dampening=getattr(args, "psi_dampening", 0.0), lmbd=getattr(args, "psi_lmbd", 1e-2),
-                                  adam_lr=getattr(args, "psi_adam_lr", None)))
+                                  adam_lr=getattr(args, "psi_adam_lr", None)),
+                         options=getattr(args, "opt", None))
     recorder = None
     layers = PaperSDSLayers(model, total_steps=args.steps) if mode == "sds_layer" else None
     if mode not in ("full", "sds_layer", "psi", "psi_scaled") and (mode == "svd_oracle" or args.metrics_every):
@@ -134,7 +149,8 @@ def run_one(task, mode: str, lr: float, seed: int, args: argparse.Namespace, pro
         batch = next(batches)
         batch = tuple(t.to(args.device) for t in batch) if isinstance(batch, tuple) else batch.to(args.device)
         opt.zero_grad()
-        loss = task.loss(model, batch)
+        with autocast(args):
+            loss = task.loss(model, batch)
         loss.backward()
         record = recorder is not None and (step == 1 or step % args.metrics_every == 0)
         if record:
@@ -154,9 +170,34 @@ def run_one(task, mode: str, lr: float, seed: int, args: argparse.Namespace, pro
                 progress.update(args.steps - step)
             break
     tail = [v for v in curve[-max(1, args.steps // 20):]]
-    extra = {"accuracy": task.eval_accuracy(model)} if hasattr(task, "eval_accuracy") else {}
+    with autocast(args):
+        extra = {"accuracy": task.eval_accuracy(model)} if hasattr(task, "eval_accuracy") else {}
+        held_out = task.eval_loss(model)
     return {"mode": mode, "lr": lr, "seed": seed, "curve": curve, "metrics": metrics,
-            "final_train": statistics.fmean(tail), "eval": task.eval_loss(model), **extra}
+            "final_train": statistics.fmean(tail), "eval": held_out, **extra}
+
+
+def autocast(args: argparse.Namespace):
+    """``torch.autocast`` on ``--device`` in ``--autocast``'s dtype (``bf16``/``fp16``), or nothing (``none``)."""
+    import contextlib
+
+    name = getattr(args, "autocast", "none")
+    if name == "none":
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(args.device).type, dtype={"bf16": torch.bfloat16, "fp16": torch.float16}[name])
+
+
+def parse_option(text: str) -> tuple[str, Any]:
+    """``KEY=VALUE`` of ``--opt``: the value read as a Python literal (``10``, ``0.5``, ``False``), else a string."""
+    import ast
+
+    key, sep, value = text.partition("=")
+    if not sep or not key.isidentifier():
+        raise argparse.ArgumentTypeError(f"--opt {text!r}: write KEY=VALUE, e.g. --opt warmup_steps=50")
+    try:
+        return key, ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        return key, value
 
 
 def run_grid(task, modes: Iterable[str], lrs: list[float], seeds: int, args: argparse.Namespace) -> list[dict]:
@@ -305,7 +346,7 @@ def format_table(task_name: str, table: dict) -> str:
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(prog="sdsopt-ablate", description=__doc__.splitlines()[0])
-    ap.add_argument("--task", choices=["linear", "psi_linear", "digits", "textlm", "minilm"], default="linear")
+    ap.add_argument("--task", choices=TASKS, default="linear")
     ap.add_argument("--modes", nargs="+", choices=ABLATION_MODES, default=list(ABLATION_MODES))
     ap.add_argument("--lrs", type=float, nargs="+", default=None, help="≥ 4 per mode recommended")
     ap.add_argument("--seeds", type=int, default=1)
@@ -314,6 +355,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--weight-decay", type=float, default=0.0)
     ap.add_argument("--metrics-every", type=int, default=10, help="0 turns metrics off (no capture, no cost)")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--autocast", choices=("none", "bf16", "fp16"), default="none",
+                    help="mixed precision of the forward and backward (parameters and optimizer stay float32)")
+    ap.add_argument("--opt", type=parse_option, action="append", default=[], metavar="KEY=VALUE",
+                    help="an SDSAdamW option for every SDS mode (repeatable): e.g. --opt warmup_steps=50")
     ap.add_argument("--out", default=None, help="output folder (default runs/<task>)")
     ap.add_argument("--quiet", action="store_true")
     g = ap.add_argument_group("task sizes")
@@ -328,7 +373,13 @@ def main(argv: list[str] | None = None) -> dict:
     g.add_argument("--width", type=int, default=64)
     g.add_argument("--layers", type=int, default=2)
     g.add_argument("--block", type=int, default=64)
-    g.add_argument("--max-len", type=int, default=128, help="minilm: tokens per paragraph")
+    g.add_argument("--max-len", type=int, default=None,
+                   help="minilm: tokens per paragraph (128); smollm: longest example kept (320)")
+    g.add_argument("--lora-alpha", type=float, default=None, help="smollm: LoRA alpha (default 2*rank)")
+    g.add_argument("--rslora", action="store_true", help="smollm: scale alpha/sqrt(rank) (the SDS paper's protocol)")
+    g.add_argument("--eval-examples", type=int, default=64, help="smollm: held-out examples scored")
+    g.add_argument("--difficulty", type=int, default=0, help="smollm_math: extra chained operations per problem")
+    g.add_argument("--gguf-file", default=None, help="smollm: GGUF file name inside --model-dir")
     g = ap.add_argument_group("psi (sdsopt.PSILoRA)")
     g.add_argument("--psi-iters", type=int, default=1, help="ALS sweeps per step (0: one Jacobi pass)")
     g.add_argument("--psi-momentum", type=float, default=0.0)
@@ -336,8 +387,10 @@ def main(argv: list[str] | None = None) -> dict:
     g.add_argument("--psi-lmbd", type=float, default=1e-2, help="proximal weight λ = lr·lmbd")
     g.add_argument("--psi-adam-lr", type=float, default=None,
                    help="AdamW lr of the parameters that are not LoRA factors (a head; default: --lrs' value)")
-    g.add_argument("--model-dir", default=None, help="minilm: checkpoint folder (default: the sdsopt[minilm] package)")
+    g.add_argument("--model-dir", default=None,
+                   help="minilm/smollm: checkpoint folder (default: the sdsopt[minilm] / sdsopt[smollm] package)")
     args = ap.parse_args(argv)
+    args.opt = dict(args.opt)
     args.steps = args.steps or DEFAULT_STEPS[args.task]
     lrs = args.lrs or DEFAULT_LRS[args.task]
     out = Path(args.out or f"runs/{args.task}")
