@@ -208,7 +208,8 @@ def run_grid(task, modes: Iterable[str], lrs: list[float], seeds: int, args: arg
     runs = []
     with tqdm(total=len(modes) * len(lrs) * seeds * args.steps, desc=task.name, unit="step",
               disable=args.quiet, file=sys.stderr) as progress:
-        for seed in range(seeds):
+        first = getattr(args, "first_seed", 0)
+        for seed in range(first, first + seeds):
             task.setup(seed)
             for mode in modes:
                 for lr in lrs:
@@ -350,6 +351,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--modes", nargs="+", choices=ABLATION_MODES, default=list(ABLATION_MODES))
     ap.add_argument("--lrs", type=float, nargs="+", default=None, help="≥ 4 per mode recommended")
     ap.add_argument("--seeds", type=int, default=1)
+    ap.add_argument("--first-seed", type=int, default=0, help="seeds run are first-seed … first-seed + seeds - 1")
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--beta1", type=float, default=0.9, help="0 gives Adam without momentum")
     ap.add_argument("--weight-decay", type=float, default=0.0)

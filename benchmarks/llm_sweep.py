@@ -1,0 +1,171 @@
+"""The SmolLM2 comparison (issue: SDS on a real LLM): many harness runs in parallel processes on one GPU, then
+one table per (task, scale) with seed spread, lr sensitivity and steps to reach LoRA's final loss.
+
+    python benchmarks/llm_sweep.py run --plan main --workers 14 --deadline 540 --out runs/llm -- --device cuda \
+        --autocast bf16
+    python benchmarks/llm_sweep.py merge runs/llm --out benchmarks/ablation/smollm
+
+``run`` starts one ``python -m sdsopt.ablate`` per job (a task, a scale, a mode, a seed, the mode's lr grid),
+``--workers`` at a time, highest priority first, and starts none after ``--deadline`` seconds (a job that is
+running finishes).  Arguments after ``--`` go to every job.  ``merge`` reads the jobs' ``summary.json`` and
+``curves.csv`` and writes ``tables.md``, ``summary.json`` and the plots per (task, scale).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+LORA_LRS = ["1e-4", "2e-4", "5e-4", "1e-3", "3e-3", "6e-3"]
+FULL_LRS = ["1e-5", "2e-5", "5e-5", "1e-4", "2e-4", "5e-4"]
+SCALES = {"peft_r8": ["--rank", "8", "--lora-alpha", "16"],  # PEFT's common s = alpha/r = 2, a small rank
+          "paper_r32": ["--rank", "32", "--lora-alpha", "4", "--rslora"]}  # the SDS paper's protocol
+TASKS = {"math": ["--task", "smollm_math", "--difficulty", "2", "--eval-examples", "128"],
+         "code": ["--task", "smollm_code", "--eval-examples", "128"]}
+
+
+def plan_main(steps: int) -> list[tuple[str, list[str]]]:
+    """Jobs by priority: lora/sds/full at PEFT's scale (3 seeds), lora/sds at the paper's (3 seeds), the other
+    modes (1 seed), the mechanism metrics (lora vs sds at one lr, 1 seed)."""
+    jobs = []
+
+    def add(task: str, scale: str, mode: str, seed: int, lrs: list[str], metrics_every: int = 0) -> None:
+        name = f"{task}-{scale}-{mode}-s{seed}" + ("-metrics" if metrics_every else "")
+        jobs.append((name, [*TASKS[task], *SCALES[scale], "--modes", mode, "--lrs", *lrs, "--seeds", "1",
+                            "--first-seed", str(seed), "--steps", str(steps), "--metrics-every", str(metrics_every)]))
+
+    for seed in range(3):
+        for task in TASKS:
+            for mode in ("lora", "sds", "full"):
+                add(task, "peft_r8", mode, seed, FULL_LRS if mode == "full" else LORA_LRS)
+    for seed in range(3):
+        for task in TASKS:
+            for mode in ("lora", "sds"):
+                add(task, "paper_r32", mode, seed, LORA_LRS)
+    for task in TASKS:
+        for mode in ("scaled", "sds_polar", "sds_layer", "psi_scaled"):
+            add(task, "peft_r8", mode, 0, LORA_LRS)
+    for mode in ("lora", "sds"):
+        add("math", "peft_r8", mode, 0, ["1e-3"], metrics_every=10)
+    return jobs
+
+
+def run(args: argparse.Namespace, passthrough: list[str]) -> None:
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    jobs = plan_main(args.steps)[: args.limit or None]
+    start = time.time()
+
+    def one(job: tuple[str, list[str]]) -> str:
+        name, argv = job
+        if time.time() - start > args.deadline:
+            return f"{name}: skipped (deadline)"
+        t0 = time.time()
+        with open(out / f"{name}.log", "w") as log:
+            rc = subprocess.call([sys.executable, "-m", "sdsopt.ablate", *argv, "--out", str(out / name), "--quiet",
+                                  *passthrough], stdout=log, stderr=subprocess.STDOUT, env=os.environ)
+        return f"{name}: rc={rc} in {time.time() - t0:.0f}s (at {time.time() - start:.0f}s)"
+
+    with ThreadPoolExecutor(args.workers) as pool:
+        for line in pool.map(one, jobs):
+            print(line, flush=True)
+
+
+def _best_and_spread(sensitivity: dict[float, float], lo: float = 1e-4, hi: float = 3e-3) -> float:
+    inside = [v for lr, v in sensitivity.items() if lo * 0.999 <= lr <= hi * 1.001]
+    return max(inside) / min(inside) if inside and all(math.isfinite(v) for v in inside) else float("nan")
+
+
+def _steps_to_reach(curve: list[float], target: float, window: int) -> int | None:
+    """First step at which the trailing mean of ``window`` train losses is at or below ``target``."""
+    for i in range(window, len(curve) + 1):
+        if statistics.fmean(curve[i - window: i]) <= target:
+            return i
+    return None
+
+
+def merge(args: argparse.Namespace) -> None:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from sdsopt.ablate import plot, summarise
+
+    runs_by: dict[str, list[dict]] = defaultdict(list)
+    for summary_path in sorted(Path(args.folder).glob("*/summary.json")):
+        job = summary_path.parent.name
+        if job.endswith("-metrics"):
+            continue
+        task, scale = job.split("-")[:2]
+        summary = json.load(open(summary_path))
+        curves = defaultdict(list)
+        with open(summary_path.parent / "curves.csv") as fh:
+            for row in csv.DictReader(fh):
+                curves[(row["mode"], float(row["lr"]), int(row["seed"]))].append(float(row["loss"]))
+        for r in summary["runs"]:
+            runs_by[f"{task}-{scale}"].append({**r, "curve": curves[(r["mode"], r["lr"], r["seed"])], "metrics": []})
+    out = Path(args.out)
+    lines, everything = [], {}
+    for key, runs in sorted(runs_by.items()):
+        table = summarise(runs)
+        steps = len(runs[0]["curve"])
+        window = max(1, steps // 20)
+        lora = table.get("lora")
+        if lora is not None:
+            target = lora["final_train"]
+            for mode, entry in table.items():
+                reached = [_steps_to_reach(r["curve"], target, window) for r in runs
+                           if r["mode"] == mode and r["lr"] == entry["lr"]]
+                entry["steps_to_lora_final"] = (statistics.fmean(reached) if all(s is not None for s in reached)
+                                                else None)
+        for entry in table.values():
+            entry["worst_over_best_1e-4_3e-3"] = _best_and_spread(entry["lr_sensitivity"])
+            entry["seeds"] = len({r["seed"] for r in runs if r["lr"] == entry["lr"]})
+        everything[key] = table
+        (out / key).mkdir(parents=True, exist_ok=True)
+        plot(key, runs, table, out / key)
+        lines += [f"### {key} ({steps} steps)", "",
+                  "| mode | seeds | best lr | held-out loss ± sd | exact match ± sd | vs lora | worst/best lr 1e-4…3e-3 |"
+                  " steps to LoRA's final train loss |", "|---|---|---|---|---|---|---|---|"]
+        for mode, e in sorted(table.items(), key=lambda kv: kv[1]["eval"]):
+            rel = (e["eval"] / lora["eval"] - 1) * 100 if lora else float("nan")
+            acc = f"{e['accuracy']:.3f} ± {e['accuracy_std']:.3f}" if "accuracy" in e else "–"
+            reach = e.get("steps_to_lora_final")
+            lines.append(f"| {mode} | {e['seeds']} | {e['lr']:g} | {e['eval']:.4f} ± {e['eval_std']:.4f} | {acc} | "
+                         f"{rel:+.1f} % | {e['worst_over_best_1e-4_3e-3']:.2f} | "
+                         f"{'–' if reach is None else f'{reach:.0f}'} |")
+        lines.append("")
+    (out / "tables.md").write_text("\n".join(lines))
+    json.dump(everything, open(out / "summary.json", "w"), indent=1)
+    print("\n".join(lines))
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    passthrough = argv[argv.index("--") + 1:] if "--" in argv else []
+    argv = argv[: argv.index("--")] if "--" in argv else argv
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("run")
+    r.add_argument("--plan", choices=["main"], default="main")
+    r.add_argument("--steps", type=int, default=150)
+    r.add_argument("--workers", type=int, default=8)
+    r.add_argument("--deadline", type=float, default=540.0, help="seconds after which no job starts")
+    r.add_argument("--limit", type=int, default=0, help="run only the first N jobs (0: all)")
+    r.add_argument("--out", default="runs/llm")
+    m = sub.add_parser("merge")
+    m.add_argument("folder")
+    m.add_argument("--out", default="benchmarks/ablation/smollm")
+    args = ap.parse_args(argv)
+    run(args, passthrough) if args.command == "run" else merge(args)
+
+
+if __name__ == "__main__":
+    main()
