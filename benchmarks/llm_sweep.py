@@ -1,11 +1,10 @@
 """The SmolLM2 comparison (issue: SDS on a real LLM): many harness runs in parallel processes on one GPU, then
 one table per (task, scale) with seed spread, lr sensitivity and steps to reach LoRA's final loss.
 
-    python benchmarks/llm_sweep.py run --plan main --workers 14 --deadline 540 --out runs/llm -- --device cuda \
-        --autocast bf16
+    python benchmarks/llm_sweep.py run --workers 14 --deadline 540 --out runs/llm -- --device cuda --autocast bf16
     python benchmarks/llm_sweep.py merge runs/llm --out benchmarks/ablation/smollm
 
-``run`` starts one ``python -m sdsopt.ablate`` per job (a task, a scale, a mode, a seed, the mode's lr grid),
+``run`` starts one ``python -m sdsopt.ablate`` per job (a task, a scale, a mode, a seed, an lr),
 ``--workers`` at a time, highest priority first, and starts none after ``--deadline`` seconds (a job that is
 running finishes).  Arguments after ``--`` go to every job.  ``merge`` reads the jobs' ``summary.json`` and
 ``curves.csv`` and writes ``tables.md``, ``summary.json`` and the plots per (task, scale).
@@ -27,43 +26,40 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 LORA_LRS = ["1e-4", "2e-4", "5e-4", "1e-3", "3e-3", "6e-3"]
-FULL_LRS = ["1e-5", "2e-5", "5e-5", "1e-4", "2e-4", "5e-4"]
+FULL_LRS = ["1e-6", "3e-6", "1e-5", "3e-5", "1e-4", "3e-4"]
 SCALES = {"peft_r8": ["--rank", "8", "--lora-alpha", "16"],  # PEFT's common s = alpha/r = 2, a small rank
           "paper_r32": ["--rank", "32", "--lora-alpha", "4", "--rslora"]}  # the SDS paper's protocol
 TASKS = {"math": ["--task", "smollm_math", "--difficulty", "2", "--eval-examples", "128"],
-         "code": ["--task", "smollm_code", "--eval-examples", "128"]}
+         "code": ["--task", "smollm_code", "--eval-examples", "128", "--max-len", "256"]}
 
 
-def plan_main(steps: int) -> list[tuple[str, list[str]]]:
-    """Jobs by priority: lora/sds/full at PEFT's scale (3 seeds), lora/sds at the paper's (3 seeds), the other
-    modes (1 seed), the mechanism metrics (lora vs sds at one lr, 1 seed)."""
+def plan(steps: int, seeds: int, tasks: list[str], scales: list[str], modes: list[str],
+         metrics_lr: str | None) -> list[tuple[str, list[str]]]:
+    """One job per run (task, scale, mode, seed, lr), ordered seed-major so that an interrupted sweep still has
+    whole lr grids; then, if ``metrics_lr``, lora and sds at that lr with the mechanism metrics every 10 steps."""
     jobs = []
 
-    def add(task: str, scale: str, mode: str, seed: int, lrs: list[str], metrics_every: int = 0) -> None:
-        name = f"{task}-{scale}-{mode}-s{seed}" + ("-metrics" if metrics_every else "")
-        jobs.append((name, [*TASKS[task], *SCALES[scale], "--modes", mode, "--lrs", *lrs, "--seeds", "1",
+    def add(task: str, scale: str, mode: str, seed: int, lr: str, metrics_every: int = 0) -> None:
+        name = f"{task}-{scale}-{mode}-s{seed}-lr{lr}" + ("-metrics" if metrics_every else "")
+        jobs.append((name, [*TASKS[task], *SCALES[scale], "--modes", mode, "--lrs", lr, "--seeds", "1",
                             "--first-seed", str(seed), "--steps", str(steps), "--metrics-every", str(metrics_every)]))
 
-    for seed in range(3):
-        for task in TASKS:
-            for mode in ("lora", "sds", "full"):
-                add(task, "peft_r8", mode, seed, FULL_LRS if mode == "full" else LORA_LRS)
-    for seed in range(3):
-        for task in TASKS:
-            for mode in ("lora", "sds"):
-                add(task, "paper_r32", mode, seed, LORA_LRS)
-    for task in TASKS:
-        for mode in ("scaled", "sds_polar", "sds_layer", "psi_scaled"):
-            add(task, "peft_r8", mode, 0, LORA_LRS)
-    for mode in ("lora", "sds"):
-        add("math", "peft_r8", mode, 0, ["1e-3"], metrics_every=10)
+    for seed in range(seeds):
+        for scale in scales:
+            for task in tasks:
+                for mode in modes:
+                    for lr in FULL_LRS if mode == "full" else LORA_LRS:
+                        add(task, scale, mode, seed, lr)
+    if metrics_lr:
+        for mode in ("lora", "sds"):
+            add(tasks[0], scales[0], mode, 0, metrics_lr, metrics_every=10)
     return jobs
 
 
 def run(args: argparse.Namespace, passthrough: list[str]) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    jobs = plan_main(args.steps)[: args.limit or None]
+    jobs = plan(args.steps, args.seeds, args.tasks, args.scales, args.modes, args.metrics_lr)[: args.limit or None]
     start = time.time()
 
     def one(job: tuple[str, list[str]]) -> str:
@@ -103,7 +99,7 @@ def merge(args: argparse.Namespace) -> None:
         job = summary_path.parent.name
         if job.endswith("-metrics"):
             continue
-        task, scale = job.split("-")[:2]
+        task, scale = job.split("-")[:2]  # jobs are named task-scale-mode-seed-lr
         summary = json.load(open(summary_path))
         curves = defaultdict(list)
         with open(summary_path.parent / "curves.csv") as fh:
@@ -154,8 +150,12 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="command", required=True)
     r = sub.add_parser("run")
-    r.add_argument("--plan", choices=["main"], default="main")
-    r.add_argument("--steps", type=int, default=150)
+    r.add_argument("--steps", type=int, default=100)
+    r.add_argument("--seeds", type=int, default=3)
+    r.add_argument("--tasks", nargs="+", choices=list(TASKS), default=list(TASKS))
+    r.add_argument("--scales", nargs="+", choices=list(SCALES), default=list(SCALES))
+    r.add_argument("--modes", nargs="+", default=["lora", "sds", "full"])
+    r.add_argument("--metrics-lr", default=None, help="also lora and sds at this lr with metrics every 10 steps")
     r.add_argument("--workers", type=int, default=8)
     r.add_argument("--deadline", type=float, default=540.0, help="seconds after which no job starts")
     r.add_argument("--limit", type=int, default=0, help="run only the first N jobs (0: all)")
