@@ -29,14 +29,15 @@ LORA_LRS = ["1e-4", "2e-4", "5e-4", "1e-3", "3e-3", "6e-3"]
 FULL_LRS = ["1e-6", "3e-6", "1e-5", "3e-5", "1e-4", "3e-4"]
 SCALES = {"peft_r8": ["--rank", "8", "--lora-alpha", "16"],  # PEFT's common s = alpha/r = 2, a small rank
           "paper_r32": ["--rank", "32", "--lora-alpha", "4", "--rslora"]}  # the SDS paper's protocol
-TASKS = {"math": ["--task", "smollm_math", "--difficulty", "2", "--eval-examples", "128"],
-         "code": ["--task", "smollm_code", "--eval-examples", "128", "--max-len", "256"]}
+TASKS = {"math": ["--task", "smollm_math", "--difficulty", "2", "--eval-examples", "96"],
+         "code": ["--task", "smollm_code", "--eval-examples", "96", "--max-len", "256"]}
 
 
 def plan(steps: int, seeds: int, tasks: list[str], scales: list[str], modes: list[str],
          metrics_lr: str | None) -> list[tuple[str, list[str]]]:
     """One job per run (task, scale, mode, seed, lr), ordered seed-major so that an interrupted sweep still has
-    whole lr grids; then, if ``metrics_lr``, lora and sds at that lr with the mechanism metrics every 10 steps."""
+    whole lr grids; after the first seed, if ``metrics_lr``, lora and sds at that lr with the mechanism metrics
+    every 10 steps."""
     jobs = []
 
     def add(task: str, scale: str, mode: str, seed: int, lr: str, metrics_every: int = 0) -> None:
@@ -50,9 +51,9 @@ def plan(steps: int, seeds: int, tasks: list[str], scales: list[str], modes: lis
                 for mode in modes:
                     for lr in FULL_LRS if mode == "full" else LORA_LRS:
                         add(task, scale, mode, seed, lr)
-    if metrics_lr:
-        for mode in ("lora", "sds"):
-            add(tasks[0], scales[0], mode, 0, metrics_lr, metrics_every=10)
+        if metrics_lr and seed == 0:
+            for mode in ("lora", "sds"):
+                add(tasks[0], scales[0], mode, 0, metrics_lr, metrics_every=10)
     return jobs
 
 
