@@ -65,6 +65,8 @@ def run(args: argparse.Namespace, passthrough: list[str]) -> None:
 
     def one(job: tuple[str, list[str]]) -> str:
         name, argv = job
+        if (out / name / "summary.json").exists():
+            return f"{name}: done before"
         if time.time() - start > args.deadline:
             return f"{name}: skipped (deadline)"
         t0 = time.time()
