@@ -7,7 +7,8 @@ one table per (task, scale) with seed spread, lr sensitivity and steps to reach 
 ``run`` starts one ``python -m sdsopt.ablate`` per job (a task, a scale, a mode, a seed, an lr),
 ``--workers`` at a time, highest priority first, and starts none after ``--deadline`` seconds (a job that is
 running finishes).  Arguments after ``--`` go to every job.  ``merge`` reads the jobs' ``summary.json`` and
-``curves.csv`` and writes ``tables.md``, ``summary.json`` and the plots per (task, scale).
+``curves.csv`` and writes ``tables.md``, ``summary.json``, ``runs.json`` (every run's final numbers) and the
+plots per (task, scale).
 """
 
 from __future__ import annotations
@@ -93,6 +94,18 @@ def _steps_to_reach(curve: list[float], target: float, window: int) -> int | Non
     return None
 
 
+def _whole_grids(runs: list[dict]) -> list[dict]:
+    """The runs of the seeds that have a mode's whole lr grid (an interrupted sweep leaves partial seeds, which
+    would compare lrs over different seeds)."""
+    lrs = defaultdict(set)
+    for r in runs:
+        lrs[r["mode"]].add(r["lr"])
+    have = defaultdict(set)
+    for r in runs:
+        have[(r["mode"], r["seed"])].add(r["lr"])
+    return [r for r in runs if have[(r["mode"], r["seed"])] == lrs[r["mode"]]]
+
+
 def merge(args: argparse.Namespace) -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from sdsopt.ablate import plot, summarise
@@ -113,6 +126,7 @@ def merge(args: argparse.Namespace) -> None:
     out = Path(args.out)
     lines, everything = [], {}
     for key, runs in sorted(runs_by.items()):
+        runs = _whole_grids(runs)
         table = summarise(runs)
         steps = len(runs[0]["curve"])
         window = max(1, steps // 20)
@@ -124,9 +138,9 @@ def merge(args: argparse.Namespace) -> None:
                            if r["mode"] == mode and r["lr"] == entry["lr"]]
                 entry["steps_to_lora_final"] = (statistics.fmean(reached) if all(s is not None for s in reached)
                                                 else None)
-        for entry in table.values():
+        for mode, entry in table.items():
             entry["worst_over_best_1e-4_3e-3"] = _best_and_spread(entry["lr_sensitivity"])
-            entry["seeds"] = len({r["seed"] for r in runs if r["lr"] == entry["lr"]})
+            entry["seeds"] = len({r["seed"] for r in runs if r["mode"] == mode and r["lr"] == entry["lr"]})
         everything[key] = table
         (out / key).mkdir(parents=True, exist_ok=True)
         plot(key, runs, table, out / key)
@@ -142,6 +156,8 @@ def merge(args: argparse.Namespace) -> None:
                          f"{'–' if reach is None else f'{reach:.0f}'} |")
         lines.append("")
     (out / "tables.md").write_text("\n".join(lines))
+    json.dump({key: [{k: v for k, v in r.items() if k not in ("curve", "metrics")} for r in runs]
+               for key, runs in sorted(runs_by.items())}, open(out / "runs.json", "w"), indent=0)
     json.dump(everything, open(out / "summary.json", "w"), indent=1)
     print("\n".join(lines))
 

@@ -152,3 +152,25 @@ def test_opt_values_are_read_as_literals():
     assert ablate.parse_option("route=eigh") == ("route", "eigh")
     with pytest.raises(Exception, match="KEY=VALUE"):
         ablate.parse_option("warmup_steps")
+
+
+def test_llm_sweep_runs_and_merges(tiny_llama, tmp_path):
+    """benchmarks/llm_sweep.py at toy size: two jobs (lora at two lrs) run, a third is already done and skipped,
+    the merge writes the tables."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "llm_sweep.py"
+    out = tmp_path / "runs"
+    common = ["--", "--model-dir", str(tiny_llama), "--max-len", "200", "--eval-examples", "2", "--rank", "2"]
+    run = [sys.executable, str(script), "run", "--steps", "2", "--seeds", "1", "--tasks", "math", "--scales",
+           "peft_r8", "--modes", "lora", "--workers", "2", "--out", str(out)]
+    first = subprocess.run([*run, "--limit", "2", *common], capture_output=True, text=True, check=True)
+    assert first.stdout.count("rc=0") == 2, first.stdout
+    again = subprocess.run([*run, "--limit", "2", *common], capture_output=True, text=True, check=True)
+    assert again.stdout.count("done before") == 2
+    subprocess.run([sys.executable, str(script), "merge", str(out), "--out", str(tmp_path / "merged")], check=True,
+                   capture_output=True)
+    tables = (tmp_path / "merged" / "tables.md").read_text()
+    assert "### math-peft_r8 (2 steps)" in tables and "| lora | 1 |" in tables
