@@ -75,7 +75,7 @@ def main(argv=None):
     variants = {
         "AdamW fused": lambda m: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-4, fused=True),
         "SDSAdamW (sds)": lambda m: SDSAdamW(m.named_parameters(), lr=1e-4, fused=True),
-        "SDSAdamW (sds, eigh)": lambda m: SDSAdamW(m.named_parameters(), lr=1e-4, fused=True, route="eigh"),
+        "SDSAdamW (scaled)": lambda m: SDSAdamW(m.named_parameters(), lr=1e-4, fused=True, mode="scaled"),
     }
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"device {name} | torch {torch.__version__} | llama layers={args.layers} hidden={args.hidden} "

@@ -1,14 +1,14 @@
 """sdsopt: AdamW for LoRA with singular values decoupled from the gradient (SDS-LoRA).
 
 >>> from sdsopt import SDSAdamW
->>> opt = SDSAdamW(model.named_parameters(), lr=2e-4, weight_decay=0.01)  # doctest: +SKIP
+>>> opt = SDSAdamW(model.parameters(), lr=1e-3, weight_decay=0.01)  # doctest: +SKIP
 """
 
-from .optim import SDSAdamW
-from .pairing import PEFT_PATTERN, LoraPair, peft_pairing, regex_pairing
+from .optim import PairingNotice, SDSAdamW
+from .pairing import PEFT_PATTERN, LoraPair, default_pairing, peft_pairing, regex_pairing
 from .psi import PSILoRA
 from .rewrite import MODES, rewrite_pair
 
-__all__ = ["MODES", "PEFT_PATTERN", "LoraPair", "PSILoRA", "SDSAdamW", "peft_pairing", "regex_pairing",
-           "rewrite_pair"]
+__all__ = ["MODES", "PEFT_PATTERN", "LoraPair", "PSILoRA", "PairingNotice", "SDSAdamW", "default_pairing",
+           "peft_pairing", "regex_pairing", "rewrite_pair"]
 __version__ = "0.2.0"

@@ -21,7 +21,7 @@ from torch import Tensor
 from torch.optim.adam import adam
 from torch.optim.optimizer import Optimizer
 
-from . import compiled
+from . import compiled, naming
 from . import pairing as _pairing
 from .capture import LoraCapture
 from .checkpoint import check_state_dict
@@ -40,9 +40,53 @@ from .modes import Bucket, Coordinates, StepContext, mode_of
 from .pairing import LoraPair, PairingFn, a_rows, check_pair_shapes, param_label
 from .rewrite import MODE_ROUTES, MODES, ROUTES, SPECTRAL_MODES
 
-__all__ = ["SDSAdamW"]
+__all__ = ["PairingNotice", "SDSAdamW"]
+
+
+class PairingNotice(UserWarning):
+    """What ``SDSAdamW`` paired when it named parameters given without names (``infer_names``): said once per
+    optimizer.  Filter it like any warning: ``warnings.filterwarnings("ignore", category=PairingNotice)``."""
 
 _LINALG_DTYPES = (None, torch.float32, torch.float64)
+
+
+_YAML_HINT = " (YAML reads 1e-8 as a string: write 1.0e-8, or convert with float())"
+_REALS = ("eps", "weight_decay", "step_damping", "damping", "sigma_lr_ratio")
+_BOOLS = ("amsgrad", "maximize", "decouple_sigma", "resplit", "rebalance")
+_INTS = ("warmup_steps", "coordinate_ramp", "oracle_max_numel")
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_types(group: dict[str, Any], where: str) -> None:
+    """Raise ``ValueError`` naming an option of the wrong type (a string from a config file, a bool for a
+    number...) before any comparison can raise a bare ``TypeError``."""
+    def fail(key: str, value: Any, want: str) -> None:
+        hint = _YAML_HINT if isinstance(value, str) and want.startswith("a number") else ""
+        raise ValueError(f"SDSAdamW {where}: {key}={value!r} must be {want}, got {type(value).__name__}{hint}.")
+
+    for key in _REALS:
+        if not _is_real(group[key]):
+            fail(key, group[key], "a number")
+    betas = group["betas"]
+    if not (isinstance(betas, (tuple, list)) and len(betas) == 2 and all(map(_is_real, betas))):
+        fail("betas", betas, "a number pair such as (0.9, 0.999)")
+    if group["rank_tol"] is not None and not _is_real(group["rank_tol"]):
+        fail("rank_tol", group["rank_tol"], "a number or None")
+    for key in _BOOLS:
+        if not isinstance(group[key], bool):
+            fail(key, group[key], "True or False")
+    for key in ("foreach", "fused"):
+        if group[key] is not None and not isinstance(group[key], bool):
+            fail(key, group[key], "True, False or None")
+    for key in _INTS:
+        if not isinstance(group[key], int) or isinstance(group[key], bool):
+            fail(key, group[key], "an int")
+    for key in ("mode", "route"):
+        if not isinstance(group[key], str):
+            fail(key, group[key], "a string")
 
 
 def _check_hyperparameters(group: dict[str, Any], where: str) -> None:
@@ -56,8 +100,10 @@ def _check_hyperparameters(group: dict[str, Any], where: str) -> None:
             raise ValueError(f"SDSAdamW {where}: a Tensor lr needs fused=True (as torch.optim.AdamW's fused or "
                              "capturable kernels, which read it on the device); pass fused=True or a float lr.")
         lr = float(lr)  # checked once here (a read on the host); the steps never read it
-    elif not isinstance(lr, (int, float)):
-        raise ValueError(f"SDSAdamW {where}: lr must be a float or a one-element Tensor, got {type(lr).__name__}.")
+    elif not _is_real(lr):
+        raise ValueError(f"SDSAdamW {where}: lr={lr!r} must be a float or a one-element Tensor, got "
+                         f"{type(lr).__name__}{_YAML_HINT if isinstance(lr, str) else ''}.")
+    _check_types(group, where)
     checks = [
         (lr >= 0.0, f"lr={lr} must be >= 0"),
         (group["eps"] >= 0.0, f"eps={group['eps']} must be >= 0"),
@@ -84,15 +130,10 @@ def _check_hyperparameters(group: dict[str, Any], where: str) -> None:
          "R_B·R_Aᵀ and move through both coordinates); use mode='sds_polar' for the singular-value channel"),
         (not (group["decouple_sigma"] and group["mode"] not in SPECTRAL_MODES),
          f"decouple_sigma=True works with modes {SPECTRAL_MODES}, not mode={group['mode']!r}"),
-        (isinstance(group["warmup_steps"], int) and not isinstance(group["warmup_steps"], bool)
-         and group["warmup_steps"] >= 0, f"warmup_steps={group['warmup_steps']!r} must be an int >= 0"),
-        (isinstance(group["coordinate_ramp"], int) and not isinstance(group["coordinate_ramp"], bool)
-         and group["coordinate_ramp"] >= 0, f"coordinate_ramp={group['coordinate_ramp']!r} must be an int >= 0"),
-        (isinstance(group["resplit"], bool), f"resplit={group['resplit']!r} must be True or False"),
-        (isinstance(group["rebalance"], bool), f"rebalance={group['rebalance']!r} must be True or False"),
+        (group["warmup_steps"] >= 0, f"warmup_steps={group['warmup_steps']!r} must be an int >= 0"),
+        (group["coordinate_ramp"] >= 0, f"coordinate_ramp={group['coordinate_ramp']!r} must be an int >= 0"),
         (group["step_damping"] >= 0.0, f"step_damping={group['step_damping']} must be >= 0"),
-        (isinstance(group["oracle_max_numel"], int) and group["oracle_max_numel"] > 0,
-         f"oracle_max_numel={group['oracle_max_numel']!r} must be a positive int"),
+        (group["oracle_max_numel"] > 0, f"oracle_max_numel={group['oracle_max_numel']!r} must be a positive int"),
         (not (group["foreach"] and group["fused"]), "foreach=True and fused=True cannot be used together"),
     ]
     for ok, message in checks:
@@ -194,9 +235,14 @@ class SDSAdamW(Optimizer):
             step needs a host decision: pairs in ``sds``'s warm-up, ``decouple_sigma``, ``svd_oracle``.  Otherwise (CPU, foreach, those cases) the flag is read on the
             host.  Under FSDP2 the flag is summed over each shard group (one all-reduce of one number
             per group and step while the guard is on), so all ranks skip together.
-        pairing: how names become pairs: ``None`` (PEFT names), a regex with a named group
-            ``factor`` reading ``A``/``B`` (see :func:`sdsopt.pairing.regex_pairing` for other
-            tags), or a function ``names -> [(name_A, name_B), ...]``.
+        pairing: how names become pairs: ``None`` (PEFT/loralib ``lora_A``/``lora_B``, torchtune
+            ``lora_a``/``lora_b``, kohya/LyCORIS ``lora_down``/``lora_up``), a regex with a named group
+            ``factor`` listing two values, A's first (``r"\.lora_(?P<factor>down|up)\."``; see
+            :func:`sdsopt.pairing.regex_pairing`), or a function ``names -> [(name_A, name_B), ...]``.
+        infer_names: parameters given without names (``model.parameters()``, unnamed param groups) are
+            named as their outermost live ``nn.Module`` names them (:mod:`sdsopt.naming`), so they pair as
+            ``named_parameters()`` would, and a :class:`sdsopt.PairingNotice` says once what was paired.
+            ``False``: unnamed parameters pair only through explicit ``lora_pairs``.
 
     Design choices where MATH.md leaves one open:
 
@@ -278,6 +324,7 @@ class SDSAdamW(Optimizer):
         oracle_max_numel: int = 2**24,
         linalg_dtype: torch.dtype | None = None,
         pairing: str | PairingFn | None = None,
+        infer_names: bool = True,
         maximize: bool = False,
         foreach: bool | None = None,
         fused: bool | None = None,
@@ -285,10 +332,17 @@ class SDSAdamW(Optimizer):
     ) -> None:
         if not isinstance(skip_nonfinite, bool):
             raise ValueError(f"SDSAdamW: skip_nonfinite={skip_nonfinite!r} must be True or False.")
+        if not isinstance(infer_names, bool):
+            raise ValueError(f"SDSAdamW: infer_names={infer_names!r} must be True or False.")
         self.skip_nonfinite = skip_nonfinite
         self._skips = SkipLog()
+        self._infer_names = infer_names
+        self._names: dict[int, list[str]] = {}  # per group: names found for a group given without them
+        self._merged_names: set[str] = set()  # loralib MergedLinear factors left to AdamW (warned once)
+        self._live_names: dict[int, str] | None = None  # naming.live_names() while __init__ adds the groups
         defaults = dict(
-            lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
+            lr=lr, betas=tuple(betas) if isinstance(betas, (tuple, list)) else betas, eps=eps,
+            weight_decay=weight_decay, amsgrad=amsgrad,
             mode=mode, warmup_steps=warmup_steps, coordinate_ramp=coordinate_ramp, resplit=resplit,
             rebalance=rebalance, step_damping=step_damping,
             decouple_sigma=decouple_sigma, sigma_lr_ratio=sigma_lr_ratio, route=route,
@@ -304,25 +358,8 @@ class SDSAdamW(Optimizer):
         self._group_sizes: list[int] = []
         self._capture: LoraCapture | None = None
         super().__init__(params, defaults)
-        if self._pairing is _pairing.peft_pairing:
-            names = [n for g in self.param_groups for n in g.get("param_names", [])]
-            lone = _pairing.lone_factors(names, [(p.name_a, p.name_b) for p in self.lora_pairs])
-            if lone:
-                warnings.warn(
-                    f"SDSAdamW: {len(lone)} LoRA factor(s) without their partner get plain AdamW "
-                    f"(first: {lone[0]!r}). Pass both factors to the optimizer to rewrite them.",
-                    UserWarning, stacklevel=2,
-                )
-        if not self.lora_pairs:
-            named = any("param_names" in g for g in self.param_groups)
-            warnings.warn(
-                "SDSAdamW found no LoRA pairs, so it behaves exactly as torch.optim.AdamW. "
-                + ("No parameter name matched the pairing rule; pass pairing=... for custom names "
-                   if named else "The parameters came without names: pass model.named_parameters() ")
-                + "or give explicit pairs: [{'params': [...], 'lora_pairs': [(A, B), ...]}].",
-                UserWarning,
-                stacklevel=2,
-            )
+        self._live_names = None
+        self._report_pairing()
 
     def _fresh_caches(self) -> None:
         """The per-instance caches, rebuilt lazily (they hold data pointers, lists and device tables of this
@@ -341,14 +378,61 @@ class SDSAdamW(Optimizer):
         ``attach`` on the copy's model (mode ``svd_oracle`` says so if it is missing)."""
         self._skips.poll(wait=True)  # (settles the skip count of sync-free steps still in flight)
         return {**super().__getstate__(), "skip_nonfinite": self.skip_nonfinite, "_skips": self._skips,
-                "_pairing": self._pairing, "_group_sizes": self._group_sizes}
+                "_pairing": self._pairing, "_group_sizes": self._group_sizes, "_infer_names": self._infer_names,
+                "_names": self._names}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self._capture = None
+        self._live_names = None
         self._fresh_caches()
 
     # ------------------------------------------------------------------ pairing
+    def _report_pairing(self) -> None:
+        """The construction's one message about pairing: lone factors, names found, or no pair at all."""
+        names = [n for gi in range(len(self.param_groups)) for n in self._group_names(gi) or []]
+        if self._pairing is _pairing.default_pairing:
+            lone = [n for n in _pairing.lone_factors(names, [(p.name_a, p.name_b) for p in self.lora_pairs])
+                    if n not in self._merged_names]
+            if lone:
+                warnings.warn(
+                    f"SDSAdamW: {len(lone)} LoRA factor(s) without their partner get plain AdamW "
+                    f"(first: {lone[0]!r}). Pass both factors to the optimizer to rewrite them.",
+                    UserWarning, stacklevel=3,
+                )
+        if self._names and self.lora_pairs:
+            pairs = [(p.name_a, p.name_b) for p in self.lora_pairs]
+            rule = (_pairing.default_pairing.describe(pairs) if self._pairing is _pairing.default_pairing
+                    else "the pairing= rule")
+            warnings.warn(
+                f"SDSAdamW: the parameters came without names; named them from their module and paired "
+                f"{len(pairs)} LoRA pair(s) by name ({rule}; first: {pairs[0][0]!r} / {pairs[0][1]!r}). "
+                "infer_names=False turns this off.", PairingNotice, stacklevel=3)
+        if not self.lora_pairs:
+            named = any("param_names" in g for g in self.param_groups) or bool(self._names)
+            warnings.warn(
+                "SDSAdamW found no LoRA pairs, so it behaves exactly as torch.optim.AdamW. "
+                + ("No parameter name matched the pairing rule; pass pairing=... for custom names "
+                   if named else "The parameters came without names and no module holds them: pass "
+                   "model.named_parameters() ")
+                + "or give explicit pairs: [{'params': [...], 'lora_pairs': [(A, B), ...]}].",
+                UserWarning,
+                stacklevel=3,
+            )
+
+    def _group_names(self, gi: int) -> list[str] | None:
+        """The names of group ``gi``'s parameters: given, or found by ``infer_names``; ``None`` if neither."""
+        return self.param_groups[gi].get("param_names") or self._names.get(gi)
+
+    def _find_names(self, gi: int, params: list[Tensor]) -> None:
+        """Name an unnamed group from the live modules (:func:`sdsopt.naming.find_names`) when every one of its
+        parameters has a name there."""
+        if self._live_names is None or any(id(p) not in self._live_names for p in params):
+            self._live_names = naming.live_names()
+        names = naming.find_names(params, self._live_names)
+        if params and all(n is not None for n in names):
+            self._names[gi] = names
+
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """As ``Optimizer.add_param_group``; also resolves the group's LoRA pairs.
 
@@ -363,9 +447,12 @@ class SDSAdamW(Optimizer):
         group = self.param_groups[gi]
         _check_hyperparameters(group, f"param group {gi}")
         try:
+            if "param_names" not in group and self._infer_names:
+                self._find_names(gi, group["params"])
             group["lora_pairs"] = self._resolve_pairs(gi, group, explicit)
         except Exception:
             self.param_groups.pop()
+            self._names.pop(gi, None)
             raise
         self._group_sizes.append(len(group["params"]))
 
@@ -387,10 +474,15 @@ class SDSAdamW(Optimizer):
                     raise ValueError(f"param group {gi}: factor {role} of lora_pairs[{k}] is not in this group's params; {hint}.")
             pairs.append((where[id(pair[0])], where[id(pair[1])]))
 
-        names: list[str] | None = group.get("param_names")
+        names = self._group_names(gi)
         if names:
             index = {n: i for i, n in enumerate(names)}
-            pairs += [(index[a], index[b]) for a, b in self._pairing(names)]
+            explicit_pairs = set(pairs)  # a pair given explicitly and found by name again counts once
+            for a, b in self._pairing(names):
+                if self._merged(params[index[a]], params[index[b]], a, b):
+                    self._merged_names.update((a, b))
+                elif (index[a], index[b]) not in explicit_pairs:
+                    pairs.append((index[a], index[b]))
             self._check_not_split(gi, names)
 
         seen: dict[int, int] = {}
@@ -402,13 +494,37 @@ class SDSAdamW(Optimizer):
                         "each factor may belong to one pair only (check explicit lora_pairs and the pairing rule)."
                     )
                 seen[i] = k
-            check_pair_shapes(params[ia], params[ib], param_label(group, ia, gi), param_label(group, ib, gi))
-            check_pair_layout(params[ia], params[ib], param_label(group, ia, gi), param_label(group, ib, gi))
+            label_a, label_b = self._label(gi, ia), self._label(gi, ib)
+            m, n, r = check_pair_shapes(params[ia], params[ib], label_a, label_b)
+            check_pair_layout(params[ia], params[ib], label_a, label_b)
+            if r > m and r > n:
+                warnings.warn(
+                    f"SDSAdamW: LoRA pair {label_a} / {label_b} has rank r={r} above both its dimensions "
+                    f"(m={m}, n={n}): A and B may be swapped (A is r×n, the input side; B is m×r). Pass pairs "
+                    "as (A, B), or fix the pairing rule's order of values (A's first).", UserWarning, stacklevel=4)
         return pairs
+
+    def _label(self, gi: int, index: int) -> str:
+        """How errors name parameter ``index`` of group ``gi``: its given or found name, or its position."""
+        names = self._group_names(gi)
+        return repr(names[index]) if names else param_label(self.param_groups[gi], index, gi)
+
+    @staticmethod
+    def _merged(A: Tensor, B: Tensor, name_a: str, name_b: str) -> bool:
+        """Whether a named pair has loralib ``MergedLinear``'s layout (k pairs stacked in each tensor): such a
+        pair is left to plain AdamW, with a warning that says so and how to get SDS for it."""
+        k = _pairing.merged_layout(A, B)
+        if k is not None:
+            warnings.warn(
+                f"SDSAdamW: {name_a!r} / {name_b!r} have loralib MergedLinear's layout ({k} LoRA pairs of rank "
+                f"{B.shape[1]} stacked in each tensor, applied as a grouped convolution); SDSAdamW steps whole "
+                "tensors as pairs, so these get plain AdamW. For SDS on them, adapt each projection with its own "
+                "loralib.Linear (or PEFT LoRA).", UserWarning, stacklevel=5)
+        return k is not None
 
     def _check_not_split(self, gi: int, names: list[str]) -> None:
         """Raise if the pairing rule pairs a name of group ``gi`` with a name of an earlier group."""
-        owner = {n: j for j, g in enumerate(self.param_groups[:gi]) for n in g.get("param_names", [])}
+        owner = {n: j for j in range(gi) for n in self._group_names(j) or []}
         if not owner:
             return
         mine = set(names)
@@ -427,7 +543,7 @@ class SDSAdamW(Optimizer):
         for gi, group in enumerate(self.param_groups):
             for ia, ib in group["lora_pairs"]:
                 A, B = group["params"][ia], group["params"][ib]
-                names = group.get("param_names")
+                names = self._group_names(gi)
                 out.append(LoraPair(
                     group=gi, index_a=ia, index_b=ib,
                     name_a=names[ia] if names else f"params[{ia}]", name_b=names[ib] if names else f"params[{ib}]",

@@ -1,11 +1,12 @@
-"""Which parameters form LoRA pairs, and how a pair's tensors are seen as matrices (MATH.md §1).
+"""Which parameters form LoRA pairs, and how a pair's tensors are seen as matrices (docs/math.md §1).
 
 A *pairing function* maps the list of parameter names of an optimizer to ``(name_A, name_B)``
 tuples.  :func:`regex_pairing` builds one from a regular expression with a named group
 ``factor``: two names pair when they are equal outside that group and the group reads ``a`` in
-one and ``b`` in the other.  The default, :data:`PEFT_PATTERN`, covers PEFT's
+one and ``b`` in the other.  The default, :data:`default_pairing`, covers PEFT's
 ``…lora_A.<adapter>.weight`` ↔ ``…lora_B.<adapter>.weight`` (Linear, Conv, any adapter name,
-several adapters) and ``…lora_embedding_A.<adapter>`` ↔ ``…lora_embedding_B.<adapter>``.
+several adapters) and ``…lora_embedding_A.<adapter>`` ↔ ``…lora_embedding_B.<adapter>``, loralib's
+``lora_A``/``lora_B``, torchtune's ``lora_a``/``lora_b`` and kohya/LyCORIS/musubi's ``lora_down``/``lora_up``.
 
 Matrix views (row form, see :mod:`sdsopt.linalg`):
 
@@ -25,7 +26,12 @@ from torch import Tensor
 
 __all__ = [
     "resolve_pairing",
+    "AnyRule",
+    "KOHYA_PATTERN",
     "PEFT_PATTERN",
+    "TORCHTUNE_PATTERN",
+    "default_pairing",
+    "merged_layout",
     "LoraPair",
     "PairingFn",
     "a_rows",
@@ -42,7 +48,25 @@ __all__ = [
 PairingFn = Callable[[Sequence[str]], list[tuple[str, str]]]
 
 PEFT_PATTERN = r"(?:^|\.)lora_(?:embedding_)?(?P<factor>A|B)(?:\.|$)"
-"""PEFT's names: ``lora_A``/``lora_B`` (Linear, Conv, any adapter) and ``lora_embedding_A``/``_B``."""
+"""PEFT's names: ``lora_A``/``lora_B`` (Linear, Conv, any adapter) and ``lora_embedding_A``/``_B``; also loralib's
+``lora_A``/``lora_B`` parameters."""
+TORCHTUNE_PATTERN = r"(?:^|\.)lora_(?P<factor>a|b)(?:\.|$)"
+"""torchtune's ``LoRALinear``: ``lora_a``/``lora_b``."""
+KOHYA_PATTERN = r"(?:^|\.)lora_(?P<factor>down|up)(?:\.|$)"
+"""kohya sd-scripts, LyCORIS and musubi-tuner: ``lora_down``/``lora_up``."""
+
+
+def _literal_pair(pattern: str) -> tuple[str, str] | None:
+    """The two values the group ``factor`` of ``pattern`` can read, when it lists them literally: ``(?P<factor>
+    x|y)`` gives ``(x, y)``, ``(?P<factor>[xy])`` gives ``(x, y)``; else ``None``."""
+    group = re.search(r"\(\?P<factor>([^()]*)\)", pattern)
+    if group is None:
+        return None
+    body = group.group(1)
+    alternatives = body.split("|") if "|" in body else list(body[1:-1]) if re.fullmatch(r"\[\w\w\]", body) else []
+    if len(alternatives) == 2 and all(re.fullmatch(r"\w+", a) for a in alternatives) and len(set(alternatives)) == 2:
+        return alternatives[0], alternatives[1]
+    return None
 
 
 @dataclass(frozen=True)
@@ -54,8 +78,13 @@ class RegexPairing:
     b: str = "B"
 
     def __post_init__(self) -> None:
-        if "factor" not in re.compile(self.pattern).groupindex:
-            raise ValueError(f"pairing pattern {self.pattern!r} needs a named group (?P<factor>...)")
+        try:
+            groups = re.compile(self.pattern).groupindex
+        except re.error as exc:
+            raise ValueError(f"pairing pattern {self.pattern!r} is not a valid regular expression ({exc}).") from None
+        if "factor" not in groups:
+            raise ValueError(f"pairing pattern {self.pattern!r} needs a named group (?P<factor>...) that reads "
+                             "which factor a name is, e.g. r'\\.lora_(?P<factor>down|up)\\.'.")
 
     def __call__(self, names: Sequence[str]) -> list[tuple[str, str]]:
         regex = re.compile(self.pattern)  # (re caches compiled patterns)
@@ -71,35 +100,91 @@ class RegexPairing:
         return [(s["A"], s["B"]) for s in slots.values() if len(s) == 2]
 
 
-def regex_pairing(pattern: str, a: str = "A", b: str = "B") -> PairingFn:
-    """Pairing function from a regex with a named group ``factor`` that reads ``a`` or ``b``.
+@dataclass(frozen=True)
+class AnyRule:
+    """Pairs found by any of several rules (each name in one pair at most: the first rule that pairs it wins)."""
+
+    rules: tuple[RegexPairing, ...]
+
+    def __call__(self, names: Sequence[str]) -> list[tuple[str, str]]:
+        out, taken = [], set()
+        for rule in self.rules:
+            for a, b in rule(names):
+                if a not in taken and b not in taken:
+                    out.append((a, b))
+                    taken.update((a, b))
+        return out
+
+    def describe(self, pairs: Sequence[tuple[str, str]]) -> str:
+        """How many of ``pairs`` each rule's names account for, e.g. ``'lora_A/lora_B: 4'``."""
+        counts = []
+        for rule in self.rules:
+            regex = re.compile(rule.pattern)
+            n = sum(1 for a, _ in pairs if (m := regex.search(a)) and m.group("factor") == rule.a)
+            if n:
+                counts.append(f"lora_{rule.a}/lora_{rule.b}: {n}")
+        return ", ".join(counts) or "none"
+
+
+def regex_pairing(pattern: str, a: str | None = None, b: str | None = None) -> PairingFn:
+    """Pairing function from a regex with a named group ``factor`` whose value tells A from B.
+
+    ``a``/``b`` are the values for the A factor (``r × n``, the input side) and the B factor (``m × r``).  Left
+    out, they are read from the pattern when the group lists two literal values, A's first:
+    ``(?P<factor>down|up)`` reads ``down`` = A, ``up`` = B; ``(?P<factor>[AB])`` reads ``A``, ``B``.  A pattern
+    that is not a valid regex, has no group ``factor``, or whose values cannot be read raises ``ValueError``.
 
     Example (kohya-style names ``….lora_down.weight`` / ``….lora_up.weight``)::
 
-        regex_pairing(r"\\.lora_(?P<factor>down|up)\\.", a="down", b="up")
+        regex_pairing(r"\\.lora_(?P<factor>down|up)\\.")
     """
+    if a is None or b is None:
+        RegexPairing(pattern)  # (validates the pattern itself first)
+        found = _literal_pair(pattern)
+        if found is None:
+            raise ValueError(
+                f"pairing pattern {pattern!r}: cannot read which value of the group (?P<factor>...) is A and which "
+                "is B; list two literal values, A's first (e.g. (?P<factor>down|up)), or pass "
+                "regex_pairing(pattern, a='down', b='up').")
+        a, b = found
     return RegexPairing(pattern, a, b)
 
 
-peft_pairing: PairingFn = regex_pairing(PEFT_PATTERN)
+peft_pairing: PairingFn = RegexPairing(PEFT_PATTERN, "A", "B")
+default_pairing = AnyRule((RegexPairing(PEFT_PATTERN, "A", "B"), RegexPairing(TORCHTUNE_PATTERN, "a", "b"),
+                           RegexPairing(KOHYA_PATTERN, "down", "up")))
+"""The default rule: PEFT/loralib (``lora_A``/``lora_B``, ``lora_embedding_A``/``_B``), torchtune
+(``lora_a``/``lora_b``) and kohya/LyCORIS/musubi (``lora_down``/``lora_up``) names."""
 
 
 def resolve_pairing(pairing: str | PairingFn | None) -> PairingFn:
-    """The pairing rule for ``pairing``: ``None`` → PEFT names, a regex → :func:`regex_pairing`, or the function."""
+    """The pairing rule for ``pairing``: ``None`` → :data:`default_pairing`, a regex → :func:`regex_pairing`
+    (values read from the pattern), or the function."""
     if pairing is None:
-        return peft_pairing
+        return default_pairing
     if isinstance(pairing, str):
         return regex_pairing(pairing)
     if callable(pairing):
         return pairing
-    raise TypeError(f"pairing must be None, a regex string or a callable, got {type(pairing).__name__}.")
+    raise ValueError(f"pairing must be None, a regex string or a callable, got {type(pairing).__name__}.")
 
 
-def lone_factors(names: Sequence[str], pairs: Sequence[tuple[str, str]], pattern: str = PEFT_PATTERN) -> list[str]:
-    """Names that look like a LoRA factor (``pattern``) but were not paired."""
+def lone_factors(names: Sequence[str], pairs: Sequence[tuple[str, str]],
+                 rule: AnyRule = default_pairing) -> list[str]:
+    """Names that look like a LoRA factor to one of ``rule``'s patterns but were not paired."""
     paired = {n for pair in pairs for n in pair}
-    regex = re.compile(pattern)
-    return [n for n in names if n not in paired and regex.search(n)]
+    regexes = [(re.compile(r.pattern), (r.a, r.b)) for r in rule.rules]
+    return [n for n in names if n not in paired
+            and any((m := regex.search(n)) and m.group("factor") in values for regex, values in regexes)]
+
+
+def merged_layout(A: Tensor, B: Tensor) -> int | None:
+    """``k`` when ``(A, B)`` has loralib ``MergedLinear``'s layout (``A``: ``k·r × n``, ``B``: ``k·m′ × r``, k > 1:
+    k pairs stacked in one tensor each, applied as a grouped convolution), else ``None``."""
+    if A.dim() != 2 or B.dim() != 2 or B.shape[1] == 0 or A.shape[0] == B.shape[1]:
+        return None
+    k, rest = divmod(A.shape[0], B.shape[1])
+    return k if rest == 0 and k > 1 and B.shape[0] % k == 0 else None
 
 
 @dataclass(frozen=True)

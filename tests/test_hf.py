@@ -37,13 +37,17 @@ def lora_gpt2(seed=0):
                                                            fan_in_fan_out=True))
 
 
+# one tuple for every Trainer of the module, as a sweep or a resume script reuses it: Trainer hands SDSAdamW its
+# grouped, unnamed parameters, which it names from the model (infer_names)
+OPTIMIZER = (SDSAdamW, {"lr": 3e-3, "weight_decay": 0.01})
+
+
 def trainer_for(model, out, max_steps):
     args = transformers.TrainingArguments(
         output_dir=str(out), max_steps=max_steps, per_device_train_batch_size=4, save_steps=3, logging_steps=1,
         report_to=[], use_cpu=True, seed=0, data_seed=0, disable_tqdm=True,
     )
-    return transformers.Trainer(model=model, args=args, train_dataset=Bytes(),
-                                optimizer_cls_and_kwargs=(SDSAdamW, {"model": model, "lr": 3e-3, "weight_decay": 0.01}))
+    return transformers.Trainer(model=model, args=args, train_dataset=Bytes(), optimizer_cls_and_kwargs=OPTIMIZER)
 
 
 def trainable(model):
@@ -67,6 +71,7 @@ def test_trainer_trains_saves_and_resumes(tmp_path):
     inner = resumed.optimizer.optimizer if hasattr(resumed.optimizer, "optimizer") else resumed.optimizer
     steps = {float(s["step"]) for s in inner.state.values()}
     assert steps == {6.0}  # the optimizer state came back from checkpoint-3 and took 3 more steps
+    assert len(inner.lora_pairs) == 2 * 2 and OPTIMIZER[1] == {"lr": 3e-3, "weight_decay": 0.01}
     for name, value in trainable(resumed_model).items():
         torch.testing.assert_close(value, uninterrupted[name], rtol=1e-5, atol=1e-6)
 

@@ -1,0 +1,50 @@
+"""Names for parameters that reach the optimizer without them (``model.parameters()``, unnamed param groups).
+
+Most training stacks hand an optimizer bare tensors: torchtune's recipes (``model.parameters()``), kohya-style
+trainers (unnamed param groups), loralib's README, ``transformers.Trainer``'s grouped parameters.  LoRA pairs are
+found by name (:mod:`sdsopt.pairing`), so :func:`find_names` recovers the names the tensors have in the live
+``nn.Module`` that holds them: it looks through the modules the garbage collector tracks, keeps the outermost
+ones (roots: modules that are no other live module's submodule) and names each tensor as its root's
+``named_parameters()`` does.  That is the name
+``model.named_parameters()`` would have given, so the pairs, their order and the trajectory are those of the
+named call.
+
+Choices: (1) only module ownership names a tensor (a bare tensor, or one held by no module, stays unnamed and
+unpaired); (2) a tensor held by two unrelated roots (a weight shared across models) takes the name from the
+root with more parameters; (3) the search runs once per construction (and again for a later
+``add_param_group`` of tensors it has not named) and costs one pass over the collector's objects.
+"""
+
+from __future__ import annotations
+
+import gc
+from collections.abc import Sequence
+
+from torch import Tensor, nn
+
+__all__ = ["find_names", "live_names"]
+
+
+def live_names() -> dict[int, str]:
+    """``id(tensor) → name`` for every parameter of every outermost live module (one no other live module
+    contains), as that module's ``named_parameters()`` names it.  A parameter held by two unrelated roots (a
+    weight shared across models) takes its name from the root with more parameters."""
+    modules = [obj for obj in gc.get_objects() if issubclass(type(obj), nn.Module)]  # (type(): no proxy __class__)
+    inner = {id(sub) for m in modules for sub in m.modules() if sub is not m}
+    roots = [m for m in modules if id(m) not in inner]
+    named = [dict((id(p), name) for name, p in root.named_parameters()) for root in roots]
+    names: dict[int, str] = {}
+    for table in sorted(named, key=len):  # larger roots last: their names win
+        names.update(table)
+    return names
+
+
+def find_names(params: Sequence[Tensor], names: dict[int, str] | None = None) -> list[str | None]:
+    """The name of each tensor in the outermost live module that holds it (:func:`live_names`, or ``names``
+    from an earlier call), or ``None`` for a tensor no module holds.
+
+    ``find_names(list(model.parameters()))`` equals ``[n for n, _ in model.named_parameters()]`` whenever
+    ``model`` is the outermost module holding them.
+    """
+    names = live_names() if names is None else names
+    return [names.get(id(p)) for p in params]
