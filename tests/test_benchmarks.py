@@ -1,0 +1,96 @@
+"""Every script in benchmarks/ at toy size on the CPU (seconds each), so that a refused option or a renamed
+function fails here instead of in a user's run.  The CUDA-only scripts (kernel_blocks, fsdp_step) are imported
+and parse their options here, and run at toy size where CUDA is present."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def run(script: str, *args: str, timeout: int = 300) -> str:
+    """Run a script as a user would: without conftest's TRITON_INTERPRET (which would run the fused kernels
+    under Triton's interpreter, minutes instead of seconds)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, str(BENCH / script), *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=BENCH.parent, env=env)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    return done.stdout
+
+
+def test_every_script_has_a_smoke_test():
+    covered = {"e2e_step.py", "step_time.py", "profile_step.py", "psi_step.py", "long_run.py", "psi_linear.py",
+               "pack_minilm.py", "kernel_blocks.py", "fsdp_step.py", "llm_sweep.py"}  # llm_sweep: test_smollm_task
+    assert {p.name for p in BENCH.glob("*.py")} == covered
+
+
+def test_e2e_step():
+    pytest.importorskip("peft")
+    out = run("e2e_step.py", "--device", "cpu", "--layers", "1", "--hidden", "64", "--heads", "2", "--vocab", "256",
+              "--batch", "1", "--seq", "16", "--steps", "2", "--warmup", "1")
+    assert out.count("ms/step") == 3
+
+
+def test_step_time(tmp_path):
+    out = run("step_time.py", "--device", "cpu", "--shape", "small", "--ranks", "2", "--dtypes", "fp32", "--steps", "1",
+              "--warmup", "0", "--out", str(tmp_path / "rows.json"))
+    assert "SDSAdamW sds" in out and (tmp_path / "rows.json").stat().st_size > 0
+
+
+def test_profile_step():
+    assert "Self CPU time total" in run("profile_step.py", "--device", "cpu", "--shape", "small", "--rank", "2",
+                                        "--rows", "3")
+
+
+def test_psi_step():
+    assert "PSILoRA" in run("psi_step.py", "--device", "cpu", "--shape", "small", "--ranks", "2", "--dtypes", "fp32",
+                            "--tokens", "4", "--steps", "1", "--warmup", "0")
+
+
+def test_long_run(tmp_path):
+    pytest.importorskip("sklearn")
+    out = run("long_run.py", "--tasks", "digits", "--modes", "sds", "--dtypes", "fp32", "--steps", "4", "--log-every",
+              "2", "--device", "cpu", "--out", str(tmp_path / "long.json"))
+    assert "| digits | sds | fp32 |" in out
+
+
+def test_psi_linear(tmp_path):
+    pytest.importorskip("matplotlib")
+    run("psi_linear.py", "--seeds", "1", "--steps", "3", "--out", str(tmp_path))
+    assert (tmp_path / "table.md").read_text().count("|") > 10
+
+
+def test_pack_minilm(tmp_path, monkeypatch):
+    """The fp16 copy of a checkpoint folder: every file copied, floating weights halved, others kept."""
+    from safetensors.torch import load_file, save_file
+
+    source = tmp_path / "src"
+    source.mkdir()
+    (source / "config.json").write_text("{}")
+    save_file({"w": torch.randn(3, 2), "ids": torch.arange(4)}, source / "model.safetensors")
+    spec = importlib.util.spec_from_file_location("pack_minilm", BENCH / "pack_minilm.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    monkeypatch.setattr(module, "minilm_dir", lambda: source)
+    module.main(str(tmp_path / "out"))
+    weights = load_file(tmp_path / "out" / "model.safetensors")
+    assert weights["w"].dtype == torch.float16 and weights["ids"].dtype == torch.int64
+    assert (tmp_path / "out" / "config.json").read_text() == "{}"
+
+
+@pytest.mark.parametrize("script", ["kernel_blocks.py", "fsdp_step.py"])
+def test_cuda_scripts_parse_their_options(script):
+    assert "usage" in run(script, "--help")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the fused kernels' sweep needs CUDA")
+def test_kernel_blocks_on_cuda():
+    run("kernel_blocks.py", "--ranks", "16", "--dtypes", "fp32", "--modes", "sds", "--steps", "2", "--sweep", "adam")
