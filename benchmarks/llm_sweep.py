@@ -81,7 +81,8 @@ def run(args: argparse.Namespace, passthrough: list[str]) -> None:
             print(line, flush=True)
 
 
-def _best_and_spread(sensitivity: dict[float, float], lo: float = 1e-4, hi: float = 3e-3) -> float:
+def _worst_over_best(sensitivity: dict[float, float], lo: float = 1e-4, hi: float = 3e-3) -> float:
+    """Largest over smallest held-out loss among the lrs in ``[lo, hi]`` (NaN if a run there diverged)."""
     inside = [v for lr, v in sensitivity.items() if lo * 0.999 <= lr <= hi * 1.001]
     return max(inside) / min(inside) if inside and all(math.isfinite(v) for v in inside) else float("nan")
 
@@ -139,7 +140,7 @@ def merge(args: argparse.Namespace) -> None:
                 entry["steps_to_lora_final"] = (statistics.fmean(reached) if all(s is not None for s in reached)
                                                 else None)
         for mode, entry in table.items():
-            entry["worst_over_best_1e-4_3e-3"] = _best_and_spread(entry["lr_sensitivity"])
+            entry["worst_over_best_1e-4_3e-3"] = _worst_over_best(entry["lr_sensitivity"])
             entry["seeds"] = len({r["seed"] for r in runs if r["mode"] == mode and r["lr"] == entry["lr"]})
         everything[key] = table
         (out / key).mkdir(parents=True, exist_ok=True)

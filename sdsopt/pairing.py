@@ -150,8 +150,8 @@ def regex_pairing(pattern: str, a: str | None = None, b: str | None = None) -> P
     return RegexPairing(pattern, a, b)
 
 
-peft_pairing: PairingFn = RegexPairing(PEFT_PATTERN, "A", "B")
-default_pairing = AnyRule((RegexPairing(PEFT_PATTERN, "A", "B"), RegexPairing(TORCHTUNE_PATTERN, "a", "b"),
+peft_pairing = RegexPairing(PEFT_PATTERN, "A", "B")
+default_pairing = AnyRule((peft_pairing, RegexPairing(TORCHTUNE_PATTERN, "a", "b"),
                            RegexPairing(KOHYA_PATTERN, "down", "up")))
 """The default rule: PEFT/loralib (``lora_A``/``lora_B``, ``lora_embedding_A``/``_B``), torchtune
 (``lora_a``/``lora_b``) and kohya/LyCORIS/musubi (``lora_down``/``lora_up``) names."""

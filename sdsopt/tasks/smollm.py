@@ -124,7 +124,6 @@ class SmolLMTask:
         """Tokenise the examples (once; the split does not depend on the seed, the batches do)."""
         if self._encoded is None:
             train, test = self.examples()
-            self._examples = (train, test)
             enc_train = [e for e in map(self._encode, train) if e is not None]
             kept = [(ex, e) for ex, e in zip(test, map(self._encode, test)) if e is not None][: self.eval_examples]
             if not enc_train or not kept:
