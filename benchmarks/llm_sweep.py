@@ -35,10 +35,10 @@ TASKS = {"math": ["--task", "smollm_math", "--difficulty", "2", "--eval-examples
 
 
 def plan(steps: int, seeds: int, tasks: list[str], scales: list[str], modes: list[str],
-         metrics_lr: str | None) -> list[tuple[str, list[str]]]:
+         metrics_lr: str | None, lrs: list[str] | None = None) -> list[tuple[str, list[str]]]:
     """One job per run (task, scale, mode, seed, lr), ordered seed-major so that an interrupted sweep still has
     whole lr grids; after the first seed, if ``metrics_lr``, lora and sds at that lr with the mechanism metrics
-    every 10 steps."""
+    every 10 steps.  ``lrs`` replaces the LoRA-mode grid (``full`` keeps its own)."""
     jobs = []
 
     def add(task: str, scale: str, mode: str, seed: int, lr: str, metrics_every: int = 0) -> None:
@@ -50,7 +50,7 @@ def plan(steps: int, seeds: int, tasks: list[str], scales: list[str], modes: lis
         for scale in scales:
             for task in tasks:
                 for mode in modes:
-                    for lr in FULL_LRS if mode == "full" else LORA_LRS:
+                    for lr in FULL_LRS if mode == "full" else (lrs or LORA_LRS):
                         add(task, scale, mode, seed, lr)
         if metrics_lr and seed == 0:
             for mode in ("lora", "sds"):
@@ -58,17 +58,18 @@ def plan(steps: int, seeds: int, tasks: list[str], scales: list[str], modes: lis
     return jobs
 
 
-def run(args: argparse.Namespace, passthrough: list[str]) -> None:
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    jobs = plan(args.steps, args.seeds, args.tasks, args.scales, args.modes, args.metrics_lr)[: args.limit or None]
+def run(jobs: list[tuple[str, list[str]]], out: Path, workers: int, deadline: float,
+        passthrough: list[str]) -> None:
+    """Run ``jobs`` (name, harness arguments) ``workers`` at a time, each into ``out / name`` (a name may hold a
+    sub-folder, e.g. one per variant), skipping those already done and starting none after ``deadline`` s."""
     start = time.time()
 
     def one(job: tuple[str, list[str]]) -> str:
         name, argv = job
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
         if (out / name / "summary.json").exists():
             return f"{name}: done before"
-        if time.time() - start > args.deadline:
+        if time.time() - start > deadline:
             return f"{name}: skipped (deadline)"
         t0 = time.time()
         with open(out / f"{name}.log", "w") as log:
@@ -76,7 +77,7 @@ def run(args: argparse.Namespace, passthrough: list[str]) -> None:
                                   *passthrough], stdout=log, stderr=subprocess.STDOUT, env=os.environ)
         return f"{name}: rc={rc} in {time.time() - t0:.0f}s (at {time.time() - start:.0f}s)"
 
-    with ThreadPoolExecutor(args.workers) as pool:
+    with ThreadPoolExecutor(workers) as pool:
         for line in pool.map(one, jobs):
             print(line, flush=True)
 
@@ -178,13 +179,17 @@ def main(argv: list[str] | None = None) -> None:
     r.add_argument("--metrics-lr", default=None, help="also lora and sds at this lr with metrics every 10 steps")
     r.add_argument("--workers", type=int, default=8)
     r.add_argument("--deadline", type=float, default=540.0, help="seconds after which no job starts")
+    r.add_argument("--lrs", nargs="+", default=None, help="the LoRA modes' lr grid (default: %s)" % " ".join(LORA_LRS))
     r.add_argument("--limit", type=int, default=0, help="run only the first N jobs (0: all)")
     r.add_argument("--out", default="runs/llm")
     m = sub.add_parser("merge")
     m.add_argument("folder")
     m.add_argument("--out", default="benchmarks/ablation/smollm")
     args = ap.parse_args(argv)
-    run(args, passthrough) if args.command == "run" else merge(args)
+    if args.command == "merge":
+        return merge(args)
+    jobs = plan(args.steps, args.seeds, args.tasks, args.scales, args.modes, args.metrics_lr, args.lrs)
+    run(jobs[: args.limit or None], Path(args.out), args.workers, args.deadline, passthrough)
 
 
 if __name__ == "__main__":
