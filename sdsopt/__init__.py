@@ -7,7 +7,8 @@
 from .optim import PairingNotice, SDSAdamW
 from .pairing import PEFT_PATTERN, LoraPair, default_pairing, peft_pairing, regex_pairing
 from .psi import PSILoRA
-from .rewrite import MODES, rewrite_pair
+from .modes import MODES
+from .rewrite import rewrite_pair
 
 __all__ = ["MODES", "PEFT_PATTERN", "LoraPair", "PSILoRA", "PairingNotice", "SDSAdamW", "default_pairing",
            "peft_pairing", "regex_pairing", "rewrite_pair"]

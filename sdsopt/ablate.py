@@ -112,7 +112,7 @@ class MetricsRecorder:
 
     def __init__(self, opt: SDSAdamW) -> None:
         self.opt = opt
-        self.capture = opt._capture
+        self.capture = opt.capture
         self.pairs = [(g["params"][ia], g["params"][ib]) for g in opt.param_groups for ia, ib in g["lora_pairs"]]
 
     def before(self) -> None:

@@ -15,7 +15,7 @@ from torch import Tensor
 
 from .pairing import param_label
 
-__all__ = ["check_state_dict"]
+__all__ = ["check_modes", "check_state_dict"]
 
 ExpectedShape = Callable[[int, int, str], "tuple[int, ...] | None"]
 
@@ -55,3 +55,24 @@ def check_state_dict(where: str, state_dict: Any, param_groups: list[dict[str, A
                         "changed?); build the model and optimizer as they were saved, or start the optimizer state "
                         "afresh."
                     )
+
+
+def check_modes(where: str, state_dict: Any, param_groups: list[dict[str, Any]]) -> None:
+    """Raise ``ValueError`` if a param group of the checkpoint ran another mode than this optimizer's (its Adam
+    moments are of other gradients or coordinates), or is sdsopt 0.1's ``sds`` (moments of the plain factors)."""
+    for gi, (mine, theirs) in enumerate(zip(param_groups, state_dict["param_groups"])):
+        if theirs.get("mode") == "sds" and "warmup_steps" not in theirs and state_dict["state"]:
+            raise ValueError(
+                f"{where}: param group {gi} of the checkpoint was written by sdsopt 0.1, whose "
+                "mode 'sds' kept Adam moments of the plain factors. Since 0.2, 'sds' runs Adam in the bases' "
+                "coordinates and those moments do not apply. Resume with mode='sds_polar' (0.1's 'sds' under "
+                "its new name) and rewrite the checkpoint's param_groups[i]['mode'] to 'sds_polar', or start "
+                "the optimizer state afresh with mode='sds'."
+            )
+        if theirs.get("mode", mine["mode"]) != mine["mode"]:
+            raise ValueError(
+                f"{where}: param group {gi} of the checkpoint ran mode={theirs['mode']!r}, this optimizer "
+                f"mode={mine['mode']!r}; its Adam moments are of other gradients (or other coordinates). "
+                f"Resume with mode={theirs['mode']!r}, or switch modes by loading only the model's "
+                "weights and starting the optimizer state afresh."
+            )

@@ -70,7 +70,7 @@ def step_(handle: int, params: list[Tensor], grads: list[Tensor]) -> None:
             copies.append((x, p))
         if g.data_ptr() != p.grad.data_ptr():  # the graph changed the gradient (clipping): use its value
             p.grad.copy_(g)
-    opt._step()
+    opt.eager_step()
     for x, p in copies:
         x.copy_(p)
 
@@ -87,5 +87,5 @@ def step(opt: Any, closure: Callable[[], Tensor] | None) -> Tensor | None:
         with torch.enable_grad():
             loss = closure()
     params = _stepped(opt)
-    torch.ops.sdsopt.step_(opt._handle, params, [p.grad for p in params])
+    torch.ops.sdsopt.step_(opt.compile_handle, params, [p.grad for p in params])
     return loss

@@ -12,9 +12,13 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
+
+from .distributed import process_group, reduce_parts
+from .pairing import param_label
 
 
 def nonfinite_flags(tensors: list[Tensor]) -> Tensor:
@@ -99,3 +103,45 @@ class SkipLog:
             "without another warning.",
             RuntimeWarning, stacklevel=4,
         )
+
+
+def guard_step(prepared: list[tuple[Any, ...]], param_groups: list[dict[str, Any]], host_decisions: bool,
+               skips: SkipLog) -> tuple[bool, Tensor | None]:
+    """``skip_nonfinite``: is any gradient this step would use NaN/Inf?  Returns ``(skip now, found_inf)``.
+
+    ``prepared``: per group ``(gi, group, position, lists, has_complex)``.  Under FSDP2 a shard's flag is summed
+    over its process group (one all-reduce of one number per group), so that all ranks skip together; DDP's
+    gradients are equal on all ranks already.  The decision stays on the device (``found_inf`` for torch's fused
+    Adam, no host sync) when every gradient is on CUDA and no group needs a host decision (``host_decisions``:
+    a group without ``fused=True``, ``sds``'s warm-up counts, the σ channel's Adam, the oracle); otherwise it is
+    read on the host and a skipped step returns at once.
+    """
+    grads, where, groups_of = [], [], []
+    for gi, group, position, lists, _ in prepared:
+        for i, q in position.items():
+            grads.append(lists["grads"][q])
+            where.append((gi, i))
+            groups_of.append(process_group(group["params"][i]))
+    if not grads:
+        return False, None
+
+    def label(j: int) -> str:
+        gi, i = where[j]
+        return param_label(param_groups[gi], i, gi)
+
+    bad = nonfinite_flags(grads)
+    found = bad.any().to(torch.float32)
+    sharded = {pg: torch.stack([bad[j] for j, g in enumerate(groups_of) if g is pg]).any().to(torch.float32)
+               .reshape(1) for pg in {g for g in groups_of if g is not None}}
+    for flag in reduce_parts(sharded, lambda pg: (pg, torch.float32, bad.device)).values():
+        found = torch.maximum(found, (flag > 0).to(torch.float32).reshape(()))
+    if not host_decisions and all(g.is_cuda for g in grads):
+        skips.poll()
+        skips.skipped_on_device(found, bad, label)
+        return False, found
+    if not found.item():
+        return False, None
+    skips.skipped_on_host(label(int(torch.argmax(bad.to(torch.uint8)))) if bad.any()
+                          else "a parameter on another rank")
+    return True, None
+

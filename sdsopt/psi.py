@@ -27,10 +27,10 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.optim.adam import adam
 from torch.optim.optimizer import Optimizer
 
 from . import pairing as _pairing
+from .adam import adamw
 from .capture import LoraCapture
 from .checkpoint import check_state_dict
 from .distributed import is_dtensor
@@ -482,7 +482,7 @@ class PSILoRA(Optimizer):
         """torch's AdamW (foreach) on the parameters that are not LoRA factors, with ``grads`` (clipped)."""
         if not others:
             return
-        lists: dict[str, list[Tensor]] = {k: [] for k in ("params", "grads", "exp_avgs", "exp_avg_sqs", "steps")}
+        lists: dict[str, list[Tensor]] = {k: [] for k in ("params", "grads", "exp_avgs", "exp_avg_sqs", "state_steps")}
         for p, grad in zip(others, grads):
             state = self.state[p]
             if "step" not in state:
@@ -490,13 +490,10 @@ class PSILoRA(Optimizer):
                 state["exp_avg"] = torch.zeros_like(p)
                 state["exp_avg_sq"] = torch.zeros_like(p)
             for key, value in (("params", p), ("grads", grad), ("exp_avgs", state["exp_avg"]),
-                               ("exp_avg_sqs", state["exp_avg_sq"]), ("steps", state["step"])):
+                               ("exp_avg_sqs", state["exp_avg_sq"]), ("state_steps", state["step"])):
                 lists[key].append(value)
-        beta1, beta2 = group["betas"]
-        adam(lists["params"], lists["grads"], lists["exp_avgs"], lists["exp_avg_sqs"], [], lists["steps"],
-             decoupled_weight_decay=True, amsgrad=False, beta1=beta1, beta2=beta2,
-             lr=group["lr"] if group["adam_lr"] is None else group["adam_lr"],
-             weight_decay=group["weight_decay"], eps=group["eps"], maximize=False)
+        adamw({**group, "amsgrad": False, "maximize": False, "foreach": None, "fused": None}, lists,
+              lr=group["lr"] if group["adam_lr"] is None else group["adam_lr"], weight_decay=group["weight_decay"])
 
     def remove_hooks(self) -> None:
         """Remove the recording hooks from the model (the optimizer can no longer step its pairs)."""

@@ -96,7 +96,7 @@ def test_a_deleted_optimizer_is_named_in_the_error():
     ((model, opt), _), (x, y) = _twins()
     _backward(model, x, y)
     params = [p for p in model.parameters() if p.grad is not None]
-    handle = opt._handle
+    handle = opt.compile_handle
     del opt
     with pytest.raises(RuntimeError, match=f"no live SDSAdamW has handle {handle}"):
         torch.ops.sdsopt.step_(handle, params, [p.grad for p in params])

@@ -21,7 +21,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from sdsopt import SDSAdamW, fused
-from sdsopt.modes import split_fused
+from sdsopt.buckets import Bucketing, split_fused
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 pytestmark = pytest.mark.skipif(not fused.available(torch.empty(0, device=DEVICE)),
@@ -201,7 +201,7 @@ def test_float64_factors_and_large_ranks_keep_the_torch_path():
         model = _model(dtype)
         opt = SDSAdamW(model.named_parameters(), fused=True, warmup_steps=0, linalg_dtype=linalg)
         position = {i: i for i in range(len(opt.param_groups[0]["params"]))}
-        kernel, rest = split_fused(opt.param_groups[0], opt._buckets(0, opt.param_groups[0], position))
+        kernel, rest = split_fused(opt.param_groups[0], Bucketing().buckets(0, opt.param_groups[0], position))
         assert (len(kernel), len(rest)) == ((3, 0) if (dtype, linalg) == (torch.float32, None) else (0, 3))
 
 
@@ -309,7 +309,7 @@ def test_frames_kernel_matches_the_torch_frames(r):
     mode ``scaled``'s inverses (:func:`sdsopt.fused.inverses`) against :func:`preconditioner`'s Cholesky route."""
     from sdsopt.coordinates import balance_scales, factor_map, lower_inverse
     from sdsopt.linalg import cholesky_lower, finite_or_zero
-    from sdsopt.rewrite import preconditioner
+    from sdsopt.spectral import preconditioner
 
     gen = torch.Generator().manual_seed(r)
     X = [torch.randn(r, p, generator=gen) for p in (3 * r + 5, max(1, r // 2), r + 1, 7)]

@@ -28,7 +28,7 @@ from sdsopt.linalg import (
     spectral_matrix,
     spectrum,
 )
-from sdsopt.rewrite import sigma_correction, sigma_split
+from sdsopt.spectral import sigma_correction, sigma_split
 
 F64 = torch.float64
 

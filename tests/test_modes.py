@@ -18,7 +18,7 @@ from sdsopt.metrics import (
     stable_rank,
 )
 from sdsopt.psi import RowGradient
-from sdsopt.rewrite import svd_refactor
+from sdsopt.modes.oracle import svd_refactor
 from test_optim import LoraLinear
 
 F64 = torch.float64
@@ -152,11 +152,11 @@ def test_metrics_on_matrices_with_known_answers():
                                 dict(mode="svd_oracle")])
 def test_each_mode_object_declares_the_state_it_keeps(kw):
     """The mode objects' interface: every mode of SDSAdamW has one, and the state the optimizer holds is
-    AdamW's plus exactly the keys the mode declares (``Mode.state``), nothing undeclared."""
-    from sdsopt.modes import MODE_OBJECTS, mode_of
-    from sdsopt.rewrite import MODES
+    AdamW's plus exactly the keys the mode declares (``Mode.state_keys``), nothing undeclared; the registry
+    names each class as the user names the mode."""
+    from sdsopt.modes import MODE_CLASSES, MODES
 
-    assert set(MODE_OBJECTS) == set(MODES)
+    assert tuple(MODE_CLASSES) == MODES and all(cls.name == name for name, cls in MODE_CLASSES.items())
     torch.manual_seed(0)
     layer = LoraLinear(8, 6, 3, dtype=F64, zero_b=False)
     opt = SDSAdamW(layer.named_parameters(), lr=1e-2, **kw)
@@ -168,6 +168,6 @@ def test_each_mode_object_declares_the_state_it_keeps(kw):
         ((layer(x) - y) ** 2).mean().backward()
         opt.step()
     keys = {k for s in opt.state.values() for k in s}
-    declared = set(mode_of(opt.param_groups[0]).state)
+    declared = set(MODE_CLASSES[kw["mode"]].state_keys)
     assert keys - {"step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"} <= declared
     assert all(torch.isfinite(p).all() for p in layer.parameters())

@@ -1,0 +1,120 @@
+"""Mode-neutral batching of LoRA pairs: pairs of one param group with equal shapes, dtypes, device and gradient
+presence form a :class:`Bucket`, stepped by batched ops; buckets of one rank and dtype form the fused kernels'
+families (:func:`sdsopt.fused.families`).  Also the stacking helpers every batched mode uses."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from . import fused
+from .adam import AdamLists
+from .distributed import is_dtensor, local
+
+__all__ = ["Bucket", "Bucketing", "drop_positions", "split_fused", "stacked_factors", "unstack"]
+
+
+@dataclass
+class Bucket:
+    """LoRA pairs of one param group that share shapes, dtypes, device, which factors have grads and the mode's
+    phase (``sds``: past the warm-up, in coordinates)."""
+
+    a_shape: torch.Size
+    b_shape: torch.Size
+    has_a: bool
+    has_b: bool
+    phase: bool = False
+    a: list[int] = field(default_factory=list)  # indices of the A factors in the group's params
+    b: list[int] = field(default_factory=list)
+
+
+class Bucketing:
+    """One mode's buckets and fused families per param group, cached while the pairs with gradients and their
+    phases stay the same (the per-pair loop then runs only when that changes)."""
+
+    def __init__(self) -> None:
+        self._buckets: dict[int, tuple[Any, ...]] = {}
+        self._families: dict[int, tuple[list[Bucket], list[fused.Family]]] = {}
+
+    def buckets(self, gi: int, group: dict[str, Any], position: dict[int, int],
+                phases: Sequence[bool] | None = None) -> list[Bucket]:
+        """The buckets of group ``gi``'s pairs with a gradient (``position``: param index → slot in the step's
+        lists); ``phases``: per pair, the mode's phase (``None``: all False)."""
+        pairs = group["lora_pairs"]
+        phases = phases if phases is not None else (False,) * len(pairs)
+        key = tuple((ia in position, ib in position, ph) for (ia, ib), ph in zip(pairs, phases))
+        cached = self._buckets.get(gi)
+        if cached is not None and cached[0] == key and cached[1] is pairs:
+            return cached[2]
+        params: list[Tensor] = group["params"]
+        found: dict[tuple[Any, ...], Bucket] = {}
+        for (ia, ib), (has_a, has_b, phase) in zip(pairs, key):
+            if not (has_a or has_b):
+                continue
+            A, B = params[ia], params[ib]
+            k = (A.shape, B.shape, A.dtype, B.dtype, A.device, has_a, has_b, phase)
+            bucket = found.setdefault(k, Bucket(a_shape=A.shape, b_shape=B.shape, has_a=has_a, has_b=has_b,
+                                                 phase=phase))
+            bucket.a.append(ia)
+            bucket.b.append(ib)
+        buckets = list(found.values())
+        self._buckets[gi] = (key, pairs, buckets)
+        return buckets
+
+    def families(self, gi: int, group: dict[str, Any], buckets: list[Bucket]) -> list[fused.Family]:
+        """:func:`sdsopt.fused.families` of the group's kernel buckets, cached while the buckets are the same."""
+        cached = self._families.get(gi)
+        if cached is not None and len(cached[0]) == len(buckets) and all(a is b for a, b in zip(cached[0], buckets)):
+            return cached[1]
+        out = fused.families(group, buckets)
+        self._families[gi] = (list(buckets), out)
+        return out
+
+
+def split_fused(group: dict[str, Any], buckets: list[Bucket]) -> tuple[list[Bucket], list[Bucket]]:
+    """``(kernel buckets, torch buckets)``: with ``fused=True`` the buckets the Triton kernels step
+    (:mod:`sdsopt.fused`: CUDA, float32/bf16/fp16 factors of rank ≤ 64 with float32 algebra, not FSDP2 shards)."""
+    if not group["fused"] or group["linalg_dtype"] not in (None, torch.float32):
+        return [], buckets
+    params: list[Tensor] = group["params"]
+    kernel: list[Bucket] = []
+    rest: list[Bucket] = []
+    for b in buckets:
+        A, B = params[b.a[0]], params[b.b[0]]
+        ok = (fused.available(A) and fused.supported(A.dtype, A.shape[0]) and A.dtype == B.dtype
+              and not (is_dtensor(A) or is_dtensor(B)))
+        (kernel if ok else rest).append(b)
+    return kernel, rest
+
+
+def drop_positions(lists: AdamLists, done: set[int]) -> None:
+    """Take the positions ``done`` (stepped by the mode itself) out of the lists of the common Adam call."""
+    if done and len(done) == len(lists["params"]):  # every parameter of the group was a stepped factor
+        for key in lists:
+            lists[key] = []
+    elif done:
+        for key, values in lists.items():
+            if values:
+                lists[key] = [v for q, v in enumerate(values) if q not in done]
+
+
+def stacked_factors(group: dict[str, Any], ids_a: list[int], ids_b: list[int], dt: torch.dtype
+                    ) -> tuple[Tensor, Tensor]:
+    """The pairs' factors stacked in ``dt``, natural layout: ``A`` ``[k, r, n]``, ``B`` ``[k, m, r]``
+    (local shards under FSDP2)."""
+    params: list[Tensor] = group["params"]
+    A = torch.stack([local(params[i]) for i in ids_a]).to(dt)
+    B = torch.stack([local(params[i]) for i in ids_b]).to(dt)
+    return A.view(len(ids_a), A.shape[1], -1), B.view(len(ids_b), B.shape[1], B.shape[2])
+
+
+def unstack(stacked: Tensor, shape: torch.Size) -> list[Tensor] | tuple[Tensor, ...]:
+    """The slices of ``stacked`` along dim 0 as tensors of ``shape``: one ``unbind`` (views, no copy), and a
+    view per slice only where the shapes differ (conv factors).  Per-slice indexing would cost one dispatched
+    op per parameter and step, the bulk of a step's host time at hundreds of pairs."""
+    parts = stacked.unbind(0)
+    return parts if parts[0].shape == shape else [t.view(shape) for t in parts]
