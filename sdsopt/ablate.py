@@ -14,7 +14,7 @@ the diagonal metric), ``sds_layer`` (the paper's
 re-parameterised layer, :class:`sdsopt.reference.PaperSDSLayers`, with AdamW) and ``full`` (full
 fine-tuning with AdamW, the reference).
 
-Writes to ``--out``: ``curves.csv`` (train loss per step), ``metrics.csv`` (MATH §5 metrics every
+Writes to ``--out``: ``curves.csv`` (train loss per step), ``metrics.csv`` (docs/math.md §5 metrics every
 ``--metrics-every`` steps, averaged over the model's pairs), ``summary.json``, and the plots
 ``loss_vs_step.png``, ``final_vs_lr.png``, ``metrics_vs_step.png``; prints a summary table last.
 """
@@ -108,7 +108,7 @@ def make_optimizer(mode: str, model: nn.Module, lr: float, betas: tuple[float, f
 
 
 class MetricsRecorder:
-    """Records MATH §5 metrics of one optimizer step, averaged over the LoRA pairs (off unless asked)."""
+    """Records docs/math.md §5 metrics of one optimizer step, averaged over the LoRA pairs (off unless asked)."""
 
     def __init__(self, opt: SDSAdamW) -> None:
         self.opt = opt

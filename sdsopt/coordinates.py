@@ -1,4 +1,4 @@
-"""Mode ``sds``: the LoRA factors in the coordinates of their partner's orthonormal basis (MATH.md §2).
+"""Mode ``sds``: the LoRA factors in the coordinates of their partner's orthonormal basis (docs/math.md §2).
 
 Pure functions on batches of ``k`` pairs of equal shapes, in natural layout: ``A`` ``[k, r, n]``,
 ``B`` ``[k, m, r]``.  With the Cholesky factors of the Grams (:func:`sdsopt.linalg.cholesky_lower`)
@@ -13,7 +13,7 @@ of each factor in its partner's basis, with their gradients (bases held constant
 
 so ``Q_B Ã = B̃ Q_Aᵀ = B A``.  Each map is one r×r product per factor.  Adam runs on
 ``(Ã, g̃A)`` and ``(B̃, g̃B)``; the change it makes is mapped back with :func:`to_factors` by the r×r
-matrix of :func:`factor_map` (``R^{-1}`` with the rank filter of (2.5)), one batched matmul.
+matrix of :func:`factor_map` (``R^{-1}`` with the rank filter of (2.6)), one batched matmul.
 
 The re-split (2.4) at the end of the warm-up, from the r×r core ``C = R_B R_Aᵀ = U Σ Vᵀ``:
 
@@ -72,7 +72,7 @@ def factor_map(K_other: Tensor, L_inv: Tensor, step_shift: float = 0.0) -> Tenso
     ``μ = τ·trace K + μ_s``, ``μ_s`` the step damping), from ``L_inv = L^{-1}`` (:func:`lower_inverse`).
 
     On a well-conditioned factor ``M = R^{-1}(1 + O(μ/λ_min))``, the exact inverse map of (2.2).
-    The filter ``K (K + μI)^{-1}`` is (2.5) for the map back: a Cholesky frame is ``R = O·(K+μI)^{1/2}``
+    The filter ``K (K + μI)^{-1}`` of (2.6) is the rank threshold (2.5) for the map back: a Cholesky frame is ``R = O·(K+μI)^{1/2}``
     for some rotation ``O``, which mixes the partner's null directions into every coordinate, so
     Adam's per-coordinate step has components there that ``R^{-1}`` would amplify by ``μ^{-1/2}``
     (the factor would jump by ~1e3–1e6 in directions that do not change ``BA``: ``r > min(m, n)``,
@@ -135,7 +135,7 @@ def balance_scales(K_A: Tensor, K_B: Tensor) -> tuple[Tensor, Tensor]:
     """``(c, 1/c)`` as ``[k, 1, 1]`` with ``c = (trace K_B / trace K_A)^{1/4} = (‖B‖_F/‖A‖_F)^{1/2}``.
 
     ``(cA, B/c)`` has equal factor norms and the same ``BA``, coordinates (2.2), coordinate
-    gradients and Adam state (all invariant under the scaling, MATH P1).  ``1`` where either
+    gradients and Adam state (all invariant under the scaling, docs/math.md P1).  ``1`` where either
     factor is zero or non-finite.
     """
     t_a, t_b = trace(finite_or_zero(K_A)), trace(finite_or_zero(K_B))

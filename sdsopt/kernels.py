@@ -9,7 +9,7 @@ Every factor is seen in row form (:mod:`sdsopt.linalg`): ``X`` is ``r × p``; ``
 ``X`` itself (``TRANS=False``), ``B`` (``m × r``, row-major) is ``X = Bᵀ`` read as ``p × r`` tiles
 (``TRANS=True``), so both layouts load contiguous memory.
 
-:func:`gram_kernel` — ``X Xᵀ`` (MATH 2.1) over one *work item* (a factor's columns ``c0 … c1``) per program,
+:func:`gram_kernel` — ``X Xᵀ`` (docs/math.md (2.1)) over one *work item* (a factor's columns ``c0 … c1``) per program,
 float32 partial sums, which :func:`gram_sum_kernel` adds in a fixed order (deterministic: no atomics).
 
 :func:`frames_kernel` — the r×r algebra of mode ``sds`` in one launch: per pair, both Grams' Cholesky factors,
@@ -23,7 +23,7 @@ about equal length, so programs are balanced whatever the factors' shapes.  With
 direction ``û = m̂ / (√v̂ + ε)`` (torch's AdamW: ``m̂ = m/(1−β₁ᵗ)``, ``√v̂ = √v/√(1−β₂ᵗ)``, amsgrad on ``v``);
 then, with weight decay ``λ``, learning rate ``η``, the optional ramp ``ρ`` and re-balancing scale ``c``:
 
-* ``COORD=True`` (mode ``sds``, MATH 2.2): ``G = L^{-1}`` of the partner's frame ``L Lᵀ = K + μI`` and the
+* ``COORD=True`` (mode ``sds``, docs/math.md (2.2)): ``G = L^{-1}`` of the partner's frame ``L Lᵀ = K + μI`` and the
   filter ``F = (K + μ_s I)(K + μI)^{-1}`` (:func:`frames_kernel`).  Adam runs on the
   coordinates ``X̃ = Lᵀ X``, whose change ``ΔX̃ = −η(λX̃ + û)`` maps back by ``M = F L^{-T}``::
 

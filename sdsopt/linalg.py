@@ -1,8 +1,8 @@
-"""Linear algebra on batches of small LoRA factors (MATH.md §2.1, §2.5).
+"""Linear algebra on batches of small LoRA factors (docs/math.md (2.1), (2.5)).
 
 Every factor is seen in *row form*: an ``r × p`` matrix ``X`` whose rows span the factor's
 r-dimensional subspace.  ``A`` (``r × n``) is already in row form; ``B`` (``m × r``) enters as the
-transposed view ``Bᵀ`` (no copy: ``bmm`` reads transposed strides).  Both Gram matrices of MATH
+transposed view ``Bᵀ`` (no copy: ``bmm`` reads transposed strides).  Both Gram matrices of docs/math.md
 (2.1) are then ``K = X Xᵀ`` (``K_A = A Aᵀ``, ``K_B = Bᵀ B``), so one formula serves both factors.
 
 Functions take batches ``[k, r, p]`` (k factors of equal shape) and return batches; there is no
@@ -11,7 +11,7 @@ per-factor Python loop.  All of them are pure: no optimizer state, no in-place c
 Rank threshold (2.5).  Gram eigenvalues with ``λ ≤ τ·λ_max``, or not above the dtype's ``tiny``
 (the absolute floor: it makes ``K = 0`` rank 0 and keeps every ``1/σ ≤ 1/√tiny`` finite), are
 outside the numerical range.  The default ``τ`` depends on the dtype the algebra runs in: 1e-6 in
-float32 (≈ 8 ε, as MATH suggests) and 1e-14 in float64 (≈ 45 ε, so that factors with condition
+float32 (≈ 8 ε) and 1e-14 in float64 (≈ 45 ε, so that factors with condition
 numbers up to 1e6, Gram condition 1e12, stay inside the range).  The Newton–Schulz route uses τ as
 its damping and has its own defaults (see :data:`DEFAULT_RANK_TOL`).
 
@@ -62,7 +62,7 @@ DEFAULT_RANK_TOL: dict[tuple[str, torch.dtype], float] = {
 
 
 def default_rank_tol(dtype: torch.dtype, route: str = "eigh") -> float:
-    """τ of MATH (2.5) (the damping δ for ``route='newton_schulz'``) for algebra carried out in ``dtype``."""
+    """τ of docs/math.md (2.5) (the damping δ for ``route='newton_schulz'``) for algebra carried out in ``dtype``."""
     return DEFAULT_RANK_TOL[route, dtype]
 
 
@@ -85,20 +85,20 @@ def trace(K: Tensor) -> Tensor:
 
 
 def cholesky_lower(K: Tensor, rank_tol: float, shift: float = 0.0, empty_identity: bool = True) -> Tensor:
-    """Lower-triangular ``L`` with ``L Lᵀ = K + (τ·trace K + shift)·I`` for Grams ``K`` ``[k, r, r]`` (MATH 2.1, 2.5).
+    """Lower-triangular ``L`` with ``L Lᵀ = K + (τ·trace K + shift)·I`` for Grams ``K`` ``[k, r, r]`` (docs/math.md (2.1), (2.5)).
 
     ``R = Lᵀ`` is the upper-triangular factor of the sign-fixed thin QR of the factor (``X = Q R``
     with ``diag R > 0``), up to the relative shift ``τ`` that keeps rank-deficient factors (LoRA's
     ``B = 0`` start, a collapsed column, ``r > min(m, n)``) factorable.  The shift is applied always,
     not only when the factorisation fails, so that nothing here waits for the device: on a
     well-conditioned factor it changes ``R`` by a relative ``O(τ)`` (τ = 1e-5 in float32, 1e-13 in
-    float64), and any invertible ``R`` is an exact change of coordinates (MATH 2.2), so the shift
+    float64), and any invertible ``R`` is an exact change of coordinates (docs/math.md (2.2)), so the shift
     only makes ``Q = X R^{-1}`` orthonormal to within ``O(τ·κ²)`` instead of exactly.
 
     Sync-free fallbacks (``torch.where``, no Python branch on data):
 
     * ``K`` non-finite or ``trace K ≤ tiny`` (``B = 0``): ``L = I``, so the pair's coordinates are
-      the factors themselves and it takes a plain AdamW step (MATH 2.5);
+      the factors themselves and it takes a plain AdamW step (docs/math.md (2.5));
     * the factorisation still fails (float32 rounding on a badly rank-deficient Gram with large r):
       ``L = √(trace K / r)·I``, an isotropic coordinate system of the factor's scale.
 
@@ -172,7 +172,7 @@ def _eigh(K: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def spectrum(K: Tensor, rank_tol: float) -> Spectrum:
-    """Spectrum of a batch of Grams ``K = X Xᵀ`` ``[k, r, r]`` (from :func:`gram`), MATH 2.1 and 2.5."""
+    """Spectrum of a batch of Grams ``K = X Xᵀ`` ``[k, r, r]`` (from :func:`gram`), docs/math.md (2.1) and (2.5)."""
     lam, U = _eigh(K)
     lam = lam.clamp_min(0.0)
     in_range = (lam > rank_tol * lam[..., -1:]) & (lam > torch.finfo(lam.dtype).tiny)
@@ -180,10 +180,10 @@ def spectrum(K: Tensor, rank_tol: float) -> Spectrum:
 
 
 def inv_sqrt(spec: Spectrum) -> Tensor:
-    """``[k, r]`` eigenvalues of ``K^{-1/2}`` on the numerical range, 0 off it (MATH 2.1, 2.5).
+    """``[k, r]`` eigenvalues of ``K^{-1/2}`` on the numerical range, 0 off it (docs/math.md (2.1), (2.5)).
 
     These are also the pseudo-inverse singular values ``1/σ`` of the factor, which the
-    singular-value channel (2.3) uses.
+    singular-value channel (3.2) uses.
     """
     return torch.where(spec.in_range, torch.where(spec.in_range, spec.lam, 1.0).rsqrt(), 0.0)
 
@@ -203,11 +203,11 @@ def ns_iterations(delta: float) -> int:
 
 
 def inv_sqrt_newton_schulz(K: Tensor, rank_tol: float, iters: int | None = None) -> tuple[Tensor, Tensor]:
-    """Matmul-only damped ``K^{-1/2}`` for Grams ``K`` ``[k, r, r]`` by the coupled Newton–Schulz iteration (MATH 2.2).
+    """Matmul-only damped ``K^{-1/2}`` for Grams ``K`` ``[k, r, r]`` by the coupled Newton–Schulz iteration (docs/math.md (3.1)).
 
     With ``K̂ = K / t`` (``t = trace K ≥ λ_max``, so the spectrum lies in ``[0, 1]``) and
     ``M = (K̂ + δI)/(1 + δ)``, ``δ = τ``, the iteration ``T = (3I − Z Y)/2, Y ← Y T, Z ← T Z`` from
-    ``Y = M, Z = I`` converges to ``Z = M^{-1/2}`` (Higham, *Functions of Matrices*, §6.3; stable in
+    ``Y = M, Z = I`` converges to ``Z = M^{-1/2}`` (Higham, *Functions of Matrices*, sec. 6.3; stable in
     its coupled form).  Returned is ``P = (K̂ + δI)^{-1/2} / √t``, i.e. the spectral function
     ``f(λ̂) = (λ̂ + δ)^{-1/2}`` in place of the eigh route's hard cut of (2.5):
 

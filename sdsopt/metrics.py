@@ -1,4 +1,4 @@
-"""Ablation metrics of MATH.md §5, as pure functions on matrices (float64 recommended).
+"""Ablation metrics of docs/math.md §5, as pure functions on matrices (float64 recommended).
 
 * :func:`effective_rank`: ``exp(H(p))``, ``p_i = σ_i / Σ_j σ_j``;
 * :func:`alignment`: cosine ``⟨G, ΔW⟩ / (‖G‖ ‖ΔW‖)`` between the full gradient and a weight-space step;

@@ -10,7 +10,7 @@ low-rank momentum ``M = U_M V_M`` (rank ``q = rank_multiplier·r``, kept as fact
     (A, B) ← argmin ‖B'A' − W̄‖² + λ(‖A' − A‖² + ‖B' − B‖²),   λ = lr·lmbd       (proximal_als)
     (V_M, U_M) ← the same problem for the target ``momentum·M + (1 − dampening)·G``, proximal to ``M``
 
-(MATH §3.1).  ``dampening = momentum`` gives the EMA form ``W̄ = BA − lr(1−β)G − lr·β·M``.  Parameters that are
+(docs/math.md §6).  ``dampening = momentum`` gives the EMA form ``W̄ = BA − lr(1−β)G − lr·β·M``.  Parameters that are
 not LoRA factors get torch's AdamW (``betas``, ``eps``, ``weight_decay``).
 
 ``G`` is only ever applied to vectors (:class:`RowGradient`): ``G V = δᵀ(X V)``, ``Gᵀ U = Xᵀ(δ U)`` over the recorded
@@ -60,7 +60,7 @@ def _solve_left(K: Tensor, lam: float, rhs: Tensor) -> Tensor:
 
 def proximal_als(A: Tensor, B: Tensor, W_mul: MatMul, Wt_mul: MatMul, lam: float, sweeps: int,
                  metric: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
-    """Rank-r factors ``(A', B')`` near ``W̄`` and proximal to ``(A, B)`` (MATH 3.1, PSI-LoRA's ``low_rank_sum``):
+    """Rank-r factors ``(A', B')`` near ``W̄`` and proximal to ``(A, B)`` (docs/math.md (6.1), PSI-LoRA's ``low_rank_sum``):
 
         min ‖B'A' − W̄‖²_F + λ(‖A' − A‖²_F + ‖B' − B‖²_F)
 

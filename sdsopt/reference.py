@@ -1,4 +1,4 @@
-"""The SDS-LoRA paper's re-parameterised layer (MATH.md 2.0), as a *reference* for A/B runs and tests.
+"""The SDS-LoRA paper's re-parameterised layer (docs/math.md (2.0)), as a *reference* for A/B runs and tests.
 
 This is not an optimizer mode: it changes the model's forward.  After a warm-up of plain LoRA
 steps, each adapted layer computes

@@ -33,7 +33,7 @@ def rewrite_pair(
 
     A convenience for tests and analysis (e.g. property-based checks of the gradient rescaling):
     ``sds`` gives the coordinates' gradients (2.2) ``g̃A = R_B^{-T} gA = s·Q_Bᵀ G``,
-    ``g̃B = gB R_A^{-1} = s·G Q_A``; ``sds_polar`` and ``scaled`` their rewrites (R); ``lora`` the
+    ``g̃B = gB R_A^{-1} = s·G Q_A``; ``sds_polar`` and ``scaled`` their rewrites (3.1); ``lora`` the
     gradients themselves.  Shapes are PEFT's: ``A (r, …)``, ``B (m, r, 1, …)``; results have the
     gradients' shapes and dtypes.
     """

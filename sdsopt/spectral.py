@@ -65,7 +65,7 @@ def preconditioner(
 
 
 def sigma_split(spec: Spectrum, X: Tensor, G: Tensor, GXt: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """(2.3): ``(gσ [k, r], basis [k, r, q])`` for row-form factors ``X`` with spectrum ``spec``.
+    """(3.2): ``(gσ [k, r], basis [k, r, q])`` for row-form factors ``X`` with spectrum ``spec``.
 
     ``gσ = diag(Uᵀ (G Xᵀ) U) ⊙ σ⁺`` and ``basis = G − U diag(gσ ⊙ σ⁺) Uᵀ X``.  Directions off the
     numerical range (2.5) have ``σ⁺ = 0``: they get ``gσ = 0`` and keep their whole gradient in ``basis``.
@@ -81,7 +81,7 @@ def sigma_split(spec: Spectrum, X: Tensor, G: Tensor, GXt: Tensor | None = None)
 
 
 def sigma_correction(spec: Spectrum, X: Tensor, sigma_step: Tensor) -> Tensor:
-    """(2.4): ``U diag(sigma_step) Vᵀ = U diag(sigma_step ⊙ σ⁺) Uᵀ X`` for row-form ``X`` ``[k, r, q]``.
+    """(3.3): ``U diag(sigma_step) Vᵀ = U diag(sigma_step ⊙ σ⁺) Uᵀ X`` for row-form ``X`` ``[k, r, q]``.
 
     ``sigma_step`` ``[k, r]`` is the signed change of the singular values (``−lr·ratio·Adam(gσ)``).
     """

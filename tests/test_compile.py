@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from sdsopt import SDSAdamW
-from test_optim import fresh, make_data
+from conftest import fresh, make_data
 
 BACKENDS = ["eager", "aot_eager"]  # (Inductor: the CPU test at the end, and the CUDA test with the kernels)
 

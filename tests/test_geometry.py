@@ -1,4 +1,4 @@
-"""MATH.md §4 properties P1–P6 and P8 of the rewrite, against float64 SVD references (tests/reference.py)."""
+"""docs/math.md §4 properties P1–P6 and P8 of the rewrite, against float64 SVD references (tests/svd_reference.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from reference import (
+from svd_reference import (
     lora_grads,
     make_factor,
     orthonormal,

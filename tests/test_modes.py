@@ -1,4 +1,4 @@
-"""Comparison modes (MATH §3), the layer capture and the §5 metrics, against float64 references."""
+"""Comparison modes (docs/math.md §3), the layer capture and the §5 metrics, against float64 references."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from reference import make_factor, truncated
+from svd_reference import make_factor, truncated
 from sdsopt import SDSAdamW
 from sdsopt.metrics import (
     alignment,
@@ -19,7 +19,7 @@ from sdsopt.metrics import (
 )
 from sdsopt.psi import RowGradient
 from sdsopt.modes.oracle import svd_refactor
-from test_optim import LoraLinear
+from conftest import LoraLinear
 
 F64 = torch.float64
 

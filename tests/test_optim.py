@@ -10,59 +10,12 @@ import pytest
 import torch
 from torch import nn
 
-from reference import sds_reference, sigma_split_reference
+from svd_reference import sds_reference, sigma_split_reference
 from sdsopt import SDSAdamW
 
+from conftest import LoraLinear, Net, fresh, make_data, train
+
 F64 = torch.float64
-
-
-class LoraLinear(nn.Module):
-    """A hand-written LoRA layer with PEFT's parameter names: W0 x + s·B(A x)."""
-
-    def __init__(self, n: int, m: int, r: int, s: float = 2.0, dtype=torch.float32, zero_b: bool = True):
-        super().__init__()
-        self.base = nn.Linear(n, m, dtype=dtype)
-        self.lora_A = nn.ModuleDict({"default": nn.Linear(n, r, bias=False, dtype=dtype)})
-        self.lora_B = nn.ModuleDict({"default": nn.Linear(r, m, bias=False, dtype=dtype)})
-        if zero_b:
-            nn.init.zeros_(self.lora_B["default"].weight)
-        self.s = s
-
-    def forward(self, x):
-        return self.base(x) + self.s * self.lora_B["default"](self.lora_A["default"](x))
-
-
-class Net(nn.Module):
-    def __init__(self, dtype=torch.float32, zero_b=True):
-        super().__init__()
-        self.l1 = LoraLinear(8, 16, 4, dtype=dtype, zero_b=zero_b)
-        self.l2 = LoraLinear(16, 3, 2, dtype=dtype, zero_b=zero_b)
-        self.extra = nn.Parameter(torch.randn(3, dtype=dtype))
-
-    def forward(self, x):
-        return self.l2(torch.tanh(self.l1(x))) + self.extra
-
-
-def make_data(n=32, dtype=torch.float32, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, 8, generator=g, dtype=dtype), torch.randn(n, 3, generator=g, dtype=dtype)
-
-
-def train(model, opt, steps=5, data=None, dtype=torch.float32):
-    x, y = data or make_data(dtype=dtype)
-    losses = []
-    for _ in range(steps):
-        opt.zero_grad()
-        loss = ((model(x) - y) ** 2).mean()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    return losses
-
-
-def fresh(seed=0, **kw):
-    torch.manual_seed(seed)
-    return Net(**kw)
 
 
 # ----------------------------------------------------------------------------- pairing

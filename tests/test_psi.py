@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from reference import make_factor, psi_reference, truncated
+from svd_reference import make_factor, psi_reference, truncated
 from sdsopt import PSILoRA, SDSAdamW
 from sdsopt.psi import proximal_als
 from sdsopt.tasks.lora import LoraLinear

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sdsopt import SDSAdamW
-from test_optim import Net, fresh, make_data
+from conftest import Net, fresh, make_data
 
 F64 = torch.float64
 

@@ -1,4 +1,4 @@
-"""Mode ``sds`` (MATH.md §2, 2.1–2.5): Adam in the bases' coordinates, against float64 references.
+"""Mode ``sds`` (docs/math.md §2, (2.1)–(2.6)): Adam in the bases' coordinates, against float64 references.
 
 Properties P1, P3, P4, P7 (warm-up), P8, P9 (against the paper's layer), P10 (re-split) and P11 (against
 ``scaled`` and the closed form), plus rank-deficient and ill-conditioned factors, bf16, and the errors.
@@ -16,7 +16,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
 
-from reference import lora_grads, make_factor, orthonormal
+from svd_reference import lora_grads, make_factor, orthonormal
 from sdsopt import SDSAdamW, rewrite_pair
 from sdsopt.coordinates import resplit_maps
 from sdsopt.reference import PaperSDSLayers

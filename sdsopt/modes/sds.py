@@ -48,7 +48,7 @@ __all__ = ["SDS"]
 def _map_back(side: str, L: Tensor, M: Tensor, X: Tensor, after: Tensor, targets: list[Tensor],
               scale: Tensor | None, ramp: float | Tensor | None) -> None:
     """Mode ``sds``: write into ``targets`` the factors ``X`` (one bucket's, one kind, float32 or better) moved by
-    the mapped change ``M (after − before)`` of their coordinates (MATH 2.2), then re-balanced by ``scale``
+    the mapped change ``M (after − before)`` of their coordinates (docs/math.md (2.6)), then re-balanced by ``scale``
     (``[k, 1, 1]``, ``rebalance=True``); ``ramp`` scales the change (the first coordinate steps).
 
     ``after`` is the buffer Adam updated (the coordinates ``coordinates(L, X)`` in the parameter's dtype before
@@ -67,7 +67,7 @@ def _map_back(side: str, L: Tensor, M: Tensor, X: Tensor, after: Tensor, targets
 
 
 class Frame(NamedTuple):
-    """A batch of pairs' bases for one side (MATH 2.1, 2.5): the partner's Gram ``K``, the lower Cholesky factor
+    """A batch of pairs' bases for one side (docs/math.md (2.1), (2.6)): the partner's Gram ``K``, the lower Cholesky factor
     ``L`` of ``K + (τ·trace K + μ_s)·I`` (``R = Lᵀ``), ``L^{-1}`` and the map back ``M`` (:func:`factor_map`)."""
 
     K: Tensor
@@ -103,7 +103,7 @@ def _frames(requests: list[tuple[Tensor, Any, float, float]]) -> list[Frame]:
 
 
 class SDS(Mode):
-    """``sds``: Adam on the coordinates of the factors in their orthonormal bases (MATH 2.1–2.5), after a
+    """``sds``: Adam on the coordinates of the factors in their orthonormal bases (docs/math.md (2.1)–(2.6)), after a
     per-pair warm-up of plain AdamW steps that ends with the re-split (2.4) and a reset of the pair's state."""
 
     name = "sds"

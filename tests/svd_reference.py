@@ -1,6 +1,6 @@
 """Independent float64 references for the tests: SVD-based closed forms, no code shared with sdsopt.
 
-Everything here is computed from the full gradient ``G`` and thin SVDs of the factors, the way MATH.md
+Everything here is computed from the full gradient ``G`` and thin SVDs of the factors, the way docs/math.md
 §2 states the method, not from the r×r Grams the package uses.
 """
 

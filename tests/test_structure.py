@@ -1,0 +1,83 @@
+"""The package's structure as the redesign promises it: no import circle between sdsopt's modules (type-only
+imports included), no module outside ``optim.py`` reading the optimizer's private attributes, and every maths
+citation of the code resolving to docs/math.md."""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PKG = ROOT / "sdsopt"
+
+
+def _module(path: Path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _imports() -> dict[str, set[str]]:
+    """Module → the sdsopt modules it imports (``from . import x`` names the submodule ``x``, not the package)."""
+    modules = {_module(p): p for p in PKG.rglob("*.py")}
+    edges: dict[str, set[str]] = {m: set() for m in modules}
+    for mod, path in modules.items():
+        package = mod if path.name == "__init__.py" else mod.rsplit(".", 1)[0]
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level:
+                base = package.split(".")[: len(package.split(".")) - node.level + 1]
+                target = ".".join(base + ([node.module] if node.module else []))
+                subs = {f"{target}.{a.name}" for a in node.names} & set(modules)
+                edges[mod] |= subs if subs else ({target} & set(modules))
+            elif isinstance(node, ast.Import):
+                edges[mod] |= {a.name for a in node.names} & set(modules)
+    return edges
+
+
+def test_no_import_circle():
+    edges = _imports()
+    state: dict[str, int] = {}
+    cycles = []
+
+    def visit(m: str, path: list[str]) -> None:
+        state[m] = 1
+        for n in sorted(edges[m]):
+            if state.get(n) == 1:
+                cycles.append(path[path.index(n):] + [n])
+            elif n not in state:
+                visit(n, path + [n])
+        state[m] = 2
+
+    for m in sorted(edges):
+        if m not in state:
+            visit(m, [m])
+    assert not cycles, cycles
+
+
+def test_no_private_reads_of_the_optimizer_outside_optim():
+    pattern = re.compile(r"\b(?:opt|optimizer|self\.opt)\._[a-z]")
+    offenders = [f"{p.relative_to(ROOT)}:{i}" for p in PKG.rglob("*.py") if p.name != "optim.py"
+                 for i, line in enumerate(p.read_text().splitlines(), 1) if pattern.search(line)]
+    assert not offenders, offenders
+
+
+def test_every_maths_citation_resolves_to_docs_math():
+    math = (ROOT / "docs" / "math.md").read_text()
+    equations = set(re.findall(r"^\s*\((\d+\.\d+'?)\)", math, re.M)) | set(re.findall(r"\*\*\((\d+\.\d+)\)", math))
+    sections = set(re.findall(r"^#+ (\d+(?:\.\d+)?)\.? ", math, re.M))
+    properties = set(re.findall(r"^- \*\*(P\d+)\*\*", math, re.M))
+    assert properties == {f"P{i}" for i in range(1, 12)}, properties
+    bad = []
+    for path in PKG.rglob("*.py"):
+        text = path.read_text()
+        assert "MATH" not in text, f"{path.relative_to(ROOT)} cites MATH.md, which the package does not ship"
+        for eq in re.findall(r"(?<![\w.])\((\d\.\d+'?)\)", text):
+            if eq not in equations:
+                bad.append(f"{path.relative_to(ROOT)}: ({eq})")
+        for sec in re.findall(r"§(\d+(?:\.\d+)?)", text):
+            if sec not in sections:
+                bad.append(f"{path.relative_to(ROOT)}: §{sec}")
+        for prop in re.findall(r"docs/math\.md (P\d+)", text):
+            if prop not in properties:
+                bad.append(f"{path.relative_to(ROOT)}: {prop}")
+    assert not bad, bad
