@@ -13,7 +13,7 @@ from torch import nn
 from svd_reference import sds_reference, sigma_split_reference
 from sdsopt import SDSAdamW
 
-from conftest import LoraLinear, Net, fresh, make_data, train
+from conftest import LoraLinear, fresh, make_data, train
 
 F64 = torch.float64
 

@@ -38,4 +38,4 @@ def create(name: str) -> Mode:
 
 def resolve_route(route: str, device: torch.device, mode: str) -> str:
     """The r×r route ``mode`` takes for ``route`` on ``device`` (``"auto"`` resolved)."""
-    return MODE_CLASSES[mode].auto_route(device) if route == "auto" else route
+    return MODE_CLASSES[mode].resolve_route(route, device)

@@ -72,9 +72,10 @@ class Mode:
         """The route ``route="auto"`` takes on ``device`` (modes with :attr:`routes`)."""
         return "cholesky"
 
-    def resolve_route(self, route: str, device: torch.device) -> str:
+    @classmethod
+    def resolve_route(cls, route: str, device: torch.device) -> str:
         """``route``, with ``"auto"`` resolved by :meth:`auto_route`."""
-        return self.auto_route(device) if route == "auto" else route
+        return cls.auto_route(device) if route == "auto" else route
 
     @classmethod
     def validate(cls, group: dict[str, Any]) -> str | None:
