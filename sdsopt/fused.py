@@ -10,7 +10,7 @@ shapes.  A family steps in
 2. the mode's r×r algebra on that batch, batched over every pair of the family: mode ``sds`` one launch
    (:func:`frames`: Cholesky factors, their inverses, the filters of the map back, the re-balancing scales);
    ``scaled`` one launch too (:func:`inverses`); ``sds_polar`` its preconditioner by torch calls
-   (:func:`sdsopt.rewrite.preconditioner`);
+   (:func:`sdsopt.spectral.preconditioner`);
 3. one step-count increment (``_foreach_add_``, as torch's fused AdamW) and two Adam launches
    (:func:`adam`), each over every factor of one kind.
 
@@ -80,7 +80,7 @@ class Family:
 
 
 def families(group: dict[str, Any], buckets: Sequence[Any]) -> list[Family]:
-    """The buckets' pairs (:class:`sdsopt.modes.Bucket`) grouped by rank and dtype."""
+    """The buckets' pairs (:class:`sdsopt.buckets.Bucket`) grouped by rank and dtype."""
     params: list[Tensor] = group["params"]
     out: dict[tuple[int, torch.dtype], Family] = {}
     for bucket in buckets:
@@ -267,7 +267,7 @@ def frames(K: Tensor, k: int, tol: float, shifts: Tensor | None, both: Tensor | 
 
 def inverses(K: Tensor, k: int, tol: float, damping: float) -> Tensor:
     """Mode ``scaled``'s preconditioners ``P = (K + (τ·trace K + δ)·I)^{-1}`` for ``K = [K_A; K_B]``, as
-    :func:`sdsopt.rewrite.preconditioner`'s Cholesky route computes them (``K = 0`` gives ``δ^{-1}·I``), in one
+    :func:`sdsopt.spectral.preconditioner`'s Cholesky route computes them (``K = 0`` gives ``δ^{-1}·I``), in one
     launch."""
     P = torch.empty_like(K)
     _frames(K, P, P, k, tol, damping, None, None, None, inverse=True)

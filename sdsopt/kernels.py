@@ -247,7 +247,7 @@ def _frame(K_ptr, G_ptr, F_ptr, r: tl.constexpr, tol, shift, RP: tl.constexpr, I
     (``M = F G``ᵀ; tests/test_fused.py checks them against each other): ``L Lᵀ = K + μI``,
     ``μ = τ·trace K + μ_s``, by an unblocked Cholesky in float32; ``G = L^{-1}`` by forward substitution;
     ``F = (K + μ_s I) Gᵀ G``; the fallbacks ``K = 0`` or non-finite → ``G = F = I``, a failed factorisation →
-    ``L = √((trace K + μ_s)/r)·I``, ``F = I``.  ``INVERSE`` (mode ``scaled``, :func:`sdsopt.rewrite.preconditioner`):
+    ``L = √((trace K + μ_s)/r)·I``, ``F = I``.  ``INVERSE`` (mode ``scaled``, :func:`sdsopt.spectral.preconditioner`):
     store ``(K + μI)^{-1} = Gᵀ G`` at ``G_ptr`` instead, ``K = 0`` factored as ``√μ_s·I`` (no identity fallback).
     Returns the (finite) trace."""
     rows = tl.arange(0, RP)[:, None]
