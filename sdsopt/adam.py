@@ -18,12 +18,11 @@ from torch.optim.adam import adam
 from .distributed import is_dtensor, local, local_grad
 from .pairing import param_label
 
-__all__ = ["LIST_KEYS", "AdamLists", "StepLists", "adamw"]
+__all__ = ["AdamLists", "StepLists", "adamw"]
 
 AdamLists = dict[str, list[Tensor]]
-"""The lists of one Adam call, keyed as :data:`LIST_KEYS` (``max_exp_avg_sqs`` empty without amsgrad)."""
-
-LIST_KEYS = ("params", "grads", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "state_steps")
+"""The lists of one Adam call: ``params``, ``grads``, ``exp_avgs``, ``exp_avg_sqs``, ``max_exp_avg_sqs`` (empty without
+amsgrad) and ``state_steps``."""
 
 
 def adamw(options: Mapping[str, Any], lists: AdamLists, *, lr: float | Tensor, weight_decay: float,

@@ -11,8 +11,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..adam import AdamLists, adamw
-from ..capture import LoraCapture
+from ..adam import adamw
+from ..buckets import drop_positions
 from ..distributed import local, process_group
 from ..linalg import algebra_precision
 from ..pairing import a_rows, b_matrix, param_label
@@ -32,7 +32,7 @@ class Oracle(Mode):
         return True
 
     def transform(self, ctx: StepContext) -> MapBack:
-        replaced = self._rewrite(ctx.state, ctx.capture, ctx.gi, ctx.group, ctx.position, ctx.lists)
+        replaced = self._rewrite(ctx)
 
         def after() -> None:
             for p, value in replaced:
@@ -40,15 +40,13 @@ class Oracle(Mode):
 
         return after
 
-    def _rewrite(
-        self, state: MutableMapping[Tensor, dict[str, Any]], capture: LoraCapture | None, gi: int,
-        group: dict[str, Any], position: dict[int, int], lists: AdamLists
-    ) -> list[tuple[Tensor, Tensor]]:
+    def _rewrite(self, ctx: StepContext) -> list[tuple[Tensor, Tensor]]:
         """``svd_oracle``: Adam on the full ``W = BA`` with the true ``G`` (state ``oracle_exp_avg``/
         ``oracle_exp_avg_sq`` on A's state, m×n); returns the new factors, which are copied in after the step
         instead of an Adam update of A and B.  A research mode for ablations on small models: one pair at a
         time, in float32 or better.
         """
+        state, capture, gi, group, position, lists = ctx.state, ctx.capture, ctx.gi, ctx.group, ctx.position, ctx.lists
         mode = self.name
         params: list[Tensor] = group["params"]
         if any(process_group(p) is not None or local(p) is not p for p in params):
@@ -90,11 +88,7 @@ class Oracle(Mode):
             drop |= {position[ia], position[ib]}
             for p in (A, B):
                 state[p]["step"] += 1
-        if drop:
-            for key, values in lists.items():
-                if len(values) == len(lists["params"]) and key != "params":
-                    lists[key] = [v for q, v in enumerate(values) if q not in drop]
-            lists["params"] = [v for q, v in enumerate(lists["params"]) if q not in drop]
+        drop_positions(lists, drop)
         return replaced
 
 

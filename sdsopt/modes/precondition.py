@@ -20,8 +20,8 @@ from torch import Tensor
 
 from .. import fused
 from ..adam import AdamLists, adamw
-from ..buckets import Bucket, drop_positions, split_fused
-from ..distributed import local, process_group, reduce_parts
+from ..buckets import Bucket, drop_positions, split_fused, stacked_factors
+from ..distributed import process_group, reduce_parts
 from ..linalg import Spectrum, algebra_precision, finite_or_zero, gram, spectrum
 from ..spectral import preconditioner, sigma_correction, sigma_split
 from .base import MapBack, Mode, StepContext
@@ -58,7 +58,7 @@ class Preconditioned(Mode):
         (:meth:`_step_fused`: the rewrite in registers in front of the same AdamW update) and take them out."""
         buckets = self.bucketing.buckets(ctx.gi, ctx.group, ctx.position)
         kernel, rest = split_fused(ctx.group, buckets) if not ctx.group["decouple_sigma"] else ([], buckets)
-        corrections = self._rewrite(ctx.state, ctx.gi, ctx.group, rest, ctx.position, ctx.lists) if rest else []
+        corrections = self._rewrite(ctx, rest) if rest else []
         if kernel:
             drop_positions(ctx.lists, self._step_fused(ctx, kernel))
 
@@ -97,10 +97,7 @@ class Preconditioned(Mode):
                                scales=None, ramps=None, found_inf=ctx.found_inf)
         return done
 
-    def _rewrite(
-        self, state: MutableMapping[Tensor, dict[str, Any]], gi: int, group: dict[str, Any], buckets: list[Bucket],
-        position: dict[int, int], lists: AdamLists
-    ) -> list[tuple[Tensor, Tensor]]:
+    def _rewrite(self, ctx: StepContext, buckets: list[Bucket]) -> list[tuple[Tensor, Tensor]]:
         """Replace the paired grads of ``buckets`` in ``lists['grads']`` by their rewrite (3.1).
 
         In phases, so that the number of kernel launches and host synchronisations does not grow
@@ -112,6 +109,7 @@ class Preconditioned(Mode):
         as the rewritten gradients.  Returns the singular-value corrections ``(param, delta)``
         (local shards under FSDP2) to add after the AdamW update.
         """
+        state, gi, group, position, lists = ctx.state, ctx.gi, ctx.group, ctx.position, ctx.lists
         params: list[Tensor] = group["params"]
         sigma = group["decouple_sigma"]
 
@@ -119,11 +117,10 @@ class Preconditioned(Mode):
         work = []
         pending: dict[tuple[Any, ...], list[tuple[int, str, Tensor]]] = defaultdict(list)
         for bucket in buckets:
-            k, r = len(bucket.a), bucket.a_shape[0]
+            r = bucket.a_shape[0]
             route, dt, tol = self._route(gi, group, params[bucket.a[0]])
             # local shards under FSDP2 (A along n, B along m): Grams are then partial sums, reduced in (2)
-            A = torch.stack([local(params[i]) for i in bucket.a]).to(dt).view(k, r, -1)
-            B = torch.stack([local(params[i]) for i in bucket.b]).to(dt).view(k, -1, r)
+            A, B = stacked_factors(group, bucket.a, bucket.b, dt)
             rows = {"A": A, "B": B.transpose(1, 2)}
             groups = {"A": process_group(params[bucket.a[0]]), "B": process_group(params[bucket.b[0]])}
             needed = {"B"} if bucket.has_a else set()  # g̃A needs P(K_B)
