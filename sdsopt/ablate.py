@@ -8,7 +8,8 @@
 For each seed the task builds one pre-trained base and one LoRA initialisation; every (mode, lr) run
 starts from a copy of them and sees the same batches in the same order, so an A/B changes exactly
 the optimizer's rewrite.  Modes are :data:`sdsopt.MODES` plus ``sds_sigma`` (``sds_polar`` with the
-singular-value channel), ``sds_undamped`` (``sds`` with ``step_damping=0``), ``psi`` (:class:`sdsopt.PSILoRA`,
+singular-value channel), the peers of docs/math.md §7 (``lorapro``, an SDSAdamW mode; ``loraplus`` with
+``--loraplus-ratio`` λ, or ``loraplus<λ>`` such as ``loraplus4``; ``rite``; ``peft_riemannian``: :mod:`sdsopt.peers`), ``sds_undamped`` (``sds`` with ``step_damping=0``), ``psi`` (:class:`sdsopt.PSILoRA`,
 ``--psi-iters``/``--psi-momentum``/``--psi-dampening``/``--psi-lmbd``/``--psi-adam-lr``; ``psi_scaled`` with
 the diagonal metric), ``sds_layer`` (the paper's
 re-parameterised layer, :class:`sdsopt.reference.PaperSDSLayers`, with AdamW) and ``full`` (full
@@ -38,13 +39,15 @@ from torch import nn
 
 from .metrics import pair_metrics
 from .optim import SDSAdamW
+from .peers import PEERS, make_peer
 from .psi import PSILoRA
 from .reference import PaperSDSLayers
 
-__all__ = ["ABLATION_MODES", "main", "make_task", "run_grid"]
+__all__ = ["ABLATION_MODES", "DEFAULT_MODES", "main", "make_task", "run_grid"]
 
-ABLATION_MODES = ("full", "lora", "sds", "sds_undamped", "sds_polar", "sds_sigma", "scaled", "sds_layer", "psi",
-                  "psi_scaled", "svd_oracle")
+DEFAULT_MODES = ("full", "lora", "sds", "sds_undamped", "sds_polar", "sds_sigma", "scaled", "sds_layer", "psi",
+                 "psi_scaled", "svd_oracle")
+ABLATION_MODES = (*DEFAULT_MODES, "lorapro", "loraplus", "loraplus4", "rite", "peft_riemannian")
 TASKS = ("linear", "psi_linear", "digits", "textlm", "minilm", "smollm_math", "smollm_code")
 DEFAULT_LRS = {"linear": [1e-3, 3e-3, 1e-2, 3e-2], "digits": [3e-4, 1e-3, 3e-3, 1e-2], "textlm": [1e-3, 3e-3, 1e-2, 3e-2],
                "minilm": [1e-4, 3e-4, 1e-3, 3e-3, 1e-2], "psi_linear": [1e-3, 3e-3, 1e-2, 3e-2, 1e-1],
@@ -89,9 +92,11 @@ def make_task(name: str, args: argparse.Namespace):
 
 def make_optimizer(mode: str, model: nn.Module, lr: float, betas: tuple[float, float], weight_decay: float,
                    psi: dict[str, Any] | None = None, options: dict[str, Any] | None = None):
-    """The optimizer of one run: AdamW for ``full``, :class:`sdsopt.PSILoRA` for ``psi`` (``psi``: its
+    """The optimizer of one run: a peer of :mod:`sdsopt.peers` (``options``: its own), AdamW for ``full``, :class:`sdsopt.PSILoRA` for ``psi`` (``psi``: its
     ``lookahead_iters``, ``momentum``, ``lmbd``, ``adam_lr``), else SDSAdamW in ``mode`` (same Adam everywhere)
     with ``options`` (``--opt KEY=VALUE``: e.g. ``warmup_steps``, ``step_damping``) on top of the mode's own."""
+    if mode.startswith("loraplus") or mode in PEERS:
+        return make_peer(mode, model, lr, betas, weight_decay, options)
     if mode in ("psi", "psi_scaled"):
         extra = dict(metric="diagonal") if mode == "psi_scaled" else {}
         return PSILoRA(model, lr=lr, betas=betas, weight_decay=weight_decay, **{**(psi or {}), **extra})
@@ -137,10 +142,10 @@ def run_one(task, mode: str, lr: float, seed: int, args: argparse.Namespace, pro
                                   momentum=getattr(args, "psi_momentum", 0.0),
                                   dampening=getattr(args, "psi_dampening", 0.0), lmbd=getattr(args, "psi_lmbd", 1e-2),
                                   adam_lr=getattr(args, "psi_adam_lr", None)),
-                         options=getattr(args, "opt", None))
+                         options=peer_options(mode, args) if is_peer(mode) else getattr(args, "opt", None))
     recorder = None
     layers = PaperSDSLayers(model, total_steps=args.steps) if mode == "sds_layer" else None
-    if mode not in ("full", "sds_layer", "psi", "psi_scaled") and (mode == "svd_oracle" or args.metrics_every):
+    if isinstance(opt, SDSAdamW) and (mode == "svd_oracle" or args.metrics_every):
         opt.attach(model)
         recorder = MetricsRecorder(opt) if args.metrics_every else None
     batches = task.batches(seed)
@@ -175,6 +180,26 @@ def run_one(task, mode: str, lr: float, seed: int, args: argparse.Namespace, pro
         held_out = task.eval_loss(model)
     return {"mode": mode, "lr": lr, "seed": seed, "curve": curve, "metrics": metrics,
             "final_train": statistics.fmean(tail), "eval": held_out, **extra}
+
+
+def is_peer(mode: str) -> bool:
+    """Is ``mode`` a peer of :mod:`sdsopt.peers` (not an SDSAdamW mode)?"""
+    return mode in PEERS or mode.startswith("loraplus")
+
+
+def peer_options(mode: str, args: argparse.Namespace) -> dict[str, Any]:
+    """The peer's own options from the command line (LoRA+'s ratio λ)."""
+    return {"ratio": getattr(args, "loraplus_ratio", 16.0)} if mode == "loraplus" else {}
+
+
+def mode_name(text: str) -> str:
+    """A ``--modes`` entry: one of :data:`ABLATION_MODES`, or ``loraplus<λ>`` (e.g. ``loraplus8``)."""
+    import re
+
+    if text in ABLATION_MODES or re.fullmatch(r"loraplus\d+(\.\d+)?", text):
+        return text
+    raise argparse.ArgumentTypeError(f"unknown mode {text!r}; choose from {', '.join(ABLATION_MODES)} "
+                                     "or loraplus<λ> (e.g. loraplus8)")
 
 
 def autocast(args: argparse.Namespace):
@@ -335,7 +360,7 @@ def format_table(task_name: str, table: dict) -> str:
     lines = [f"{task_name}: best lr per mode (held-out loss, mean over seeds)",
              "| mode | best lr | held-out loss | final train loss | gap to full closed |",
              "|---|---|---|---|---|"]
-    for mode in [m for m in ABLATION_MODES if m in table]:
+    for mode in [*[m for m in ABLATION_MODES if m in table], *sorted(m for m in table if m not in ABLATION_MODES)]:
         e = table[mode]
         gap = e.get("gap_closed")
         std = f" ± {e['eval_std']:.2g}" if e["eval_std"] else ""
@@ -348,7 +373,9 @@ def format_table(task_name: str, table: dict) -> str:
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(prog="sdsopt-ablate", description=__doc__.splitlines()[0])
     ap.add_argument("--task", choices=TASKS, default="linear")
-    ap.add_argument("--modes", nargs="+", choices=ABLATION_MODES, default=list(ABLATION_MODES))
+    ap.add_argument("--modes", nargs="+", type=mode_name, default=list(DEFAULT_MODES), metavar="MODE",
+                    help=f"from {', '.join(ABLATION_MODES)}, or loraplus<λ> (default: {' '.join(DEFAULT_MODES)})")
+    ap.add_argument("--loraplus-ratio", type=float, default=16.0, help="λ = lr_B / lr_A of mode loraplus")
     ap.add_argument("--lrs", type=float, nargs="+", default=None, help="≥ 4 per mode recommended")
     ap.add_argument("--seeds", type=int, default=1)
     ap.add_argument("--first-seed", type=int, default=0, help="seeds run are first-seed … first-seed + seeds - 1")

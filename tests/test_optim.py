@@ -295,6 +295,7 @@ def assert_resume_is_bit_exact(make_opt, before=4, after=4):
     dict(warmup_steps=3, fused=True), dict(warmup_steps=0, resplit=False), dict(warmup_steps=2, coordinate_ramp=4),
     dict(mode="sds_polar", decouple_sigma=True), dict(mode="sds_polar", decouple_sigma=True, amsgrad=True),
     dict(mode="sds_polar", route="newton_schulz"), dict(mode="scaled"), dict(mode="scaled", route="eigh"),
+    dict(mode="lorapro"),
 ])
 def test_checkpoint_resume_is_bit_exact(kw):
     """Saved before, at (warmup_steps=4: the re-split step) and after the end of sds's warm-up, and in other modes."""

@@ -20,6 +20,7 @@ GUARDED_MODES = [
     dict(mode="lora"), dict(mode="sds", warmup_steps=0), dict(mode="sds", warmup_steps=3), dict(mode="sds_polar"),
     dict(mode="sds_polar", decouple_sigma=True), dict(mode="scaled"),
     dict(mode="sds", warmup_steps=0, fused=True), dict(mode="sds", warmup_steps=0, amsgrad=True),
+    dict(mode="lorapro"),
 ]
 
 
@@ -286,7 +287,7 @@ def run_sequence(ops, kw, interrupted: bool, adamw: bool = False):
 
 
 SEQUENCE_MODES = [dict(mode="sds", warmup_steps=2), dict(mode="sds", warmup_steps=0), dict(mode="sds_polar"),
-                  dict(mode="scaled"), dict(mode="lora", foreach=True)]
+                  dict(mode="scaled"), dict(mode="lora", foreach=True), dict(mode="lorapro")]
 
 
 @pytest.mark.parametrize("kw", SEQUENCE_MODES, ids=lambda kw: "-".join(f"{k}={v}" for k, v in kw.items()))

@@ -8,6 +8,7 @@ mode                    what Adam sees                                          
 ``sds_polar``           the gradients rewritten by ``K^{-1/2}`` of the partner (3.1)           ``polar``
 ``scaled``              the gradients rewritten by ``(K + δI)^{-1}`` of the partner (3.1)      ``scaled``
 ``svd_oracle``          the full product ``BA`` with the true gradient (3.4)                   ``oracle``
+``lorapro``             LoRA-Pro's adjusted gradients (tangent-space projection, (7.1))        ``lorapro``
 ======================  =====================================================================  ==============
 
 (Equations: docs/math.md.)  The interface is :class:`sdsopt.modes.base.Mode`.
@@ -18,6 +19,7 @@ from __future__ import annotations
 import torch
 
 from .base import MapBack, Mode, StepContext
+from .lorapro import LoRAPro
 from .oracle import Oracle
 from .plain import Plain
 from .polar import Polar
@@ -26,7 +28,7 @@ from .sds import SDS
 
 __all__ = ["MODES", "MODE_CLASSES", "ROUTES", "MapBack", "Mode", "StepContext", "create", "resolve_route"]
 
-MODE_CLASSES: dict[str, type[Mode]] = {cls.name: cls for cls in (Plain, SDS, Polar, Scaled, Oracle)}
+MODE_CLASSES: dict[str, type[Mode]] = {cls.name: cls for cls in (Plain, SDS, Polar, Scaled, Oracle, LoRAPro)}
 MODES = tuple(MODE_CLASSES)
 ROUTES = ("auto", *dict.fromkeys(route for cls in MODE_CLASSES.values() for route in cls.routes))
 
