@@ -57,10 +57,11 @@ class SDSAdamW(Optimizer):
         mode: ``"sds"`` (default, above), ``"sds_polar"`` (sdsopt 0.1's ``sds``: a one-sided rewrite
             ``g̃B = gB (AAᵀ)^{-1/2}``, ``g̃A = (BᵀB)^{-1/2} gA`` with Adam on the plain factors),
             ``"lora"`` (identity: plain AdamW on the factors), ``"scaled"``
-            (``gB (K_A + δI)^{-1}``, ``(K_B + δI)^{-1} gA``; Zhang & Pilanci 2024) or ``"svd_oracle"``
+            (``gB (K_A + δI)^{-1}``, ``(K_B + δI)^{-1} gA``; Zhang & Pilanci 2024), ``"svd_oracle"``
             (Adam on the full ``W = BA`` with the true ``G``, then the best rank-r re-factorisation;
             needs ``m·n ≤ oracle_max_numel`` and the layers' inputs: call :meth:`attach` with the model
-            once).  LoRSum / PSI-LoRA, 0.2's ``"lorsum"``, is the optimizer :class:`sdsopt.PSILoRA`.
+            once) or ``"lorapro"`` (LoRA-Pro's efficient mode, a peer: Adam on gradients whose weight-space
+            step is the tangent projection of ``G``, docs/math.md (7.1)).  LoRSum / PSI-LoRA, 0.2's ``"lorsum"``, is the optimizer :class:`sdsopt.PSILoRA`.
         warmup_steps: mode ``"sds"``: plain AdamW steps of each pair before its coordinate steps
             (default 10, as the paper; 0 starts in coordinates at once, e.g. for non-zero ``B``).
         coordinate_ramp: mode ``"sds"``: the pair's first coordinate steps are scaled by ``k/coordinate_ramp``
@@ -99,7 +100,7 @@ class SDSAdamW(Optimizer):
             (``None``: 1e-5 in float32 algebra, 1e-13 in float64).  eigh route: Gram eigenvalues
             ``≤ τ·λ_max`` pass no gradient (1e-6, 1e-14).  Newton–Schulz: the relative damping δ
             (1e-5, 1e-11).
-        damping: δ of mode ``"scaled"`` (absolute, > 0).
+        damping: δ of modes ``"scaled"`` and ``"lorapro"`` (absolute, > 0): they invert ``K + δI``.
         oracle_max_numel: largest ``m·n`` for which ``"svd_oracle"`` forms the full matrices.
         linalg_dtype: dtype of the r×r algebra and of the coordinate maps; ``None`` means float32,
             or float64 for float64 parameters.  Never lower than float32, whatever the parameter

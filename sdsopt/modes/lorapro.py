@@ -8,12 +8,15 @@ Choices made here, where the paper and its code leave them open:
 * **The scale.**  The paper divides both adjusted gradients by ``s²``; the optimizer does not know ``s`` and
   uses ``s = 1``.  The adjusted gradients are linear in ``1/s²`` (the Sylvester right-hand side too), so this
   multiplies both by the constant ``s²`` and Adam's step is unchanged up to ``eps``.
-* **Rank-deficient factors** (LoRA's ``B = 0``): ``K⁺`` is the pseudo-inverse on the numerical range of
-  (2.5) (eigh; ``τ = 1e-6`` in float32), not ``(K + jitter·I)^{-1}``: with ``B = 0`` the step is then
-  ``g̃A = 0``, ``g̃B = gB·K_A⁺`` (the paper's own first step), with no ``1/jitter`` amplification.
+* **Rank-deficient factors** (LoRA's ``B = 0``): every ``K⁺`` of (7.1)–(7.2) is ``(K + δI)^{-1}`` with the
+  absolute ``δ = damping`` (default 1e-6, the jitter of LoRA-Pro's efficient-mode code), not the pseudo-inverse
+  on the numerical range (2.5): measured on the digits task (seed 0, 300 steps), the pseudo-inverse was 17 %
+  worse than the reference code at lr 1e-2 (held-out 0.596 vs 0.509; the damped form 0.518): right after
+  ``B = 0`` the Gram ``K_B ~ lr²`` has in-range directions of tiny eigenvalue that ``K⁺`` amplifies.  With
+  ``B = 0`` the step is ``g̃A = 0``, ``g̃B = gB·(K_A + δI)^{-1}`` (the paper's first step).
 * **The Sylvester equation** (7.2) is solved exactly in the two Grams' eigenbases (both symmetric PSD:
-  ``Y = (U_Bᵀ C U_A) ⊘ (λ_B,i + λ_A,j)``), two r×r eighs per pair instead of the r²×r² Kronecker system
-  of the reference code.  Entries where both eigenvalues are off the range are 0 (their right-hand side is).
+  ``Y = (U_Bᵀ C U_A) ⊘ (λ_B,i + λ_A,j + 2δ)``), two r×r eighs per pair instead of the r²×r² Kronecker system
+  of the reference code (whose default solver, in lora-pro-adamw 0.2.1, solves the transposed equation).
 * A pair with a gradient on one factor only passes through unchanged (plain AdamW): the projection needs both.
 """
 
@@ -24,34 +27,27 @@ from torch import Tensor
 
 from ..buckets import stacked_factors
 from ..distributed import is_dtensor
-from ..linalg import Spectrum, algebra_precision, finite_or_zero, gram, spectral_matrix, spectrum
+from ..linalg import algebra_precision, finite_or_zero, gram, spectral_matrix, spectrum
 from .base import MapBack, Mode, StepContext, nothing
 
 __all__ = ["LoRAPro", "adjusted_gradients"]
 
 
-def _pinv(spec: Spectrum) -> Tensor:
-    """``K⁺`` on the numerical range (2.5)."""
-    return spectral_matrix(spec, torch.where(spec.in_range, 1.0 / torch.where(spec.in_range, spec.lam, 1.0), 0.0))
-
-
-def adjusted_gradients(A: Tensor, B: Tensor, gA: Tensor, gB: Tensor, rank_tol: float) -> tuple[Tensor, Tensor]:
+def adjusted_gradients(A: Tensor, B: Tensor, gA: Tensor, gB: Tensor, damping: float) -> tuple[Tensor, Tensor]:
     """LoRA-Pro's adjusted gradients (7.1) with ``s = 1`` for stacked pairs ``A`` ``[k, r, n]``, ``B`` ``[k, m, r]``
-    and their gradients (same shapes, the algebra's dtype): ``(g̃A, g̃B)``."""
-    spec_b = spectrum(finite_or_zero(gram(B.transpose(1, 2))), rank_tol)  # K_B = BᵀB
-    spec_a = spectrum(finite_or_zero(gram(A)), rank_tol)  # K_A = AAᵀ
-    pinv_b, pinv_a = _pinv(spec_b), _pinv(spec_a)
-    first = pinv_b @ gA  # K_B⁺ gA
-    # (7.2): K_B X + X K_A = −K_B⁺ gA Aᵀ, in the eigenbases
+    and their gradients (same shapes, the algebra's dtype): ``(g̃A, g̃B)``, with ``K⁻ = (K + δI)^{-1}``."""
+    spec_b = spectrum(finite_or_zero(gram(B.transpose(1, 2))), 0.0)  # K_B = BᵀB
+    spec_a = spectrum(finite_or_zero(gram(A)), 0.0)  # K_A = AAᵀ
+    inv_b = spectral_matrix(spec_b, 1.0 / (spec_b.lam + damping))
+    inv_a = spectral_matrix(spec_a, 1.0 / (spec_a.lam + damping))
+    first = inv_b @ gA  # K_B⁻ gA
+    # (7.2) with K + δI: in the eigenbases, Y = Uᵀ_B C U_A ⊘ (λ_B,i + λ_A,j + 2δ)
     C = spec_b.U.transpose(1, 2) @ (-(first @ A.transpose(1, 2))) @ spec_a.U
-    lam_b = torch.where(spec_b.in_range, spec_b.lam, 0.0)
-    lam_a = torch.where(spec_a.in_range, spec_a.lam, 0.0)
-    denom = lam_b.unsqueeze(-1) + lam_a.unsqueeze(-2)
-    Y = torch.where(denom > 0, C / torch.where(denom > 0, denom, 1.0), 0.0)
+    Y = C / (spec_b.lam.unsqueeze(-1) + spec_a.lam.unsqueeze(-2) + 2.0 * damping)
     X = spec_b.U @ Y @ spec_a.U.transpose(1, 2)
-    gB_pa = gB @ pinv_a  # gB K_A⁺
+    gB_pa = gB @ inv_a  # gB K_A⁻
     g_a = first + X @ A
-    g_b = gB_pa - B @ (pinv_b @ (B.transpose(1, 2) @ gB_pa)) - B @ X
+    g_b = gB_pa - B @ (inv_b @ (B.transpose(1, 2) @ gB_pa)) - B @ X
     return g_a, g_b
 
 
@@ -69,12 +65,12 @@ class LoRAPro(Mode):
             if is_dtensor(params[bucket.a[0]]) or is_dtensor(params[bucket.b[0]]):
                 raise ValueError(f"SDSAdamW param group {ctx.gi}: mode 'lorapro' needs whole factors; FSDP2-sharded "
                                  "LoRA factors are supported by modes 'sds', 'sds_polar', 'scaled' and 'lora'")
-            dt, tol = algebra_precision(params[bucket.a[0]].dtype, group["linalg_dtype"], group["rank_tol"])
+            dt, _ = algebra_precision(params[bucket.a[0]].dtype, group["linalg_dtype"], group["rank_tol"])
             A, B = stacked_factors(group, bucket.a, bucket.b, dt)
             pos_a, pos_b = [position[i] for i in bucket.a], [position[i] for i in bucket.b]
             gA = torch.stack([lists["grads"][q] for q in pos_a]).to(dt).view_as(A)
             gB = torch.stack([lists["grads"][q] for q in pos_b]).to(dt).view_as(B)
-            g_a, g_b = adjusted_gradients(A, B, gA, gB, tol)
+            g_a, g_b = adjusted_gradients(A, B, gA, gB, group["damping"])
             for pos, new, shape, like in ((pos_a, g_a, bucket.a_shape, params[bucket.a[0]]),
                                           (pos_b, g_b, bucket.b_shape, params[bucket.b[0]])):
                 for q, g in zip(pos, new.to(like.dtype).unbind(0)):
