@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from sdsopt import SDSAdamW, rewrite_pair
+from sdsopt.peers import make_peer
 
 SHAPES = {
     "llama7b": dict(layers=32, width=4096, ffn=11008),
@@ -57,12 +58,24 @@ def lora_params(shape: str, r: int, dtype: torch.dtype, device: torch.device, se
     return named
 
 
+class _Named:
+    """The named factors as a model for :mod:`sdsopt.peers` (which reads only ``named_parameters()``)."""
+
+    def __init__(self, named):
+        self.named = named
+
+    def named_parameters(self):
+        return iter(self.named)
+
+
 def variants(device: torch.device, modes: list[str], routes: list[str], guard: bool = False,
-             torch_ops: tuple[str, ...] = (), graphs: bool = False):
+             torch_ops: tuple[str, ...] = (), graphs: bool = False, peers: tuple[str, ...] = ()):
     """AdamW foreach/fused, then SDSAdamW per mode (and sds_polar route), ``fused=True`` (on CUDA: the Triton
     kernels); with ``guard`` each SDSAdamW variant also with ``skip_nonfinite=True`` (the cost of the non-finite
     check); the modes in ``torch_ops`` also without the kernels (``SDSOPT_KERNELS=0``: the torch-ops step); with
-    ``graphs`` fused AdamW (``capturable=True``) and the ``sds``/``scaled`` steps also captured in a CUDA graph."""
+    ``graphs`` fused AdamW (``capturable=True``) and the ``sds``/``scaled`` steps also captured in a CUDA graph;
+    ``peers``: the peers of :mod:`sdsopt.peers` as the harness builds them (e.g. ``loraplus rite peft_riemannian``;
+    mode ``lorapro`` is an SDSAdamW mode: ``--modes``)."""
     out = {"AdamW foreach": lambda named: torch.optim.AdamW([p for _, p in named], lr=1e-4, foreach=True),
            "AdamW fused": lambda named: torch.optim.AdamW([p for _, p in named], lr=1e-4, fused=True)}
     if graphs:
@@ -84,6 +97,8 @@ def variants(device: torch.device, modes: list[str], routes: list[str], guard: b
                 extra = {"warmup_steps": 0} if mode == "sds" else {}
                 out[f"SDSAdamW {mode} (torch ops)"] = (lambda mode, extra: lambda named: SDSAdamW(
                     named, lr=1e-4, mode=mode, fused=True, **extra))(mode, extra)
+    for peer in peers:
+        out[f"peer {peer}"] = (lambda peer: lambda named: make_peer(peer, _Named(named), 1e-4, (0.9, 0.999), 0.0))(peer)
     return out
 
 
@@ -180,7 +195,8 @@ def cpu_peak_extra_mb(opt) -> float:
 
 
 def state_mb(opt) -> float:
-    return sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values()
+    parts = getattr(opt, "optimizers", [opt])  # a peer's Chained optimizers
+    return sum(t.numel() * t.element_size() for o in parts for s in o.state.values() for t in s.values()
                if torch.is_tensor(t)) / 2**20
 
 
@@ -210,6 +226,7 @@ def main(argv=None):
     ap.add_argument("--torch-ops", nargs="*", default=["sds", "scaled"],
                     help="modes also timed without the kernels (SDSOPT_KERNELS=0: the torch-ops step)")
     ap.add_argument("--graphs", action="store_true", help="also time the steps captured in CUDA graphs")
+    ap.add_argument("--peers", nargs="*", default=[], help="also time these peers (sdsopt.peers), e.g. rite")
     ap.add_argument("--out", default=None, help="write rows as JSON here")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
@@ -227,7 +244,7 @@ def main(argv=None):
                 checks[r] = check_against_cpu(named, device)
             results = {}
             for label, make in variants(device, args.modes, args.routes, args.guard, tuple(args.torch_ops),
-                                          args.graphs).items():
+                                          args.graphs, tuple(args.peers)).items():
                 opt = make(named)
                 os.environ["SDSOPT_KERNELS"] = "0" if label.endswith("(torch ops)") else "1"
                 timer = time_graph if label.endswith("(CUDA graph)") else time_steps
