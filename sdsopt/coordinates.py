@@ -30,8 +30,8 @@ from torch import Tensor
 
 from .linalg import cholesky_lower, finite_or_zero, trace
 
-__all__ = ["RESPLIT_FLOOR", "balance_scales", "coordinates", "factor_map", "lower_inverse", "resplit_maps",
-           "to_coordinates", "to_factors"]
+__all__ = ["RESPLIT_FLOOR", "balance_scales", "coordinate_gradient", "factor_map", "lower_inverse", "resplit_maps",
+           "to_factors"]
 
 RESPLIT_FLOOR = 1e-3
 """Relative floor of the re-split: ``D_A = diag(√max(σ, floor·σ_max))``, ``D_B = Σ D_A^{-1}``."""
@@ -44,21 +44,14 @@ def _solve(L: Tensor, X: Tensor, *, transpose: bool, left: bool) -> Tensor:
     return torch.linalg.solve_triangular(L, X, upper=False, left=left)
 
 
-def coordinates(L_other: Tensor, X: Tensor, side: str) -> Tensor:
-    """(2.2): the coordinates of factor ``X`` in its partner's basis, ``Ã = L_Bᵀ A`` (``side='A'``) or
-    ``B̃ = B L_A`` (``side='B'``), one batched matmul."""
-    return L_other.mT @ X if side == "A" else X @ L_other
+def coordinate_gradient(L_inv: Tensor, g: Tensor, side: str) -> Tensor:
+    """(2.2): the gradient of the coordinates of a factor with gradient ``g``, one batched matmul:
+    ``g̃A = L_B^{-1} gA`` (``side='A'``, ``L_inv = L_B^{-1}``) or ``g̃B = gB L_A^{-T}`` (``side='B'``).
 
-
-def to_coordinates(L_other: Tensor, L_inv: Tensor, X: Tensor, g: Tensor, side: str) -> tuple[Tensor, Tensor]:
-    """(2.2): the coordinates of factor ``X`` and their gradient, ``(X̃, g̃)``, by batched matmuls.
-
-    ``side='A'``: ``L_other = L_B``, ``Ã = L_Bᵀ A`` and ``g̃A = L_B^{-1} gA``.
-    ``side='B'``: ``L_other = L_A``, ``B̃ = B L_A`` and ``g̃B = gB L_A^{-T}``.
-    ``L_inv = L_other^{-1}`` (:func:`lower_inverse`): one r×r inverse per factor, then plain bmm, which is
-    faster on GPUs than a triangular solve against every r×n block and is shared with :func:`factor_map`.
+    ``L_inv`` from :func:`lower_inverse`: one r×r inverse per factor, then plain bmm, which is faster on GPUs than
+    a triangular solve against every r×n block and is shared with :func:`factor_map`.
     """
-    return coordinates(L_other, X, side), (L_inv @ g if side == "A" else g @ L_inv.mT)
+    return L_inv @ g if side == "A" else g @ L_inv.mT
 
 
 def lower_inverse(L: Tensor) -> Tensor:

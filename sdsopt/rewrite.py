@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .coordinates import lower_inverse, to_coordinates
+from .coordinates import coordinate_gradient, lower_inverse
 from .linalg import algebra_precision, cholesky_lower, finite_or_zero, gram
 from .modes import ROUTES, resolve_route
 from .pairing import a_rows, b_matrix, b_rows
@@ -46,12 +46,12 @@ def rewrite_pair(
         return gA, gB
     route = resolve_route(route, A.device, mode)
     dt, tol = algebra_precision(A.dtype, linalg_dtype, rank_tol, route)
-    Ar, Bm = a_rows(A).to(dt)[None], b_matrix(B).to(dt)[None]
+    Ar = a_rows(A).to(dt)[None]
     gAr, gBm = a_rows(gA).to(dt)[None], b_matrix(gB).to(dt)[None]
     if mode == "sds":
         L_B, L_A = cholesky_lower(gram(b_rows(B).to(dt)[None]), tol), cholesky_lower(gram(Ar), tol)
-        new_a = to_coordinates(L_B, lower_inverse(L_B), Ar, gAr, "A")[1][0]
-        new_b = to_coordinates(L_A, lower_inverse(L_A), Bm, gBm, "B")[1][0]
+        new_a = coordinate_gradient(lower_inverse(L_B), gAr, "A")[0]
+        new_b = coordinate_gradient(lower_inverse(L_A), gBm, "B")[0]
     else:
         kw = dict(mode=mode, route=route, rank_tol=tol, damping=damping)
         new_a = (preconditioner(finite_or_zero(gram(b_rows(B).to(dt)[None])), **kw) @ gAr)[0]

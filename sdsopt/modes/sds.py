@@ -7,11 +7,13 @@ its warm-up is re-split and its Adam state reset (2.4).  The geometry is :mod:`s
 
 Choices the maths leaves open, made here:
 
-* The map back: Adam runs on a copy of the coordinates in the parameter's dtype (so torch's foreach/fused
-  kernels and AdamW's semantics apply, weight decay included: ``Ã(1−ηλ)`` is ``A(1−ηλ)``), and the factor is
-  updated by the mapped *change*, ``A ← A + M_B(Ã' − Ã)`` (2.6), in float32 or better: a step that Adam leaves at
-  zero leaves the factor bit-identical, and bf16/fp16 factors are rounded once per step as under AdamW.
-  Coordinates and their gradients are never stored between steps; the moments live in coordinates, in the
+* The map back: torch's AdamW kernel (foreach/fused, so its semantics apply) steps a zero buffer in the
+  parameter's dtype with the coordinates' gradients and moments: AdamW's update does not depend on the
+  parameter's value apart from the decoupled weight decay, so the buffer ends holding Adam's *change* of the
+  coordinates, exactly (the coordinates themselves are never formed).  The factor is updated by the mapped change
+  and the decay, ``A ← A(1−ηλ) + M_B·ΔÃ`` (2.6; the decay commutes with the map), in float32 or better: a step
+  that Adam leaves at zero leaves the factor bit-identical, and bf16/fp16 factors are rounded once per step as
+  under AdamW.  Coordinate gradients are never stored between steps; the moments live in coordinates, in the
   factors' own ``exp_avg``/``exp_avg_sq`` (state stays AdamW-sized, plus the pair's count ``sds_warmup``).
 * Rank deficiency (2.5): the Cholesky factors are of ``K + τ·trace(K)·I`` always (no data-dependent branch, no
   host synchronisation); ``K = 0`` gives ``R = I`` (a plain AdamW step), a failed factorisation an isotropic
@@ -37,7 +39,7 @@ from torch import Tensor
 from .. import fused
 from ..adam import adamw
 from ..buckets import Bucket, drop_positions, split_fused, stacked_factors, unstack
-from ..coordinates import balance_scales, coordinates, factor_map, lower_inverse, resplit_maps, to_coordinates, to_factors
+from ..coordinates import balance_scales, coordinate_gradient, factor_map, lower_inverse, resplit_maps, to_factors
 from ..distributed import local, process_group, reduce_parts
 from ..linalg import algebra_precision, cholesky_lower, gram
 from .base import MapBack, Mode, StepContext
@@ -45,19 +47,22 @@ from .base import MapBack, Mode, StepContext
 __all__ = ["SDS"]
 
 
-def _map_back(side: str, L: Tensor, M: Tensor, X: Tensor, after: Tensor, targets: list[Tensor],
+def _map_back(side: str, M: Tensor, X: Tensor, change: Tensor, targets: list[Tensor], decay: float | Tensor,
               scale: Tensor | None, ramp: float | Tensor | None) -> None:
     """Mode ``sds``: write into ``targets`` the factors ``X`` (one bucket's, one kind, float32 or better) moved by
-    the mapped change ``M (after − before)`` of their coordinates (docs/math.md (2.6)), then re-balanced by ``scale``
-    (``[k, 1, 1]``, ``rebalance=True``); ``ramp`` scales the change (the first coordinate steps).
+    the mapped change ``M·change`` of their coordinates (docs/math.md (2.6)) and the decoupled weight decay
+    ``−decay·X`` (``lr·weight_decay``: it commutes with the map, (2.6)), then re-balanced by ``scale``
+    (``[k, 1, 1]``, ``rebalance=True``); ``ramp`` scales the change, decay included (the first coordinate steps).
 
-    ``after`` is the buffer Adam updated (the coordinates ``coordinates(L, X)`` in the parameter's dtype before
-    Adam); the starting coordinates ``before`` are recomputed here from ``X`` and ``L`` (the same product, so the
-    same numbers: keeping a copy through Adam would hold one more buffer the size of the factors).  ``X`` and
-    ``after`` are updated in place and are spent afterwards.
+    ``change`` is Adam's change of the coordinates: the buffer, zero before, that Adam updated without weight
+    decay (the update of AdamW does not depend on the parameter's value apart from the decay), so the
+    coordinates themselves are never formed, and the change is exact in the parameter's dtype (no difference
+    of two rounded coordinates: a step Adam leaves at zero leaves the factor bit-identical).  ``X`` is updated in
+    place and is spent afterwards.
     """
-    before = coordinates(L, X, side).to(after.dtype).to(X.dtype)
-    delta = to_factors(M, after.to(X.dtype).sub_(before), side)
+    delta = to_factors(M, change.to(X.dtype), side)
+    if not (isinstance(decay, float) and decay == 0.0):
+        delta.sub_(X * decay)
     if ramp is not None:
         delta.mul_(ramp)
     new = X.add_(delta)
@@ -246,6 +251,9 @@ class SDS(Mode):
                 requests.append((gram(A), process_group(params[bucket.a[0]]), tol, shift))
             work.append((sides, bucket.a))
         frames = _frames(requests)
+        decay = group["lr"] * group["weight_decay"]  # AdamW's decoupled decay, on the factors (_map_back)
+        if ctx.found_inf is not None and not (isinstance(decay, float) and decay == 0.0):
+            decay = torch.where(ctx.found_inf > 0, 0.0, decay)  # a skipped step does not decay either
         done: set[int] = set()
         while work:
             sides, a_ids = work.pop(0)  # the bucket's factor stacks are released with it
@@ -260,20 +268,20 @@ class SDS(Mode):
                 like = lists["params"][pos[0]]
                 G = torch.stack([lists["grads"][q] for q in pos]).to(X.dtype).view(X.shape)
                 frame = frames[j]
-                X_t, g_t = to_coordinates(frame.L, frame.L_inv, X, G, side)
+                g_t = coordinate_gradient(frame.L_inv, G, side)
                 del G
-                adam_view = X_t.to(like.dtype)  # Adam updates it in place; _map_back recomputes the start
                 g_t = g_t.to(like.dtype).contiguous()  # fused Adam needs the params' layout
+                change = torch.zeros(g_t.shape, dtype=like.dtype, device=g_t.device)  # Adam's change (_map_back)
                 sub = {key: [lists[key][q] for q in pos] if lists[key] else []
                        for key in ("exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "state_steps")}
-                sub["params"] = list(unstack(adam_view, like.shape))
+                sub["params"] = list(unstack(change, like.shape))
                 sub["grads"] = list(unstack(g_t, like.shape))
-                adamw(group, sub, lr=group["lr"], weight_decay=group["weight_decay"],
+                adamw(group, sub, lr=group["lr"], weight_decay=0.0,
                       has_complex=any(torch.is_complex(t) for t in sub["params"]), found_inf=ctx.found_inf)
                 del sub, g_t
-                _map_back(side, frame.L, frame.M, X, adam_view, [lists["params"][q] for q in pos],
+                _map_back(side, frame.M, X, change, [lists["params"][q] for q in pos], decay,
                           scales.get(side), self._ramp(ctx.state, group, a_ids, X))
-                del X_t, adam_view  # spent: free them before the next factor's stacks
+                del change  # spent: free it before the next factor's stacks
                 done.update(pos)
         return done
 
