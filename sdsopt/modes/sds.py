@@ -61,8 +61,10 @@ def _map_back(side: str, M: Tensor, X: Tensor, change: Tensor, targets: list[Ten
     place and is spent afterwards.
     """
     delta = to_factors(M, change.to(X.dtype), side)
-    if not (isinstance(decay, float) and decay == 0.0):
+    if isinstance(decay, Tensor):  # (a Tensor lr, or a step the device may skip)
         delta.sub_(X * decay)
+    elif decay != 0.0:
+        delta.add_(X, alpha=-decay)
     if ramp is not None:
         delta.mul_(ramp)
     new = X.add_(delta)
