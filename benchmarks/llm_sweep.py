@@ -28,6 +28,15 @@ from pathlib import Path
 
 LORA_LRS = ["1e-4", "2e-4", "5e-4", "1e-3", "3e-3", "6e-3"]
 FULL_LRS = ["1e-6", "3e-6", "1e-5", "3e-5", "1e-4", "3e-4"]
+# the peers' grids (sdsopt.peers; RESULTS.md §5): LoRA+ steps B at λ·lr, so its grids sit lower; on the code task,
+# whose best lrs are lower, every peer's grid is shifted down (lora and sds keep LORA_LRS there: §2's runs)
+PEER_LRS = {("math", "loraplus"): ["2e-5", "5e-5", "1e-4", "2e-4", "5e-4", "1e-3"],
+            ("math", "loraplus4"): ["5e-5", "1e-4", "2e-4", "5e-4", "1e-3", "3e-3"],
+            ("code", "loraplus"): ["1e-5", "2e-5", "5e-5", "1e-4", "2e-4", "5e-4"],
+            ("code", "loraplus4"): ["2e-5", "5e-5", "1e-4", "2e-4", "5e-4", "1e-3"],
+            ("code", "lorapro"): ["5e-5", "1e-4", "2e-4", "5e-4", "1e-3", "3e-3"],
+            ("code", "rite"): ["5e-5", "1e-4", "2e-4", "5e-4", "1e-3", "3e-3"],
+            ("code", "peft_riemannian"): ["5e-5", "1e-4", "2e-4", "5e-4", "1e-3", "3e-3"]}
 SCALES = {"peft_r8": ["--rank", "8", "--lora-alpha", "16"],  # PEFT's common s = alpha/r = 2, a small rank
           "paper_r32": ["--rank", "32", "--lora-alpha", "4", "--rslora"]}  # the SDS paper's protocol
 TASKS = {"math": ["--task", "smollm_math", "--difficulty", "2", "--eval-examples", "96"],
@@ -38,7 +47,8 @@ def plan(steps: int, seeds: int, tasks: list[str], scales: list[str], modes: lis
          metrics_lr: str | None, lrs: list[str] | None = None) -> list[tuple[str, list[str]]]:
     """One job per run (task, scale, mode, seed, lr), ordered seed-major so that an interrupted sweep still has
     whole lr grids; after the first seed, if ``metrics_lr``, lora and sds at that lr with the mechanism metrics
-    every 10 steps.  ``lrs`` replaces the LoRA-mode grid (``full`` keeps its own)."""
+    every 10 steps.  ``lrs`` replaces the LoRA-mode grid (``full`` keeps its own; peers without ``lrs`` take
+    :data:`PEER_LRS`)."""
     jobs = []
 
     def add(task: str, scale: str, mode: str, seed: int, lr: str, metrics_every: int = 0) -> None:
@@ -50,7 +60,7 @@ def plan(steps: int, seeds: int, tasks: list[str], scales: list[str], modes: lis
         for scale in scales:
             for task in tasks:
                 for mode in modes:
-                    for lr in FULL_LRS if mode == "full" else (lrs or LORA_LRS):
+                    for lr in FULL_LRS if mode == "full" else (lrs or PEER_LRS.get((task, mode), LORA_LRS)):
                         add(task, scale, mode, seed, lr)
         if metrics_lr and seed == 0:
             for mode in ("lora", "sds"):
