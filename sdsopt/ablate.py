@@ -9,7 +9,8 @@ For each seed the task builds one pre-trained base and one LoRA initialisation; 
 starts from a copy of them and sees the same batches in the same order, so an A/B changes exactly
 the optimizer's rewrite.  Modes are :data:`sdsopt.MODES` plus ``sds_sigma`` (``sds_polar`` with the
 singular-value channel), the peers of docs/math.md §7 (``lorapro``, an SDSAdamW mode; ``loraplus`` with
-``--loraplus-ratio`` λ, or ``loraplus<λ>`` such as ``loraplus4``; ``rite``; ``peft_riemannian``: :mod:`sdsopt.peers`), ``sds_undamped`` (``sds`` with ``step_damping=0``), ``psi`` (:class:`sdsopt.PSILoRA`,
+``--loraplus-ratio`` λ, or ``loraplus<λ>`` such as ``loraplus4``; ``rite``; ``peft_riemannian``:
+:mod:`sdsopt.peers`), ``sds_undamped`` (``sds`` with ``step_damping=0``), ``psi`` (:class:`sdsopt.PSILoRA`,
 ``--psi-iters``/``--psi-momentum``/``--psi-dampening``/``--psi-lmbd``/``--psi-adam-lr``; ``psi_scaled`` with
 the diagonal metric), ``sds_layer`` (the paper's
 re-parameterised layer, :class:`sdsopt.reference.PaperSDSLayers`, with AdamW) and ``full`` (full
@@ -39,7 +40,7 @@ from torch import nn
 
 from .metrics import pair_metrics
 from .optim import SDSAdamW
-from .peers import PEERS, make_peer
+from .peers import is_peer, make_peer
 from .psi import PSILoRA
 from .reference import PaperSDSLayers
 
@@ -92,10 +93,11 @@ def make_task(name: str, args: argparse.Namespace):
 
 def make_optimizer(mode: str, model: nn.Module, lr: float, betas: tuple[float, float], weight_decay: float,
                    psi: dict[str, Any] | None = None, options: dict[str, Any] | None = None):
-    """The optimizer of one run: a peer of :mod:`sdsopt.peers` (``options``: its own), AdamW for ``full``, :class:`sdsopt.PSILoRA` for ``psi`` (``psi``: its
-    ``lookahead_iters``, ``momentum``, ``lmbd``, ``adam_lr``), else SDSAdamW in ``mode`` (same Adam everywhere)
-    with ``options`` (``--opt KEY=VALUE``: e.g. ``warmup_steps``, ``step_damping``) on top of the mode's own."""
-    if mode.startswith("loraplus") or mode in PEERS:
+    """The optimizer of one run: a peer of :mod:`sdsopt.peers` (``options``: its own), AdamW for ``full``,
+    :class:`sdsopt.PSILoRA` for ``psi`` (``psi``: its ``lookahead_iters``, ``momentum``, ``lmbd``, ``adam_lr``),
+    else SDSAdamW in ``mode`` (same Adam everywhere) with ``options`` (``--opt KEY=VALUE``: e.g. ``warmup_steps``,
+    ``step_damping``) on top of the mode's own."""
+    if is_peer(mode):
         return make_peer(mode, model, lr, betas, weight_decay, options)
     if mode in ("psi", "psi_scaled"):
         extra = dict(metric="diagonal") if mode == "psi_scaled" else {}
@@ -180,11 +182,6 @@ def run_one(task, mode: str, lr: float, seed: int, args: argparse.Namespace, pro
         held_out = task.eval_loss(model)
     return {"mode": mode, "lr": lr, "seed": seed, "curve": curve, "metrics": metrics,
             "final_train": statistics.fmean(tail), "eval": held_out, **extra}
-
-
-def is_peer(mode: str) -> bool:
-    """Is ``mode`` a peer of :mod:`sdsopt.peers` (not an SDSAdamW mode)?"""
-    return mode in PEERS or mode.startswith("loraplus")
 
 
 def peer_options(mode: str, args: argparse.Namespace) -> dict[str, Any]:

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from .pairing import default_pairing
 
-__all__ = ["Chained", "PEERS", "lora_factors", "loraplus", "make_peer", "peft_riemannian", "rite"]
+__all__ = ["Chained", "PEERS", "is_peer", "lora_factors", "loraplus", "make_peer", "peft_riemannian", "rite"]
 
 
 def lora_factors(model: nn.Module) -> tuple[list[tuple[Tensor, Tensor]], list[Tensor]]:
@@ -131,6 +131,11 @@ def peft_riemannian(model: nn.Module, lr: float, betas: tuple[float, float], wei
 
 
 PEERS = ("loraplus", "rite", "peft_riemannian")
+
+
+def is_peer(mode: str) -> bool:
+    """Is ``mode`` one of :data:`PEERS` (``loraplus<λ>`` included), not an SDSAdamW mode?"""
+    return mode in PEERS or mode.startswith("loraplus")
 
 
 def make_peer(mode: str, model: nn.Module, lr: float, betas: tuple[float, float], weight_decay: float,
