@@ -58,20 +58,26 @@ def test_explicit_pairs_and_custom_patterns():
     assert len(opt.lora_pairs) == 1
 
 
-def test_conv_and_embedding_shapes_pair():
+@pytest.mark.parametrize("mode", ["sds", "sds_polar", "scaled", "lorapro"])
+def test_conv_and_embedding_shapes_pair(mode):
     A = nn.Parameter(torch.randn(4, 3, 3, 3))  # Conv LoRA A: r × c × k × k
     B = nn.Parameter(torch.zeros(8, 4, 1, 1))  # Conv LoRA B: out × r × 1 × 1
     E_A = nn.Parameter(torch.randn(4, 50))  # lora_embedding_A: r × num_embeddings
     E_B = nn.Parameter(torch.zeros(12, 4))  # lora_embedding_B: dim × r
     named = [("conv.lora_A.default.weight", A), ("conv.lora_B.default.weight", B),
              ("emb.lora_embedding_A.default", E_A), ("emb.lora_embedding_B.default", E_B)]
-    opt = SDSAdamW(named, lr=1e-2)
+    opt = SDSAdamW(named, lr=1e-2, mode=mode, warmup_steps=0)
     assert sorted((p.m, p.n, p.r) for p in opt.lora_pairs) == [(8, 27, 4), (12, 50, 4)]
     for p in (A, B, E_A, E_B):
         p.grad = torch.randn_like(p)
     opt.step()
     assert all(torch.isfinite(p).all() for p in (A, B, E_A, E_B))
     assert B.abs().sum() > 0 and E_B.abs().sum() > 0
+    before = A.detach().clone()
+    for p in (A, B, E_A, E_B):  # a second step with both factors non-zero moves A too, in its 4-D shape
+        p.grad = torch.randn_like(p)
+    opt.step()
+    assert all(torch.isfinite(p).all() for p in (A, B, E_A, E_B)) and not torch.equal(A, before)
 
 
 # ----------------------------------------------------------------------------- AdamW equivalence (P7, P4)
