@@ -12,7 +12,7 @@ Choices made here, where the paper and its code leave them open:
   absolute ``δ = damping`` (default 1e-6, the jitter of LoRA-Pro's efficient-mode code), not the pseudo-inverse
   on the numerical range (2.5): measured on the digits task (seed 0, 300 steps), the pseudo-inverse was 17 %
   worse than the reference code at lr 1e-2 (held-out 0.596 vs 0.509; the damped form 0.518): right after
-  ``B = 0`` the Gram ``K_B ~ lr²`` has in-range directions of tiny eigenvalue that ``K⁺`` amplifies.  With
+  ``B = 0`` the Gram ``K_B ~ lr²`` has in-range directions of tiny eigenvalue that the pseudo-inverse amplifies.  With
   ``B = 0`` the step is ``g̃A = 0``, ``g̃B = gB·(K_A + δI)^{-1}`` (the paper's first step).
 * **The Sylvester equation** (7.2) is solved exactly in the two Grams' eigenbases (both symmetric PSD:
   ``Y = (U_Bᵀ C U_A) ⊘ (λ_B,i + λ_A,j + 2δ)``), two r×r eighs per pair instead of the r²×r² Kronecker system
@@ -35,17 +35,17 @@ __all__ = ["LoRAPro", "adjusted_gradients"]
 
 def adjusted_gradients(A: Tensor, B: Tensor, gA: Tensor, gB: Tensor, damping: float) -> tuple[Tensor, Tensor]:
     """LoRA-Pro's adjusted gradients (7.1) with ``s = 1`` for stacked pairs ``A`` ``[k, r, n]``, ``B`` ``[k, m, r]``
-    and their gradients (same shapes, the algebra's dtype): ``(g̃A, g̃B)``, with ``K⁻ = (K + δI)^{-1}``."""
+    and their gradients (same shapes, the algebra's dtype): ``(g̃A, g̃B)``, with ``K⁺ = (K + δI)^{-1}``."""
     spec_b = spectrum(finite_or_zero(gram(B.transpose(1, 2))), 0.0)  # K_B = BᵀB
     spec_a = spectrum(finite_or_zero(gram(A)), 0.0)  # K_A = AAᵀ
     inv_b = spectral_matrix(spec_b, 1.0 / (spec_b.lam + damping))
     inv_a = spectral_matrix(spec_a, 1.0 / (spec_a.lam + damping))
-    first = inv_b @ gA  # K_B⁻ gA
+    first = inv_b @ gA  # K_B⁺ gA
     # (7.2) with K + δI: in the eigenbases, Y = Uᵀ_B C U_A ⊘ (λ_B,i + λ_A,j + 2δ)
     C = spec_b.U.transpose(1, 2) @ (-(first @ A.transpose(1, 2))) @ spec_a.U
     Y = C / (spec_b.lam.unsqueeze(-1) + spec_a.lam.unsqueeze(-2) + 2.0 * damping)
     X = spec_b.U @ Y @ spec_a.U.transpose(1, 2)
-    gB_pa = gB @ inv_a  # gB K_A⁻
+    gB_pa = gB @ inv_a  # gB K_A⁺
     g_a = first + X @ A
     g_b = gB_pa - B @ (inv_b @ (B.transpose(1, 2) @ gB_pa)) - B @ X
     return g_a, g_b
