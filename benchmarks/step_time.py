@@ -102,6 +102,11 @@ def variants(device: torch.device, modes: list[str], routes: list[str], guard: b
     return out
 
 
+def rite_dtype_ok(label: str, dtype: torch.dtype) -> bool:
+    """LoRA-RITE takes a QR of the factors, which torch has only in float32/float64 (``sdsopt.peers.rite``)."""
+    return label != "peer rite" or dtype in (torch.float32, torch.float64)
+
+
 @dataclass
 class Row:
     variant: str
@@ -245,6 +250,9 @@ def main(argv=None):
             results = {}
             for label, make in variants(device, args.modes, args.routes, args.guard, tuple(args.torch_ops),
                                           args.graphs, tuple(args.peers)).items():
+                if not rite_dtype_ok(label, DTYPES[dname]):
+                    print(f"  r={r:<4} {dname} {label:<28} n/a (float32 only)", flush=True)
+                    continue
                 opt = make(named)
                 os.environ["SDSOPT_KERNELS"] = "0" if label.endswith("(torch ops)") else "1"
                 timer = time_graph if label.endswith("(CUDA graph)") else time_steps
@@ -268,7 +276,10 @@ def main(argv=None):
         for label in dict.fromkeys(r.variant for r in rows):
             cells = []
             for r in ranks:
-                row = next(x for x in rows if x.variant == label and x.rank == r and x.dtype == dname)
+                row = next((x for x in rows if x.variant == label and x.rank == r and x.dtype == dname), None)
+                if row is None:  # (a peer that does not take this dtype)
+                    cells.append("n/a")
+                    continue
                 host = f", host {row.host_ms:.2f}" if row.host_ms == row.host_ms else ""
                 cells.append(f"{row.median_ms:.2f} ms ({row.ratio_to_fused:.2f}x{host})")
             print(f"| {label} | {dname} | " + " | ".join(cells) + " |")

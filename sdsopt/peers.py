@@ -97,6 +97,10 @@ def rite(model: nn.Module, lr: float, betas: tuple[float, float], weight_decay: 
         if a.dim() != 2 or b.dim() != 2:
             raise ValueError(f"rite: LoRARite takes Linear pairs (2-D factors); got A {tuple(a.shape)}, "
                              f"B {tuple(b.shape)} (a Conv or merged layout): use modes 'sds' or 'lora' there")
+        if a.dtype not in (torch.float32, torch.float64) or b.dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"rite: LoRARite needs float32/float64 LoRA factors (it takes torch.linalg.qr of "
+                             f"them, which has no {a.dtype if a.dtype.is_floating_point else b.dtype} kernel); keep "
+                             "the adapter in float32 under autocast, or use mode 'sds'")
     ordered = [t for pair in pairs for t in pair]  # its required order: A₁, B₁, A₂, B₂, …
     return Chained(LoRARite(ordered, lr=lr, betas=betas, weight_decay=weight_decay, **options),
                    *_rest(rest, lr, betas, weight_decay))

@@ -41,8 +41,9 @@ def test_e2e_step():
 
 def test_step_time(tmp_path):
     peers = ["loraplus", "rite", "peft_riemannian"] if importlib.util.find_spec("pytorch_optimizer") else []
-    out = run("step_time.py", "--device", "cpu", "--shape", "small", "--ranks", "2", "--dtypes", "fp32", "--steps", "1",
-              "--warmup", "0", "--modes", "sds", "lorapro", "--peers", *peers, "--out", str(tmp_path / "rows.json"))
+    out = run("step_time.py", "--device", "cpu", "--shape", "small", "--ranks", "2", "--dtypes", "fp32", "bf16",
+              "--steps", "1", "--warmup", "0", "--modes", "sds", "lorapro", "--peers", *peers,
+              "--out", str(tmp_path / "rows.json"))
     assert "SDSAdamW sds" in out and "SDSAdamW lorapro" in out and (tmp_path / "rows.json").stat().st_size > 0
     assert all(f"peer {p}" in out for p in peers)
 

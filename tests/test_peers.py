@@ -223,7 +223,7 @@ def test_peer_checkpoints_resume_bit_exactly(peer):
     assert not all(torch.equal(p, q) for p, q in zip(one.parameters(), fresh_start.parameters()))
 
 
-def test_rite_trains_the_other_parameters_with_adamw_and_refuses_conv_pairs():
+def test_rite_trains_the_other_parameters_with_adamw_and_refuses_conv_and_bf16_pairs():
     pytest.importorskip("pytorch_optimizer")
     model = fresh()
     extra = model.extra.detach().clone()
@@ -236,5 +236,7 @@ def test_rite_trains_the_other_parameters_with_adamw_and_refuses_conv_pairs():
     conv.lora_B = torch.nn.Parameter(torch.zeros(4, 2, 1, 1))
     with pytest.raises(ValueError, match="Conv"):
         rite(conv, lr=1e-3, betas=(0.9, 0.999), weight_decay=0.0)
+    with pytest.raises(ValueError, match="float32/float64"):
+        rite(fresh(dtype=torch.bfloat16), lr=1e-3, betas=(0.9, 0.999), weight_decay=0.0)
     with pytest.raises(ValueError, match="unknown peer"):
         make_peer("rite2", model, 1e-3, (0.9, 0.999), 0.0)
