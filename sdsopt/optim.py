@@ -61,7 +61,8 @@ class SDSAdamW(Optimizer):
             (Adam on the full ``W = BA`` with the true ``G``, then the best rank-r re-factorisation;
             needs ``m·n ≤ oracle_max_numel`` and the layers' inputs: call :meth:`attach` with the model
             once) or ``"lorapro"`` (LoRA-Pro's efficient mode, a peer: Adam on gradients whose weight-space
-            step is the tangent projection of ``G``, docs/math.md (7.1)).  LoRSum / PSI-LoRA, 0.2's ``"lorsum"``, is the optimizer :class:`sdsopt.PSILoRA`.
+            step is the tangent projection of ``G``, docs/math.md (7.1)).  LoRSum / PSI-LoRA, 0.2's
+            ``"lorsum"``, is the optimizer :class:`sdsopt.PSILoRA`.
         warmup_steps: mode ``"sds"``: plain AdamW steps of each pair before its coordinate steps
             (default 10, as the paper; 0 starts in coordinates at once, e.g. for non-zero ``B``).
         coordinate_ramp: mode ``"sds"``: the pair's first coordinate steps are scaled by ``k/coordinate_ramp``

@@ -88,7 +88,8 @@ def check_group(group: dict[str, Any], where: str) -> None:
         (group["rank_tol"] is None or 0.0 < group["rank_tol"] < 1.0,
          f"rank_tol={group['rank_tol']} must be None or in (0, 1)"),
 
-        (group["damping"] > 0.0, f"damping={group['damping']} must be > 0 (modes 'scaled' and 'lorapro' invert K + damping·I)"),
+        (group["damping"] > 0.0,
+         f"damping={group['damping']} must be > 0 (modes 'scaled' and 'lorapro' invert K + damping·I)"),
         (group["sigma_lr_ratio"] >= 0.0, f"sigma_lr_ratio={group['sigma_lr_ratio']} must be >= 0"),
         (not routes or group["route"] in ("auto", *routes),
          f"route={group['route']!r} does not apply to mode={group['mode']!r}; it takes 'auto' or one of {routes}"),
