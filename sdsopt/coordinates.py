@@ -30,8 +30,8 @@ from torch import Tensor
 
 from .linalg import cholesky_lower, finite_or_zero, trace
 
-__all__ = ["RESPLIT_FLOOR", "balance_scales", "coordinate_gradient", "factor_map", "lower_inverse", "map_filter",
-           "resplit_maps", "to_factors"]
+__all__ = ["RESPLIT_FLOOR", "balance_scales", "coordinate_gradient", "factor_map", "lower_inverse", "resplit_maps",
+           "to_factors"]
 
 RESPLIT_FLOOR = 1e-3
 """Relative floor of the re-split: ``D_A = diag(√max(σ, floor·σ_max))``, ``D_B = Σ D_A^{-1}``."""
@@ -60,7 +60,7 @@ def lower_inverse(L: Tensor) -> Tensor:
     return torch.linalg.solve_triangular(L, eye.expand_as(L), upper=False)
 
 
-def factor_map(K_other: Tensor, L_inv: Tensor, step_shift: float | Tensor = 0.0) -> Tensor:
+def factor_map(K_other: Tensor, L_inv: Tensor, step_shift: float = 0.0) -> Tensor:
     """The r×r map back from coordinates, ``M = (K + μ_s I)(K + μI)^{-1} R^{-1}`` (``R = Lᵀ``, ``L Lᵀ = K + μI``,
     ``μ = τ·trace K + μ_s``, ``μ_s`` the step damping), from ``L_inv = L^{-1}`` (:func:`lower_inverse`).
 
@@ -74,17 +74,11 @@ def factor_map(K_other: Tensor, L_inv: Tensor, step_shift: float | Tensor = 0.0)
     damping ``μ_s ≫ τ·trace K`` the null directions are not filtered but damped: gain ``≈ μ_s^{-1/2}``.
     ``K = 0`` (the ``R = I`` fallback) gives ``M = I``: a plain AdamW step.
     """
-    return map_filter(K_other, L_inv, step_shift) @ L_inv.mT
-
-
-def map_filter(K_other: Tensor, L_inv: Tensor, step_shift: float | Tensor = 0.0) -> Tensor:
-    """The filter ``F = (K + μ_s I)(K + μI)^{-1} = (K + μ_s I) L^{-T} L^{-1}`` of (2.6), so that
-    :func:`factor_map`'s ``M = F L^{-T}``; ``I`` where ``K = 0`` (with ``L^{-1} = I`` there, ``M = I``)."""
     eye = torch.eye(K_other.shape[-1], dtype=K_other.dtype, device=K_other.device)
     K = finite_or_zero(K_other)
-    F = (K + step_shift * eye) @ (L_inv.mT @ L_inv)
+    M = (K + step_shift * eye) @ (L_inv.mT @ L_inv) @ L_inv.mT
     empty = trace(K) <= torch.finfo(K.dtype).tiny
-    return torch.where(empty, eye, F)
+    return torch.where(empty, eye, M)
 
 
 def to_factors(M_other: Tensor, delta: Tensor, side: str) -> Tensor:

@@ -36,10 +36,6 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .coordinates import balance_scales, lower_inverse, map_filter
-from .linalg import cholesky_lower, finite_or_zero
-from .spectral import preconditioner
-
 try:
     import triton
     import triton.language as tl
@@ -98,20 +94,14 @@ def families(group: dict[str, Any], buckets: Sequence[Any]) -> list[Family]:
 
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-MAX_RANK = 256
-"""Largest rank the kernels take."""
-WHOLE_RANK = 64
-"""Largest rank whose r×r maps a program holds whole (three float32 maps and their TF32 splits on chip: at r = 128
-that would ask for 400 KB of shared memory, beyond an H100's 227 KB).  Above it the Gram and Adam kernels work
-in tiles of ``WHOLE_RANK`` rows of the maps (:func:`sdsopt.kernels.adam_tiled_kernel`), and the r×r algebra
-(:func:`frames`, :func:`inverses`) is torch's batched LAPACK-style calls (the one-program-per-Gram Cholesky of
-:func:`sdsopt.kernels.frames_kernel` holds the Gram in registers)."""
+MAX_RANK = 64
+"""Largest rank the kernels take: a program holds three r×r float32 maps on chip (plus their TF32 splits); at
+r = 128 that asks for 400 KB of shared memory, beyond an H100's 227 KB, so larger ranks keep the torch path."""
 
 
 def supported(dtype: torch.dtype, r: int) -> bool:
     """Factors the kernels take: float32/bf16/fp16 (float64 ones keep the torch path, whose algebra is float64)
-    of rank ≤ :data:`MAX_RANK` (256: beyond it the tiled Adam kernel's ``[r, BLOCK_P]`` blocks would not fit on
-    chip either)."""
+    of rank ≤ :data:`MAX_RANK`."""
     return dtype in _DTYPES and r <= MAX_RANK
 
 
@@ -166,14 +156,11 @@ def _to_device(values: list[Any], dtype: torch.dtype, device: torch.device) -> T
 @dataclass(frozen=True)
 class Launch:
     """Launch settings of the kernels for one rank: ``rp`` (r padded to a power of two ≥ 16, ``tl.dot``'s
-    minimum), ``rt`` (the maps' tile: ``rp`` up to :data:`WHOLE_RANK`, else ``WHOLE_RANK``), the Gram's work-item
-    size, per kernel the column block, warps, software-pipelining stages and matmul precision (``tf32x3``:
+    minimum), per kernel the column block, warps, software-pipelining stages and matmul precision (``tf32x3``:
     three TF32 tensor-core passes, float32 accuracy; ``tf32``: one; ``native``: 16-bit operands; ``ieee``: float32
     FMAs)."""
 
     rp: int
-    rt: int
-    gram_chunk: int
     adam_bp: int
     adam_warps: int
     adam_stages: int
@@ -206,19 +193,14 @@ def launch(r: int, device: torch.device, dtype: torch.dtype = torch.float32) -> 
     * on the CPU (Triton's interpreter, the tests): ``ieee`` (float32 FMAs) throughout.
     """
     rp = _padded(r)
-    rt = min(rp, WHOLE_RANK)
     if device.type != "cuda":
         sds = gram = rewrite = "ieee"
     else:
         sds = {torch.float32: "tf32x3", torch.bfloat16: "native"}.get(dtype, "tf32")
         gram = "tf32x3" if dtype == torch.float32 else "native"
         rewrite = "tf32x3"
-    if rp > WHOLE_RANK:  # tiled: fewer, longer Gram work items (each holds an r×r partial sum)
-        return Launch(rp=rp, rt=rt, gram_chunk=GRAM_CHUNK * (rp // rt) ** 2, adam_bp=16, adam_warps=8, adam_stages=1,
-                      gram_bp=64, gram_warps=4, gram_stages=2, precision=sds, gram_precision=gram,
-                      rewrite_precision=rewrite)
-    return Launch(rp=rp, rt=rt, gram_chunk=GRAM_CHUNK, adam_bp=max(16, min(64, 2048 // rp)), adam_warps=4,
-                  adam_stages=1, gram_bp=64, gram_warps=4, gram_stages=2, precision=sds, gram_precision=gram,
+    return Launch(rp=rp, adam_bp=max(16, min(64, 2048 // rp)), adam_warps=4, adam_stages=1,
+                  gram_bp=64, gram_warps=4, gram_stages=2, precision=sds, gram_precision=gram,
                   rewrite_precision=rewrite)
 
 
@@ -244,8 +226,7 @@ def _chunks(lengths: list[int], chunk: int) -> tuple[list[tuple[int, int]], list
 
 def grams(tables: Tables, key: Any, group: dict[str, Any], fam: Family) -> Tensor:
     """``K = [K_A; K_B]`` ``[2k, r, r]`` float32 for the family's pairs: per factor kind one launch over work
-    items of ``Launch.gram_chunk`` columns (and the tiles of the Gram), then one launch that adds each factor's
-    partial sums."""
+    items of :data:`GRAM_CHUNK` columns, then one launch that adds each factor's partial sums."""
     params: list[Tensor] = group["params"]
     device = params[fam.pairs[0][0]].device
     K = torch.empty(2 * fam.k, fam.r, fam.r, dtype=torch.float32, device=device)
@@ -256,19 +237,18 @@ def grams(tables: Tables, key: Any, group: dict[str, Any], fam: Family) -> Tenso
 
         def build(factors=factors, ptrs=ptrs):
             lengths = [x.numel() // fam.r for x in factors]
-            spans, items = _chunks(lengths, cfg.gram_chunk)
+            spans, items = _chunks(lengths, GRAM_CHUNK)
             rows = [(ptr, first, count, 0, 0, 0, p, q)
                     for q, (ptr, (first, count), p) in enumerate(zip(ptrs, spans, lengths))]
             return rows, items, vector_width(factors, lengths, fam.r, trans)
 
         table, items, n, vec = tables.get((key, "gram", side), ptrs, [], build, device)
         ws = torch.empty(n, fam.r, fam.r, dtype=torch.float32, device=device)
-        kernels.gram_kernel[(n, (cfg.rp // cfg.rt) ** 2)](
-            table, items, ws, fam.r, TRANS=trans, RP=cfg.rp, RT=cfg.rt, BP=cfg.gram_bp, DT=_tl_dtype(fam.dtype),
-            PREC=cfg.gram_precision, VEC=vec, num_warps=cfg.gram_warps, num_stages=cfg.gram_stages)
-        block = min(cfg.rp * cfg.rp, 4096)
-        kernels.gram_sum_kernel[(fam.k, triton.cdiv(fam.r * fam.r, block))](table, ws, K[side * fam.k:],
-                                                                            fam.r * fam.r, BLOCK=block, num_warps=4)
+        kernels.gram_kernel[(n,)](table, items, ws, fam.r, TRANS=trans, RP=cfg.rp, BP=cfg.gram_bp,
+                                  DT=_tl_dtype(fam.dtype), PREC=cfg.gram_precision, VEC=vec,
+                                  num_warps=cfg.gram_warps,
+                                  num_stages=cfg.gram_stages)
+        kernels.gram_sum_kernel[(fam.k,)](table, ws, K[side * fam.k:], fam.r, RP=cfg.rp, num_warps=4)
         del ws
     return K
 
@@ -278,10 +258,7 @@ def frames(K: Tensor, k: int, tol: float, shifts: Tensor | None, both: Tensor | 
     """Mode ``sds``'s maps for ``K = [K_A; K_B]`` (``[2k, r, r]`` float32): ``(G, F, scales)`` with ``G = L^{-1}``
     and ``F`` of :func:`sdsopt.kernels.frames_kernel` (``L Lᵀ = K + (τ·trace K + μ_s)·I``, ``shifts``: ``μ_s`` per
     pair or ``None``), and the re-balancing scales ``[2k]`` of the pairs marked in ``both`` (``None``: none).
-    One launch, one program per Gram (the torch ops it replaces cost ~40 launches of host time per step); above
-    :data:`WHOLE_RANK` those torch ops (:func:`_frames_torch`)."""
-    if K.shape[-1] > WHOLE_RANK:
-        return _frames_torch(K, k, tol, shifts, both)
+    One launch, one program per Gram (the torch ops it replaces cost ~40 launches of host time per step)."""
     G, F = torch.empty_like(K), torch.empty_like(K)
     scales = torch.empty(2 * k, dtype=K.dtype, device=K.device) if both is not None else None
     _frames(K, G, F, k, tol, 0.0, shifts, both, scales, inverse=False)
@@ -291,28 +268,10 @@ def frames(K: Tensor, k: int, tol: float, shifts: Tensor | None, both: Tensor | 
 def inverses(K: Tensor, k: int, tol: float, damping: float) -> Tensor:
     """Mode ``scaled``'s preconditioners ``P = (K + (τ·trace K + δ)·I)^{-1}`` for ``K = [K_A; K_B]``, as
     :func:`sdsopt.spectral.preconditioner`'s Cholesky route computes them (``K = 0`` gives ``δ^{-1}·I``), in one
-    launch (above :data:`WHOLE_RANK`: by that route)."""
-    if K.shape[-1] > WHOLE_RANK:
-        return preconditioner(finite_or_zero(K), mode="scaled", route="cholesky", rank_tol=tol, damping=damping)
+    launch."""
     P = torch.empty_like(K)
     _frames(K, P, P, k, tol, damping, None, None, None, inverse=True)
     return P
-
-
-def _frames_torch(K: Tensor, k: int, tol: float, shifts: Tensor | None, both: Tensor | None
-                  ) -> tuple[Tensor, Tensor, Tensor | None]:
-    """:func:`frames` by the torch path's functions (:func:`sdsopt.linalg.cholesky_lower`,
-    :func:`sdsopt.coordinates.lower_inverse`, :func:`sdsopt.coordinates.map_filter`,
-    :func:`sdsopt.coordinates.balance_scales`): batched calls over all ``2k`` Grams, no host synchronisation."""
-    shift: float | Tensor = 0.0 if shifts is None else shifts.repeat(2).view(-1, 1, 1)
-    G = lower_inverse(cholesky_lower(K, tol, shift=shift))
-    F = map_filter(K, G, shift)
-    scales = None
-    if both is not None:
-        c, c_inv = balance_scales(K_A=K[:k], K_B=K[k:])
-        on = both.view(-1, 1, 1) != 0
-        scales = torch.cat([torch.where(on, c_inv, 1.0), torch.where(on, c, 1.0)]).view(-1)
-    return G, F, scales
 
 
 def _frames(K: Tensor, G: Tensor, F: Tensor, k: int, tol: float, shift0: float, shifts: Tensor | None,
@@ -378,9 +337,8 @@ def adam(tables: Tables, key: Any, group: dict[str, Any], fam: Family, lists: di
     lr = group["lr"]
     if isinstance(lr, Tensor):  # read by the kernel on the device (float32), as torch's fused AdamW does
         lr = lr.to(device=device, dtype=torch.float32, non_blocking=True).reshape(())
-    tiled = cfg.rt < cfg.rp
     for side, trans, table, items, n, vec in launches:
-        (kernels.adam_tiled_kernel if tiled else kernels.adam_kernel)[(n,)](
+        kernels.adam_kernel[(n,)](
             table, items, gmaps[(1 - side) * fam.k:], gmaps if fmaps is None else fmaps[(1 - side) * fam.k:],
             gmaps if scales is None else scales[(1 - side) * fam.k:], gmaps if ramps is None else ramps,
             lr if isinstance(lr, Tensor) else gmaps, gmaps if found_inf is None else found_inf,
@@ -388,7 +346,7 @@ def adam(tables: Tables, key: Any, group: dict[str, Any], fam: Family, lists: di
             group["weight_decay"],
             TRANS=trans, COORD=fmaps is not None, HAS_SCALE=scales is not None, HAS_RAMP=ramps is not None,
             HAS_FOUND_INF=found_inf is not None, LR_TENSOR=isinstance(lr, Tensor), AMSGRAD=amsgrad,
-            MAXIMIZE=group["maximize"], RP=cfg.rp, BP=cfg.adam_bp, DT=_tl_dtype(fam.dtype), **({"RT": cfg.rt} if tiled else {}),
+            MAXIMIZE=group["maximize"], RP=cfg.rp, BP=cfg.adam_bp, DT=_tl_dtype(fam.dtype),
             PREC=cfg.precision if fmaps is not None else cfg.rewrite_precision, VEC=vec,
             num_warps=cfg.adam_warps, num_stages=cfg.adam_stages)
     if found_inf is not None:

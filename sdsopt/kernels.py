@@ -46,7 +46,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-__all__ = ["FIELDS", "adam_kernel", "adam_tiled_kernel", "frames_kernel", "gram_kernel", "gram_sum_kernel"]
+__all__ = ["FIELDS", "adam_kernel", "frames_kernel", "gram_kernel", "gram_sum_kernel"]
 
 FIELDS = 8
 """Entry-table columns: parameter, gradient, exp_avg, exp_avg_sq, max_exp_avg_sq, step (data pointers; the Gram
@@ -55,24 +55,22 @@ table keeps its first work item and their count in the gradient's and exp_avg's 
 
 
 @triton.jit
-def _block(start, stop, p, row0, r: tl.constexpr, TRANS: tl.constexpr, RT: tl.constexpr, BP: tl.constexpr,
-           RP: tl.constexpr):
-    """Offsets and mask of rows ``row0 … row0+RT`` and columns ``start … min(start+BP, stop)`` of a row-form
-    ``r × p`` factor: ``[RT, BP]`` for ``A``, ``[BP, RT]`` (rows of ``B``) for ``TRANS``.  (``r`` is a
-    compile-time constant: at ``r = RP`` every tile is full, the mask is constant along the rank axis, and
-    ``B``'s rows load as vectors.)"""
-    i = row0 + tl.arange(0, RT)
+def _block(start, stop, p, r: tl.constexpr, TRANS: tl.constexpr, RP: tl.constexpr, BP: tl.constexpr):
+    """Offsets and mask of columns ``start … min(start+BP, stop)`` of a row-form ``r × p`` factor: ``[RP, BP]`` for
+    ``A``, ``[BP, RP]`` (rows of ``B``) for ``TRANS``.  (``r`` is a compile-time constant: at ``r = RP`` the mask
+    is constant along the rank axis, so that ``B``'s rows load as vectors.)"""
+    i = tl.arange(0, RP)
     c = start + tl.arange(0, BP)
     if TRANS:
         offs = c[:, None] * r + i[None, :]
         if r == RP:
-            mask = tl.broadcast_to(c[:, None] < stop, (BP, RT))
+            mask = tl.broadcast_to(c[:, None] < stop, (BP, RP))
         else:
             mask = (c[:, None] < stop) & (i[None, :] < r)
     else:
         offs = i[:, None] * p + c[None, :]
         if r == RP:
-            mask = tl.broadcast_to(c[None, :] < stop, (RT, BP))
+            mask = tl.broadcast_to(c[None, :] < stop, (RP, BP))
         else:
             mask = (i[:, None] < r) & (c[None, :] < stop)
     return offs, mask
@@ -115,117 +113,48 @@ def _mm(a, b, DT: tl.constexpr, PREC: tl.constexpr):
 
 
 @triton.jit
-def gram_kernel(table, items, ws, r: tl.constexpr, TRANS: tl.constexpr, RP: tl.constexpr, RT: tl.constexpr,
-                BP: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr, VEC: tl.constexpr):
-    """``ws[w] = X[:, c0:c1] X[:, c0:c1]ᵀ`` (``r × r`` float32) for work item ``w`` (program ``(w, t)``), by tiles of
-    ``RT × RT``: program ``t`` computes tile ``(t // (RP/RT), t % (RP/RT))`` if it is on or below the diagonal and
-    stores it and its transpose (so ``ws[w]`` is exactly symmetric); ``RT = RP`` (r ≤ 64) is one tile.
+def gram_kernel(table, items, ws, r: tl.constexpr, TRANS: tl.constexpr, RP: tl.constexpr, BP: tl.constexpr,
+                DT: tl.constexpr, PREC: tl.constexpr, VEC: tl.constexpr):
+    """``ws[w] = X[:, c0:c1] X[:, c0:c1]ᵀ`` (``r × r`` float32) for work item ``w`` (program ``w``).
 
     At ``tf32x3`` the symmetric product takes two tensor-core passes, not three: with ``X = H + L`` (``H`` the
     TF32 part, ``L = X − H`` exactly), ``X Xᵀ ≈ H Hᵀ + C + Cᵀ``, ``C = H Lᵀ`` (tf32x3's own three terms, its
-    ``L Hᵀ`` being ``Cᵀ``), so ``C`` is summed over the blocks and transposed once; an off-diagonal tile
-    ``X_i X_jᵀ`` takes all three (``H_i H_jᵀ + H_i L_jᵀ + L_i H_jᵀ``), a diagonal one of a tiled Gram is
-    symmetrised as ``(S + Sᵀ)/2``."""
+    ``L Hᵀ`` being ``Cᵀ``), so ``C`` is summed over the blocks and transposed once."""
     w = tl.program_id(0)
-    NT: tl.constexpr = RP // RT
-    ti = tl.program_id(1) // NT
-    tj = tl.program_id(1) % NT
-    if tj > ti:  # the tile above the diagonal is the transpose of one below it
-        return
     _, c0, c1, p, x_ptr = _entry(table, items, w, DT, VEC)
-    acc = tl.zeros((RT, RT), dtype=tl.float32)
+    acc = tl.zeros((RP, RP), dtype=tl.float32)
     if PREC == "tf32x3":
-        cross = tl.zeros((RT, RT), dtype=tl.float32)
+        cross = tl.zeros((RP, RP), dtype=tl.float32)
     for start in range(c0, c1, BP):
-        offs, mask = _block(start, c1, p, ti * RT, r, TRANS, RT, BP, RP)
+        offs, mask = _block(start, c1, p, r, TRANS, RP, BP)
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         if TRANS:
-            x = tl.trans(x)  # [RT, BP]
-        if NT == 1:
-            y = x
-        else:
-            offs, mask = _block(start, c1, p, tj * RT, r, TRANS, RT, BP, RP)
-            y = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            if TRANS:
-                y = tl.trans(y)
+            x = tl.trans(x)  # [RP, BP]
         if PREC == "tf32x3":
             hi = (x.to(tl.int32, bitcast=True) & -8192).to(tl.float32, bitcast=True)  # the 10 leading mantissa bits
-            if NT == 1:
-                acc += tl.dot(hi, tl.trans(hi), input_precision="tf32")
-                cross += tl.dot(hi, tl.trans(x - hi), input_precision="tf32")
-            else:
-                hj = (y.to(tl.int32, bitcast=True) & -8192).to(tl.float32, bitcast=True)
-                acc += tl.dot(hi, tl.trans(hj), input_precision="tf32")
-                cross += tl.dot(hi, tl.trans(y - hj), input_precision="tf32")
-                cross += tl.dot(x - hi, tl.trans(hj), input_precision="tf32")
+            acc += tl.dot(hi, tl.trans(hi), input_precision="tf32")
+            cross += tl.dot(hi, tl.trans(x - hi), input_precision="tf32")
         else:
-            acc += _mm(x, tl.trans(y), DT, PREC)
+            acc += _mm(x, tl.trans(x), DT, PREC)
     if PREC == "tf32x3":
-        if NT == 1:
-            acc += cross + tl.trans(cross)
-        else:
-            acc += cross
-    i = ti * RT + tl.arange(0, RT)
-    j = tj * RT + tl.arange(0, RT)
-    out = ws + w.to(tl.int64) * r * r
-    if NT > 1:
-        acc = tl.where(ti == tj, (acc + tl.trans(acc)) * 0.5, acc)
-        tl.store(out + j[:, None] * r + i[None, :], tl.trans(acc), mask=(j[:, None] < r) & (i[None, :] < r))
-    tl.store(out + i[:, None] * r + j[None, :], acc, mask=(i[:, None] < r) & (j[None, :] < r))
+        acc += cross + tl.trans(cross)
+    i = tl.arange(0, RP)
+    tl.store(ws + w.to(tl.int64) * r * r + i[:, None] * r + i[None, :], acc, mask=(i[:, None] < r) & (i[None, :] < r))
 
 
 @triton.jit
-def gram_sum_kernel(table, ws, out, rr, BLOCK: tl.constexpr):
-    """``out[j] = Σ ws[w]`` over entry ``j``'s work items, in order (program ``(j, c)``: elements
-    ``c·BLOCK …`` of the ``rr = r²`` of each Gram)."""
+def gram_sum_kernel(table, ws, out, r: tl.constexpr, RP: tl.constexpr):
+    """``out[j] = Σ ws[w]`` over entry ``j``'s work items, in order (program ``j``)."""
     j = tl.program_id(0)
     first = tl.load(table + j * 8 + 1)
     count = tl.load(table + j * 8 + 2)
-    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < rr
-    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    i = tl.arange(0, RP)
+    offs = i[:, None] * r + i[None, :]
+    mask = (i[:, None] < r) & (i[None, :] < r)
+    acc = tl.zeros((RP, RP), dtype=tl.float32)
     for t in range(count):
-        acc += tl.load(ws + (first + t) * rr + offs, mask=mask, other=0.0)
-    tl.store(out + j.to(tl.int64) * rr + offs, acc, mask=mask)
-
-
-@triton.jit
-def _coefficients(row, q, ramps, scales, lr_ptr, lr, beta1, beta2, HAS_SCALE: tl.constexpr, HAS_RAMP: tl.constexpr,
-                  LR_TENSOR: tl.constexpr):
-    """A factor's Adam constants: ``(1 − β₁ᵗ, √(1 − β₂ᵗ), gain = −η·ρ, re-balancing scale c)`` (``c = 1`` without
-    ``HAS_SCALE``)."""
-    step = tl.load(tl.load(row + 5).to(tl.pointer_type(tl.float32)))
-    bias1 = 1.0 - tl.exp2(step * tl.log2(beta1))
-    root2 = tl.sqrt(1.0 - tl.exp2(step * tl.log2(beta2)))
-    if LR_TENSOR:
-        lr = tl.load(lr_ptr)
-    gain = -lr
-    if HAS_RAMP:
-        gain = gain * tl.load(ramps + q)
-    scale = 1.0
-    if HAS_SCALE:
-        scale = tl.load(scales + q)
-        if LR_TENSOR:  # lr = 0 moves nothing, not even the balance (a float lr decides this on the host)
-            scale = tl.where(lr > 0, scale, 1.0)
-    return bias1, root2, gain, scale
-
-
-@triton.jit
-def _moments(g, row, offs, mask, beta1, beta2, eps, bias1, root2, AMSGRAD: tl.constexpr, DT: tl.constexpr,
-             VEC: tl.constexpr):
-    """Adam's moments of one tile updated in place with the (mapped) gradient ``g`` (float32); returns the
-    direction ``û = m̂ / (√v̂ + ε)``."""
-    m_base = _pointer(row, 2, DT, VEC)
-    v_base = _pointer(row, 3, DT, VEC)
-    m = beta1 * tl.load(m_base + offs, mask=mask, other=0.0).to(tl.float32) + (1.0 - beta1) * g
-    v = beta2 * tl.load(v_base + offs, mask=mask, other=0.0).to(tl.float32) + (1.0 - beta2) * g * g
-    tl.store(m_base + offs, m.to(DT), mask=mask)
-    tl.store(v_base + offs, v.to(DT), mask=mask)
-    if AMSGRAD:
-        w_base = _pointer(row, 4, DT, VEC)
-        v = tl.maximum(tl.load(w_base + offs, mask=mask, other=0.0).to(tl.float32), v)
-        tl.store(w_base + offs, v.to(DT), mask=mask)
-    return (m / bias1) / (tl.sqrt(v) / root2 + eps)
+        acc += tl.load(ws + (first + t) * r * r + offs, mask=mask, other=0.0)
+    tl.store(out + j.to(tl.int64) * r * r + offs, acc, mask=mask)
 
 
 @triton.jit
@@ -234,14 +163,17 @@ def adam_kernel(table, items, gmaps, fmaps, scales, ramps, lr_ptr, found_inf, r:
                 HAS_RAMP: tl.constexpr, HAS_FOUND_INF: tl.constexpr, LR_TENSOR: tl.constexpr,
                 AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr, RP: tl.constexpr, BP: tl.constexpr,
                 DT: tl.constexpr, PREC: tl.constexpr, VEC: tl.constexpr):
-    """Work item ``w`` (program ``w``): the update of the module docstring on its columns, ``BP`` at a time, the
-    r×r maps held whole (r ≤ 64; larger ranks: :func:`adam_tiled_kernel`)."""
+    """Work item ``w`` (program ``w``): the update of the module docstring on its columns, ``BP`` at a time."""
     w = tl.program_id(0)
     if HAS_FOUND_INF:
         if tl.load(found_inf) > 0:  # torch's fused AdamW: a step with non-finite gradients changes nothing
             return
     row, c0, c1, p, x_base = _entry(table, items, w, DT, VEC)
     g_base = _pointer(row, 1, DT, VEC)
+    m_base = _pointer(row, 2, DT, VEC)
+    v_base = _pointer(row, 3, DT, VEC)
+    w_base = _pointer(row, 4, DT, VEC)
+    step = tl.load(tl.load(row + 5).to(tl.pointer_type(tl.float32)))
     q = tl.load(row + 7)
     base = q * r * r
     i = tl.arange(0, RP)
@@ -249,19 +181,39 @@ def adam_kernel(table, items, gmaps, fmaps, scales, ramps, lr_ptr, found_inf, r:
     G = tl.load(gmaps + base + i[:, None] * r + i[None, :], mask=r_mask, other=0.0)
     if COORD:
         F = tl.load(fmaps + base + i[:, None] * r + i[None, :], mask=r_mask, other=0.0)
-    bias1, root2, gain, scale = _coefficients(row, q, ramps, scales, lr_ptr, lr, beta1, beta2, HAS_SCALE, HAS_RAMP,
-                                              LR_TENSOR)
+    bias1 = 1.0 - tl.exp2(step * tl.log2(beta1))
+    root2 = tl.sqrt(1.0 - tl.exp2(step * tl.log2(beta2)))
+    if LR_TENSOR:
+        lr = tl.load(lr_ptr)
+    gain = -lr
+    if HAS_RAMP:
+        gain = gain * tl.load(ramps + q)
+    if HAS_SCALE:
+        scale = tl.load(scales + q)
+        if LR_TENSOR:  # lr = 0 moves nothing, not even the balance (a float lr decides this on the host)
+            scale = tl.where(lr > 0, scale, 1.0)
     for start in range(c0, c1, BP):
-        offs, mask = _block(start, c1, p, 0, r, TRANS, RP, BP, RP)
-        g = tl.load(g_base + offs, mask=mask, other=0.0).to(tl.float32)
-        x = tl.load(x_base + offs, mask=mask, other=0.0).to(tl.float32)
+        offs, mask = _block(start, c1, p, r, TRANS, RP, BP)
+        g = tl.load(g_base + offs, mask=mask, other=0.0)
+        m = tl.load(m_base + offs, mask=mask, other=0.0)
+        v = tl.load(v_base + offs, mask=mask, other=0.0)
+        x = tl.load(x_base + offs, mask=mask, other=0.0)
+        g = g.to(tl.float32)
         if MAXIMIZE:
             g = -g
         if TRANS:  # row form X = Bᵀ: g̃ᵀ = gᵀ Gᵀ
             g = _mm(g, tl.trans(G), DT, PREC)
         else:
             g = _mm(G, g, DT, PREC)
-        u = _moments(g, row, offs, mask, beta1, beta2, eps, bias1, root2, AMSGRAD, DT, VEC)
+        m = beta1 * m.to(tl.float32) + (1.0 - beta1) * g
+        v = beta2 * v.to(tl.float32) + (1.0 - beta2) * g * g
+        tl.store(m_base + offs, m.to(DT), mask=mask)
+        tl.store(v_base + offs, v.to(DT), mask=mask)
+        if AMSGRAD:
+            v = tl.maximum(tl.load(w_base + offs, mask=mask, other=0.0).to(tl.float32), v)
+            tl.store(w_base + offs, v.to(DT), mask=mask)
+        u = (m / bias1) / (tl.sqrt(v) / root2 + eps)
+        x = x.to(tl.float32)
         if COORD:
             if TRANS:
                 t = _mm(u, G, DT, PREC) + weight_decay * x
@@ -271,82 +223,10 @@ def adam_kernel(table, items, gmaps, fmaps, scales, ramps, lr_ptr, found_inf, r:
                 d = _mm(F, t, DT, PREC)
         else:
             d = u + weight_decay * x
-        x = (x + gain * d) * scale
+        x = x + gain * d
+        if HAS_SCALE:
+            x = x * scale
         tl.store(x_base + offs, x.to(DT), mask=mask)
-
-
-@triton.jit
-def _map_rows(maps, row0, r: tl.constexpr, RT: tl.constexpr, RP: tl.constexpr, TRANS: tl.constexpr):
-    """Rows ``row0 … row0+RT`` of an r×r map, ``[RT, RP]`` (zero-padded), or for ``TRANS`` its columns ``row0 …``
-    as ``[RP, RT]``."""
-    i = row0 + tl.arange(0, RT)
-    k = tl.arange(0, RP)
-    if TRANS:
-        return tl.load(maps + k[:, None] * r + i[None, :], mask=(k[:, None] < r) & (i[None, :] < r), other=0.0)
-    return tl.load(maps + i[:, None] * r + k[None, :], mask=(i[:, None] < r) & (k[None, :] < r), other=0.0)
-
-
-@triton.jit
-def adam_tiled_kernel(table, items, gmaps, fmaps, scales, ramps, lr_ptr, found_inf, r: tl.constexpr, lr, beta1,
-                      beta2, eps, weight_decay, TRANS: tl.constexpr, COORD: tl.constexpr, HAS_SCALE: tl.constexpr,
-                      HAS_RAMP: tl.constexpr, HAS_FOUND_INF: tl.constexpr, LR_TENSOR: tl.constexpr,
-                      AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr, RP: tl.constexpr, RT: tl.constexpr,
-                      BP: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr, VEC: tl.constexpr):
-    """:func:`adam_kernel` for ranks too large to hold the r×r maps on chip (64 < r ≤ 256): per block of ``BP``
-    columns the whole ``[RP, BP]`` gradient block is loaded once, and the maps stream through in row tiles of
-    ``RT``: tile ``i`` gives ``g̃_i = G_{i,:} g``, its moments and direction ``û_i``, and (``COORD``) adds
-    ``G_{i,:}ᵀ û_i`` to ``t = Gᵀ û``; then ``d_i = F_{i,:}(t + λx)`` per tile.  (``B``'s row form: the same
-    products transposed, ``F``'s columns as :func:`adam_kernel` reads them.)"""
-    w = tl.program_id(0)
-    if HAS_FOUND_INF:
-        if tl.load(found_inf) > 0:
-            return
-    row, c0, c1, p, x_base = _entry(table, items, w, DT, VEC)
-    g_base = _pointer(row, 1, DT, VEC)
-    q = tl.load(row + 7)
-    G_base = gmaps + q * r * r
-    F_base = fmaps + q * r * r
-    bias1, root2, gain, scale = _coefficients(row, q, ramps, scales, lr_ptr, lr, beta1, beta2, HAS_SCALE, HAS_RAMP,
-                                              LR_TENSOR)
-    for start in range(c0, c1, BP):
-        offs, mask = _block(start, c1, p, 0, r, TRANS, RP, BP, RP)
-        g = tl.load(g_base + offs, mask=mask, other=0.0).to(tl.float32)
-        if MAXIMIZE:
-            g = -g
-        if COORD:
-            if TRANS:
-                t = tl.zeros((BP, RP), dtype=tl.float32)
-            else:
-                t = tl.zeros((RP, BP), dtype=tl.float32)
-        for ti in tl.static_range(RP // RT):
-            tile, tmask = _block(start, c1, p, ti * RT, r, TRANS, RT, BP, RP)
-            Gi = _map_rows(G_base, ti * RT, r, RT, RP, False)  # [RT, RP]
-            if TRANS:
-                u = _moments(_mm(g, tl.trans(Gi), DT, PREC), row, tile, tmask, beta1, beta2, eps, bias1, root2,
-                             AMSGRAD, DT, VEC)  # [BP, RT]
-            else:
-                u = _moments(_mm(Gi, g, DT, PREC), row, tile, tmask, beta1, beta2, eps, bias1, root2, AMSGRAD, DT,
-                             VEC)  # [RT, BP]
-            if COORD:
-                if TRANS:
-                    t += _mm(u, Gi, DT, PREC)
-                else:
-                    t += _mm(tl.trans(Gi), u, DT, PREC)
-            else:
-                x = tl.load(x_base + tile, mask=tmask, other=0.0).to(tl.float32)
-                x = (x + gain * (u + weight_decay * x)) * scale
-                tl.store(x_base + tile, x.to(DT), mask=tmask)
-        if COORD:
-            t += weight_decay * tl.load(x_base + offs, mask=mask, other=0.0).to(tl.float32)
-            for ti in tl.static_range(RP // RT):
-                tile, tmask = _block(start, c1, p, ti * RT, r, TRANS, RT, BP, RP)
-                x = tl.load(x_base + tile, mask=tmask, other=0.0).to(tl.float32)
-                if TRANS:
-                    d = _mm(t, _map_rows(F_base, ti * RT, r, RT, RP, True), DT, PREC)  # t F_{:,i}: [BP, RT]
-                else:
-                    d = _mm(_map_rows(F_base, ti * RT, r, RT, RP, False), t, DT, PREC)  # F_{i,:} t: [RT, BP]
-                x = (x + gain * d) * scale
-                tl.store(x_base + tile, x.to(DT), mask=tmask)
 
 
 @triton.jit

@@ -84,7 +84,7 @@ def trace(K: Tensor) -> Tensor:
     return K.diagonal(dim1=-2, dim2=-1).sum(-1)[..., None, None]
 
 
-def cholesky_lower(K: Tensor, rank_tol: float, shift: float | Tensor = 0.0, empty_identity: bool = True) -> Tensor:
+def cholesky_lower(K: Tensor, rank_tol: float, shift: float = 0.0, empty_identity: bool = True) -> Tensor:
     """Lower-triangular ``L`` with ``L Lᵀ = K + (τ·trace K + shift)·I`` for Grams ``K`` ``[k, r, r]`` (docs/math.md (2.1), (2.5)).
 
     ``R = Lᵀ`` is the upper-triangular factor of the sign-fixed thin QR of the factor (``X = Q R``
