@@ -167,9 +167,8 @@ class Launch:
     gram_bp: int
     gram_warps: int
     gram_stages: int
-    precision: str  # the Adam kernel's products in mode sds (g̃ = G g and the map back)
+    precision: str  # the Adam kernel's products with the r×r maps (g̃ = G g and the map back)
     gram_precision: str
-    rewrite_precision: str  # g̃ = P g of the rewrite modes (no map back: P's rounding would not cancel)
 
 
 def _padded(r: int) -> int:
@@ -181,27 +180,23 @@ def launch(r: int, device: torch.device, dtype: torch.dtype = torch.float32) -> 
     """The settings measured best on an H100 (``benchmarks/kernel_blocks.py``; RESULTS.md), and the matmul
     precisions of :mod:`sdsopt.kernels`:
 
-    * float32 factors: ``tf32x3`` (float32 accuracy) for every product;
-    * 16-bit factors, Grams: ``native`` (16-bit operands: their values, exactly; float32 accumulation);
-    * bf16 factors, mode ``sds``'s Adam products: ``native`` — the float32 maps and Adam's direction rounded to
-      bf16 (2⁻⁹): the change of coordinates is still one (the same rounded ``G`` both ways), and the update's
-      relative rounding stays below the bf16 parameter's own (measured: 7e-4 of the update vs the TF32 products;
-      −26 % of the Adam kernel's time at r = 64);
-    * fp16 factors, those products: ``tf32`` (fp16 could not hold the maps: ``G = L^{-1}`` reaches 1/√μ);
-    * the rewrite modes' ``P g``: ``tf32x3`` (no map back would undo ``P``'s rounding, which an
-      ill-conditioned ``P`` amplifies);
+    * the Adam kernel's products with the r×r maps, every dtype: ``tf32x3`` (float32 accuracy, as the torch
+      path's algebra).  Until 2026-11-30 bf16 factors took bf16 operands there (fp16 ones TF32): that rounds
+      the filter ``F``, whose entries are O(1) while the partner's weak directions make ``Gᵀû`` large, so the
+      step's error grows with the partner's conditioning (2⁻⁹·κ; measured 16 % of the update on a rank-deficient
+      pair, r = 5 > m = 4, where the torch path's bf16 error is 1.4 %); TF32 operands (2⁻¹¹) have the same flaw;
+    * the Grams: float32 factors ``tf32x3``; 16-bit factors ``native`` (16-bit operands: the products of their
+      values are exact in float32; float32 accumulation);
     * on the CPU (Triton's interpreter, the tests): ``ieee`` (float32 FMAs) throughout.
     """
     rp = _padded(r)
     if device.type != "cuda":
-        sds = gram = rewrite = "ieee"
+        products = gram = "ieee"
     else:
-        sds = {torch.float32: "tf32x3", torch.bfloat16: "native"}.get(dtype, "tf32")
+        products = "tf32x3"
         gram = "tf32x3" if dtype == torch.float32 else "native"
-        rewrite = "tf32x3"
     return Launch(rp=rp, adam_bp=max(16, min(64, 2048 // rp)), adam_warps=4, adam_stages=1,
-                  gram_bp=64, gram_warps=4, gram_stages=2, precision=sds, gram_precision=gram,
-                  rewrite_precision=rewrite)
+                  gram_bp=64, gram_warps=4, gram_stages=2, precision=products, gram_precision=gram)
 
 
 def vector_width(tensors: list[Tensor], lengths: list[int], r: int, trans: bool) -> int:
@@ -347,7 +342,7 @@ def adam(tables: Tables, key: Any, group: dict[str, Any], fam: Family, lists: di
             TRANS=trans, COORD=fmaps is not None, HAS_SCALE=scales is not None, HAS_RAMP=ramps is not None,
             HAS_FOUND_INF=found_inf is not None, LR_TENSOR=isinstance(lr, Tensor), AMSGRAD=amsgrad,
             MAXIMIZE=group["maximize"], RP=cfg.rp, BP=cfg.adam_bp, DT=_tl_dtype(fam.dtype),
-            PREC=cfg.precision if fmaps is not None else cfg.rewrite_precision, VEC=vec,
+            PREC=cfg.precision, VEC=vec,
             num_warps=cfg.adam_warps, num_stages=cfg.adam_stages)
     if found_inf is not None:
         torch._foreach_sub_(steps, [found_inf] * len(steps))

@@ -36,9 +36,7 @@ then, with weight decay ``λ``, learning rate ``η``, the optional ramp ``ρ`` a
 Arithmetic is float32 in registers whatever the parameter dtype; the moments are stored in the parameter's
 dtype, as torch's AdamW keeps them.  Matrix products accumulate in float32; their operands' precision is
 :func:`sdsopt.fused.launch`'s choice per dtype (float32 factors: ``tf32x3``, float32 accuracy; 16-bit factors: their
-Grams from the 16-bit values exactly; bf16 factors' ``sds`` products with bf16 operands, fp16's with TF32 ones —
-the rounded maps act alike in both directions of the map, a change of coordinates all the same; the rewrite
-modes keep ``tf32x3`` for ``P g``, whose rounding no map back would undo).
+Grams from the 16-bit values exactly; the products with the maps at ``tf32x3`` for every dtype).
 """
 
 from __future__ import annotations

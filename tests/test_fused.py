@@ -73,6 +73,7 @@ def _err(got, ref):
 )
 @example(r=128, shapes=[(150, 70)], mode="sds", dtype=torch.float32, wd=0.1, amsgrad=False, maximize=False, seed=1)
 @example(r=100, shapes=[(40, 130)], mode="scaled", dtype=torch.bfloat16, wd=0.0, amsgrad=True, maximize=True, seed=2)
+@example(r=5, shapes=[(4, 77)], mode="sds", dtype=torch.bfloat16, wd=0.0, amsgrad=False, maximize=False, seed=0)
 def test_fused_step_matches_the_float64_torch_step(r, shapes, mode, dtype, wd, amsgrad, maximize, seed):
     """Random shapes (uneven, r up to 128, rank-deficient where r > min(m, n)), the three modes the kernels serve,
     bf16, weight decay, amsgrad, maximize: the kernels' parameters and moments equal the float64 torch path's
@@ -347,3 +348,22 @@ def test_frames_kernel_matches_the_torch_frames(r):
         c = torch.where(both.cpu().bool().view(-1, 1, 1), c, 1.0).view(-1)
         assert torch.allclose(scales[4:].double().cpu(), c, rtol=1e-5)
         assert torch.allclose(scales[:4].double().cpu(), 1 / c, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_16_bit_factors_step_at_float32_accuracy(dtype, monkeypatch):
+    """The precision the GPU's Adam kernel gets (:func:`sdsopt.fused.launch` on CUDA) on a rank-deficient 16-bit pair
+    (r = 5 > m = 4: the partner's frame has weak directions of size √τ): the fused step's parameters stay within
+    4× the torch path's error (same dtype) of the float64 step.  With the 16-bit operands the kernel took for
+    bf16 factors before 2026-11-30 (``precision="native"``) this failed on an H200 (16 % vs 1.4 %), and does
+    under Triton's interpreter."""
+    if DEVICE.type == "cpu":  # the GPU's products with the maps (the interpreter's 16-bit dots are not the GPU's)
+        default = fused.launch
+        gpu = fused.launch(5, torch.device("cuda"), dtype).precision
+        monkeypatch.setattr(fused, "launch", lambda *a, **k: dataclasses.replace(default(*a, **k), precision=gpu))
+    named = [(n, t.to(dtype).double()) for n, t in _pairs([(4, 77)], 5, seed=0)]
+    kw = dict(lr=1e-2, mode="sds", warmup_steps=0, coordinate_ramp=2)
+    ref = _run(named, torch.float64, "cpu", 3, 0, **kw)
+    got = _run(named, dtype, DEVICE, 3, 0, fused=True, **kw)
+    base = _run(named, dtype, DEVICE, 3, 0, **kw)
+    assert _err(got[0], ref[0]) <= max(TOLERANCE[torch.bfloat16], 4 * _err(base[0], ref[0]))
