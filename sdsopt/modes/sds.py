@@ -77,7 +77,8 @@ def _map_back_pairs(side: str, M: Tensor, targets: list[Tensor], changes: list[T
                     gain: list[float]) -> None:
     """:func:`_map_back` pair by pair, in place on the parameters (the CPU route of :meth:`SDS._step_torch`):
     ``X ← keep·X + gain·M·ΔX̃`` (``ΔX̃ M_Aᵀ`` for ``B``) by one ``addmm_`` each, with
-    ``keep = c(1 − ρ·decay)`` and ``gain = c·ρ`` (re-balancing scale ``c``, ramp ``ρ``): (2.6) as :func:`_map_back` forms it, one rounding."""
+    ``keep = c(1 − ρ·decay)`` and ``gain = c·ρ`` (re-balancing scale ``c``, ramp ``ρ``): (2.6) as
+    :func:`_map_back` forms it, rounded once."""
     for X, change, Mi, beta, alpha in zip(targets, changes, M.unbind(0), keep, gain):
         if side == "A":
             X.view(X.shape[0], -1).addmm_(Mi, change.view(X.shape[0], -1), beta=beta, alpha=alpha)
