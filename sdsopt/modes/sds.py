@@ -75,15 +75,22 @@ def _map_back(side: str, M: Tensor, X: Tensor, change: Tensor, targets: list[Ten
 
 def _map_back_pairs(side: str, M: Tensor, targets: list[Tensor], changes: list[Tensor], keep: list[float],
                     gain: list[float]) -> None:
-    """:func:`_map_back` pair by pair, in place on the parameters (the CPU route of :meth:`SDS._step_torch`):
+    """:func:`_map_back` pair by pair, in place on the parameters (the CPU route of :meth:`SDS._step_torch`;
+    ``changes`` in row form):
     ``X ← keep·X + gain·M·ΔX̃`` (``ΔX̃ M_Aᵀ`` for ``B``) by one ``addmm_`` each, with
     ``keep = c(1 − ρ·decay)`` and ``gain = c·ρ`` (re-balancing scale ``c``, ramp ``ρ``): (2.6) as
     :func:`_map_back` forms it, rounded once."""
     for X, change, Mi, beta, alpha in zip(targets, changes, M.unbind(0), keep, gain):
         if side == "A":
-            X.view(X.shape[0], -1).addmm_(Mi, change.view(X.shape[0], -1), beta=beta, alpha=alpha)
+            _rows(X).addmm_(Mi, change, beta=beta, alpha=alpha)
         else:
-            X.view(X.shape[0], -1).addmm_(change.view(X.shape[0], -1), Mi.mT, beta=beta, alpha=alpha)
+            _rows(X).addmm_(change, Mi.mT, beta=beta, alpha=alpha)
+
+
+def _rows(t: Tensor) -> Tensor:
+    """A factor (or its gradient) in row form, ``[r, n]`` / ``[m, r]``: conv factors flattened (a view), 2-D
+    ones as they are (no dispatched op: the per-pair route makes a few hundred of these per step)."""
+    return t if t.dim() == 2 else t.view(t.shape[0], -1)
 
 
 def _host_route(group: dict[str, Any], bucket: Bucket, dt: torch.dtype) -> bool:
@@ -269,8 +276,8 @@ class SDS(Mode):
             dt, tol = algebra_precision(params[bucket.a[0]].dtype, group["linalg_dtype"], group["rank_tol"], "cholesky")
             host = _host_route(group, bucket, dt)
             if host:  # the factors in row form, [r, n] and [m, r] (conv factors flattened)
-                A: Any = [params[i].view(params[i].shape[0], -1) for i in bucket.a]
-                B: Any = [params[i].view(params[i].shape[0], -1) for i in bucket.b]
+                A: Any = [_rows(params[i]) for i in bucket.a]
+                B: Any = [_rows(params[i]) for i in bucket.b]
             else:
                 A, B = stacked_factors(group, bucket.a, bucket.b, dt)
             # the step damping μ_s = γ·lr·√min(m, n) (see the class docstring), from the whole factors'
@@ -306,8 +313,10 @@ class SDS(Mode):
                 like = lists["params"][pos[0]]
                 frame = frames[j]
                 if host:
-                    g_t = [coordinate_gradient(L, lists["grads"][q].view(x.shape), side).view(like.shape)
-                           for L, q, x in zip(frame.L_inv.unbind(0), pos, X)]
+                    g_t = [coordinate_gradient(L, _rows(lists["grads"][q]), side)
+                           for L, q in zip(frame.L_inv.unbind(0), pos)]
+                    if like.dim() != 2:
+                        g_t = [g.view(like.shape) for g in g_t]
                 else:
                     G = torch.stack([lists["grads"][q] for q in pos]).to(X.dtype).view(X.shape)
                     stacked = coordinate_gradient(frame.L_inv, G, side)
@@ -329,7 +338,7 @@ class SDS(Mode):
                     rho = (ramp.view(-1).tolist() if isinstance(ramp, Tensor)
                            else [1.0 if ramp is None else ramp] * len(pos))
                     d = float(decay)
-                    _map_back_pairs(side, frame.M, targets, sub["params"],
+                    _map_back_pairs(side, frame.M, targets, change.unbind(0),
                                     keep=[ci * (1.0 - ri * d) for ci, ri in zip(c, rho)],
                                     gain=[ci * ri for ci, ri in zip(c, rho)])
                 else:
