@@ -256,11 +256,11 @@ class SDS(Mode):
         """:meth:`_step_coordinates` by torch ops; returns the positions stepped.
 
         First, per shape bucket: one stack of each factor and one batched Gram; then all r×r frames of the step at
-        once (:func:`_frames`).  Then bucket by bucket and factor by factor: two batched matmuls (coordinates and
-        their gradient), torch's Adam (:func:`sdsopt.adam.adamw`, the group's kernel) on the coordinates with the factors'
-        moments, and the map back (:func:`_map_back`), so that only one bucket's coordinates and
-        their gradients are alive at a time (Adam is elementwise: one call per bucket updates every tensor as
-        one call for all would).
+        once (:func:`_frames`).  Then bucket by bucket and factor by factor: one batched matmul (the coordinates'
+        gradient), torch's Adam (:func:`sdsopt.adam.adamw`, the group's kernel) on a zero buffer with the
+        factors' moments (the coordinates' change, see the module docstring), and the map back
+        (:func:`_map_back`), so that only one bucket's buffers are alive at a time (Adam is elementwise: one call
+        per bucket updates every tensor as one call for all would).
 
         On the CPU (:func:`_host_route`) nothing is stacked: the Grams, coordinate gradients and the map back are
         one small product per factor, the map back an ``addmm_`` on the parameter itself (:func:`_map_back_pairs`),
