@@ -250,14 +250,15 @@ def grams(tables: Tables, key: Any, group: dict[str, Any], fam: Family) -> Tenso
 
 def frames(K: Tensor, k: int, tol: float, shifts: Tensor | None, both: Tensor | None
            ) -> tuple[Tensor, Tensor, Tensor | None]:
-    """Mode ``sds``'s maps for ``K = [K_A; K_B]`` (``[2k, r, r]`` float32): ``(G, F, scales)`` with ``G = L^{-1}``
-    and ``F`` of :func:`sdsopt.kernels.frames_kernel` (``L Lᵀ = K + (τ·trace K + μ_s)·I``, ``shifts``: ``μ_s`` per
-    pair or ``None``), and the re-balancing scales ``[2k]`` of the pairs marked in ``both`` (``None``: none).
-    One launch, one program per Gram (the torch ops it replaces cost ~40 launches of host time per step)."""
-    G, F = torch.empty_like(K), torch.empty_like(K)
+    """Mode ``sds``'s maps for ``K = [K_A; K_B]`` (``[2k, r, r]`` float32): ``(G, M, scales)`` with ``G = L^{-1}``
+    and the map back ``M`` of :func:`sdsopt.kernels.frames_kernel` (``L Lᵀ = K + (τ·trace K + μ_s)·I``,
+    ``shifts``: ``μ_s`` per pair or ``None``), and the re-balancing scales ``[2k]`` of the pairs marked in
+    ``both`` (``None``: none).  One launch, one program per Gram (the torch ops it replaces cost ~40 launches of
+    host time per step)."""
+    G, M = torch.empty_like(K), torch.empty_like(K)
     scales = torch.empty(2 * k, dtype=K.dtype, device=K.device) if both is not None else None
-    _frames(K, G, F, k, tol, 0.0, shifts, both, scales, inverse=False)
-    return G, F, scales
+    _frames(K, G, M, k, tol, 0.0, shifts, both, scales, inverse=False)
+    return G, M, scales
 
 
 def inverses(K: Tensor, k: int, tol: float, damping: float) -> Tensor:
@@ -269,26 +270,26 @@ def inverses(K: Tensor, k: int, tol: float, damping: float) -> Tensor:
     return P
 
 
-def _frames(K: Tensor, G: Tensor, F: Tensor, k: int, tol: float, shift0: float, shifts: Tensor | None,
+def _frames(K: Tensor, G: Tensor, M: Tensor, k: int, tol: float, shift0: float, shifts: Tensor | None,
             both: Tensor | None, scales: Tensor | None, *, inverse: bool) -> None:
     rp = _padded(K.shape[-1])
-    kernels.frames_kernel[(2 * k,)](K, G, F, K if scales is None else scales, K if shifts is None else shifts,
+    kernels.frames_kernel[(2 * k,)](K, G, M, K if scales is None else scales, K if shifts is None else shifts,
                                 K if both is None else both, k, K.shape[-1], tol, shift0,
                                 HAS_SHIFT=shifts is not None, HAS_SCALE=both is not None, INVERSE=inverse, RP=rp,
                                 num_warps=1 if rp == 16 else 4)  # (H100: 0.034 vs 0.048 ms at r = 16; 4 best at 64)
 
 
 def adam(tables: Tables, key: Any, group: dict[str, Any], fam: Family, lists: dict[str, list[Tensor]],
-         position: dict[int, int], *, gmaps: Tensor, fmaps: Tensor | None, scales: Tensor | None,
+         position: dict[int, int], *, gmaps: Tensor, mmaps: Tensor | None, scales: Tensor | None,
          ramps: Tensor | None, found_inf: Tensor | None) -> set[int]:
     """The Adam step of every factor of the family that has a gradient (module docstring, step 3), with maps
-    ``gmaps`` (``G``) and ``fmaps`` (``F``; ``None``: a rewrite mode) ``[2k, r, r]`` float32, re-balancing
-    ``scales`` ``[2k]`` (indexed as the maps) and ``ramps`` ``[k]``.  Returns the positions stepped (to be taken
-    out of ``lists``)."""
+    ``gmaps`` (``G``) and ``mmaps`` (the maps back ``M``; ``None``: a rewrite mode) ``[2k, r, r]`` float32,
+    re-balancing ``scales`` ``[2k]`` (indexed as the maps) and ``ramps`` ``[k]``.  Returns the positions stepped
+    (to be taken out of ``lists``)."""
     params: list[Tensor] = group["params"]
     device = params[fam.pairs[0][0]].device
     gmaps = gmaps.contiguous()  # row-major r×r (no copy unless a solver returned column-major batches)
-    fmaps = None if fmaps is None else fmaps.contiguous()
+    mmaps = None if mmaps is None else mmaps.contiguous()
     cfg = launch(fam.r, device, fam.dtype)
     amsgrad = group["amsgrad"]
     beta1, beta2 = group["betas"]
@@ -334,12 +335,12 @@ def adam(tables: Tables, key: Any, group: dict[str, Any], fam: Family, lists: di
         lr = lr.to(device=device, dtype=torch.float32, non_blocking=True).reshape(())
     for side, trans, table, items, n, vec in launches:
         kernels.adam_kernel[(n,)](
-            table, items, gmaps[(1 - side) * fam.k:], gmaps if fmaps is None else fmaps[(1 - side) * fam.k:],
+            table, items, gmaps[(1 - side) * fam.k:], gmaps if mmaps is None else mmaps[(1 - side) * fam.k:],
             gmaps if scales is None else scales[(1 - side) * fam.k:], gmaps if ramps is None else ramps,
             lr if isinstance(lr, Tensor) else gmaps, gmaps if found_inf is None else found_inf,
             fam.r, 0.0 if isinstance(lr, Tensor) else float(lr), beta1, beta2, group["eps"],
             group["weight_decay"],
-            TRANS=trans, COORD=fmaps is not None, HAS_SCALE=scales is not None, HAS_RAMP=ramps is not None,
+            TRANS=trans, COORD=mmaps is not None, HAS_SCALE=scales is not None, HAS_RAMP=ramps is not None,
             HAS_FOUND_INF=found_inf is not None, LR_TENSOR=isinstance(lr, Tensor), AMSGRAD=amsgrad,
             MAXIMIZE=group["maximize"], RP=cfg.rp, BP=cfg.adam_bp, DT=_tl_dtype(fam.dtype),
             PREC=cfg.precision, VEC=vec,

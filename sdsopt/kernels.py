@@ -13,7 +13,7 @@ Every factor is seen in row form (:mod:`sdsopt.linalg`): ``X`` is ``r × p``; ``
 float32 partial sums, which :func:`gram_sum_kernel` adds in a fixed order (deterministic: no atomics).
 
 :func:`frames_kernel` — the r×r algebra of mode ``sds`` in one launch: per pair, both Grams' Cholesky factors,
-their inverses ``G = L^{-1}``, the filters ``F`` of the map back and the re-balancing scale (mode ``scaled``: its
+their inverses ``G = L^{-1}``, the maps back ``M`` and the re-balancing scale (mode ``scaled``: its
 preconditioners ``(K + δI)^{-1}``).
 
 :func:`adam_kernel` — one work item per program, in blocks of ``BLOCK_P`` columns (rows of ``B``), its r×r maps
@@ -24,12 +24,12 @@ direction ``û = m̂ / (√v̂ + ε)`` (torch's AdamW: ``m̂ = m/(1−β₁ᵗ)`
 then, with weight decay ``λ``, learning rate ``η``, the optional ramp ``ρ`` and re-balancing scale ``c``:
 
 * ``COORD=True`` (mode ``sds``, docs/math.md (2.2)): ``G = L^{-1}`` of the partner's frame ``L Lᵀ = K + μI`` and the
-  filter ``F = (K + μ_s I)(K + μI)^{-1}`` (:func:`frames_kernel`).  Adam runs on the
-  coordinates ``X̃ = Lᵀ X``, whose change ``ΔX̃ = −η(λX̃ + û)`` maps back by ``M = F L^{-T}``::
+  map back ``M = F L^{-T}`` with the filter ``F = (K + μ_s I)(K + μI)^{-1}`` (:func:`frames_kernel`).  Adam's
+  change of the coordinates ``X̃ = Lᵀ X`` (never formed), ``−η û``, maps back by ``M``, and the decoupled
+  decay acts on the factor (it commutes with the map, (2.6)), as on the torch path::
 
-      X ← c·(X + ρ·ΔX),   ΔX = −η·F·(L^{-T} û + λX)
+      X ← c·(X + ρ·ΔX),   ΔX = −η·(M û + λX)
 
-  (``X̃`` itself is never formed: ``M Lᵀ X = F X``.)
 * ``COORD=False`` (modes ``scaled``, ``sds_polar``: equation R of :mod:`sdsopt.rewrite`): ``G = P(K_other)``
   and the update is AdamW's on the factor, ``X ← X − η(û + λX)``.
 
@@ -156,7 +156,7 @@ def gram_sum_kernel(table, ws, out, r: tl.constexpr, RP: tl.constexpr):
 
 
 @triton.jit
-def adam_kernel(table, items, gmaps, fmaps, scales, ramps, lr_ptr, found_inf, r: tl.constexpr, lr, beta1, beta2,
+def adam_kernel(table, items, gmaps, mmaps, scales, ramps, lr_ptr, found_inf, r: tl.constexpr, lr, beta1, beta2,
                 eps, weight_decay, TRANS: tl.constexpr, COORD: tl.constexpr, HAS_SCALE: tl.constexpr,
                 HAS_RAMP: tl.constexpr, HAS_FOUND_INF: tl.constexpr, LR_TENSOR: tl.constexpr,
                 AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr, RP: tl.constexpr, BP: tl.constexpr,
@@ -178,7 +178,7 @@ def adam_kernel(table, items, gmaps, fmaps, scales, ramps, lr_ptr, found_inf, r:
     r_mask = (i[:, None] < r) & (i[None, :] < r)
     G = tl.load(gmaps + base + i[:, None] * r + i[None, :], mask=r_mask, other=0.0)
     if COORD:
-        F = tl.load(fmaps + base + i[:, None] * r + i[None, :], mask=r_mask, other=0.0)
+        M = tl.load(mmaps + base + i[:, None] * r + i[None, :], mask=r_mask, other=0.0)
     bias1 = 1.0 - tl.exp2(step * tl.log2(beta1))
     root2 = tl.sqrt(1.0 - tl.exp2(step * tl.log2(beta2)))
     if LR_TENSOR:
@@ -212,15 +212,12 @@ def adam_kernel(table, items, gmaps, fmaps, scales, ramps, lr_ptr, found_inf, r:
             tl.store(w_base + offs, v.to(DT), mask=mask)
         u = (m / bias1) / (tl.sqrt(v) / root2 + eps)
         x = x.to(tl.float32)
-        if COORD:
+        if COORD:  # the map back M û (B's rows: û Mᵀ)
             if TRANS:
-                t = _mm(u, G, DT, PREC) + weight_decay * x
-                d = _mm(t, F, DT, PREC)
+                u = _mm(u, tl.trans(M), DT, PREC)
             else:
-                t = _mm(tl.trans(G), u, DT, PREC) + weight_decay * x
-                d = _mm(F, t, DT, PREC)
-        else:
-            d = u + weight_decay * x
+                u = _mm(M, u, DT, PREC)
+        d = u + weight_decay * x
         x = x + gain * d
         if HAS_SCALE:
             x = x * scale
@@ -240,11 +237,11 @@ def _gram(K_ptr, r: tl.constexpr, RP: tl.constexpr):
 
 
 @triton.jit
-def _frame(K_ptr, G_ptr, F_ptr, r: tl.constexpr, tol, shift, RP: tl.constexpr, INVERSE: tl.constexpr):
+def _frame(K_ptr, G_ptr, M_ptr, r: tl.constexpr, tol, shift, RP: tl.constexpr, INVERSE: tl.constexpr):
     """One Gram's frame, as :func:`sdsopt.linalg.cholesky_lower` and :func:`sdsopt.coordinates.factor_map` give it
-    (``M = F G``ᵀ; tests/test_fused.py checks them against each other): ``L Lᵀ = K + μI``,
-    ``μ = τ·trace K + μ_s``, by an unblocked Cholesky in float32; ``G = L^{-1}`` by forward substitution;
-    ``F = (K + μ_s I) Gᵀ G``; the fallbacks ``K = 0`` or non-finite → ``G = F = I``, a failed factorisation →
+    (tests/test_fused.py checks them against each other): ``L Lᵀ = K + μI``, ``μ = τ·trace K + μ_s``, by an
+    unblocked Cholesky in float32; ``G = L^{-1}`` by forward substitution; the map back ``M = F Gᵀ`` with
+    ``F = (K + μ_s I) Gᵀ G``; the fallbacks ``K = 0`` or non-finite → ``G = M = I``, a failed factorisation →
     ``L = √((trace K + μ_s)/r)·I``, ``F = I``.  ``INVERSE`` (mode ``scaled``, :func:`sdsopt.spectral.preconditioner`):
     store ``(K + μI)^{-1} = Gᵀ G`` at ``G_ptr`` instead, ``K = 0`` factored as ``√μ_s·I`` (no identity fallback).
     Returns the (finite) trace."""
@@ -288,12 +285,12 @@ def _frame(K_ptr, G_ptr, F_ptr, r: tl.constexpr, tol, shift, RP: tl.constexpr, I
         # the equal I − τ·trace K·Gᵀ G would subtract two numbers near 1
         F = tl.where(empty | failed, eye, tl.dot(K + shift * eye, XtX, input_precision="ieee"))
         tl.store(G_ptr + rows * r + cols, X, mask=inside)
-        tl.store(F_ptr + rows * r + cols, F, mask=inside)
+        tl.store(M_ptr + rows * r + cols, tl.dot(F, tl.trans(X), input_precision="ieee"), mask=inside)
     return t
 
 
 @triton.jit
-def frames_kernel(K, G, F, scales, shifts, both, k, r: tl.constexpr, tol, shift0, HAS_SHIFT: tl.constexpr,
+def frames_kernel(K, G, M, scales, shifts, both, k, r: tl.constexpr, tol, shift0, HAS_SHIFT: tl.constexpr,
                   HAS_SCALE: tl.constexpr, INVERSE: tl.constexpr, RP: tl.constexpr):
     """Gram ``j`` of ``K = [K_A; K_B]`` (program ``j`` of ``2k``; pair ``q = j mod k``): its frame with the
     absolute shift ``shift0`` (+ ``shifts[q]``), and with ``HAS_SCALE`` the re-balancing scale
@@ -306,7 +303,7 @@ def frames_kernel(K, G, F, scales, shifts, both, k, r: tl.constexpr, tol, shift0
         shift = shift + tl.load(shifts + q)
     rr = r * r
     at = j.to(tl.int64) * rr
-    t = _frame(K + at, G + at, F + at, r, tol, shift, RP, INVERSE)
+    t = _frame(K + at, G + at, M + at, r, tol, shift, RP, INVERSE)
     if HAS_SCALE:
         tiny = 1.1754943508222875e-38
         _, t_other = _gram(K + ((j + k) % (2 * k)).to(tl.int64) * rr, r, RP)

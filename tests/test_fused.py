@@ -139,7 +139,7 @@ def test_a_step_with_nonfinite_gradients_changes_nothing():
     eye = torch.eye(4, device=DEVICE).expand(2, 4, 4).contiguous()
     before = {k: [t.clone() for t in v] for k, v in lists.items()}
     for flag, changed in ((1.0, False), (0.0, True)):
-        done = fused.adam(fused.Tables(), "t", group, fam, lists, {0: 0, 1: 1}, gmaps=eye, fmaps=eye,
+        done = fused.adam(fused.Tables(), "t", group, fam, lists, {0: 0, 1: 1}, gmaps=eye, mmaps=eye,
                           scales=None, ramps=None, found_inf=torch.tensor(flag, device=DEVICE))
         assert done == {0, 1}
         for key in ("params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "state_steps"):
@@ -303,7 +303,7 @@ def test_the_step_is_captured_in_a_cuda_graph(mode, tensor_lr):
 
 @pytest.mark.parametrize("r", [1, 3, 16, 40, 64])
 def test_frames_kernel_matches_the_torch_frames(r):
-    """:func:`sdsopt.fused.frames` (one Triton program per pair: Cholesky, inverse, filter, scales) against the
+    """:func:`sdsopt.fused.frames` (one Triton program per pair: Cholesky, inverse, map back, scales) against the
     torch path's :func:`cholesky_lower`, :func:`lower_inverse`, :func:`factor_map` and :func:`balance_scales` in
     float64: full-rank, rank-deficient, zero and non-finite Grams, with and without a step shift, to 3e-5 or 8× the
     float32 torch path's own error (ill-conditioned Grams: an unblocked Cholesky rounds more than LAPACK's); and
@@ -321,7 +321,7 @@ def test_frames_kernel_matches_the_torch_frames(r):
     tol = 1e-5
     for shifts in (None, torch.tensor([0.0, 1e-3, 0.5, 2.0], device=DEVICE)):
         both = torch.tensor([1, 1, 0, 1], dtype=torch.int32, device=DEVICE)
-        G, F, scales = fused.frames(K.clone(), 4, tol, shifts, both)
+        G, M, scales = fused.frames(K.clone(), 4, tol, shifts, both)
         shift = (torch.zeros(4, device=DEVICE) if shifts is None else shifts).repeat(2).cpu()
         K64 = K.double().cpu()
 
@@ -332,7 +332,7 @@ def test_frames_kernel_matches_the_torch_frames(r):
         for j in range(8):
             want = torch_frames(K64[j:j + 1], float(shift[j]))
             base = [t.double() for t in torch_frames(K64[j:j + 1].float(), float(shift[j]))]  # float32 torch
-            got = (G[j:j + 1].double().cpu(), (F[j:j + 1] @ G[j:j + 1].mT).double().cpu())
+            got = (G[j:j + 1].double().cpu(), M[j:j + 1].double().cpu())
             for a, b, w in zip(got, base, want):
                 err = lambda x: ((x - w).abs().max() / w.abs().max().clamp_min(1e-30)).item()  # noqa: E731
                 assert err(a) <= max(3e-5, 8 * err(b)), (j, shifts)  # ill-conditioned: float32 noise in both

@@ -93,7 +93,7 @@ class Preconditioned(Mode):
             K = fused.grams(ctx.tables, key, group, fam)
             P = self.fused_preconditioner(K, fam.k, route, tol, group)
             del K
-            done |= fused.adam(ctx.tables, key, group, fam, ctx.lists, ctx.position, gmaps=P, fmaps=None,
+            done |= fused.adam(ctx.tables, key, group, fam, ctx.lists, ctx.position, gmaps=P, mmaps=None,
                                scales=None, ramps=None, found_inf=ctx.found_inf)
         return done
 

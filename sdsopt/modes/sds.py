@@ -219,7 +219,7 @@ class SDS(Mode):
 
     def _step_fused(self, ctx: StepContext, buckets: list[Bucket]) -> set[int]:
         """:meth:`_step_coordinates` by the kernels of :mod:`sdsopt.fused`, per family of pairs of one rank and
-        dtype: the Grams (four launches), the frames ``(L^{-1}, F)`` and re-balancing scales of all of them (one
+        dtype: the Grams (four launches), the frames ``(L^{-1}, M)`` and re-balancing scales of all of them (one
         launch: :func:`sdsopt.fused.frames`), and the fused coordinate AdamW update (two launches).  Returns the
         positions stepped."""
         group, tables = ctx.group, ctx.tables
@@ -241,14 +241,14 @@ class SDS(Mode):
             if group["step_damping"] > 0 and (isinstance(lr, Tensor) or lr > 0):
                 roots = tables.constant((key, "roots"), fam.roots, device, torch.float32)
                 shifts = roots * (group["step_damping"] * lr)
-            G, F, scales = fused.frames(K, fam.k, tol, shifts, both)
+            G, M, scales = fused.frames(K, fam.k, tol, shifts, both)
             del K
             ramp = self._ramp(ctx.state, group, [ia for ia, _ in fam.pairs], G)
             if isinstance(ramp, float):  # (a fill, not a host-to-device copy)
                 ramp = torch.full((fam.k,), ramp, dtype=torch.float32, device=device)
             elif ramp is not None:
                 ramp = ramp.reshape(-1).float()
-            done |= fused.adam(tables, key, group, fam, ctx.lists, ctx.position, gmaps=G, fmaps=F,
+            done |= fused.adam(tables, key, group, fam, ctx.lists, ctx.position, gmaps=G, mmaps=M,
                                scales=scales, ramps=ramp, found_inf=ctx.found_inf)
         return done
 
