@@ -412,9 +412,9 @@ def test_coordinate_ramp_scales_each_pairs_first_coordinate_steps():
 @pytest.mark.parametrize("kw", [dict(), dict(weight_decay=0.1, amsgrad=True, coordinate_ramp=3),
                                 dict(rebalance=False, maximize=True, skip_nonfinite=True, step_damping=0.5)])
 def test_the_cpu_per_pair_route_steps_as_the_stacked_route(kw, monkeypatch):
-    """On the CPU factors in the algebra's dtype take the per-pair route of the torch step (no stacks; the map
-    back an ``addmm_`` per factor): float64 factors after 6 steps equal the stacked route's (the route bf16
-    factors and FSDP2 shards take) to 1e-12 — three Linear pairs of one shape (a bucket), a Conv2d pair, a
+    """On the CPU factors in the algebra's dtype (above a size threshold) take the per-pair route of the torch
+    step (no stacks; the map back an ``addmm_`` per factor): float64 factors after 6 steps equal the stacked
+    route's (the route of small, bf16 and FSDP2-sharded factors) to 1e-12 — three Linear pairs of one shape (a bucket), a Conv2d pair, a
     LoRA-FA pair, a NaN gradient on step 4 — with weight decay, amsgrad, the ramp, re-balancing or not."""
     from sdsopt.modes import sds
 
@@ -441,7 +441,12 @@ def test_the_cpu_per_pair_route_steps_as_the_stacked_route(kw, monkeypatch):
             opt.step()
         return [p.detach().clone() for p in net.parameters()]
 
+    monkeypatch.setattr(sds, "PER_PAIR_MIN_NUMEL", 0)  # (these factors are below the route's size threshold)
+    routes = []
+    host_route = sds._host_route
+    monkeypatch.setattr(sds, "_host_route", lambda *a: routes.append(host_route(*a)) or routes[-1])
     per_pair = steps(model())
+    assert routes and all(routes)
     monkeypatch.setattr(sds, "_host_route", lambda *a: False)
     stacked = steps(model())
     assert max((a - b).abs().max().item() for a, b in zip(per_pair, stacked)) <= 1e-12
