@@ -73,18 +73,22 @@ def _map_back(side: str, M: Tensor, X: Tensor, change: Tensor, targets: list[Ten
     torch._foreach_copy_(targets, unstack(new.to(targets[0].dtype), targets[0].shape))
 
 
-def _map_back_pairs(side: str, M: Tensor, targets: list[Tensor], changes: list[Tensor], keep: list[float],
-                    gain: list[float]) -> None:
-    """:func:`_map_back` pair by pair, in place on the parameters (the CPU route of :meth:`SDS._step_torch`;
-    ``changes`` in row form):
-    ``X ← keep·X + gain·M·ΔX̃`` (``ΔX̃ M_Aᵀ`` for ``B``) by one ``addmm_`` each, with
-    ``keep = c(1 − ρ·decay)`` and ``gain = c·ρ`` (re-balancing scale ``c``, ramp ``ρ``): (2.6) as
-    :func:`_map_back` forms it, rounded once."""
-    for X, change, Mi, beta, alpha in zip(targets, changes, M.unbind(0), keep, gain):
+def _map_back_pairs(side: str, M: Tensor, targets: list[Tensor], change: Tensor, decay: float | Tensor,
+                    scale: Tensor | None, ramp: float | Tensor | None) -> None:
+    """:func:`_map_back` pair by pair, in place on the parameters ``targets`` (the CPU route of
+    :meth:`SDS._step_torch`; ``change`` ``[k, …]`` in row form): ``X ← keep·X + gain·M·ΔX̃`` (``ΔX̃ M_Aᵀ`` for
+    ``B``) by one ``addmm_`` each, with ``keep = c(1 − ρ·decay)`` and ``gain = c·ρ`` (re-balancing scale ``c``,
+    ramp ``ρ``): (2.6) as :func:`_map_back` forms it, rounded once.  (CPU tensors: reading their values costs
+    no synchronisation.)"""
+    k = len(targets)
+    c = scale.view(-1).tolist() if scale is not None else [1.0] * k
+    rho = ramp.view(-1).tolist() if isinstance(ramp, Tensor) else [1.0 if ramp is None else ramp] * k
+    d = float(decay)
+    for X, delta, Mi, ci, ri in zip(targets, change.unbind(0), M.unbind(0), c, rho):
         if side == "A":
-            _rows(X).addmm_(Mi, change, beta=beta, alpha=alpha)
+            _rows(X).addmm_(Mi, delta, beta=ci * (1.0 - ri * d), alpha=ci * ri)
         else:
-            _rows(X).addmm_(change, Mi.mT, beta=beta, alpha=alpha)
+            _rows(X).addmm_(delta, Mi.mT, beta=ci * (1.0 - ri * d), alpha=ci * ri)
 
 
 def _rows(t: Tensor) -> Tensor:
@@ -341,14 +345,8 @@ class SDS(Mode):
                       has_complex=any(torch.is_complex(t) for t in sub["params"]), found_inf=ctx.found_inf)
                 del g_t
                 targets = [lists["params"][q] for q in pos]
-                if host:  # CPU tensors: their values cost no synchronisation
-                    c = scales[side].view(-1).tolist() if side in scales else [1.0] * len(pos)
-                    rho = (ramp.view(-1).tolist() if isinstance(ramp, Tensor)
-                           else [1.0 if ramp is None else ramp] * len(pos))
-                    d = float(decay)
-                    _map_back_pairs(side, frame.M, targets, change.unbind(0),
-                                    keep=[ci * (1.0 - ri * d) for ci, ri in zip(c, rho)],
-                                    gain=[ci * ri for ci, ri in zip(c, rho)])
+                if host:
+                    _map_back_pairs(side, frame.M, targets, change, decay, scales.get(side), ramp)
                 else:
                     _map_back(side, frame.M, X, change, targets, decay, scales.get(side), ramp)
                 del sub, change  # spent: free it before the next factor's stacks
