@@ -414,8 +414,9 @@ def test_coordinate_ramp_scales_each_pairs_first_coordinate_steps():
 def test_the_cpu_per_pair_route_steps_as_the_stacked_route(kw, monkeypatch):
     """On the CPU factors in the algebra's dtype (above a size threshold) take the per-pair route of the torch
     step (no stacks; the map back an ``addmm_`` per factor): float64 factors after 6 steps equal the stacked
-    route's (the route of small, bf16 and FSDP2-sharded factors) to 1e-12 — three Linear pairs of one shape (a bucket), a Conv2d pair, a
-    LoRA-FA pair, a NaN gradient on step 4 — with weight decay, amsgrad, the ramp, re-balancing or not."""
+    route's (the route of small, bf16 and FSDP2-sharded factors) to 1e-12 — three Linear pairs of one shape (a
+    bucket), a Conv2d pair, a LoRA-FA pair, a NaN gradient on step 4 — with weight decay, amsgrad, the ramp,
+    re-balancing or not."""
     from sdsopt.modes import sds
 
     def model():
