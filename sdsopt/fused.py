@@ -8,7 +8,7 @@ shapes.  A family steps in
 1. per factor kind (all ``A`` factors, all ``B`` factors) a Gram launch over work items and an ordered sum of its
    partial sums (:func:`grams`), into one ``[2k, r, r]`` float32 batch ``K = [K_A; K_B]``;
 2. the mode's r×r algebra on that batch, batched over every pair of the family: mode ``sds`` one launch
-   (:func:`frames`: Cholesky factors, their inverses, the filters of the map back, the re-balancing scales);
+   (:func:`frames`: Cholesky factors, their inverses, the maps back, the re-balancing scales);
    ``scaled`` one launch too (:func:`inverses`); ``sds_polar`` its preconditioner by torch calls
    (:func:`sdsopt.spectral.preconditioner`);
 3. one step-count increment (``_foreach_add_``, as torch's fused AdamW) and two Adam launches

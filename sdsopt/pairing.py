@@ -232,13 +232,14 @@ def check_pair_shapes(A: Tensor, B: Tensor, name_a: str, name_b: str) -> tuple[i
 
 
 def a_rows(t: Tensor) -> Tensor:
-    """Row form of an A-shaped tensor: ``(r, *rest) → r × prod(rest)`` (a view when contiguous)."""
-    return t.reshape(t.shape[0], -1)
+    """Row form of an A-shaped tensor: ``(r, *rest) → r × prod(rest)`` (a view when contiguous; a 2-D tensor as
+    it is, without a dispatched op: per-pair loops call this a few hundred times a step)."""
+    return t if t.dim() == 2 else t.reshape(t.shape[0], -1)
 
 
 def b_matrix(t: Tensor) -> Tensor:
-    """Matrix view of a B-shaped tensor: ``(m, r, 1, …) → m × r``."""
-    return t.reshape(t.shape[0], t.shape[1])
+    """Matrix view of a B-shaped tensor: ``(m, r, 1, …) → m × r`` (a 2-D tensor as it is)."""
+    return t if t.dim() == 2 else t.reshape(t.shape[0], t.shape[1])
 
 
 def b_rows(t: Tensor) -> Tensor:

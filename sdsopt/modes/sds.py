@@ -42,6 +42,7 @@ from ..buckets import Bucket, drop_positions, split_fused, stacked_factors, unst
 from ..coordinates import balance_scales, coordinate_gradient, factor_map, lower_inverse, resplit_maps, to_factors
 from ..distributed import is_dtensor, local, process_group, reduce_parts
 from ..linalg import algebra_precision, cholesky_lower, gram
+from ..pairing import a_rows, b_matrix
 from .base import MapBack, Mode, StepContext
 
 __all__ = ["SDS"]
@@ -86,15 +87,9 @@ def _map_back_pairs(side: str, M: Tensor, targets: list[Tensor], change: Tensor,
     d = float(decay)
     for X, delta, Mi, ci, ri in zip(targets, change.unbind(0), M.unbind(0), c, rho):
         if side == "A":
-            _rows(X).addmm_(Mi, delta, beta=ci * (1.0 - ri * d), alpha=ci * ri)
+            a_rows(X).addmm_(Mi, delta, beta=ci * (1.0 - ri * d), alpha=ci * ri)
         else:
-            _rows(X).addmm_(delta, Mi.mT, beta=ci * (1.0 - ri * d), alpha=ci * ri)
-
-
-def _rows(t: Tensor) -> Tensor:
-    """A factor (or its gradient) in row form, ``[r, n]`` / ``[m, r]``: conv factors flattened (a view), 2-D
-    ones as they are (no dispatched op: the per-pair route makes a few hundred of these per step)."""
-    return t if t.dim() == 2 else t.view(t.shape[0], -1)
+            b_matrix(X).addmm_(delta, Mi.mT, beta=ci * (1.0 - ri * d), alpha=ci * ri)
 
 
 PER_PAIR_MIN_NUMEL = 4096
@@ -287,9 +282,9 @@ class SDS(Mode):
             params: list[Tensor] = group["params"]
             dt, tol = algebra_precision(params[bucket.a[0]].dtype, group["linalg_dtype"], group["rank_tol"], "cholesky")
             host = _host_route(group, bucket, dt)
-            if host:  # the factors in row form, [r, n] and [m, r] (conv factors flattened)
-                A: Any = [_rows(params[i]) for i in bucket.a]
-                B: Any = [_rows(params[i]) for i in bucket.b]
+            if host:  # the factors as matrices, [r, n] and [m, r] (conv factors flattened)
+                A: Any = [a_rows(params[i]) for i in bucket.a]
+                B: Any = [b_matrix(params[i]) for i in bucket.b]
             else:
                 A, B = stacked_factors(group, bucket.a, bucket.b, dt)
             # the step damping μ_s = γ·lr·√min(m, n) (see the class docstring), from the whole factors'
@@ -325,7 +320,8 @@ class SDS(Mode):
                 like = lists["params"][pos[0]]
                 frame = frames[j]
                 if host:
-                    g_t = [coordinate_gradient(L, _rows(lists["grads"][q]), side)
+                    matrix = a_rows if side == "A" else b_matrix
+                    g_t = [coordinate_gradient(L, matrix(lists["grads"][q]), side)
                            for L, q in zip(frame.L_inv.unbind(0), pos)]
                     if like.dim() != 2:
                         g_t = [g.view(like.shape) for g in g_t]
