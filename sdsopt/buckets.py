@@ -4,8 +4,9 @@ families (:func:`sdsopt.fused.families`).  Also the stacking helpers every batch
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -15,7 +16,12 @@ from . import fused
 from .adam import AdamLists
 from .distributed import is_dtensor, local
 
-__all__ = ["Bucket", "Bucketing", "drop_positions", "split_fused", "stacked_factors", "unstack"]
+__all__ = ["STACK_CHUNK_BYTES", "Bucket", "Bucketing", "chunks", "drop_positions", "split_fused", "stacked",
+           "stacked_factors", "unstack"]
+
+STACK_CHUNK_BYTES = 256 * 2**20
+"""Most bytes of one :func:`chunks` piece's stacked factors (both kinds, in the algebra's dtype): a mode's torch
+path stacks a piece, not a whole bucket, so its extra memory stays bounded at any rank and model size."""
 
 
 @dataclass
@@ -102,14 +108,30 @@ def drop_positions(lists: AdamLists, done: set[int]) -> None:
                 lists[key] = [v for q, v in enumerate(values) if q not in done]
 
 
+def chunks(bucket: Bucket, dt: torch.dtype) -> list[Bucket]:
+    """``bucket`` as consecutive runs of its pairs whose factors, stacked in ``dt``, hold at most
+    :data:`STACK_CHUNK_BYTES` (at least one pair each; the bucket itself when it fits): a torch path that
+    stacks one run at a time keeps its extra memory bounded, while its launches grow only with the bytes
+    stepped, not with the pair count."""
+    per_pair = (math.prod(bucket.a_shape) + math.prod(bucket.b_shape)) * dt.itemsize
+    size = max(1, STACK_CHUNK_BYTES // per_pair)
+    if len(bucket.a) <= size:
+        return [bucket]
+    return [replace(bucket, a=bucket.a[i:i + size], b=bucket.b[i:i + size]) for i in range(0, len(bucket.a), size)]
+
+
+def stacked(group: dict[str, Any], ids: list[int], side: str, dt: torch.dtype) -> Tensor:
+    """The factors ``ids`` of one kind stacked in ``dt``, natural layout: ``A`` ``[k, r, n]`` (``side='A'``),
+    ``B`` ``[k, m, r]`` (``side='B'``; local shards under FSDP2)."""
+    params: list[Tensor] = group["params"]
+    X = torch.stack([local(params[i]) for i in ids]).to(dt)
+    return X.view(len(ids), X.shape[1], -1) if side == "A" else X.view(len(ids), X.shape[1], X.shape[2])
+
+
 def stacked_factors(group: dict[str, Any], ids_a: list[int], ids_b: list[int], dt: torch.dtype
                     ) -> tuple[Tensor, Tensor]:
-    """The pairs' factors stacked in ``dt``, natural layout: ``A`` ``[k, r, n]``, ``B`` ``[k, m, r]``
-    (local shards under FSDP2)."""
-    params: list[Tensor] = group["params"]
-    A = torch.stack([local(params[i]) for i in ids_a]).to(dt)
-    B = torch.stack([local(params[i]) for i in ids_b]).to(dt)
-    return A.view(len(ids_a), A.shape[1], -1), B.view(len(ids_b), B.shape[1], B.shape[2])
+    """:func:`stacked` for both kinds: ``(A [k, r, n], B [k, m, r])``."""
+    return stacked(group, ids_a, "A", dt), stacked(group, ids_b, "B", dt)
 
 
 def unstack(stacked: Tensor, shape: torch.Size) -> list[Tensor] | tuple[Tensor, ...]:

@@ -12,7 +12,7 @@ of each factor in its partner's basis, with their gradients (bases held constant
            B̃ = B R_Aᵀ         g̃B = gB R_A^{-1} = s·G Q_A           B = B̃ R_A^{-T}
 
 so ``Q_B Ã = B̃ Q_Aᵀ = B A``.  Each map is one r×r product per factor.  Adam runs on
-``(Ã, g̃A)`` and ``(B̃, g̃B)``; the change it makes is mapped back with :func:`to_factors` by the r×r
+``(Ã, g̃A)`` and ``(B̃, g̃B)``; the change it makes is mapped back with :func:`to_factors_` by the r×r
 matrix of :func:`factor_map` (``R^{-1}`` with the rank filter of (2.6)), one batched matmul.
 
 The re-split (2.4) at the end of the warm-up, from the r×r core ``C = R_B R_Aᵀ = U Σ Vᵀ``:
@@ -31,7 +31,7 @@ from torch import Tensor
 from .linalg import cholesky_lower, finite_or_zero, trace
 
 __all__ = ["RESPLIT_FLOOR", "balance_scales", "coordinate_gradient", "factor_map", "lower_inverse", "resplit_maps",
-           "to_factors"]
+           "to_factors_"]
 
 RESPLIT_FLOOR = 1e-3
 """Relative floor of the re-split: ``D_A = diag(√max(σ, floor·σ_max))``, ``D_B = Σ D_A^{-1}``."""
@@ -81,13 +81,14 @@ def factor_map(K_other: Tensor, L_inv: Tensor, step_shift: float = 0.0) -> Tenso
     return torch.where(empty, eye, M)
 
 
-def to_factors(M_other: Tensor, delta: Tensor, side: str) -> Tensor:
-    """(2.2) backwards: the change of factor ``X`` for a change ``delta`` of its coordinates.
-
-    ``side='A'``: ``ΔA = M_B ΔÃ`` (≈ ``R_B^{-1} ΔÃ``);  ``side='B'``: ``ΔB = ΔB̃ M_Aᵀ`` (≈ ``ΔB̃ R_A^{-T}``),
-    with ``M`` from :func:`factor_map`.
-    """
-    return M_other @ delta if side == "A" else delta @ M_other.mT
+def to_factors_(X: Tensor, M_other: Tensor, delta: Tensor, side: str, keep: float = 1.0, gain: float = 1.0
+                ) -> Tensor:
+    """(2.2) backwards, in place: ``X ← keep·X + gain·ΔX`` with the change ``ΔX`` of factor ``X`` for a change
+    ``delta`` of its coordinates: ``side='A'``: ``ΔA = M_B ΔÃ`` (≈ ``R_B^{-1} ΔÃ``); ``side='B'``:
+    ``ΔB = ΔB̃ M_Aᵀ`` (≈ ``ΔB̃ R_A^{-T}``), with ``M`` from :func:`factor_map`.  One ``baddbmm_`` for a batch
+    ``[k, …]``, one ``addmm_`` for one pair's matrices; ``keep``, ``gain`` as in (2.6) (decay, re-balancing)."""
+    add = X.baddbmm_ if X.dim() == 3 else X.addmm_
+    return add(M_other, delta, beta=keep, alpha=gain) if side == "A" else add(delta, M_other.mT, beta=keep, alpha=gain)
 
 
 def resplit_maps(K_A: Tensor, K_B: Tensor, rank_tol: float, floor: float = RESPLIT_FLOOR) -> tuple[Tensor, Tensor]:

@@ -171,3 +171,34 @@ def test_each_mode_object_declares_the_state_it_keeps(kw):
     declared = set(MODE_CLASSES[kw["mode"]].state_keys)
     assert keys - {"step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"} <= declared
     assert all(torch.isfinite(p).all() for p in layer.parameters())
+
+
+@pytest.mark.parametrize("kw", [dict(mode="scaled", weight_decay=0.1),
+                                dict(mode="sds_polar", decouple_sigma=True, amsgrad=True)])
+def test_preconditioned_modes_step_the_same_in_chunks(kw, monkeypatch):
+    """The preconditioned modes' torch path stacks a bucket in chunks of bounded bytes
+    (:func:`sdsopt.buckets.chunks`); one pair per chunk steps as the whole bucket at once (float64, 1e-12, 5
+    steps of a 3-pair bucket and a pair of another shape, the singular-value channel on or off)."""
+    from sdsopt import buckets
+    from sdsopt.modes import precondition
+
+    def steps():
+        torch.manual_seed(3)
+        layers = torch.nn.ModuleList([LoraLinear(9, 7, 3, dtype=F64, zero_b=False) for _ in range(3)]
+                                     + [LoraLinear(5, 8, 2, dtype=F64, zero_b=False)])
+        opt = SDSAdamW(layers.named_parameters(), lr=1e-2, **kw)
+        gen = torch.Generator().manual_seed(1)
+        for _ in range(5):
+            for p in layers.parameters():
+                p.grad = torch.randn(p.shape, generator=gen, dtype=F64)
+            opt.step()
+        return [p.detach().clone() for p in layers.parameters()]
+
+    whole = steps()
+    monkeypatch.setattr(buckets, "STACK_CHUNK_BYTES", 1)
+    sizes = []
+    monkeypatch.setattr(precondition, "chunks",
+                        lambda *a: sizes.append([len(c.a) for c in buckets.chunks(*a)]) or buckets.chunks(*a))
+    chunked = steps()
+    assert [1, 1, 1] in sizes
+    assert max((a - b).abs().max().item() for a, b in zip(whole, chunked)) <= 1e-12

@@ -411,12 +411,14 @@ def test_coordinate_ramp_scales_each_pairs_first_coordinate_steps():
 @pytest.mark.filterwarnings("ignore:SDSAdamW.skip_nonfinite=True. skipped a step")
 @pytest.mark.parametrize("kw", [dict(), dict(weight_decay=0.1, amsgrad=True, coordinate_ramp=3),
                                 dict(rebalance=False, maximize=True, skip_nonfinite=True, step_damping=0.5)])
-def test_the_cpu_per_pair_route_steps_as_the_stacked_route(kw, monkeypatch):
+def test_the_cpu_per_pair_and_chunked_routes_step_as_the_stacked_route(kw, monkeypatch):
     """On the CPU factors in the algebra's dtype (above a size threshold) take the per-pair route of the torch
     step (no stacks; the map back an ``addmm_`` per factor): float64 factors after 6 steps equal the stacked
     route's (the route of small, bf16 and FSDP2-sharded factors) to 1e-12 — three Linear pairs of one shape (a
     bucket), a Conv2d pair, a LoRA-FA pair, a NaN gradient on step 4 — with weight decay, amsgrad, the ramp,
-    re-balancing or not."""
+    re-balancing or not.  So does the stacked route when a bucket is stacked one pair at a time (chunks of
+    bounded bytes, :func:`sdsopt.buckets.chunks`)."""
+    from sdsopt import buckets
     from sdsopt.modes import sds
 
     def model():
@@ -451,4 +453,11 @@ def test_the_cpu_per_pair_route_steps_as_the_stacked_route(kw, monkeypatch):
     monkeypatch.setattr(sds, "_host_route", lambda *a: False)
     stacked = steps(model())
     assert max((a - b).abs().max().item() for a, b in zip(per_pair, stacked)) <= 1e-12
+    monkeypatch.setattr(buckets, "STACK_CHUNK_BYTES", 1)  # every chunk one pair
+    sizes = []
+    monkeypatch.setattr(sds, "chunks", lambda *a: sizes.append([len(c.a) for c in buckets.chunks(*a)]) or
+                        buckets.chunks(*a))
+    chunked = steps(model())
+    assert [1, 1, 1] in sizes and all(set(x) == {1} for x in sizes)  # the 3-pair bucket went in 3 chunks
+    assert max((a - b).abs().max().item() for a, b in zip(chunked, stacked)) <= 1e-12
     assert any((a - b).abs().max() > 0 for a, b in zip(per_pair, [p for p in model().parameters()]))

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from .. import fused
 from ..adam import AdamLists, adamw
-from ..buckets import Bucket, drop_positions, split_fused, stacked_factors
+from ..buckets import Bucket, chunks, drop_positions, split_fused, stacked
 from ..distributed import process_group, reduce_parts
 from ..linalg import Spectrum, algebra_precision, finite_or_zero, gram, spectrum
 from ..spectral import preconditioner, sigma_correction, sigma_split
@@ -101,35 +101,38 @@ class Preconditioned(Mode):
         """Replace the paired grads of ``buckets`` in ``lists['grads']`` by their rewrite (3.1).
 
         In phases, so that the number of kernel launches and host synchronisations does not grow
-        with the number of pairs: (1) per bucket of equal shapes, one stack of each factor kind and
-        one batched Gram; (2) all Grams of equal size, over all buckets, in *one* all-reduce (FSDP2
-        shards only) and *one* eigh or Newton–Schulz call; (3) per bucket and gradient kind, one
-        stack and one bmm with ``P``; (4)-(5) with the singular-value channel, its r×r products
-        (one more all-reduce per size under FSDP2) and split; the output slices are handed to Adam
-        as the rewritten gradients.  Returns the singular-value corrections ``(param, delta)``
+        with the number of pairs: (1) per bucket of equal shapes, in chunks of bounded bytes
+        (:func:`sdsopt.buckets.chunks`), one stack of each factor kind needed and one batched Gram,
+        the stacks kept only for the singular-value channel; (2) all Grams of equal size, over all
+        buckets, in *one* all-reduce (FSDP2 shards only) and *one* eigh or Newton–Schulz call; (3) per
+        chunk and gradient kind, one stack and one bmm with ``P``; (4)-(5) with the singular-value
+        channel, its r×r products (one more all-reduce per size under FSDP2) and split; the output
+        slices are handed to Adam as the rewritten gradients.  Returns the singular-value corrections ``(param, delta)``
         (local shards under FSDP2) to add after the AdamW update.
         """
         state, gi, group, position, lists = ctx.state, ctx.gi, ctx.group, ctx.position, ctx.lists
         params: list[Tensor] = group["params"]
         sigma = group["decouple_sigma"]
 
-        # (1) factor stacks (row form: A as is, B as Bᵀ) and Grams
+        # (1) factor stacks (row form: A as is, B as Bᵀ) and Grams, per chunk of a bucket
         work = []
         pending: dict[tuple[Any, ...], list[tuple[int, str, Tensor]]] = defaultdict(list)
         for bucket in buckets:
             r = bucket.a_shape[0]
             route, dt, tol = self._route(gi, group, params[bucket.a[0]])
-            # local shards under FSDP2 (A along n, B along m): Grams are then partial sums, reduced in (2)
-            A, B = stacked_factors(group, bucket.a, bucket.b, dt)
-            rows = {"A": A, "B": B.transpose(1, 2)}
             groups = {"A": process_group(params[bucket.a[0]]), "B": process_group(params[bucket.b[0]])}
             needed = {"B"} if bucket.has_a else set()  # g̃A needs P(K_B)
             needed |= {"A"} if bucket.has_b else set()  # g̃B needs P(K_A)
             if sigma:
                 needed |= {s for s, present in (("A", bucket.has_a), ("B", bucket.has_b)) if present}
-            for side in sorted(needed):
-                pending[(r, dt, tol, B.device, route, groups[side])].append((len(work), side, gram(rows[side])))
-            work.append((bucket, dt, rows, {}, {}, groups))
+            for part in chunks(bucket, dt):
+                # local shards under FSDP2 (A along n, B along m): Grams are then partial sums, reduced in (2)
+                rows = {side: stacked(group, part.a, "A", dt) if side == "A"
+                        else stacked(group, part.b, "B", dt).transpose(1, 2) for side in sorted(needed)}
+                for side in sorted(needed):
+                    pending[(r, dt, tol, rows[side].device, route, groups[side])].append(
+                        (len(work), side, gram(rows[side])))
+                work.append((part, dt, rows if sigma else {}, {}, {}, groups))
 
         # (2) one all-reduce of all Grams (sharded factors only), one spectral computation per Gram size
         grams = reduce_parts({key: torch.cat([K for _, _, K in items]) for key, items in pending.items()},
@@ -158,7 +161,7 @@ class Preconditioned(Mode):
                 pos = [position[i] for i in ids]
                 G = torch.stack([lists["grads"][q] for q in pos]).to(dt)
                 new = P[other] @ G.view(k, r, -1) if side == "A" else (G.view(k, -1, r) @ P[other]).transpose(1, 2)
-                rewritten.append((side, ids, pos, new, rows[side], spec.get(side), groups[side]))
+                rewritten.append((side, ids, pos, new, rows.get(side), spec.get(side), groups[side]))
 
         # (4) the singular-value channel's r×r G̃ Xᵀ, summed over shards in one all-reduce
         GXt: dict[int, Tensor] = {}

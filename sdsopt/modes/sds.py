@@ -38,8 +38,8 @@ from torch import Tensor
 
 from .. import fused
 from ..adam import adamw
-from ..buckets import Bucket, drop_positions, split_fused, stacked_factors, unstack
-from ..coordinates import balance_scales, coordinate_gradient, factor_map, lower_inverse, resplit_maps, to_factors
+from ..buckets import Bucket, chunks, drop_positions, split_fused, stacked, stacked_factors, unstack
+from ..coordinates import balance_scales, coordinate_gradient, factor_map, lower_inverse, resplit_maps, to_factors_
 from ..distributed import is_dtensor, local, process_group, reduce_parts
 from ..linalg import algebra_precision, cholesky_lower, gram
 from ..pairing import a_rows, b_matrix
@@ -48,48 +48,51 @@ from .base import MapBack, Mode, StepContext
 __all__ = ["SDS"]
 
 
+def _keep_gain(decay: float | Tensor, scale: Tensor | None, ramp: float | Tensor | None
+               ) -> tuple[float | Tensor, float | Tensor]:
+    """The coefficients of the map back ``X ← keep·X + gain·M·ΔX̃`` (docs/math.md (2.6)): ``keep = c(1 − ρ·decay)``,
+    ``gain = c·ρ`` with the decoupled weight decay ``decay = lr·weight_decay`` (it commutes with the map, (2.6)),
+    the re-balancing scale ``c`` (``[k, 1, 1]``, ``rebalance=True``) and the ramp ``ρ`` (the first coordinate
+    steps; it scales the decay too).  Python numbers where all three are, else Tensors."""
+    c: float | Tensor = 1.0 if scale is None else scale
+    rho: float | Tensor = 1.0 if ramp is None else ramp
+    return c * (1.0 - rho * decay), c * rho
+
+
 def _map_back(side: str, M: Tensor, X: Tensor, change: Tensor, targets: list[Tensor], decay: float | Tensor,
               scale: Tensor | None, ramp: float | Tensor | None) -> None:
-    """Mode ``sds``: write into ``targets`` the factors ``X`` (one bucket's, one kind, float32 or better) moved by
-    the mapped change ``M·change`` of their coordinates (docs/math.md (2.6)) and the decoupled weight decay
-    ``−decay·X`` (``lr·weight_decay``: it commutes with the map, (2.6)), then re-balanced by ``scale``
-    (``[k, 1, 1]``, ``rebalance=True``); ``ramp`` scales the change, decay included (the first coordinate steps).
+    """Mode ``sds``: write into ``targets`` the factors ``X`` (one chunk's, one kind, float32 or better) moved by
+    the mapped change of their coordinates, ``X ← keep·X + gain·M·change`` (:func:`_keep_gain`, (2.6)): one
+    batched ``baddbmm_`` on ``X`` (:func:`sdsopt.coordinates.to_factors_`), rounded once to the parameters' dtype.
 
     ``change`` is Adam's change of the coordinates: the buffer, zero before, that Adam updated without weight
     decay (the update of AdamW does not depend on the parameter's value apart from the decay), so the
     coordinates themselves are never formed, and the change is exact in the parameter's dtype (no difference
-    of two rounded coordinates: a step Adam leaves at zero leaves the factor bit-identical).  ``X`` is updated in
-    place and is spent afterwards.
+    of two rounded coordinates: a step Adam leaves at zero, with ``keep = 1``, leaves the factor bit-identical).
+    ``X`` is updated in place and is spent afterwards.
     """
-    delta = to_factors(M, change.to(X.dtype), side)
-    if isinstance(decay, Tensor):  # (a Tensor lr, or a step the device may skip)
-        delta.sub_(X * decay)
-    elif decay != 0.0:
-        delta.add_(X, alpha=-decay)
-    if ramp is not None:
-        delta.mul_(ramp)
-    new = X.add_(delta)
-    if scale is not None:
-        new.mul_(scale)
-    torch._foreach_copy_(targets, unstack(new.to(targets[0].dtype), targets[0].shape))
+    keep, gain = _keep_gain(decay, scale, ramp)
+    if isinstance(keep, Tensor):
+        X.mul_(keep)
+        keep = 1.0
+    if isinstance(gain, Tensor):
+        M = M * gain
+        gain = 1.0
+    to_factors_(X, M, change.to(X.dtype), side, keep, gain)
+    torch._foreach_copy_(targets, unstack(X.to(targets[0].dtype), targets[0].shape))
 
 
 def _map_back_pairs(side: str, M: Tensor, targets: list[Tensor], change: Tensor, decay: float | Tensor,
                     scale: Tensor | None, ramp: float | Tensor | None) -> None:
     """:func:`_map_back` pair by pair, in place on the parameters ``targets`` (the CPU route of
-    :meth:`SDS._step_torch`; ``change`` ``[k, …]`` in row form): ``X ← keep·X + gain·M·ΔX̃`` (``ΔX̃ M_Aᵀ`` for
-    ``B``) by one ``addmm_`` each, with ``keep = c(1 − ρ·decay)`` and ``gain = c·ρ`` (re-balancing scale ``c``,
-    ramp ``ρ``): (2.6) as :func:`_map_back` forms it, rounded once.  (CPU tensors: reading their values costs
-    no synchronisation.)"""
+    :meth:`SDS._step_torch`; ``change`` ``[k, …]`` in row form): one ``addmm_`` each.
+    (CPU tensors: reading their values costs no synchronisation.)"""
     k = len(targets)
-    c = scale.view(-1).tolist() if scale is not None else [1.0] * k
-    rho = ramp.view(-1).tolist() if isinstance(ramp, Tensor) else [1.0 if ramp is None else ramp] * k
-    d = float(decay)
-    for X, delta, Mi, ci, ri in zip(targets, change.unbind(0), M.unbind(0), c, rho):
-        if side == "A":
-            a_rows(X).addmm_(Mi, delta, beta=ci * (1.0 - ri * d), alpha=ci * ri)
-        else:
-            b_matrix(X).addmm_(delta, Mi.mT, beta=ci * (1.0 - ri * d), alpha=ci * ri)
+    keep, gain = (torch.as_tensor(v, dtype=torch.float64).expand(k, 1, 1).reshape(-1).tolist()
+                  for v in _keep_gain(decay, scale, ramp))
+    matrix = a_rows if side == "A" else b_matrix
+    for X, delta, Mi, beta, alpha in zip(targets, change.unbind(0), M.unbind(0), keep, gain):
+        to_factors_(matrix(X), Mi, delta, side, beta, alpha)
 
 
 PER_PAIR_MIN_NUMEL = 4096
@@ -262,12 +265,15 @@ class SDS(Mode):
     def _step_torch(self, ctx: StepContext, buckets: list[Bucket]) -> set[int]:
         """:meth:`_step_coordinates` by torch ops; returns the positions stepped.
 
-        First, per shape bucket: one stack of each factor and one batched Gram; then all r×r frames of the step at
-        once (:func:`_frames`).  Then bucket by bucket and factor by factor: one batched matmul (the coordinates'
-        gradient), torch's Adam (:func:`sdsopt.adam.adamw`, the group's kernel) on a zero buffer with the
-        factors' moments (the coordinates' change, see the module docstring), and the map back
-        (:func:`_map_back`), so that only one bucket's buffers are alive at a time (Adam is elementwise: one call
-        per bucket updates every tensor as one call for all would).
+        First, per shape bucket, in chunks of at most :data:`sdsopt.buckets.STACK_CHUNK_BYTES` of stacked factors
+        (:func:`sdsopt.buckets.chunks`): one stack of each factor kind and one batched Gram, the stacks dropped
+        at once; then all r×r frames of the step together (:func:`_frames`).  Then chunk by chunk and factor by
+        factor: the factor stacked again, one batched matmul (the coordinates' gradient), torch's Adam
+        (:func:`sdsopt.adam.adamw`, the group's kernel) on a zero buffer with the factors' moments (the
+        coordinates' change, see the module docstring) and the map back in one ``baddbmm_`` (:func:`_map_back`),
+        so that only one chunk's buffers are alive at a time (Adam is elementwise: one call per chunk updates
+        every tensor as one call for all would).  Stacking twice costs one more pass over the factors; keeping
+        every bucket's stacks from the Grams to the map back cost 1.9–6.7 GB at r = 128–256 on llama7b shapes.
 
         On the CPU (:func:`_host_route`) nothing is stacked: the Grams, coordinate gradients and the map back are
         one small product per factor, the map back an ``addmm_`` on the parameter itself (:func:`_map_back_pairs`),
@@ -276,62 +282,61 @@ class SDS(Mode):
         ``small`` shapes, r = 16: 10.5 → 6.9 ms).
         """
         group, position, lists = ctx.group, ctx.position, ctx.lists
+        params: list[Tensor] = group["params"]
         requests: list[tuple[Tensor, Any, float, float]] = []
         work = []
         for bucket in buckets:
-            params: list[Tensor] = group["params"]
             dt, tol = algebra_precision(params[bucket.a[0]].dtype, group["linalg_dtype"], group["rank_tol"], "cholesky")
             host = _host_route(group, bucket, dt)
-            if host:  # the factors as matrices, [r, n] and [m, r] (conv factors flattened)
-                A: Any = [a_rows(params[i]) for i in bucket.a]
-                B: Any = [b_matrix(params[i]) for i in bucket.b]
-            else:
-                A, B = stacked_factors(group, bucket.a, bucket.b, dt)
             # the step damping μ_s = γ·lr·√min(m, n) (see the class docstring), from the whole factors'
             # shapes: under FSDP2 A and B are local shards, and every rank must take the same step
             m, n = bucket.b_shape[0], math.prod(bucket.a_shape[1:])
             shift = group["step_damping"] * group["lr"] * math.sqrt(min(m, n))
-            sides = []
-            if bucket.has_a:  # Ã needs R_B
-                sides.append(("A", A, bucket.a, len(requests)))
-                K_B = torch.stack([gram(b.mT) for b in B]) if host else gram(B.mT)
-                requests.append((K_B, process_group(params[bucket.b[0]]), tol, shift))
-            if bucket.has_b:  # B̃ needs R_A
-                sides.append(("B", B, bucket.b, len(requests)))
-                K_A = torch.stack([gram(a) for a in A]) if host else gram(A)
-                requests.append((K_A, process_group(params[bucket.a[0]]), tol, shift))
-            work.append((sides, bucket.a, host))
+            for part in [bucket] if host else chunks(bucket, dt):
+                sides = []
+                if part.has_a:  # Ã needs R_B
+                    sides.append(("A", part.a, len(requests)))
+                    K_B = (torch.stack([gram(b_matrix(params[i]).mT) for i in part.b]) if host
+                           else gram(stacked(group, part.b, "B", dt).mT))
+                    requests.append((K_B, process_group(params[part.b[0]]), tol, shift))
+                if part.has_b:  # B̃ needs R_A
+                    sides.append(("B", part.b, len(requests)))
+                    K_A = (torch.stack([gram(a_rows(params[i])) for i in part.a]) if host
+                           else gram(stacked(group, part.a, "A", dt)))
+                    requests.append((K_A, process_group(params[part.a[0]]), tol, shift))
+                work.append((sides, part.a, host, dt))
         frames = _frames(requests)
         decay = group["lr"] * group["weight_decay"]  # AdamW's decoupled decay, on the factors (_map_back)
         if ctx.found_inf is not None and not (isinstance(decay, float) and decay == 0.0):
             decay = torch.where(ctx.found_inf > 0, 0.0, decay)  # a skipped step does not decay either
         done: set[int] = set()
-        while work:
-            sides, a_ids, host = work.pop(0)  # the bucket's factor stacks are released with it
+        for sides, a_ids, host, dt in work:
             scales = {}
             if group["rebalance"] and group["lr"] > 0 and len(sides) == 2:  # lr = 0 (a scheduler) moves nothing
-                (_, _, _, j_a), (_, _, _, j_b) = sides  # side A's request holds K_B, side B's holds K_A
+                (_, _, j_a), (_, _, j_b) = sides  # side A's request holds K_B, side B's holds K_A
                 scales = dict(zip("AB", balance_scales(K_A=frames[j_b].K, K_B=frames[j_a].K)))
                 if ctx.found_inf is not None:  # a step skipped on the device leaves the factors as they are
                     scales = {k: torch.where(ctx.found_inf > 0, torch.ones_like(c), c) for k, c in scales.items()}
-            ramp = self._ramp(ctx.state, group, a_ids, frames[sides[0][3]].K)
-            for side, X, ids, j in sides:
+            ramp = self._ramp(ctx.state, group, a_ids, frames[sides[0][2]].K)
+            for side, ids, j in sides:
                 pos = [position[i] for i in ids]
                 like = lists["params"][pos[0]]
                 frame = frames[j]
+                matrix = a_rows if side == "A" else b_matrix
                 if host:
-                    matrix = a_rows if side == "A" else b_matrix
                     g_t = [coordinate_gradient(L, matrix(lists["grads"][q]), side)
                            for L, q in zip(frame.L_inv.unbind(0), pos)]
                     if like.dim() != 2:
                         g_t = [g.view(like.shape) for g in g_t]
+                    rows = (len(pos), *matrix(like).shape)
                 else:
-                    G = torch.stack([lists["grads"][q] for q in pos]).to(X.dtype).view(X.shape)
-                    stacked = coordinate_gradient(frame.L_inv, G, side)
+                    X = stacked(group, ids, side, dt)  # re-stacked: only one chunk's stacks are alive at a time
+                    G = torch.stack([lists["grads"][q] for q in pos]).to(dt).view(X.shape)
+                    stack = coordinate_gradient(frame.L_inv, G, side)
                     del G
-                    stacked = stacked.to(like.dtype).contiguous()  # fused Adam needs the params' layout
-                    g_t = list(unstack(stacked, like.shape))
-                rows = (len(pos), *X[0].shape) if host else X.shape  # the factors' row form
+                    stack = stack.to(like.dtype).contiguous()  # fused Adam needs the params' layout
+                    g_t = list(unstack(stack, like.shape))
+                    rows = X.shape
                 change = torch.zeros(rows, dtype=like.dtype, device=like.device)  # Adam's change (_map_back)
                 sub = {key: [lists[key][q] for q in pos] if lists[key] else []
                        for key in ("exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "state_steps")}
@@ -345,7 +350,8 @@ class SDS(Mode):
                     _map_back_pairs(side, frame.M, targets, change, decay, scales.get(side), ramp)
                 else:
                     _map_back(side, frame.M, X, change, targets, decay, scales.get(side), ramp)
-                del sub, change  # spent: free it before the next factor's stacks
+                    del X
+                del sub, change  # spent: free them before the next factor's stacks
                 done.update(pos)
         return done
 
