@@ -4,7 +4,8 @@
     python benchmarks/profile_step.py --rank 16 --mode sds        # coordinate steps (no warm-up)
 
 Prints the top operators by device time, then by host time (a host-bound step shows there); ``--host`` prints
-cProfile's top Python functions of 20 steps instead (where the host time of a step goes).
+cProfile's top Python functions of 20 steps instead (where the host time of a step goes); on CUDA it ends with
+the compiled Triton kernels' registers, spills, shared memory and the programs an SM holds by those.
 """
 
 from __future__ import annotations
@@ -63,6 +64,29 @@ def main(argv=None):
     print(f"{shape} r={args.rank} {args.dtype} mode={args.mode} route={args.route} (5 steps)")
     print(prof.key_averages().table(sort_by=key, row_limit=args.rows))
     print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=args.rows))
+    if device.type == "cuda":
+        kernel_resources(device)
+
+
+def kernel_resources(device: torch.device) -> None:
+    """Registers per thread, spills, warps and shared memory of every compiled Triton kernel of
+    :mod:`sdsopt.kernels`, and the programs one SM holds by its register file and shared memory."""
+    from sdsopt import kernels
+
+    props = torch.cuda.get_device_properties(device)
+    regs_sm = getattr(props, "regs_per_multiprocessor", 65536)
+    smem_sm = getattr(props, "shared_memory_per_multiprocessor", 228 * 1024)
+    for name in ("gram_kernel", "gram_sum_kernel", "frames_kernel", "adam_kernel"):
+        fn = getattr(kernels, name)
+        caches = getattr(fn, "device_caches", None) or getattr(fn, "cache", {})
+        for entry in caches.values():
+            for compiled in (entry[0] if isinstance(entry, tuple) else entry).values():
+                warps = compiled.metadata.num_warps
+                regs, spills, shared = compiled.n_regs, compiled.n_spills, compiled.metadata.shared
+                by_regs = regs_sm // max(regs * 32 * warps, 1)
+                by_smem = smem_sm // shared if shared else by_regs
+                print(f"{name}: {regs} registers/thread, {spills} spills, {warps} warps, {shared} B shared: "
+                      f"{min(by_regs, by_smem)} programs/SM (registers {by_regs}, shared memory {by_smem})")
 
 
 if __name__ == "__main__":

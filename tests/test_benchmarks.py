@@ -28,7 +28,8 @@ def run(script: str, *args: str, timeout: int = 300) -> str:
 
 def test_every_script_has_a_smoke_test():
     covered = {"e2e_step.py", "step_time.py", "profile_step.py", "psi_step.py", "long_run.py", "psi_linear.py",
-               "pack_minilm.py", "kernel_blocks.py", "fsdp_step.py", "llm_sweep.py"}  # llm_sweep: test_smollm_task
+               "pack_minilm.py", "kernel_blocks.py", "fsdp_step.py", "llm_sweep.py",
+               "roofline.py"}  # llm_sweep: test_smollm_task
     assert {p.name for p in BENCH.glob("*.py")} == covered
 
 
@@ -46,6 +47,12 @@ def test_step_time(tmp_path):
               "--out", str(tmp_path / "rows.json"))
     assert "SDSAdamW sds" in out and "SDSAdamW lorapro" in out and (tmp_path / "rows.json").stat().st_size > 0
     assert all(f"peer {p}" in out for p in peers)
+
+
+def test_roofline(tmp_path):
+    out = run("roofline.py", "--device", "cpu", "--shape", "small", "--ranks", "2", "--mb", "8", "--reps", "1",
+              "--steps", "1", "--out", str(tmp_path / "rows.json"))
+    assert "copy bandwidth" in out and "torch path predicted" in out and (tmp_path / "rows.json").stat().st_size > 0
 
 
 def test_profile_step():
