@@ -446,11 +446,11 @@ def test_the_cpu_per_pair_and_chunked_routes_step_as_the_stacked_route(kw, monke
 
     monkeypatch.setattr(sds, "PER_PAIR_MIN_NUMEL", 0)  # (these factors are below the route's size threshold)
     routes = []
-    host_route = sds._host_route
-    monkeypatch.setattr(sds, "_host_route", lambda *a: routes.append(host_route(*a)) or routes[-1])
+    route = sds._per_pair_route
+    monkeypatch.setattr(sds, "_per_pair_route", lambda *a: routes.append(route(*a)) or routes[-1])
     per_pair = steps(model())
     assert routes and all(routes)
-    monkeypatch.setattr(sds, "_host_route", lambda *a: False)
+    monkeypatch.setattr(sds, "_per_pair_route", lambda *a: False)
     stacked = steps(model())
     assert max((a - b).abs().max().item() for a, b in zip(per_pair, stacked)) <= 1e-12
     monkeypatch.setattr(buckets, "STACK_CHUNK_BYTES", 1)  # every chunk one pair

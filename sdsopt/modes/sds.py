@@ -85,12 +85,12 @@ def _map_back(side: str, M: Tensor, X: Tensor, change: Tensor, targets: list[Ten
 def _map_back_pairs(side: str, M: Tensor, targets: list[Tensor], change: Tensor, decay: float | Tensor,
                     scale: Tensor | None, ramp: float | Tensor | None) -> None:
     """:func:`_map_back` pair by pair, in place on the parameters ``targets`` (the CPU route of
-    :meth:`SDS._step_torch`; ``change`` ``[k, …]`` in row form): one ``addmm_`` each.
-    (CPU tensors: reading their values costs no synchronisation.)"""
+    :meth:`SDS._step_torch`; ``change`` ``[k, …]`` in row form): one ``addmm_`` each, its coefficients read on
+    the host (CPU tensors: no synchronisation to pay)."""
     k = len(targets)
+    matrix = a_rows if side == "A" else b_matrix
     keep, gain = (torch.as_tensor(v, dtype=torch.float64).expand(k, 1, 1).reshape(-1).tolist()
                   for v in _keep_gain(decay, scale, ramp))
-    matrix = a_rows if side == "A" else b_matrix
     for X, delta, Mi, beta, alpha in zip(targets, change.unbind(0), M.unbind(0), keep, gain):
         to_factors_(matrix(X), Mi, delta, side, beta, alpha)
 
@@ -98,10 +98,12 @@ def _map_back_pairs(side: str, M: Tensor, targets: list[Tensor], change: Tensor,
 PER_PAIR_MIN_NUMEL = 4096
 """Smallest factor (elements) of a bucket that takes the per-pair CPU route: below it one dispatched op per
 factor costs more than the stacks save (2-core CPU, 8 layers × 7 pairs, per-pair / stacked step time: factors of
-1024 elements 1.12, 2048: 1.01–1.08, 4096: 0.93–0.95, 8192: 0.82; 16 384 (``small``, r = 16): 0.70)."""
+1024 elements 1.12, 2048: 1.01–1.08, 4096: 0.93–0.95, 8192: 0.82; 16 384 (``small``, r = 16): 0.70).  Not on
+GPUs, where the step would be host-bound: on an H200 at r = 256 (llama7b shapes, 224 pairs) per pair took 54 ms
+of host time against the stacked route's 45 ms step."""
 
 
-def _host_route(group: dict[str, Any], bucket: Bucket, dt: torch.dtype) -> bool:
+def _per_pair_route(group: dict[str, Any], bucket: Bucket, dt: torch.dtype) -> bool:
     """Does the bucket take :meth:`SDS._step_torch`'s per-pair CPU route?  Factors on the CPU, in the algebra's
     dtype (no rounding to a 16-bit parameter dtype to defer), of at least :data:`PER_PAIR_MIN_NUMEL` elements,
     contiguous, not FSDP2 shards."""
@@ -275,7 +277,7 @@ class SDS(Mode):
         every tensor as one call for all would).  Stacking twice costs one more pass over the factors; keeping
         every bucket's stacks from the Grams to the map back cost 1.9–6.7 GB at r = 128–256 on llama7b shapes.
 
-        On the CPU (:func:`_host_route`) nothing is stacked: the Grams, coordinate gradients and the map back are
+        On the CPU (:func:`_per_pair_route`) nothing is stacked: the Grams, coordinate gradients and the map back are
         one small product per factor, the map back an ``addmm_`` on the parameter itself (:func:`_map_back_pairs`),
         and the frames and Adam stay batched.  A stack is one more pass over memory, while a pair's tensors stay
         in the cache from one small product to the next (benchmarks/RESULTS.md, the CPU table: 2 cores,
@@ -287,30 +289,30 @@ class SDS(Mode):
         work = []
         for bucket in buckets:
             dt, tol = algebra_precision(params[bucket.a[0]].dtype, group["linalg_dtype"], group["rank_tol"], "cholesky")
-            host = _host_route(group, bucket, dt)
+            per_pair = _per_pair_route(group, bucket, dt)
             # the step damping μ_s = γ·lr·√min(m, n) (see the class docstring), from the whole factors'
             # shapes: under FSDP2 A and B are local shards, and every rank must take the same step
             m, n = bucket.b_shape[0], math.prod(bucket.a_shape[1:])
             shift = group["step_damping"] * group["lr"] * math.sqrt(min(m, n))
-            for part in [bucket] if host else chunks(bucket, dt):
+            for part in [bucket] if per_pair else chunks(bucket, dt):
                 sides = []
                 if part.has_a:  # Ã needs R_B
                     sides.append(("A", part.a, len(requests)))
-                    K_B = (torch.stack([gram(b_matrix(params[i]).mT) for i in part.b]) if host
+                    K_B = (torch.stack([gram(b_matrix(params[i]).mT) for i in part.b]) if per_pair
                            else gram(stacked(group, part.b, "B", dt).mT))
                     requests.append((K_B, process_group(params[part.b[0]]), tol, shift))
                 if part.has_b:  # B̃ needs R_A
                     sides.append(("B", part.b, len(requests)))
-                    K_A = (torch.stack([gram(a_rows(params[i])) for i in part.a]) if host
+                    K_A = (torch.stack([gram(a_rows(params[i])) for i in part.a]) if per_pair
                            else gram(stacked(group, part.a, "A", dt)))
                     requests.append((K_A, process_group(params[part.a[0]]), tol, shift))
-                work.append((sides, part.a, host, dt))
+                work.append((sides, part.a, per_pair, dt))
         frames = _frames(requests)
         decay = group["lr"] * group["weight_decay"]  # AdamW's decoupled decay, on the factors (_map_back)
         if ctx.found_inf is not None and not (isinstance(decay, float) and decay == 0.0):
             decay = torch.where(ctx.found_inf > 0, 0.0, decay)  # a skipped step does not decay either
         done: set[int] = set()
-        for sides, a_ids, host, dt in work:
+        for sides, a_ids, per_pair, dt in work:
             scales = {}
             if group["rebalance"] and group["lr"] > 0 and len(sides) == 2:  # lr = 0 (a scheduler) moves nothing
                 (_, _, j_a), (_, _, j_b) = sides  # side A's request holds K_B, side B's holds K_A
@@ -323,7 +325,7 @@ class SDS(Mode):
                 like = lists["params"][pos[0]]
                 frame = frames[j]
                 matrix = a_rows if side == "A" else b_matrix
-                if host:
+                if per_pair:
                     g_t = [coordinate_gradient(L, matrix(lists["grads"][q]), side)
                            for L, q in zip(frame.L_inv.unbind(0), pos)]
                     if like.dim() != 2:
@@ -346,7 +348,7 @@ class SDS(Mode):
                       has_complex=any(torch.is_complex(t) for t in sub["params"]), found_inf=ctx.found_inf)
                 del g_t
                 targets = [lists["params"][q] for q in pos]
-                if host:
+                if per_pair:
                     _map_back_pairs(side, frame.M, targets, change, decay, scales.get(side), ramp)
                 else:
                     _map_back(side, frame.M, X, change, targets, decay, scales.get(side), ramp)
