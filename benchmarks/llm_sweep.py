@@ -38,7 +38,8 @@ PEER_LRS = {("math", "loraplus"): ["2e-5", "5e-5", "1e-4", "2e-4", "5e-4", "1e-3
             ("code", "rite"): ["5e-5", "1e-4", "2e-4", "5e-4", "1e-3", "3e-3"],
             ("code", "peft_riemannian"): ["5e-5", "1e-4", "2e-4", "5e-4", "1e-3", "3e-3"]}
 SCALES = {"peft_r8": ["--rank", "8", "--lora-alpha", "16"],  # PEFT's common s = alpha/r = 2, a small rank
-          "paper_r32": ["--rank", "32", "--lora-alpha", "4", "--rslora"]}  # the SDS paper's protocol
+          "paper_r32": ["--rank", "32", "--lora-alpha", "4", "--rslora"],  # the SDS paper's protocol
+          "peft_r2": ["--rank", "2", "--lora-alpha", "4"]}  # s = 2 at a rank where LoRA trails full fine-tuning?
 TASKS = {"math": ["--task", "smollm_math", "--difficulty", "2", "--eval-examples", "96"],
          "code": ["--task", "smollm_code", "--eval-examples", "96", "--max-len", "256"]}
 

@@ -19,7 +19,7 @@ from .distributed import is_dtensor, local
 __all__ = ["STACK_CHUNK_BYTES", "Bucket", "Bucketing", "chunks", "drop_positions", "split_fused", "stacked",
            "stacked_factors", "unstack"]
 
-STACK_CHUNK_BYTES = 256 * 2**20
+STACK_CHUNK_BYTES = 2**30
 """Most bytes of one :func:`chunks` piece's stacked factors (both kinds, in the algebra's dtype): a mode's torch
 path stacks a piece, not a whole bucket, so its extra memory stays bounded at any rank and model size."""
 
