@@ -45,11 +45,12 @@ TASKS = {"math": ["--task", "smollm_math", "--difficulty", "2", "--eval-examples
 
 
 def plan(steps: int, seeds: int, tasks: list[str], scales: list[str], modes: list[str],
-         metrics_lr: str | None, lrs: list[str] | None = None) -> list[tuple[str, list[str]]]:
+         metrics_lr: str | None, lrs: list[str] | None = None,
+         full_lrs: list[str] | None = None) -> list[tuple[str, list[str]]]:
     """One job per run (task, scale, mode, seed, lr), ordered seed-major so that an interrupted sweep still has
     whole lr grids; after the first seed, if ``metrics_lr``, lora and sds at that lr with the mechanism metrics
-    every 10 steps.  ``lrs`` replaces the LoRA-mode grid (``full`` keeps its own; peers without ``lrs`` take
-    :data:`PEER_LRS`)."""
+    every 10 steps.  ``lrs`` replaces the LoRA-mode grid (peers without ``lrs`` take :data:`PEER_LRS`),
+    ``full_lrs`` full fine-tuning's (default :data:`FULL_LRS`)."""
     jobs = []
 
     def add(task: str, scale: str, mode: str, seed: int, lr: str, metrics_every: int = 0) -> None:
@@ -61,7 +62,8 @@ def plan(steps: int, seeds: int, tasks: list[str], scales: list[str], modes: lis
         for scale in scales:
             for task in tasks:
                 for mode in modes:
-                    for lr in FULL_LRS if mode == "full" else (lrs or PEER_LRS.get((task, mode), LORA_LRS)):
+                    grid = (full_lrs or FULL_LRS) if mode == "full" else (lrs or PEER_LRS.get((task, mode), LORA_LRS))
+                    for lr in grid:
                         add(task, scale, mode, seed, lr)
         if metrics_lr and seed == 0:
             for mode in ("lora", "sds"):
@@ -191,6 +193,8 @@ def main(argv: list[str] | None = None) -> None:
     r.add_argument("--workers", type=int, default=8)
     r.add_argument("--deadline", type=float, default=540.0, help="seconds after which no job starts")
     r.add_argument("--lrs", nargs="+", default=None, help="the LoRA modes' lr grid (default: %s)" % " ".join(LORA_LRS))
+    r.add_argument("--full-lrs", nargs="+", default=None, help="full fine-tuning's lr grid (default: %s)"
+                   % " ".join(FULL_LRS))
     r.add_argument("--limit", type=int, default=0, help="run only the first N jobs (0: all)")
     r.add_argument("--out", default="runs/llm")
     m = sub.add_parser("merge")
@@ -199,7 +203,8 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     if args.command == "merge":
         return merge(args)
-    jobs = plan(args.steps, args.seeds, args.tasks, args.scales, args.modes, args.metrics_lr, args.lrs)
+    jobs = plan(args.steps, args.seeds, args.tasks, args.scales, args.modes, args.metrics_lr, args.lrs,
+                args.full_lrs)
     run(jobs[: args.limit or None], Path(args.out), args.workers, args.deadline, passthrough)
 
 

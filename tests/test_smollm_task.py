@@ -174,3 +174,19 @@ def test_llm_sweep_runs_and_merges(tiny_llama, tmp_path):
                    capture_output=True)
     tables = (tmp_path / "merged" / "tables.md").read_text()
     assert "### math-peft_r8 (2 steps)" in tables and "| lora | 1 |" in tables
+
+
+def test_llm_sweep_plan_takes_both_lr_grids():
+    """``plan``: ``lrs`` sets the LoRA modes' grid and ``full_lrs`` full fine-tuning's; each job names its run."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "llm_sweep.py"
+    spec = importlib.util.spec_from_file_location("llm_sweep", path)
+    sweep = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sweep)
+    jobs = sweep.plan(300, 1, ["math"], ["peft_r2"], ["lora", "full"], None, ["1e-3", "3e-3"], ["1e-4"])
+    assert [name for name, _ in jobs] == ["math-peft_r2-lora-s0-lr1e-3", "math-peft_r2-lora-s0-lr3e-3",
+                                          "math-peft_r2-full-s0-lr1e-4"]
+    assert jobs[2][1][jobs[2][1].index("--lrs") + 1] == "1e-4" and "300" in jobs[0][1]
+    assert len(sweep.plan(100, 1, ["math"], ["peft_r8"], ["full"], None)) == len(sweep.FULL_LRS)
