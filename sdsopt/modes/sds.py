@@ -274,8 +274,10 @@ class SDS(Mode):
         (:func:`sdsopt.adam.adamw`, the group's kernel) on a zero buffer with the factors' moments (the
         coordinates' change, see the module docstring) and the map back in one ``baddbmm_`` (:func:`_map_back`),
         so that only one chunk's buffers are alive at a time (Adam is elementwise: one call per chunk updates
-        every tensor as one call for all would).  Stacking twice costs one more pass over the factors; keeping
-        every bucket's stacks from the Grams to the map back cost 1.9–6.7 GB at r = 128–256 on llama7b shapes.
+        every tensor as one call for all would).  Stacking twice costs one more pass over the factors, which the
+        one-product map back pays for; keeping every bucket's stacks from the Grams to the map back held 37–43 %
+        more memory at the same step time (benchmarks/RESULTS.md §3.2: H200, llama7b shapes, r = 256 fp32
+        4.5 → 2.9 GB).
 
         On the CPU (:func:`_per_pair_route`) nothing is stacked: the Grams, coordinate gradients and the map back are
         one small product per factor, the map back an ``addmm_`` on the parameter itself (:func:`_map_back_pairs`),
