@@ -276,8 +276,8 @@ class SDS(Mode):
         so that only one chunk's buffers are alive at a time (Adam is elementwise: one call per chunk updates
         every tensor as one call for all would).  Stacking twice costs one more pass over the factors, which the
         one-product map back pays for; keeping every bucket's stacks from the Grams to the map back held 37–43 %
-        more memory at the same step time (benchmarks/RESULTS.md §3.2: H200, llama7b shapes, r = 256 fp32
-        4.5 → 2.9 GB).
+        more memory at the same step time (benchmarks/RESULTS.md, "r > 64 on the GPU": H200, llama7b shapes,
+        r = 256 fp32 4.5 → 2.9 GB).
 
         On the CPU (:func:`_per_pair_route`) nothing is stacked: the Grams, coordinate gradients and the map back are
         one small product per factor, the map back an ``addmm_`` on the parameter itself (:func:`_map_back_pairs`),
