@@ -107,6 +107,8 @@ def make_optimizer(mode: str, model: nn.Module, lr: float, betas: tuple[float, f
                                  weight_decay=weight_decay, foreach=False)
     kw: dict[str, Any] = {"sds_sigma": dict(mode="sds_polar", decouple_sigma=True),
                           "sds_undamped": dict(mode="sds", step_damping=0.0)}.get(mode, dict(mode=mode))
+    if mode.startswith("sdsplus"):  # sds with LoRA+'s ratio on B (docs/math.md (2.7))
+        kw = dict(mode="sds", b_lr_ratio=float(mode[len("sdsplus"):]))
     if mode != "lora":  # lora is plain AdamW on the factors: an SDS option would not change it
         kw.update(options or {})
     opt = SDSAdamW([(n, p) for n, p in model.named_parameters() if p.requires_grad], lr=lr, betas=betas,
@@ -135,6 +137,22 @@ class MetricsRecorder:
         return {k: statistics.fmean(finite(r[k]) for r in rows) for k in rows[0]}
 
 
+SCHEDULES = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}
+
+
+def make_schedulers(opt: Any, args: argparse.Namespace) -> list[Any]:
+    """``--schedule`` with ``--warmup-ratio`` on every optimizer of the run, by ``transformers.get_scheduler`` (the
+    schedule HF Trainer and TRL users get): a linear warm-up over ``ceil(warmup_ratio·steps)`` steps (Trainer's
+    rounding), then constant, linear or cosine decay to 0 at ``--steps``.  None for a constant lr."""
+    warm = math.ceil(args.warmup_ratio * args.steps)
+    if args.schedule == "constant" and warm == 0:
+        return []
+    from transformers import get_scheduler
+
+    return [get_scheduler(SCHEDULES[args.schedule], o, num_warmup_steps=warm, num_training_steps=args.steps)
+            for o in getattr(opt, "optimizers", [opt])]
+
+
 def run_one(task, mode: str, lr: float, seed: int, args: argparse.Namespace, progress=None) -> dict[str, Any]:
     """One training run; returns its curve, metrics and final losses."""
     model = (task.full_model(seed) if mode == "full" else task.lora_model(seed)).to(args.device)
@@ -145,6 +163,7 @@ def run_one(task, mode: str, lr: float, seed: int, args: argparse.Namespace, pro
                                   dampening=getattr(args, "psi_dampening", 0.0), lmbd=getattr(args, "psi_lmbd", 1e-2),
                                   adam_lr=getattr(args, "psi_adam_lr", None)),
                          options=peer_options(mode, args) if is_peer(mode) else getattr(args, "opt", None))
+    schedulers = make_schedulers(opt, args)
     recorder = None
     layers = PaperSDSLayers(model, total_steps=args.steps) if mode == "sds_layer" else None
     if isinstance(opt, SDSAdamW) and (mode == "svd_oracle" or args.metrics_every):
@@ -163,6 +182,8 @@ def run_one(task, mode: str, lr: float, seed: int, args: argparse.Namespace, pro
         if record:
             recorder.before()
         opt.step()
+        for scheduler in schedulers:
+            scheduler.step()
         if layers is not None:
             layers.after_step(opt)
         if record:
@@ -180,7 +201,8 @@ def run_one(task, mode: str, lr: float, seed: int, args: argparse.Namespace, pro
     with autocast(args):
         extra = {"accuracy": task.eval_accuracy(model)} if hasattr(task, "eval_accuracy") else {}
         held_out = task.eval_loss(model)
-    return {"mode": mode, "lr": lr, "seed": seed, "curve": curve, "metrics": metrics,
+    return {"mode": mode, "lr": lr, "seed": seed, "schedule": args.schedule, "warmup_ratio": args.warmup_ratio,
+            "curve": curve, "metrics": metrics,
             "final_train": statistics.fmean(tail), "eval": held_out, **extra}
 
 
@@ -190,13 +212,14 @@ def peer_options(mode: str, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def mode_name(text: str) -> str:
-    """A ``--modes`` entry: one of :data:`ABLATION_MODES`, or ``loraplus<λ>`` (e.g. ``loraplus8``)."""
+    """A ``--modes`` entry: one of :data:`ABLATION_MODES`, ``loraplus<λ>`` (e.g. ``loraplus8``) or ``sdsplus<λ>``
+    (``sds`` with ``b_lr_ratio=λ``)."""
     import re
 
-    if text in ABLATION_MODES or re.fullmatch(r"loraplus\d+(\.\d+)?", text):
+    if text in ABLATION_MODES or re.fullmatch(r"(lora|sds)plus\d+(\.\d+)?", text):
         return text
-    raise argparse.ArgumentTypeError(f"unknown mode {text!r}; choose from {', '.join(ABLATION_MODES)} "
-                                     "or loraplus<λ> (e.g. loraplus8)")
+    raise argparse.ArgumentTypeError(f"unknown mode {text!r}; choose from {', '.join(ABLATION_MODES)}, "
+                                     "loraplus<λ> (e.g. loraplus8) or sdsplus<λ> (sds with b_lr_ratio=λ)")
 
 
 def autocast(args: argparse.Namespace):
@@ -291,7 +314,8 @@ def write_outputs(task_name: str, runs: list[dict], table: dict, out: Path) -> N
             w.writerows([task_name, r["mode"], r["lr"], r["seed"], m["step"], *(m.get(k, "") for k in keys)]
                         for m in r["metrics"])
     with open(out / "summary.json", "w") as fh:
-        json.dump({"task": task_name, "table": table,
+        recipe = {k: runs[0][k] for k in ("schedule", "warmup_ratio")} if runs else {}
+        json.dump({"task": task_name, **recipe, "table": table,
                    "runs": [{k: v for k, v in r.items() if k not in ("curve", "metrics")} for r in runs]}, fh, indent=1)
     plot(task_name, runs, table, out)
 
@@ -377,6 +401,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--seeds", type=int, default=1)
     ap.add_argument("--first-seed", type=int, default=0, help="seeds run are first-seed … first-seed + seeds - 1")
     ap.add_argument("--steps", type=int, default=None)
+    ap.add_argument("--schedule", choices=tuple(SCHEDULES), default="constant",
+                    help="lr schedule after the warm-up (transformers.get_scheduler): constant, linear or cosine to 0")
+    ap.add_argument("--warmup-ratio", type=float, default=0.0, help="linear lr warm-up over this share of --steps")
     ap.add_argument("--beta1", type=float, default=0.9, help="0 gives Adam without momentum")
     ap.add_argument("--weight-decay", type=float, default=0.0)
     ap.add_argument("--metrics-every", type=int, default=10, help="0 turns metrics off (no capture, no cost)")

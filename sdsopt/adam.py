@@ -18,7 +18,7 @@ from torch.optim.adam import adam
 from .distributed import is_dtensor, local, local_grad
 from .pairing import param_label
 
-__all__ = ["AdamLists", "StepLists", "adamw"]
+__all__ = ["AdamLists", "StepLists", "adamw", "adamw_sides", "side_lr"]
 
 AdamLists = dict[str, list[Tensor]]
 """The lists of one Adam call: ``params``, ``grads``, ``exp_avgs``, ``exp_avg_sqs``, ``max_exp_avg_sqs`` (empty without
@@ -37,6 +37,34 @@ def adamw(options: Mapping[str, Any], lists: AdamLists, *, lr: float | Tensor, w
         decoupled_weight_decay=True, amsgrad=options["amsgrad"], beta1=beta1, beta2=beta2,
         lr=lr, weight_decay=weight_decay, eps=options["eps"], maximize=options["maximize"],
     )
+
+
+def side_lr(group: Mapping[str, Any], side: str, lr: float | Tensor | None = None) -> float | Tensor:
+    """The step size of a LoRA pair's factor ``side`` (``"A"`` or ``"B"``): ``lr`` (default: the group's) for A,
+    ``b_lr_ratio·lr`` for B (docs/math.md (2.7)); the same object for B when the ratio is 1."""
+    lr = group["lr"] if lr is None else lr
+    ratio = group["b_lr_ratio"]
+    return lr if side == "A" or ratio == 1.0 else lr * ratio
+
+
+def adamw_sides(group: Mapping[str, Any], lists: AdamLists, b_factors: set[int], *, has_complex: bool = False,
+                found_inf: Tensor | None = None) -> None:
+    """The common AdamW call of a param group: the entries of ``lists`` whose ``params`` are in ``b_factors``
+    (the ``id`` of each of the pairs' B factors in ``lists["params"]``) at :func:`side_lr`'s ``b_lr_ratio·lr``,
+    every other entry at ``lr``, both with the group's ``weight_decay`` (docs/math.md (2.7): LoRA+'s param groups,
+    as PEFT's ``create_loraplus_optimizer`` builds them).  One call when the ratio is 1 or no B factor is listed."""
+    b_pos = [q for q, p in enumerate(lists["params"]) if id(p) in b_factors] if group["b_lr_ratio"] != 1.0 else []
+    if not b_pos:
+        adamw(group, lists, lr=group["lr"], weight_decay=group["weight_decay"], has_complex=has_complex,
+              found_inf=found_inf)
+        return
+    chosen = set(b_pos)
+    for is_b in (False, True):
+        sub: AdamLists = {key: [v for q, v in enumerate(values) if (q in chosen) == is_b] if values else []
+                          for key, values in lists.items()}
+        if sub["params"]:
+            adamw(group, sub, lr=side_lr(group, "B" if is_b else "A"), weight_decay=group["weight_decay"],
+                  has_complex=has_complex, found_inf=found_inf)
 
 
 class StepLists:

@@ -36,6 +36,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .adam import side_lr
+
 try:
     import triton
     import triton.language as tl
@@ -334,11 +336,12 @@ def adam(tables: Tables, key: Any, group: dict[str, Any], fam: Family, lists: di
     if isinstance(lr, Tensor):  # read by the kernel on the device (float32), as torch's fused AdamW does
         lr = lr.to(device=device, dtype=torch.float32, non_blocking=True).reshape(())
     for side, trans, table, items, n, vec in launches:
+        lr_side = side_lr(group, "AB"[side], lr)
         kernels.adam_kernel[(n,)](
             table, items, gmaps[(1 - side) * fam.k:], gmaps if mmaps is None else mmaps[(1 - side) * fam.k:],
             gmaps if scales is None else scales[(1 - side) * fam.k:], gmaps if ramps is None else ramps,
-            lr if isinstance(lr, Tensor) else gmaps, gmaps if found_inf is None else found_inf,
-            fam.r, 0.0 if isinstance(lr, Tensor) else float(lr), beta1, beta2, group["eps"],
+            lr_side if isinstance(lr_side, Tensor) else gmaps, gmaps if found_inf is None else found_inf,
+            fam.r, 0.0 if isinstance(lr_side, Tensor) else float(lr_side), beta1, beta2, group["eps"],
             group["weight_decay"],
             TRANS=trans, COORD=mmaps is not None, HAS_SCALE=scales is not None, HAS_RAMP=ramps is not None,
             HAS_FOUND_INF=found_inf is not None, LR_TENSOR=isinstance(lr, Tensor), AMSGRAD=amsgrad,

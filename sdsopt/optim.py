@@ -18,7 +18,7 @@ from torch.optim.optimizer import Optimizer
 
 from . import compiled, modes, naming
 from . import pairing as _pairing
-from .adam import StepLists, adamw
+from .adam import StepLists, adamw_sides
 from .capture import LoraCapture
 from .checkpoint import check_modes, check_state_dict
 from .fused import Tables
@@ -63,6 +63,13 @@ class SDSAdamW(Optimizer):
             once) or ``"lorapro"`` (LoRA-Pro's efficient mode, a peer: Adam on gradients whose weight-space
             step is the tangent projection of ``G``, docs/math.md (7.1)).  LoRSum / PSI-LoRA, 0.2's
             ``"lorsum"``, is the optimizer :class:`sdsopt.PSILoRA`.
+        b_lr_ratio: the step size of every pair's B factor is ``b_lr_ratio·lr`` (A's is ``lr``), its decoupled
+            weight decay included (docs/math.md (2.7)).  In mode ``"lora"`` this is LoRA+ (Hayou et al. 2024)
+            exactly as PEFT's ``create_loraplus_optimizer(..., loraplus_lr_ratio=b_lr_ratio)`` builds it for the
+            LoRA factors (PEFT also puts 1-D parameters such as biases at the ratio; here only B factors are).
+            In ``"sds"`` it scales B's step in both phases: the warm-up's plain AdamW step and the coordinate
+            step of ``B̃``.  Default 1.0; a group hyper-parameter, so a scheduler or callback may change it.
+            Refused with ``"svd_oracle"`` (no factor steps there).
         warmup_steps: mode ``"sds"``: plain AdamW steps of each pair before its coordinate steps
             (default 10, as the paper; 0 starts in coordinates at once, e.g. for non-zero ``B``).
         coordinate_ramp: mode ``"sds"``: the pair's first coordinate steps are scaled by ``k/coordinate_ramp``
@@ -145,6 +152,7 @@ class SDSAdamW(Optimizer):
         amsgrad: bool = False,
         *,
         mode: str = "sds",
+        b_lr_ratio: float = 1.0,
         warmup_steps: int = 10,
         coordinate_ramp: int = 0,
         resplit: bool = True,
@@ -175,7 +183,7 @@ class SDSAdamW(Optimizer):
         defaults = dict(
             lr=lr, betas=tuple(betas) if isinstance(betas, (tuple, list)) else betas, eps=eps,
             weight_decay=weight_decay, amsgrad=amsgrad,
-            mode=mode, warmup_steps=warmup_steps, coordinate_ramp=coordinate_ramp, resplit=resplit,
+            mode=mode, b_lr_ratio=b_lr_ratio, warmup_steps=warmup_steps, coordinate_ramp=coordinate_ramp, resplit=resplit,
             rebalance=rebalance, step_damping=step_damping,
             decouple_sigma=decouple_sigma, sigma_lr_ratio=sigma_lr_ratio, route=route,
             rank_tol=rank_tol, damping=damping, oracle_max_numel=oracle_max_numel,
@@ -354,11 +362,11 @@ class SDSAdamW(Optimizer):
         for gi, group, position, lists, has_complex in prepared:
             if not lists["params"]:
                 continue
+            b_factors = {id(lists["params"][position[ib]]) for _, ib in group["lora_pairs"] if ib in position}
             ctx = StepContext(gi, group, position, lists, self.state, self._tables, found_inf, self._capture)
             map_back = self._mode(group).transform(ctx)
             if lists["params"]:  # (a mode may have stepped every parameter itself)
-                adamw(group, lists, lr=group["lr"], weight_decay=group["weight_decay"], has_complex=has_complex,
-                      found_inf=found_inf)
+                adamw_sides(group, lists, b_factors, has_complex=has_complex, found_inf=found_inf)
             map_back()
         if self._capture is not None:
             self._capture.clear()

@@ -3,6 +3,7 @@ before anything is built (the options of one mode are checked by that mode, :met
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -16,7 +17,7 @@ _LINALG_DTYPES = (None, torch.float32, torch.float64)
 
 
 _YAML_HINT = " (YAML reads 1e-8 as a string: write 1.0e-8, or convert with float())"
-_REALS = ("eps", "weight_decay", "step_damping", "damping", "sigma_lr_ratio")
+_REALS = ("eps", "weight_decay", "step_damping", "damping", "sigma_lr_ratio", "b_lr_ratio")
 _BOOLS = ("amsgrad", "maximize", "decouple_sigma", "resplit", "rebalance")
 _INTS = ("warmup_steps", "coordinate_ramp", "oracle_max_numel")
 
@@ -90,6 +91,8 @@ def check_group(group: dict[str, Any], where: str) -> None:
 
         (group["damping"] > 0.0,
          f"damping={group['damping']} must be > 0 (modes 'scaled' and 'lorapro' invert K + damping·I)"),
+        (group["b_lr_ratio"] > 0.0 and math.isfinite(group["b_lr_ratio"]),
+         f"b_lr_ratio={group['b_lr_ratio']} must be a finite number > 0 (B's step is b_lr_ratio·lr; 1.0: off)"),
         (group["sigma_lr_ratio"] >= 0.0, f"sigma_lr_ratio={group['sigma_lr_ratio']} must be >= 0"),
         (not routes or group["route"] in ("auto", *routes),
          f"route={group['route']!r} does not apply to mode={group['mode']!r}; it takes 'auto' or one of {routes}"),

@@ -70,3 +70,40 @@ def test_plots_survive_a_grid_where_every_run_diverged(tmp_path):
              "curve": [nan, nan, nan], "metrics": []} for lr in (1e-6, 1e-5)]
     plot("minilm", runs, summarise(runs), tmp_path)
     assert (tmp_path / "loss_vs_step.png").stat().st_size > 0 and (tmp_path / "final_vs_lr.png").stat().st_size > 0
+
+
+def test_schedules_follow_transformers_get_scheduler():
+    """``--schedule cosine --warmup-ratio 0.1`` over 20 steps: the lr at each step is the closed form of a linear
+    warm-up over ceil(2) steps then half a cosine to 0 (HF Trainer's schedule), on every optimizer of a run."""
+    import argparse
+    import math
+
+    import torch
+
+    pytest.importorskip("transformers")
+    from sdsopt.ablate import make_schedulers
+
+    args = argparse.Namespace(schedule="cosine", warmup_ratio=0.1, steps=20)
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))], lr=1e-2)
+    (scheduler,) = make_schedulers(opt, args)
+    seen = []
+    for _ in range(20):
+        seen.append(opt.param_groups[0]["lr"])
+        opt.step()
+        scheduler.step()
+    want = [1e-2 * (t / 2 if t < 2 else 0.5 * (1 + math.cos(math.pi * (t - 2) / 18))) for t in range(20)]
+    assert seen == pytest.approx(want, rel=1e-12, abs=1e-15)
+    assert make_schedulers(opt, argparse.Namespace(schedule="constant", warmup_ratio=0.0, steps=20)) == []
+
+
+def test_cli_runs_the_users_recipe(tmp_path):
+    """Warm-up + cosine at toy size with the peer LoRA+ and sds with the ratio (``sdsplus4``): the recipe is
+    recorded in the summary and the ratio changes sds's result."""
+    pytest.importorskip("transformers")
+    table = main(["--task", "linear", "--steps", "8", "--lrs", "1e-2", "--modes", "loraplus4", "sdsplus4", "sds",
+                  "--schedule", "cosine", "--warmup-ratio", "0.25", "--metrics-every", "0", "--m", "8", "--n", "8",
+                  "--rank", "2", "--batch", "16", "--out", str(tmp_path), "--quiet"])
+    assert set(table) == {"loraplus4", "sdsplus4", "sds"}
+    summary = json.load(open(tmp_path / "summary.json"))
+    assert summary["schedule"] == "cosine" and summary["warmup_ratio"] == 0.25
+    assert table["sdsplus4"]["eval"] != table["sds"]["eval"]

@@ -28,6 +28,13 @@ class Oracle(Mode):
     name = "svd_oracle"
     state_keys = ("oracle_exp_avg", "oracle_exp_avg_sq")
 
+    @classmethod
+    def validate(cls, group: dict[str, Any]) -> str | None:
+        if group["b_lr_ratio"] != 1.0:
+            return (f"b_lr_ratio={group['b_lr_ratio']} does not apply to mode='svd_oracle' (Adam steps the full "
+                    "product BA, not the factors); leave it at 1.0")
+        return super().validate(group)
+
     def host_decision(self, group: dict[str, Any], state: MutableMapping[Tensor, dict[str, Any]]) -> bool:
         return True
 

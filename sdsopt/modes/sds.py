@@ -37,7 +37,7 @@ import torch
 from torch import Tensor
 
 from .. import fused
-from ..adam import adamw
+from ..adam import adamw, side_lr
 from ..buckets import Bucket, chunks, drop_positions, split_fused, stacked, stacked_factors, unstack
 from ..coordinates import balance_scales, coordinate_gradient, factor_map, lower_inverse, resplit_maps, to_factors_
 from ..distributed import is_dtensor, local, process_group, reduce_parts
@@ -346,14 +346,15 @@ class SDS(Mode):
                        for key in ("exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "state_steps")}
                 sub["params"] = list(unstack(change, like.shape))
                 sub["grads"] = g_t
-                adamw(group, sub, lr=group["lr"], weight_decay=0.0,
+                adamw(group, sub, lr=side_lr(group, side), weight_decay=0.0,
                       has_complex=any(torch.is_complex(t) for t in sub["params"]), found_inf=ctx.found_inf)
                 del g_t
                 targets = [lists["params"][q] for q in pos]
+                side_decay = side_lr(group, side, decay)  # B's decay at b_lr_ratio·lr too (2.7)
                 if per_pair:
-                    _map_back_pairs(side, frame.M, targets, change, decay, scales.get(side), ramp)
+                    _map_back_pairs(side, frame.M, targets, change, side_decay, scales.get(side), ramp)
                 else:
-                    _map_back(side, frame.M, X, change, targets, decay, scales.get(side), ramp)
+                    _map_back(side, frame.M, X, change, targets, side_decay, scales.get(side), ramp)
                     del X
                 del sub, change  # spent: free them before the next factor's stacks
                 done.update(pos)
