@@ -43,7 +43,7 @@ def side_lr(group: Mapping[str, Any], side: str, lr: float | Tensor | None = Non
     """The step size of a LoRA pair's factor ``side`` (``"A"`` or ``"B"``): ``lr`` (default: the group's) for A,
     ``b_lr_ratio·lr`` for B (docs/math.md (2.7)); the same object for B when the ratio is 1."""
     lr = group["lr"] if lr is None else lr
-    ratio = group["b_lr_ratio"]
+    ratio = group.get("b_lr_ratio", 1.0)  # (groups of checkpoints from before the option: 1)
     return lr if side == "A" or ratio == 1.0 else lr * ratio
 
 
@@ -53,7 +53,8 @@ def adamw_sides(group: Mapping[str, Any], lists: AdamLists, b_factors: set[int],
     (the ``id`` of each of the pairs' B factors in ``lists["params"]``) at :func:`side_lr`'s ``b_lr_ratio·lr``,
     every other entry at ``lr``, both with the group's ``weight_decay`` (docs/math.md (2.7): LoRA+'s param groups,
     as PEFT's ``create_loraplus_optimizer`` builds them).  One call when the ratio is 1 or no B factor is listed."""
-    b_pos = [q for q, p in enumerate(lists["params"]) if id(p) in b_factors] if group["b_lr_ratio"] != 1.0 else []
+    ratio = side_lr(group, "B", 1.0)
+    b_pos = [q for q, p in enumerate(lists["params"]) if id(p) in b_factors] if ratio != 1.0 else []
     if not b_pos:
         adamw(group, lists, lr=group["lr"], weight_decay=group["weight_decay"], has_complex=has_complex,
               found_inf=found_inf)

@@ -152,3 +152,21 @@ def test_bad_ratios_are_refused_by_name(value):
 def test_the_oracle_refuses_a_ratio():
     with pytest.raises(ValueError, match="b_lr_ratio.*svd_oracle"):
         SDSAdamW(_pair(4, 4, 2, 0), mode="svd_oracle", b_lr_ratio=2.0)
+
+
+def test_a_checkpoint_from_before_the_option_resumes_at_ratio_one():
+    """Param groups saved before ``b_lr_ratio`` existed lack the key: they load and step as ratio 1 (bit for
+    bit with an uninterrupted run)."""
+    a, b = _peft_model(), _peft_model()
+    opt_a = SDSAdamW(a.named_parameters(), lr=3e-3, warmup_steps=2)
+    opt_b = SDSAdamW(b.named_parameters(), lr=3e-3, warmup_steps=2)
+    _train(a, opt_a, 3)
+    _train(b, opt_b, 3)
+    old = opt_b.state_dict()
+    for group in old["param_groups"]:
+        del group["b_lr_ratio"]
+    opt_b.load_state_dict(old)
+    _train(a, opt_a, 2)
+    _train(b, opt_b, 2)
+    for (name, p), (_, q) in zip(a.named_parameters(), b.named_parameters()):
+        assert torch.equal(p, q), name
