@@ -46,11 +46,13 @@ TASKS = {"math": ["--task", "smollm_math", "--difficulty", "2", "--eval-examples
 
 def plan(steps: int, seeds: int, tasks: list[str], scales: list[str], modes: list[str],
          metrics_lr: str | None, lrs: list[str] | None = None,
-         full_lrs: list[str] | None = None) -> list[tuple[str, list[str]]]:
+         full_lrs: list[str] | None = None, grids: dict[str, list[str]] | None = None,
+         first_seed: int = 0) -> list[tuple[str, list[str]]]:
     """One job per run (task, scale, mode, seed, lr), ordered seed-major so that an interrupted sweep still has
     whole lr grids; after the first seed, if ``metrics_lr``, lora and sds at that lr with the mechanism metrics
     every 10 steps.  ``lrs`` replaces the LoRA-mode grid (peers without ``lrs`` take :data:`PEER_LRS`),
-    ``full_lrs`` full fine-tuning's (default :data:`FULL_LRS`)."""
+    ``full_lrs`` full fine-tuning's (default :data:`FULL_LRS`), ``grids`` any mode's (``--grid MODE=LR,LR``, first
+    choice); seeds run from ``first_seed``."""
     jobs = []
 
     def add(task: str, scale: str, mode: str, seed: int, lr: str, metrics_every: int = 0) -> None:
@@ -58,16 +60,17 @@ def plan(steps: int, seeds: int, tasks: list[str], scales: list[str], modes: lis
         jobs.append((name, [*TASKS[task], *SCALES[scale], "--modes", mode, "--lrs", lr, "--seeds", "1",
                             "--first-seed", str(seed), "--steps", str(steps), "--metrics-every", str(metrics_every)]))
 
-    for seed in range(seeds):
+    for seed in range(first_seed, first_seed + seeds):
         for scale in scales:
             for task in tasks:
                 for mode in modes:
-                    grid = (full_lrs or FULL_LRS) if mode == "full" else (lrs or PEER_LRS.get((task, mode), LORA_LRS))
+                    grid = ((grids or {}).get(mode) or ((full_lrs or FULL_LRS) if mode == "full" else
+                                                        (lrs or PEER_LRS.get((task, mode), LORA_LRS))))
                     for lr in grid:
                         add(task, scale, mode, seed, lr)
-        if metrics_lr and seed == 0:
+        if metrics_lr and seed == first_seed:
             for mode in ("lora", "sds"):
-                add(tasks[0], scales[0], mode, 0, metrics_lr, metrics_every=10)
+                add(tasks[0], scales[0], mode, seed, metrics_lr, metrics_every=10)
     return jobs
 
 
@@ -195,6 +198,9 @@ def main(argv: list[str] | None = None) -> None:
     r.add_argument("--lrs", nargs="+", default=None, help="the LoRA modes' lr grid (default: %s)" % " ".join(LORA_LRS))
     r.add_argument("--full-lrs", nargs="+", default=None, help="full fine-tuning's lr grid (default: %s)"
                    % " ".join(FULL_LRS))
+    r.add_argument("--grid", action="append", default=[], metavar="MODE=LR,LR,...",
+                   help="one mode's lr grid (repeatable), e.g. --grid sdsplus8=5e-4,1e-3,2e-3")
+    r.add_argument("--first-seed", type=int, default=0)
     r.add_argument("--limit", type=int, default=0, help="run only the first N jobs (0: all)")
     r.add_argument("--out", default="runs/llm")
     m = sub.add_parser("merge")
@@ -203,8 +209,9 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     if args.command == "merge":
         return merge(args)
+    grids = {mode: lrs.split(",") for mode, _, lrs in (g.partition("=") for g in args.grid)}
     jobs = plan(args.steps, args.seeds, args.tasks, args.scales, args.modes, args.metrics_lr, args.lrs,
-                args.full_lrs)
+                args.full_lrs, grids, args.first_seed)
     run(jobs[: args.limit or None], Path(args.out), args.workers, args.deadline, passthrough)
 
 

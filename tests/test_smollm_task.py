@@ -190,3 +190,18 @@ def test_llm_sweep_plan_takes_both_lr_grids():
                                           "math-peft_r2-full-s0-lr1e-4"]
     assert jobs[2][1][jobs[2][1].index("--lrs") + 1] == "1e-4" and "300" in jobs[0][1]
     assert len(sweep.plan(100, 1, ["math"], ["peft_r8"], ["full"], None)) == len(sweep.FULL_LRS)
+
+
+def test_llm_sweep_plan_takes_per_mode_grids_and_a_first_seed():
+    """``plan``: ``grids`` gives a mode its own lr grid (others keep theirs) and seeds start at ``first_seed``."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "llm_sweep.py"
+    spec = importlib.util.spec_from_file_location("llm_sweep", path)
+    sweep = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sweep)
+    jobs = sweep.plan(300, 2, ["math"], ["peft_r8"], ["sdsplus8", "lora"], None, ["1e-3"],
+                      grids={"sdsplus8": ["5e-4", "2e-3"]}, first_seed=3)
+    assert [name for name, _ in jobs] == [f"math-peft_r8-{m}-s{s}-lr{lr}" for s in (3, 4)
+                                          for m, lr in (("sdsplus8", "5e-4"), ("sdsplus8", "2e-3"), ("lora", "1e-3"))]
+    assert jobs[0][1][jobs[0][1].index("--first-seed") + 1] == "3"
