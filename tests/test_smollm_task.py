@@ -195,6 +195,7 @@ def test_llm_sweep_plan_takes_both_lr_grids():
 def test_llm_sweep_plan_takes_per_mode_grids_and_a_first_seed():
     """``plan``: ``grids`` gives a mode its own lr grid (others keep theirs) and seeds start at ``first_seed``."""
     import importlib.util
+    from pathlib import Path
 
     path = Path(__file__).resolve().parents[1] / "benchmarks" / "llm_sweep.py"
     spec = importlib.util.spec_from_file_location("llm_sweep", path)
