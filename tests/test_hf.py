@@ -12,7 +12,7 @@ peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 
 from sdsopt import SDSAdamW  # noqa: E402
-from sdsopt.tasks.text import load_corpus, tiny_gpt2  # noqa: E402
+from sdsopt.lab.tasks.text import load_corpus, tiny_gpt2  # noqa: E402
 
 
 class Bytes(torch.utils.data.Dataset):

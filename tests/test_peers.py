@@ -16,7 +16,7 @@ from sdsopt import SDSAdamW
 from sdsopt.coordinates import resplit_maps
 from sdsopt.linalg import gram
 from sdsopt.modes.lorapro import adjusted_gradients
-from sdsopt.peers import loraplus, make_peer, peft_riemannian, rite
+from sdsopt.lab.peers import loraplus, make_peer, peft_riemannian, rite
 
 F64 = torch.float64
 

@@ -12,7 +12,7 @@ peft = pytest.importorskip("peft")
 pytest.importorskip("transformers")
 
 from sdsopt import SDSAdamW  # noqa: E402
-from sdsopt.tasks.text import batch_iterator, lm_loss, load_corpus, tiny_gpt2  # noqa: E402
+from sdsopt.lab.tasks.text import batch_iterator, lm_loss, load_corpus, tiny_gpt2  # noqa: E402
 
 
 def lora_gpt2(**lora_kw):
