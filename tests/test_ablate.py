@@ -12,6 +12,8 @@ pytest.importorskip("tqdm")
 
 from sdsopt.lab import ABLATION_MODES, RunConfig, main  # noqa: E402
 
+pytestmark = pytest.mark.slow  # a lab test: outside the library's inner loop (pytest -m "not slow")
+
 
 @pytest.mark.parametrize("task,extra", [
     ("linear", ["--m", "12", "--n", "10", "--rank", "2", "--target-rank", "2", "--batch", "32"]),

@@ -18,6 +18,8 @@ pytest.importorskip("peft")
 from sdsopt import lab  # noqa: E402
 from sdsopt.lab.tasks import minilm  # noqa: E402
 
+pytestmark = pytest.mark.slow  # a lab test: outside the library's inner loop (pytest -m "not slow")
+
 
 @pytest.fixture(scope="module")
 def model_zip(tmp_path_factory):

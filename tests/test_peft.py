@@ -28,6 +28,7 @@ def count_lora_modules(model) -> int:
     return sum(1 for name, _ in model.named_modules() if name.endswith(".lora_A.default"))
 
 
+@pytest.mark.slow  # long: outside the inner loop (pytest -m "not slow")
 def test_peft_gpt2_one_line_swap_trains():
     model = lora_gpt2()
     opt = SDSAdamW(model.named_parameters(), lr=3e-3, weight_decay=0.01)  # was: torch.optim.AdamW(...)

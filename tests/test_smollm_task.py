@@ -17,6 +17,8 @@ pytest.importorskip("peft")
 from sdsopt.lab import cli  # noqa: E402
 from sdsopt.lab.tasks import problems, smollm  # noqa: E402
 
+pytestmark = pytest.mark.slow  # a lab test: outside the library's inner loop (pytest -m "not slow")
+
 
 @pytest.fixture(scope="module")
 def tiny_llama(tmp_path_factory):
