@@ -4,7 +4,7 @@ one table per (task, scale) with seed spread, lr sensitivity and steps to reach 
     python benchmarks/llm_sweep.py run --workers 14 --deadline 540 --out runs/llm -- --device cuda --autocast bf16
     python benchmarks/llm_sweep.py merge runs/llm --out benchmarks/ablation/smollm
 
-``run`` starts one ``python -m sdsopt.ablate`` per job (a task, a scale, a mode, a seed, an lr),
+``run`` starts one ``python -m sdsopt.lab`` per job (a task, a scale, a mode, a seed, an lr),
 ``--workers`` at a time, highest priority first, and starts none after ``--deadline`` seconds (a job that is
 running finishes).  Arguments after ``--`` go to every job.  ``merge`` reads the jobs' ``summary.json`` and
 ``curves.csv`` and writes ``tables.md``, ``summary.json``, ``runs.json`` (every run's final numbers) and the
@@ -28,7 +28,7 @@ from pathlib import Path
 
 LORA_LRS = ["1e-4", "2e-4", "5e-4", "1e-3", "3e-3", "6e-3"]
 FULL_LRS = ["1e-6", "3e-6", "1e-5", "3e-5", "1e-4", "3e-4"]
-# the peers' grids (sdsopt.peers; RESULTS.md §5): LoRA+ steps B at λ·lr, so its grids sit lower; on the code task,
+# the peers' grids (sdsopt.lab.peers; RESULTS.md §5): LoRA+ steps B at λ·lr, so its grids sit lower; on the code task,
 # whose best lrs are lower, every peer's grid is shifted down (lora and sds keep LORA_LRS there: §2's runs)
 PEER_LRS = {("math", "loraplus"): ["2e-5", "5e-5", "1e-4", "2e-4", "5e-4", "1e-3"],
             ("math", "loraplus4"): ["5e-5", "1e-4", "2e-4", "5e-4", "1e-3", "3e-3"],
@@ -89,7 +89,7 @@ def run(jobs: list[tuple[str, list[str]]], out: Path, workers: int, deadline: fl
             return f"{name}: skipped (deadline)"
         t0 = time.time()
         with open(out / f"{name}.log", "w") as log:
-            rc = subprocess.call([sys.executable, "-m", "sdsopt.ablate", *argv, "--out", str(out / name), "--quiet",
+            rc = subprocess.call([sys.executable, "-m", "sdsopt.lab", *argv, "--out", str(out / name), "--quiet",
                                   *passthrough], stdout=log, stderr=subprocess.STDOUT, env=os.environ)
         return f"{name}: rc={rc} in {time.time() - t0:.0f}s (at {time.time() - start:.0f}s)"
 
@@ -126,7 +126,7 @@ def _whole_grids(runs: list[dict]) -> list[dict]:
 
 def merge(args: argparse.Namespace) -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from sdsopt.ablate import plot, summarise
+    from sdsopt.lab.report import plot, summarise
 
     runs_by: dict[str, list[dict]] = defaultdict(list)
     for summary_path in sorted(Path(args.folder).glob("*/summary.json")):

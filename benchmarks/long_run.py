@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from sdsopt import SDSAdamW
-from sdsopt.ablate import make_task
+from sdsopt.lab.tasks import TaskConfig, make_task
 from sdsopt.linalg import cholesky_lower, gram
 from sdsopt.pairing import a_rows, b_matrix
 
@@ -112,11 +112,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/long_run.json"))
     args = parser.parse_args(argv)
-    task_args = argparse.Namespace(rank=None, pretrain_steps=None, width=64, layers=2, block=64, device=args.device)
     runs = []
     for name in args.tasks:
-        defaults = {"digits": dict(rank=4, pretrain_steps=300), "textlm": dict(rank=8, pretrain_steps=600)}[name]
-        task = make_task(name, argparse.Namespace(**{**vars(task_args), **defaults}))
+        sizes = {"digits": dict(rank=4, pretrain_steps=300), "textlm": dict(rank=8, pretrain_steps=600)}[name]
+        task = make_task(TaskConfig(name=name, width=64, layers=2, block=64, **sizes), args.device)
         task.setup(0)
         for mode in args.modes:
             for dtype_name in args.dtypes:

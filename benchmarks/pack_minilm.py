@@ -17,7 +17,7 @@ from pathlib import Path
 
 from safetensors.torch import load_file, save_file
 
-from sdsopt.tasks.minilm import minilm_dir
+from sdsopt.lab.tasks.minilm import minilm_dir
 
 
 def main(target: str) -> None:

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 
-from sdsopt.ablate import run_one
-from sdsopt.tasks.linear import SyntheticLowRankTask
+from sdsopt.lab.runs import RunConfig, run_one
+from sdsopt.lab.tasks.linear import SyntheticLowRankTask
 
 PSI_LRS = [0.003, 0.01, 0.03, 0.1, 0.3, 1.0]
 ADAM_LRS = [0.001, 0.003, 0.01, 0.03, 0.1]
@@ -67,10 +67,7 @@ def main(argv: list[str] | None = None) -> None:
             task.setup(seed)
             for label, (mode, extra, lrs) in methods(momentum).items():
                 for lr in lrs:
-                    ns = argparse.Namespace(**{"steps": args.steps, "beta1": 0.9, "weight_decay": 0.0,
-                                               "metrics_every": 0, "device": "cpu", "psi_lmbd": 1e-2,
-                                               "psi_iters": 1, "psi_momentum": 0.0, **extra})
-                    run = run_one(task, mode, lr, seed, ns)
+                    run = run_one(task, mode, lr, seed, RunConfig(steps=args.steps, metrics_every=0, **extra))
                     runs.setdefault((label, lr), []).append([v - task.f_opt for v in run["curve"]] + [run["eval"]])
             for lr in PSI_LRS:
                 runs.setdefault(("SVD oracle (projected GD)", lr), []).append(

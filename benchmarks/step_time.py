@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from sdsopt import SDSAdamW, rewrite_pair
-from sdsopt.peers import make_peer
+from sdsopt.lab.peers import make_peer
 
 SHAPES = {
     "llama7b": dict(layers=32, width=4096, ffn=11008),
@@ -59,7 +59,7 @@ def lora_params(shape: str, r: int, dtype: torch.dtype, device: torch.device, se
 
 
 class _Named:
-    """The named factors as a model for :mod:`sdsopt.peers` (which reads only ``named_parameters()``)."""
+    """The named factors as a model for :mod:`sdsopt.lab.peers` (which reads only ``named_parameters()``)."""
 
     def __init__(self, named):
         self.named = named
@@ -74,7 +74,7 @@ def variants(device: torch.device, modes: list[str], routes: list[str], guard: b
     kernels); with ``guard`` each SDSAdamW variant also with ``skip_nonfinite=True`` (the cost of the non-finite
     check); the modes in ``torch_ops`` also without the kernels (``SDSOPT_KERNELS=0``: the torch-ops step); with
     ``graphs`` fused AdamW (``capturable=True``) and the ``sds``/``scaled`` steps also captured in a CUDA graph;
-    ``peers``: the peers of :mod:`sdsopt.peers` as the harness builds them (e.g. ``loraplus rite peft_riemannian``;
+    ``peers``: the peers of :mod:`sdsopt.lab.peers` as the harness builds them (e.g. ``loraplus rite peft_riemannian``;
     mode ``lorapro`` is an SDSAdamW mode: ``--modes``)."""
     out = {"AdamW foreach": lambda named: torch.optim.AdamW([p for _, p in named], lr=1e-4, foreach=True),
            "AdamW fused": lambda named: torch.optim.AdamW([p for _, p in named], lr=1e-4, fused=True)}
@@ -227,7 +227,7 @@ def main(argv=None):
     ap.add_argument("--torch-ops", nargs="*", default=["sds", "scaled"],
                     help="modes also timed without the kernels (SDSOPT_KERNELS=0: the torch-ops step)")
     ap.add_argument("--graphs", action="store_true", help="also time the steps captured in CUDA graphs")
-    ap.add_argument("--peers", nargs="*", default=[], help="also time these peers (sdsopt.peers), e.g. rite")
+    ap.add_argument("--peers", nargs="*", default=[], help="also time these peers (sdsopt.lab.peers), e.g. rite")
     ap.add_argument("--out", default=None, help="write rows as JSON here")
     args = ap.parse_args(argv)
     device = torch.device(args.device)

@@ -16,7 +16,7 @@ import time
 import torch
 
 from sdsopt import SDSAdamW
-from sdsopt.tasks.text import TextLMTask
+from sdsopt.lab.tasks.text import TextLMTask
 
 
 def adapt(task: TextLMTask, make_opt, steps: int) -> tuple[list[float], float]:

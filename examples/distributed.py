@@ -24,7 +24,7 @@ import torch.distributed as dist
 from peft import LoraConfig, get_peft_model
 
 from sdsopt import PSILoRA, SDSAdamW
-from sdsopt.tasks.text import batch_iterator, lm_loss, load_corpus, tiny_gpt2
+from sdsopt.lab.tasks.text import batch_iterator, lm_loss, load_corpus, tiny_gpt2
 
 
 def lora_gpt2(width: int, layers: int, block: int, rank: int) -> torch.nn.Module:

@@ -14,7 +14,7 @@ import warnings
 import torch
 
 from sdsopt import SDSAdamW
-from sdsopt.tasks.text import load_corpus, tiny_gpt2
+from sdsopt.lab.tasks.text import load_corpus, tiny_gpt2
 
 
 class ByteWindows(torch.utils.data.Dataset):

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from sdsopt import SDSAdamW
-from sdsopt.tasks.lora import LoraLinear
+from sdsopt.lab.tasks.lora import LoraLinear
 
 
 def main(argv=None):

@@ -54,7 +54,7 @@ def _aligned_qr(X: Tensor, old: Tensor | None) -> Tensor:
 
 
 class PaperSDSLayers:
-    """Turns every LoRA layer of ``model`` (PEFT ``lora.Linear`` or :class:`sdsopt.tasks.lora.LoraLinear`)
+    """Turns every LoRA layer of ``model`` (PEFT ``lora.Linear`` or :class:`sdsopt.lab.tasks.lora.LoraLinear`)
     into the paper's layer (2.0) after the warm-up, and runs its basis schedule.
 
     Args:

@@ -23,7 +23,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from sdsopt import SDSAdamW
-from sdsopt.tasks.lora import LoraLinear
+from sdsopt.lab.tasks.lora import LoraLinear
 
 DEVICE = os.environ.get("SDSOPT_DIST_DEVICE", "cpu")
 STEPS = 6

@@ -10,7 +10,9 @@ import pytest
 pytest.importorskip("matplotlib")
 pytest.importorskip("tqdm")
 
-from sdsopt.ablate import ABLATION_MODES, main  # noqa: E402
+from sdsopt.lab import ABLATION_MODES, RunConfig, main  # noqa: E402
+
+pytestmark = pytest.mark.slow  # a lab test: outside the library's inner loop (pytest -m "not slow")
 
 
 @pytest.mark.parametrize("task,extra", [
@@ -51,7 +53,7 @@ def test_same_seed_same_data_and_init(tmp_path):
 def test_summary_survives_a_diverged_grid_point():
     """A (mode, lr) whose runs went non-finite ranks last, with a NaN spread, instead of crashing the summary
     (an H100 grid of psi_scaled was lost to this)."""
-    from sdsopt.ablate import summarise
+    from sdsopt.lab.report import summarise
 
     runs = [{"mode": "psi", "lr": lr, "seed": seed, "eval": ev, "final_train": ev, "accuracy": 0.5}
             for lr, evals in ((1e-3, [float("inf"), 2.0]), (1e-4, [1.0, 1.5])) for seed, ev in enumerate(evals)]
@@ -63,7 +65,7 @@ def test_summary_survives_a_diverged_grid_point():
 
 def test_plots_survive_a_grid_where_every_run_diverged(tmp_path):
     """Every run NaN (an H100 psi_scaled grid before the metric fix): the plots are still written."""
-    from sdsopt.ablate import plot, summarise
+    from sdsopt.lab.report import plot, summarise
 
     nan = float("nan")
     runs = [{"mode": "psi_scaled", "lr": lr, "seed": 0, "eval": nan, "final_train": nan, "accuracy": 0.2,
@@ -75,15 +77,14 @@ def test_plots_survive_a_grid_where_every_run_diverged(tmp_path):
 def test_schedules_follow_transformers_get_scheduler():
     """``--schedule cosine --warmup-ratio 0.1`` over 20 steps: the lr at each step is the closed form of a linear
     warm-up over ceil(2) steps then half a cosine to 0 (HF Trainer's schedule), on every optimizer of a run."""
-    import argparse
     import math
 
     import torch
 
     pytest.importorskip("transformers")
-    from sdsopt.ablate import make_schedulers
+    from sdsopt.lab.runs import make_schedulers
 
-    args = argparse.Namespace(schedule="cosine", warmup_ratio=0.1, steps=20)
+    args = RunConfig(schedule="cosine", warmup_ratio=0.1, steps=20)
     opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))], lr=1e-2)
     (scheduler,) = make_schedulers(opt, args)
     seen = []
@@ -93,7 +94,7 @@ def test_schedules_follow_transformers_get_scheduler():
         scheduler.step()
     want = [1e-2 * (t / 2 if t < 2 else 0.5 * (1 + math.cos(math.pi * (t - 2) / 18))) for t in range(20)]
     assert seen == pytest.approx(want, rel=1e-12, abs=1e-15)
-    assert make_schedulers(opt, argparse.Namespace(schedule="constant", warmup_ratio=0.0, steps=20)) == []
+    assert make_schedulers(opt, RunConfig(schedule="constant", warmup_ratio=0.0, steps=20)) == []
 
 
 def test_cli_runs_the_users_recipe(tmp_path):

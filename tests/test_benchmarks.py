@@ -33,6 +33,7 @@ def test_every_script_has_a_smoke_test():
     assert {p.name for p in BENCH.glob("*.py")} == covered
 
 
+@pytest.mark.slow  # long: outside the inner loop (pytest -m "not slow")
 def test_e2e_step():
     pytest.importorskip("peft")
     out = run("e2e_step.py", "--device", "cpu", "--layers", "1", "--hidden", "64", "--heads", "2", "--vocab", "256",
@@ -40,6 +41,7 @@ def test_e2e_step():
     assert out.count("ms/step") == 3
 
 
+@pytest.mark.slow  # runs the lab (sdsopt.lab)
 def test_step_time(tmp_path):
     peers = ["loraplus", "rite", "peft_riemannian"] if importlib.util.find_spec("pytorch_optimizer") else []
     out = run("step_time.py", "--device", "cpu", "--shape", "small", "--ranks", "2", "--dtypes", "fp32", "bf16",
@@ -49,22 +51,26 @@ def test_step_time(tmp_path):
     assert all(f"peer {p}" in out for p in peers)
 
 
+@pytest.mark.slow  # long: outside the inner loop (pytest -m "not slow")
 def test_roofline(tmp_path):
     out = run("roofline.py", "--device", "cpu", "--shape", "small", "--ranks", "2", "--mb", "8", "--reps", "1",
               "--steps", "1", "--out", str(tmp_path / "rows.json"))
     assert "copy bandwidth" in out and "torch path predicted" in out and (tmp_path / "rows.json").stat().st_size > 0
 
 
+@pytest.mark.slow  # long: outside the inner loop (pytest -m "not slow")
 def test_profile_step():
     assert "Self CPU time total" in run("profile_step.py", "--device", "cpu", "--shape", "small", "--rank", "2",
                                         "--rows", "3")
 
 
+@pytest.mark.slow  # long: outside the inner loop (pytest -m "not slow")
 def test_psi_step():
     assert "PSILoRA" in run("psi_step.py", "--device", "cpu", "--shape", "small", "--ranks", "2", "--dtypes", "fp32",
                             "--tokens", "4", "--steps", "1", "--warmup", "0")
 
 
+@pytest.mark.slow  # runs the lab (sdsopt.lab)
 def test_long_run(tmp_path):
     pytest.importorskip("sklearn")
     out = run("long_run.py", "--tasks", "digits", "--modes", "sds", "--dtypes", "fp32", "--steps", "4", "--log-every",
@@ -72,6 +78,7 @@ def test_long_run(tmp_path):
     assert "| digits | sds | fp32 |" in out
 
 
+@pytest.mark.slow  # runs the lab (sdsopt.lab)
 def test_psi_linear(tmp_path):
     pytest.importorskip("matplotlib")
     run("psi_linear.py", "--seeds", "1", "--steps", "3", "--out", str(tmp_path))

@@ -30,10 +30,11 @@ import dist_worker as worker
 from sdsopt import SDSAdamW
 from sdsopt.distributed import check_pair_layout, lora_shard_placement_fn
 
-pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
-                                reason="torch.distributed with gloo is not available")
+# several processes each: outside the inner loop (pytest -m "not slow")
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
+                                                   reason="torch.distributed with gloo is not available")]
 if worker.DEVICE == "cuda" and torch.cuda.device_count() < 2:  # SDSOPT_DIST_DEVICE=cuda: NCCL on 2 GPUs
-    pytestmark = pytest.mark.skip(reason="SDSOPT_DIST_DEVICE=cuda needs 2 GPUs")
+    pytestmark = [pytest.mark.slow, pytest.mark.skip(reason="SDSOPT_DIST_DEVICE=cuda needs 2 GPUs")]
 
 WORLD = 2
 TIMEOUT_S = 240

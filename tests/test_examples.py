@@ -43,6 +43,7 @@ def test_peft_trainer_runs(tmp_path):
     assert set(results) == {"AdamW", "SDSAdamW"} and all(v > 0 for v in results.values())
 
 
+@pytest.mark.slow  # runs the lab (sdsopt.lab)
 def test_ablation_example_runs(tmp_path):
     table = load("ablation").main(["--steps", "5", "--out", str(tmp_path)])
     assert set(table) == {"full", "lora", "sds", "scaled"}
@@ -83,6 +84,7 @@ def torchrun(args: list[str], timeout: float = 150.0):
             warnings.warn(f"{' '.join(args)} hung ({timeout:.0f} s) and was run again; its output:\n{out[-1000:]}")
 
 
+@pytest.mark.slow  # long: outside the inner loop (pytest -m "not slow")
 def test_distributed_example_ddp_and_fsdp_agree(tmp_path):
     """The README's torchrun commands: 2 CPU ranks; DDP and FSDP2 print the same losses; DCP saves."""
     import re
@@ -98,6 +100,7 @@ def test_distributed_example_ddp_and_fsdp_agree(tmp_path):
     assert losses["fsdp"] == pytest.approx(losses["ddp"], abs=2e-4)  # printed to 4 decimals
 
 
+@pytest.mark.slow  # long: outside the inner loop (pytest -m "not slow")
 def test_distributed_example_psilora_under_ddp():
     """`--optimizer psi`: PSILoRA on 2 DDP ranks trains (its equality with one process is
     tests/test_distributed.py's); with FSDP2 the example refuses, naming DDP."""

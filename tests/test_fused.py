@@ -60,6 +60,7 @@ def _err(got, ref):
     return max(((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item() for a, b in zip(got, ref))
 
 
+@pytest.mark.slow  # long: outside the inner loop (pytest -m "not slow")
 @settings(max_examples=EXAMPLES, deadline=None)
 @given(
     r=st.sampled_from([1, 2, 5, 16, 33, 64, 128]),
@@ -167,6 +168,7 @@ def _steps(model, opt, n, seed=1):
         opt.step()
 
 
+@pytest.mark.slow  # long: outside the inner loop (pytest -m "not slow")
 def test_mixed_phases_and_checkpoints_resume_bit_exactly():
     """A group with pairs of two ranks (two families), in warm-up and then in coordinates, and a plain parameter,
     ``fused=True``: ``BA`` as the torch path's (float32) to 3e-5 (the re-split's SVD, GPU rounding), and a
@@ -235,6 +237,7 @@ def test_vector_width_promises_only_what_holds():
     assert _err(results[1], results[0]) < 1e-6
 
 
+@pytest.mark.slow  # long: outside the inner loop (pytest -m "not slow")
 @pytest.mark.parametrize("mode", ["sds", "scaled"])
 def test_a_tensor_lr_steps_as_the_float_lr(mode):
     """``fused=True`` with a Tensor lr (changed in place, as schedulers do with ``fill_``) steps as the same float
@@ -301,7 +304,7 @@ def test_the_step_is_captured_in_a_cuda_graph(mode, tensor_lr):
         assert torch.equal(p, q) if not tensor_lr else torch.allclose(p, q, rtol=1e-6, atol=1e-8)
 
 
-@pytest.mark.parametrize("r", [1, 3, 16, 40, 64])
+@pytest.mark.parametrize("r", [1, 3, 16, *(pytest.param(r, marks=pytest.mark.slow) for r in (40, 64))])
 def test_frames_kernel_matches_the_torch_frames(r):
     """:func:`sdsopt.fused.frames` (one Triton program per pair: Cholesky, inverse, map back, scales) against the
     torch path's :func:`cholesky_lower`, :func:`lower_inverse`, :func:`factor_map` and :func:`balance_scales` in

@@ -12,7 +12,7 @@ peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 
 from sdsopt import SDSAdamW  # noqa: E402
-from sdsopt.tasks.text import load_corpus, tiny_gpt2  # noqa: E402
+from sdsopt.lab.tasks.text import load_corpus, tiny_gpt2  # noqa: E402
 
 
 class Bytes(torch.utils.data.Dataset):
@@ -54,6 +54,7 @@ def trainable(model):
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
+@pytest.mark.slow  # long: outside the inner loop (pytest -m "not slow")
 def test_trainer_trains_saves_and_resumes(tmp_path):
     model = lora_gpt2()
     trainer = trainer_for(model, tmp_path / "a", max_steps=6)

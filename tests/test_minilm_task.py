@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import inspect
 import math
 import re
@@ -16,8 +15,10 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
-from sdsopt import ablate  # noqa: E402
-from sdsopt.tasks import minilm  # noqa: E402
+from sdsopt import lab  # noqa: E402
+from sdsopt.lab.tasks import minilm  # noqa: E402
+
+pytestmark = pytest.mark.slow  # a lab test: outside the library's inner loop (pytest -m "not slow")
 
 
 @pytest.fixture(scope="module")
@@ -78,14 +79,14 @@ def test_task_trains_through_the_ablation_harness(model_zip, tmp_path):
     train_idx, test_idx = (set(i.tolist()) for i in task.split_indices)
     assert not train_idx & test_idx and len(train_idx | test_idx) == n_train + n_test
     assert (task.train[0][:, 1] != 1).float().mean() > 0.5  # the tokenizer knows the paragraphs' first words
-    args = argparse.Namespace(steps=100, beta1=0.9, weight_decay=0.0, metrics_every=0, device="cpu")
-    runs = [ablate.run_one(task, mode, 1e-2, 0, args) for mode in ("full", "lora", "sds")]
+    config = lab.RunConfig(steps=100, metrics_every=0)
+    runs = [lab.run_one(task, mode, 1e-2, 0, config) for mode in ("full", "lora", "sds")]
     for run in runs:
         assert all(math.isfinite(v) for v in run["curve"]) and math.isfinite(run["eval"])
         assert 0.0 <= run["accuracy"] <= 1.0
         assert statistics.fmean(run["curve"][-10:]) < statistics.fmean(run["curve"][:10]) - 0.01, run["mode"]
-    table = ablate.summarise(runs)
-    assert "accuracy" in table["sds"] and "accuracy" in ablate.format_table("minilm", table)
+    table = lab.summarise(runs)
+    assert "accuracy" in table["sds"] and "accuracy" in lab.format_table("minilm", table)
     lora = task.lora_model(0)
     trainable = {n.split(".lora_")[0].rsplit(".", 1)[-1] for n, p in lora.named_parameters()
                  if p.requires_grad and "lora_" in n}

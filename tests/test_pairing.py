@@ -82,7 +82,7 @@ def test_unnamed_parameters_pair_as_named_and_step_bit_identically(a, b, bare):
 
 def test_peft_model_parameters_pair_by_default():
     peft = pytest.importorskip("peft")
-    from sdsopt.tasks.text import tiny_gpt2
+    from sdsopt.lab.tasks.text import tiny_gpt2
 
     def build():
         with warnings.catch_warnings():

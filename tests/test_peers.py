@@ -16,7 +16,9 @@ from sdsopt import SDSAdamW
 from sdsopt.coordinates import resplit_maps
 from sdsopt.linalg import gram
 from sdsopt.modes.lorapro import adjusted_gradients
-from sdsopt.peers import loraplus, make_peer, peft_riemannian, rite
+from sdsopt.lab.peers import loraplus, make_peer, peft_riemannian, rite
+
+pytestmark = pytest.mark.slow  # a lab test: outside the library's inner loop (pytest -m "not slow")
 
 F64 = torch.float64
 

@@ -12,7 +12,7 @@ peft = pytest.importorskip("peft")
 pytest.importorskip("transformers")
 
 from sdsopt import SDSAdamW  # noqa: E402
-from sdsopt.tasks.text import batch_iterator, lm_loss, load_corpus, tiny_gpt2  # noqa: E402
+from sdsopt.lab.tasks.text import batch_iterator, lm_loss, load_corpus, tiny_gpt2  # noqa: E402
 
 
 def lora_gpt2(**lora_kw):
@@ -28,6 +28,7 @@ def count_lora_modules(model) -> int:
     return sum(1 for name, _ in model.named_modules() if name.endswith(".lora_A.default"))
 
 
+@pytest.mark.slow  # long: outside the inner loop (pytest -m "not slow")
 def test_peft_gpt2_one_line_swap_trains():
     model = lora_gpt2()
     opt = SDSAdamW(model.named_parameters(), lr=3e-3, weight_decay=0.01)  # was: torch.optim.AdamW(...)

@@ -13,7 +13,7 @@ from torch import nn
 from svd_reference import make_factor, psi_reference, truncated
 from sdsopt import PSILoRA, SDSAdamW
 from sdsopt.psi import proximal_als
-from sdsopt.tasks.lora import LoraLinear
+from sdsopt.lab.tasks.lora import LoraLinear
 
 F64 = torch.float64
 

@@ -20,7 +20,7 @@ from svd_reference import lora_grads, make_factor, orthonormal
 from sdsopt import SDSAdamW, rewrite_pair
 from sdsopt.coordinates import resplit_maps
 from sdsopt.reference import PaperSDSLayers
-from sdsopt.tasks.lora import LoraLinear
+from sdsopt.lab.tasks.lora import LoraLinear
 
 F64 = torch.float64
 

@@ -14,8 +14,10 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
-from sdsopt import ablate  # noqa: E402
-from sdsopt.tasks import problems, smollm  # noqa: E402
+from sdsopt.lab import cli  # noqa: E402
+from sdsopt.lab.tasks import problems, smollm  # noqa: E402
+
+pytestmark = pytest.mark.slow  # a lab test: outside the library's inner loop (pytest -m "not slow")
 
 
 @pytest.fixture(scope="module")
@@ -119,7 +121,7 @@ def test_harness_runs_the_task(tiny_llama, tmp_path, capsys, task_name):
     """The harness on the tiny Llama: every LoRA mode of the LLM comparison and full fine-tuning, rsLoRA scale,
     an SDS option through --opt; loss goes down at a workable lr; exact match in the summary."""
     modes = ["full", "lora", "sds", "sds_polar", "scaled", "sds_layer", "psi_scaled"]
-    table = ablate.main(["--task", task_name, "--modes", *modes, "--lrs", "3e-3", "--steps", "25", "--seeds", "1",
+    table = cli.main(["--task", task_name, "--modes", *modes, "--lrs", "3e-3", "--steps", "25", "--seeds", "1",
                          "--rank", "4", "--lora-alpha", "4", "--rslora", "--eval-examples", "4", "--max-len", "200",
                          "--metrics-every", "0", "--opt", "warmup_steps=5", "--model-dir", str(tiny_llama),
                          "--out", str(tmp_path), "--quiet"])
@@ -138,7 +140,7 @@ def test_harness_runs_the_task(tiny_llama, tmp_path, capsys, task_name):
 
 def test_metrics_and_autocast_on_the_llm_task(tiny_llama, tmp_path):
     """The paper's metrics (κ, effective rank, alignment) recorded on the Llama's PEFT pairs; bf16 autocast runs."""
-    table = ablate.main(["--task", "smollm_math", "--modes", "lora", "sds", "--lrs", "1e-3", "--steps", "4",
+    table = cli.main(["--task", "smollm_math", "--modes", "lora", "sds", "--lrs", "1e-3", "--steps", "4",
                          "--rank", "2", "--eval-examples", "2", "--max-len", "200", "--metrics-every", "2",
                          "--autocast", "bf16", "--model-dir", str(tiny_llama), "--out", str(tmp_path), "--quiet"])
     assert set(table) == {"lora", "sds"}
@@ -147,11 +149,11 @@ def test_metrics_and_autocast_on_the_llm_task(tiny_llama, tmp_path):
 
 
 def test_opt_values_are_read_as_literals():
-    assert ablate.parse_option("warmup_steps=50") == ("warmup_steps", 50)
-    assert ablate.parse_option("resplit=False") == ("resplit", False)
-    assert ablate.parse_option("route=eigh") == ("route", "eigh")
+    assert cli.parse_option("warmup_steps=50") == ("warmup_steps", 50)
+    assert cli.parse_option("resplit=False") == ("resplit", False)
+    assert cli.parse_option("route=eigh") == ("route", "eigh")
     with pytest.raises(Exception, match="KEY=VALUE"):
-        ablate.parse_option("warmup_steps")
+        cli.parse_option("warmup_steps")
 
 
 def test_llm_sweep_runs_and_merges(tiny_llama, tmp_path):

@@ -1,11 +1,15 @@
 """The package's structure as the redesign promises it: no import circle between sdsopt's modules (type-only
-imports included), no module outside ``optim.py`` reading the optimizer's private attributes, and every maths
-citation of the code resolving to docs/math.md."""
+imports included), the lab (``sdsopt.lab``) one floor above the library, which never imports it, no module outside
+``optim.py`` reading the optimizer's private attributes, and every maths citation of the code resolving to
+docs/math.md."""
 
 from __future__ import annotations
 
 import ast
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,6 +56,32 @@ def test_no_import_circle():
         if m not in state:
             visit(m, [m])
     assert not cycles, cycles
+
+
+LAB = "sdsopt.lab"
+ALIASES = {"sdsopt.ablate"}  # the lab's former CLI module, a re-export of sdsopt.lab.cli.main
+
+
+def _in_lab(module: str) -> bool:
+    return module == LAB or module.startswith(LAB + ".")
+
+
+def test_the_library_never_imports_the_lab():
+    edges = _imports()
+    upward = {m: sorted(filter(_in_lab, targets)) for m, targets in edges.items()
+              if not _in_lab(m) and m not in ALIASES}
+    assert not {m: t for m, t in upward.items() if t}, upward
+
+
+def test_import_sdsopt_loads_neither_the_lab_nor_its_dependencies():
+    """In a fresh interpreter: ``import sdsopt`` (and the optimizer's module) leaves the lab, matplotlib and
+    transformers unloaded."""
+    code = ("import sys, sdsopt, sdsopt.optim; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('matplotlib', 'transformers') "
+            "or m == 'sdsopt.lab' or m.startswith('sdsopt.lab.')))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT,
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])})
+    assert done.stdout.strip() == "[]", done.stdout
 
 
 def test_no_private_reads_of_the_optimizer_outside_optim():

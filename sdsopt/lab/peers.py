@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .pairing import default_pairing
+from ..pairing import default_pairing
 
 __all__ = ["Chained", "PEERS", "is_peer", "lora_factors", "loraplus", "make_peer", "peft_riemannian", "rite"]
 

@@ -5,7 +5,7 @@
   it with the ``gguf`` package (float32 weights: training LoRA on a quantized-then-restored base, as QLoRA users
   do).  :func:`smollm_checkpoint` finds the file without importing the package.  Any other causal LM folder
   (``model_dir``, e.g. a tiny Llama saved with ``save_pretrained`` in the tests) loads the same way.
-* Tasks (:mod:`sdsopt.tasks.problems`): ``smollm_math``, multi-step word problems with worked solutions, prompted
+* Tasks (:mod:`sdsopt.lab.tasks.problems`): ``smollm_math``, multi-step word problems with worked solutions, prompted
   through the model's chat template, metrics held-out answer loss and greedy exact match of the final number;
   ``smollm_code``, standard-library functions, prompt = signature + docstring, target = body (test modules never
   trained on), metrics held-out loss and greedy exact match of the body's first line.

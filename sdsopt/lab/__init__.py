@@ -1,0 +1,16 @@
+"""The lab: the A/B harness that compares :class:`sdsopt.SDSAdamW`'s modes with LoRA, its peers and full
+fine-tuning on small tasks, with the paper's metrics (``python -m sdsopt.lab``; results in benchmarks/RESULTS.md).
+
+It stands on the optimizer library and the library never imports it: ``import sdsopt`` loads neither the lab nor
+its plotting and Hugging Face dependencies (extras ``ablate``, ``hf``).  :class:`RunConfig` and
+:class:`TaskConfig` are the typed recipe that the CLI builds from its options and scripts build directly.
+"""
+
+from .cli import main
+from .optimizers import ABLATION_MODES, DEFAULT_MODES, make_optimizer
+from .report import format_table, summarise, write_outputs
+from .runs import RunConfig, run_grid, run_one
+from .tasks import TASKS, TaskConfig, make_task
+
+__all__ = ["ABLATION_MODES", "DEFAULT_MODES", "TASKS", "RunConfig", "TaskConfig", "format_table", "main",
+           "make_optimizer", "make_task", "run_grid", "run_one", "summarise", "write_outputs"]

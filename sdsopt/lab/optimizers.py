@@ -1,0 +1,59 @@
+"""The harness's modes and the optimizer each one runs.
+
+Modes are :data:`sdsopt.MODES` plus ``sds_sigma`` (``sds_polar`` with the singular-value channel), the peers of
+docs/math.md §7 (``lorapro``, an SDSAdamW mode; ``loraplus`` with its ratio λ, or ``loraplus<λ>`` such as
+``loraplus4``; ``rite``; ``peft_riemannian``: :mod:`sdsopt.lab.peers`), ``sdsplus<λ>`` (``sds`` with
+``b_lr_ratio=λ``, docs/math.md (2.7)), ``sds_undamped`` (``sds`` with ``step_damping=0``), ``psi``
+(:class:`sdsopt.PSILoRA`; ``psi_scaled`` with the diagonal metric), ``sds_layer`` (the paper's re-parameterised
+layer, :class:`sdsopt.reference.PaperSDSLayers`, with AdamW) and ``full`` (full fine-tuning with AdamW, the
+reference).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..optim import SDSAdamW
+from ..psi import PSILoRA
+from .peers import Chained, is_peer, make_peer
+
+__all__ = ["ABLATION_MODES", "DEFAULT_MODES", "is_mode", "make_optimizer"]
+
+DEFAULT_MODES = ("full", "lora", "sds", "sds_undamped", "sds_polar", "sds_sigma", "scaled", "sds_layer", "psi",
+                 "psi_scaled", "svd_oracle")
+ABLATION_MODES = (*DEFAULT_MODES, "lorapro", "loraplus", "loraplus4", "rite", "peft_riemannian")
+
+
+def is_mode(name: str) -> bool:
+    """Is ``name`` a mode of the harness: one of :data:`ABLATION_MODES`, ``loraplus<λ>`` or ``sdsplus<λ>``?"""
+    return name in ABLATION_MODES or re.fullmatch(r"(lora|sds)plus\d+(\.\d+)?", name) is not None
+
+
+def make_optimizer(mode: str, model: nn.Module, lr: float, betas: tuple[float, float], weight_decay: float,
+                   psi: dict[str, Any] | None = None, options: dict[str, Any] | None = None
+                   ) -> torch.optim.Optimizer | Chained:
+    """The optimizer of one run: a peer of :mod:`sdsopt.lab.peers` (``options``: its own), AdamW for ``full`` and
+    ``sds_layer``, :class:`sdsopt.PSILoRA` for ``psi`` (``psi``: its ``lookahead_iters``, ``momentum``,
+    ``dampening``, ``lmbd``, ``adam_lr``), else SDSAdamW in ``mode`` (same Adam everywhere) with ``options``
+    (e.g. ``warmup_steps``, ``step_damping``) on top of the mode's own; ``lora`` takes no options (an SDS option
+    would not change plain AdamW on the factors)."""
+    if is_peer(mode):
+        return make_peer(mode, model, lr, betas, weight_decay, options)
+    if mode in ("psi", "psi_scaled"):
+        extra = dict(metric="diagonal") if mode == "psi_scaled" else {}
+        return PSILoRA(model, lr=lr, betas=betas, weight_decay=weight_decay, **{**(psi or {}), **extra})
+    if mode in ("full", "sds_layer"):  # sds_layer: AdamW on the paper's layer (PaperSDSLayers in the run)
+        return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, betas=betas,
+                                 weight_decay=weight_decay, foreach=False)
+    kw: dict[str, Any] = {"sds_sigma": dict(mode="sds_polar", decouple_sigma=True),
+                          "sds_undamped": dict(mode="sds", step_damping=0.0)}.get(mode, dict(mode=mode))
+    if mode.startswith("sdsplus"):  # sds with LoRA+'s ratio on B (docs/math.md (2.7))
+        kw = dict(mode="sds", b_lr_ratio=float(mode[len("sdsplus"):]))
+    if mode != "lora":
+        kw.update(options or {})
+    return SDSAdamW([(n, p) for n, p in model.named_parameters() if p.requires_grad], lr=lr, betas=betas,
+                    weight_decay=weight_decay, **kw)
