@@ -18,7 +18,7 @@ from sdsopt.metrics import (
     stable_rank,
 )
 from sdsopt.psi import RowGradient
-from sdsopt.modes.oracle import svd_refactor
+from sdsopt.modes.svd_oracle import svd_refactor
 from conftest import LoraLinear
 
 F64 = torch.float64
