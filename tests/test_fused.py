@@ -130,7 +130,7 @@ def test_a_step_with_nonfinite_gradients_changes_nothing():
     A, B = _table_pair(4, 9, 11, torch.float32)
     fam = fused.Family(4, torch.float32, [(0, 1)], [True], [True])
     group = {"params": [A, B], "amsgrad": True, "betas": (0.9, 0.999), "lr": 1e-2, "eps": 1e-8,
-             "weight_decay": 0.1, "maximize": False}
+             "weight_decay": 0.1, "maximize": False, "b_lr_ratio": 1.0}
     lists = {"params": [A, B], "grads": [torch.randn_like(A), torch.randn_like(B)],
              "exp_avgs": [torch.rand_like(A), torch.rand_like(B)],
              "exp_avg_sqs": [torch.rand_like(A), torch.rand_like(B)],
