@@ -39,7 +39,7 @@ PASSES_ADAMW = 7
 PASSES_LEAST = 8
 PASSES_TORCH = 24
 """Memory passes over the factors (in units of one factor-sized float32 tensor) of ``sds``'s torch step, counted
-from ``sdsopt.modes.sds.SDS._step_torch`` (chunked, float32 factors, re-balanced): Grams: stack (read + write)
+from ``sdsopt.modes.sds_steps.step_stacked`` (chunked, float32 factors, re-balanced): Grams: stack (read + write)
 and read (3); per factor: re-stack (2), stack the gradient (2), the coordinate gradient (2), the zero buffer
 (1), torch's Adam on it (7: read gradient, buffer, two moments; write buffer, two moments), the re-balancing
 scale (2), the ``baddbmm_`` (3), the copy back (2)."""

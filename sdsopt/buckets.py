@@ -16,7 +16,7 @@ from . import fused
 from .adam import AdamLists
 from .distributed import is_dtensor, local
 
-__all__ = ["STACK_CHUNK_BYTES", "Bucket", "Bucketing", "chunks", "drop_positions", "split_fused", "stacked",
+__all__ = ["STACK_CHUNK_BYTES", "Bucket", "Bucketing", "chunks", "drop_positions", "fused_bucket", "split_fused", "stacked",
            "stacked_factors", "unstack"]
 
 STACK_CHUNK_BYTES = 2**30
@@ -81,19 +81,23 @@ class Bucketing:
         return out
 
 
+def fused_bucket(group: dict[str, Any], bucket: Bucket) -> bool:
+    """Do the Triton kernels of :mod:`sdsopt.fused` step ``bucket`` (``fused=True``: CUDA, float32/bf16/fp16
+    factors of rank ≤ 64 with float32 algebra, not FSDP2 shards)?"""
+    if not group["fused"] or group["linalg_dtype"] not in (None, torch.float32):
+        return False
+    A, B = group["params"][bucket.a[0]], group["params"][bucket.b[0]]
+    return (fused.available(A) and fused.supported(A.dtype, A.shape[0]) and A.dtype == B.dtype
+            and not (is_dtensor(A) or is_dtensor(B)))
+
+
 def split_fused(group: dict[str, Any], buckets: list[Bucket]) -> tuple[list[Bucket], list[Bucket]]:
     """``(kernel buckets, torch buckets)``: with ``fused=True`` the buckets the Triton kernels step
-    (:mod:`sdsopt.fused`: CUDA, float32/bf16/fp16 factors of rank ≤ 64 with float32 algebra, not FSDP2 shards)."""
-    if not group["fused"] or group["linalg_dtype"] not in (None, torch.float32):
-        return [], buckets
-    params: list[Tensor] = group["params"]
+    (:func:`fused_bucket`)."""
     kernel: list[Bucket] = []
     rest: list[Bucket] = []
     for b in buckets:
-        A, B = params[b.a[0]], params[b.b[0]]
-        ok = (fused.available(A) and fused.supported(A.dtype, A.shape[0]) and A.dtype == B.dtype
-              and not (is_dtensor(A) or is_dtensor(B)))
-        (kernel if ok else rest).append(b)
+        (kernel if fused_bucket(group, b) else rest).append(b)
     return kernel, rest
 
 

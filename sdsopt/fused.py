@@ -31,7 +31,7 @@ import operator
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -122,7 +122,7 @@ class Tables:
 
     def __init__(self) -> None:
         self._cache: dict[Any, tuple[Any, ...]] = {}
-        self.memo: dict[Any, tuple[Any, ...]] = {}  # per family and side: its positions in the step's lists
+        self.memo: dict[Any, SideLists] = {}  # per family and side: its positions in the step's lists
 
     def get(self, key: Any, ptrs: tuple[int, ...], objs: list[Tensor], build: Any,
             device: torch.device) -> tuple[Tensor, Tensor, int, int]:
@@ -179,14 +179,13 @@ def _padded(r: int) -> int:
 
 
 def launch(r: int, device: torch.device, dtype: torch.dtype = torch.float32) -> Launch:
-    """The settings measured best on an H100 (``benchmarks/kernel_blocks.py``; RESULTS.md), and the matmul
-    precisions of :mod:`sdsopt.kernels`:
+    """The launch settings of the kernels for rank ``r`` (measured: ``benchmarks/kernel_blocks.py``,
+    benchmarks/RESULTS.md, section "How fast is the step?"), and the matmul precisions of :mod:`sdsopt.kernels`:
 
     * the Adam kernel's products with the r×r maps, every dtype: ``tf32x3`` (float32 accuracy, as the torch
-      path's algebra).  Until 2026-11-30 bf16 factors took bf16 operands there (fp16 ones TF32): that rounds
-      the filter ``F``, whose entries are O(1) while the partner's weak directions make ``Gᵀû`` large, so the
-      step's error grows with the partner's conditioning (2⁻⁹·κ; measured 16 % of the update on a rank-deficient
-      pair, r = 5 > m = 4, where the torch path's bf16 error is 1.4 %); TF32 operands (2⁻¹¹) have the same flaw;
+      path's algebra).  16-bit or TF32 operands would round the filter ``F``, whose entries are O(1) while the
+      partner's weak directions make ``Gᵀû`` large, so the step's error would grow with the partner's
+      conditioning (measured: benchmarks/RESULTS.md, section "Precision of the fused step for 16-bit factors");
     * the Grams: float32 factors ``tf32x3``; 16-bit factors ``native`` (16-bit operands: the products of their
       values are exact in float32; float32 accumulation);
     * on the CPU (Triton's interpreter, the tests): ``ieee`` (float32 FMAs) throughout.
@@ -278,7 +277,40 @@ def _frames(K: Tensor, G: Tensor, M: Tensor, k: int, tol: float, shift0: float, 
     kernels.frames_kernel[(2 * k,)](K, G, M, K if scales is None else scales, K if shifts is None else shifts,
                                 K if both is None else both, k, K.shape[-1], tol, shift0,
                                 HAS_SHIFT=shifts is not None, HAS_SCALE=both is not None, INVERSE=inverse, RP=rp,
-                                num_warps=1 if rp == 16 else 4)  # (H100: 0.034 vs 0.048 ms at r = 16; 4 best at 64)
+                                num_warps=1 if rp == 16 else 4)  # (measured: benchmarks/kernel_blocks.py)
+
+
+class SideLists(NamedTuple):
+    """One factor kind of a family in the step's lists, memoised while the position map is the same object:
+    the pairs ``qs`` (of the family) with a gradient, their positions ``pos``, parameters and state lists
+    (``exp_avgs``, ``exp_avg_sqs``, ``state_steps``, ``max_exp_avg_sqs``; the last empty without amsgrad)."""
+
+    position: dict[int, int]
+    family: Family
+    amsgrad: bool
+    qs: list[int]
+    pos: list[int]
+    params: list[Tensor]
+    state: AdamState
+
+
+class AdamState(NamedTuple):
+    """The Adam state lists of one factor kind of a family, in the order of its pairs."""
+
+    exp_avgs: list[Tensor]
+    exp_avg_sqs: list[Tensor]
+    state_steps: list[Tensor]
+    max_exp_avg_sqs: list[Tensor]
+
+
+def _side_lists(lists: dict[str, list[Tensor]], position: dict[int, int], fam: Family, side: int,
+                present: list[bool], amsgrad: bool) -> SideLists:
+    """The :class:`SideLists` of factor kind ``side`` (0: A, 1: B) of ``fam``."""
+    qs = [q for q, has in enumerate(present) if has]
+    pos = [position[fam.pairs[q][side]] for q in qs]
+    state = AdamState(*([lists[name][i] for i in pos] for name in ("exp_avgs", "exp_avg_sqs", "state_steps")),
+                      [lists["max_exp_avg_sqs"][i] for i in pos] if amsgrad else [])
+    return SideLists(position, fam, amsgrad, qs, pos, [lists["params"][i] for i in pos], state)
 
 
 def adam(tables: Tables, key: Any, group: dict[str, Any], fam: Family, lists: dict[str, list[Tensor]],
@@ -298,15 +330,11 @@ def adam(tables: Tables, key: Any, group: dict[str, Any], fam: Family, lists: di
     launches, steps, done = [], [], set()
     for side, trans, present in ((0, False, fam.has_a), (1, True, fam.has_b)):
         memo = tables.memo.get((key, "lists", side))
-        if memo is not None and memo[0] is position and memo[1] is fam and memo[2] == amsgrad:
-            _, _, _, qs, pos, x, state = memo  # the same position map: the same parameters and state tensors
-        else:
-            qs = [q for q, has in enumerate(present) if has]
-            pos = [position[fam.pairs[q][side]] for q in qs]
-            x = [lists["params"][i] for i in pos]
-            state = [[lists[name][i] for i in pos] for name in ("exp_avgs", "exp_avg_sqs", "state_steps")]
-            state.append([lists["max_exp_avg_sqs"][i] for i in pos] if amsgrad else [])
-            tables.memo[(key, "lists", side)] = (position, fam, amsgrad, qs, pos, x, state)
+        if memo is None or memo.position is not position or memo.family is not fam or memo.amsgrad != amsgrad:
+            memo = _side_lists(lists, position, fam, side, present, amsgrad)
+            tables.memo[(key, "lists", side)] = memo
+        qs, pos, x = memo.qs, memo.pos, memo.params  # the same position map: the same parameters and state tensors
+        state = memo.state
         if not qs:
             continue
         g = [lists["grads"][i] for i in pos]
@@ -322,12 +350,15 @@ def adam(tables: Tables, key: Any, group: dict[str, Any], fam: Family, lists: di
             _, items = _chunks(lengths, ADAM_CHUNK * cfg.adam_bp)
             rows = [(xi.data_ptr(), gi.data_ptr(), mi.data_ptr(), vi.data_ptr(), wi.data_ptr() if amsgrad else 0,
                      si.data_ptr(), p, q)
-                    for xi, gi, mi, vi, si, wi, p, q in zip(x, g, *state[:3], state[3] or x, lengths, qs)]
-            return rows, items, vector_width(x + g + state[0] + state[1] + state[3], lengths, fam.r, trans)
+                    for xi, gi, mi, vi, si, wi, p, q in zip(x, g, state.exp_avgs, state.exp_avg_sqs,
+                                                            state.state_steps, state.max_exp_avg_sqs or x,
+                                                            lengths, qs)]
+            return rows, items, vector_width(x + g + state.exp_avgs + state.exp_avg_sqs + state.max_exp_avg_sqs,
+                                             lengths, fam.r, trans)
 
         table, items, n, vec = tables.get((key, "adam", side), ptrs, [t for ts in state for t in ts], build, device)
         launches.append((side, trans, table, items, n, vec))
-        steps += state[2]
+        steps += state.state_steps
         done.update(pos)
     if not steps:
         return done

@@ -30,7 +30,7 @@ then, with weight decay ``λ``, learning rate ``η``, the optional ramp ``ρ`` a
 
       X ← c·(X + ρ·ΔX),   ΔX = −η·(M û + λX)
 
-* ``COORD=False`` (modes ``scaled``, ``sds_polar``: equation R of :mod:`sdsopt.rewrite`): ``G = P(K_other)``
+* ``COORD=False`` (modes ``scaled``, ``sds_polar``: docs/math.md (3.1)): ``G = P(K_other)``
   and the update is AdamW's on the factor, ``X ← X − η(û + λX)``.
 
 Arithmetic is float32 in registers whatever the parameter dtype; the moments are stored in the parameter's

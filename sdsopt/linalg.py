@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -127,8 +127,7 @@ def finite_or_zero(K: Tensor) -> Tensor:
     return torch.where(finite, K, torch.zeros((), dtype=K.dtype, device=K.device))
 
 
-@dataclass(frozen=True)
-class Spectrum:
+class Spectrum(NamedTuple):
     """Eigendecomposition ``K = X Xᵀ = U diag(λ) Uᵀ`` of a batch of factors' Grams.
 
     Attributes:

@@ -89,8 +89,8 @@ class SDSAdamW(Optimizer):
             to both Grams before their Cholesky factorisation (default 1.0; 0 gives the exact
             coordinates of docs/math.md (2.2)).  A product ``B·A`` cannot take a coordinate step of size ``lr`` in a
             direction where its singular value ``σ`` is below ``~lr·√min(m, n)``: the ``δB·δA`` term,
-            ``lr²·√(mn)/σ``, then dominates the step (measured: the loss jumps 1.1 → 5–7 at the end of
-            the warm-up on κ = 1e8 factors).  With ``μ_s`` such directions are stepped LoRA-like
+            ``lr²·√(mn)/σ``, then dominates the step (ill-conditioned factors: the loss jumps at the end of
+            the warm-up; docs/math.md (2.6)).  With ``μ_s`` such directions are stepped LoRA-like
             (gain ``μ_s^{-1/2}``), directions with ``σ ≫ μ_s`` (balanced factors: ``K``'s eigenvalues are
             ``σ``) keep the isotropic SDS step; as ``lr → 0`` the damping vanishes, so the first-order
             properties (P9, P11) are unchanged.

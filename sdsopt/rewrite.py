@@ -8,13 +8,19 @@ from torch import Tensor
 
 from .coordinates import coordinate_gradient, lower_inverse
 from .linalg import algebra_precision, cholesky_lower, finite_or_zero, gram
-from .modes import ROUTES, resolve_route
+from .modes import MODE_CLASSES, ROUTES, Mode, modes_where
+from .modes.precondition import Preconditioned
+from .modes.sds import SDS
 from .pairing import a_rows, b_matrix, b_rows
 from .spectral import preconditioner
 
 __all__ = ["rewrite_pair"]
 
-_MODES = ("lora", "sds", "sds_polar", "scaled")
+
+def _from_the_pair(cls: type[Mode]) -> bool:
+    """Is what Adam sees in this mode a function of the pair and its gradients alone, computed here?  The
+    identity (the base's :meth:`Mode.transform`), the coordinates (2.2) and the rewrites (3.1)."""
+    return cls.transform is Mode.transform or issubclass(cls, (SDS, Preconditioned))
 
 
 def rewrite_pair(
@@ -37,23 +43,24 @@ def rewrite_pair(
     gradients themselves.  Shapes are PEFT's: ``A (r, …)``, ``B (m, r, 1, …)``; results have the
     gradients' shapes and dtypes.
     """
-    if mode not in _MODES:
-        raise ValueError(f"rewrite_pair: mode must be one of {_MODES}, got {mode!r} "
-                         "(svd_oracle needs the layers' inputs: use SDSAdamW.attach).")
-    if route not in ROUTES:
-        raise ValueError(f"rewrite_pair: route must be one of {ROUTES}, got {route!r}")
-    if mode == "lora":
+    cls = MODE_CLASSES.get(mode)
+    if cls is None or not _from_the_pair(cls):
+        raise ValueError(f"rewrite_pair: mode must be one of {modes_where(_from_the_pair)}, got {mode!r} "
+                         "(the other modes need more than the pair: use SDSAdamW).")
+    if route not in ROUTES or (cls.routes and route not in ("auto", *cls.routes)):
+        raise ValueError(f"rewrite_pair: route must be 'auto' or one of {cls.routes} for mode={mode!r}, got {route!r}")
+    if not issubclass(cls, (SDS, Preconditioned)):  # the identity
         return gA, gB
-    route = resolve_route(route, A.device, mode)
+    route = cls.resolve_route(route, A.device)
     dt, tol = algebra_precision(A.dtype, linalg_dtype, rank_tol, route)
     Ar = a_rows(A).to(dt)[None]
     gAr, gBm = a_rows(gA).to(dt)[None], b_matrix(gB).to(dt)[None]
-    if mode == "sds":
+    if issubclass(cls, SDS):
         L_B, L_A = cholesky_lower(gram(b_rows(B).to(dt)[None]), tol), cholesky_lower(gram(Ar), tol)
         new_a = coordinate_gradient(lower_inverse(L_B), gAr, "A")[0]
         new_b = coordinate_gradient(lower_inverse(L_A), gBm, "B")[0]
     else:
-        kw = dict(mode=mode, route=route, rank_tol=tol, damping=damping)
+        kw = dict(f=cls.spectral_function, route=route, rank_tol=tol, damping=damping)
         new_a = (preconditioner(finite_or_zero(gram(b_rows(B).to(dt)[None])), **kw) @ gAr)[0]
         new_b = (gBm @ preconditioner(finite_or_zero(gram(Ar)), **kw))[0]
     return new_a.reshape(gA.shape).to(gA.dtype), new_b.reshape(gB.shape).to(gB.dtype)

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .modes import MODE_CLASSES, MODES, ROUTES
+from .modes import MODE_CLASSES, MODES, ROUTES, modes_where, validate
 
 __all__ = ["check_flag", "check_group"]
 
@@ -72,7 +72,7 @@ def check_group(group: dict[str, Any], where: str) -> None:
     _check_types(group, where)
     mode = MODE_CLASSES.get(group["mode"])
     routes = mode.routes if mode is not None else ()
-    mode_error = mode.validate(group) if mode is not None else None
+    mode_error = validate(group) if mode is not None else None
     checks = [
         (lr >= 0.0, f"lr={lr} must be >= 0"),
         (group["eps"] >= 0.0, f"eps={group['eps']} must be >= 0"),
@@ -90,7 +90,7 @@ def check_group(group: dict[str, Any], where: str) -> None:
          f"rank_tol={group['rank_tol']} must be None or in (0, 1)"),
 
         (group["damping"] > 0.0,
-         f"damping={group['damping']} must be > 0 (modes 'scaled' and 'lorapro' invert K + damping·I)"),
+         f"damping={group['damping']} must be > 0 (modes {modes_where(lambda c: c.damped)} invert K + damping·I)"),
         (group["b_lr_ratio"] > 0.0 and math.isfinite(group["b_lr_ratio"]),
          f"b_lr_ratio={group['b_lr_ratio']} must be a finite number > 0 (B's step is b_lr_ratio·lr; 1.0: off)"),
         (group["sigma_lr_ratio"] >= 0.0, f"sigma_lr_ratio={group['sigma_lr_ratio']} must be >= 0"),

@@ -131,7 +131,7 @@ def test_a_step_with_nonfinite_gradients_changes_nothing():
     A, B = _table_pair(4, 9, 11, torch.float32)
     fam = fused.Family(4, torch.float32, [(0, 1)], [True], [True])
     group = {"params": [A, B], "amsgrad": True, "betas": (0.9, 0.999), "lr": 1e-2, "eps": 1e-8,
-             "weight_decay": 0.1, "maximize": False}
+             "weight_decay": 0.1, "maximize": False, "b_lr_ratio": 1.0}
     lists = {"params": [A, B], "grads": [torch.randn_like(A), torch.randn_like(B)],
              "exp_avgs": [torch.rand_like(A), torch.rand_like(B)],
              "exp_avg_sqs": [torch.rand_like(A), torch.rand_like(B)],
@@ -313,7 +313,7 @@ def test_frames_kernel_matches_the_torch_frames(r):
     mode ``scaled``'s inverses (:func:`sdsopt.fused.inverses`) against :func:`preconditioner`'s Cholesky route."""
     from sdsopt.coordinates import balance_scales, factor_map, lower_inverse
     from sdsopt.linalg import cholesky_lower, finite_or_zero
-    from sdsopt.spectral import preconditioner
+    from sdsopt.spectral import damped_inverse, preconditioner
 
     gen = torch.Generator().manual_seed(r)
     X = [torch.randn(r, p, generator=gen) for p in (3 * r + 5, max(1, r // 2), r + 1, 7)]
@@ -341,8 +341,8 @@ def test_frames_kernel_matches_the_torch_frames(r):
                 assert err(a) <= max(3e-5, 8 * err(b)), (j, shifts)  # ill-conditioned: float32 noise in both
         if shifts is None:  # mode scaled's preconditioners, as the Cholesky route of preconditioner() forms them
             P = fused.inverses(K.clone(), 4, tol, 1e-3)
-            want = preconditioner(finite_or_zero(K64), mode="scaled", route="cholesky", rank_tol=tol, damping=1e-3)
-            base = preconditioner(finite_or_zero(K64.float()), mode="scaled", route="cholesky", rank_tol=tol,
+            want = preconditioner(finite_or_zero(K64), f=damped_inverse, route="cholesky", rank_tol=tol, damping=1e-3)
+            base = preconditioner(finite_or_zero(K64.float()), f=damped_inverse, route="cholesky", rank_tol=tol,
                                   damping=1e-3).double()
             for j in range(8):
                 err = lambda x: ((x[j] - want[j]).abs().max() / want[j].abs().max()).item()  # noqa: E731

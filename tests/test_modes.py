@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from svd_reference import make_factor, truncated
 from sdsopt import SDSAdamW
 from sdsopt.psi import RowGradient
-from sdsopt.modes.oracle import svd_refactor
+from sdsopt.modes.svd_oracle import svd_refactor
 from conftest import LoraLinear
 
 F64 = torch.float64

@@ -419,7 +419,7 @@ def test_the_cpu_per_pair_and_chunked_routes_step_as_the_stacked_route(kw, monke
     re-balancing or not.  So does the stacked route when a bucket is stacked one pair at a time (chunks of
     bounded bytes, :func:`sdsopt.buckets.chunks`)."""
     from sdsopt import buckets
-    from sdsopt.modes import sds
+    from sdsopt.modes import sds_steps
 
     def model():
         torch.manual_seed(7)
@@ -444,18 +444,18 @@ def test_the_cpu_per_pair_and_chunked_routes_step_as_the_stacked_route(kw, monke
             opt.step()
         return [p.detach().clone() for p in net.parameters()]
 
-    monkeypatch.setattr(sds, "PER_PAIR_MIN_NUMEL", 0)  # (these factors are below the route's size threshold)
+    monkeypatch.setattr(sds_steps, "PER_PAIR_MIN_NUMEL", 0)  # (these factors are below the route's size threshold)
     routes = []
-    route = sds._per_pair_route
-    monkeypatch.setattr(sds, "_per_pair_route", lambda *a: routes.append(route(*a)) or routes[-1])
+    route = sds_steps._per_pair_route
+    monkeypatch.setattr(sds_steps, "_per_pair_route", lambda *a: routes.append(route(*a)) or routes[-1])
     per_pair = steps(model())
     assert routes and all(routes)
-    monkeypatch.setattr(sds, "_per_pair_route", lambda *a: False)
+    monkeypatch.setattr(sds_steps, "_per_pair_route", lambda *a: False)
     stacked = steps(model())
     assert max((a - b).abs().max().item() for a, b in zip(per_pair, stacked)) <= 1e-12
     monkeypatch.setattr(buckets, "STACK_CHUNK_BYTES", 1)  # every chunk one pair
     sizes = []
-    monkeypatch.setattr(sds, "chunks", lambda *a: sizes.append([len(c.a) for c in buckets.chunks(*a)]) or
+    monkeypatch.setattr(sds_steps, "chunks", lambda *a: sizes.append([len(c.a) for c in buckets.chunks(*a)]) or
                         buckets.chunks(*a))
     chunked = steps(model())
     assert [1, 1, 1] in sizes and all(set(x) == {1} for x in sizes)  # the 3-pair bucket went in 3 chunks

@@ -91,7 +91,15 @@ def test_no_private_reads_of_the_optimizer_outside_optim():
     assert not offenders, offenders
 
 
+EQUATION = re.compile(r"(?<![\w.)\]`])\(([A-Z]|\d+\.\d+'?)\)|\bequations? \(?([A-Z]|\d+\.\d+'?)\b")
+"""An equation cited: ``(2.9)``, ``(3.1')``, a letter label ``(R)`` (not a call such as ``P(K)``), ``equation R``."""
+SECTION = re.compile(r"§(\d+(?:\.\d+)?)")
+PROPERTY = re.compile(r"(?<![\w])(P\d+)\b")
+
+
 def test_every_maths_citation_resolves_to_docs_math():
+    """Every equation, section and property that sdsopt/ cites (``(2.9)``, ``(R)``, ``equation R``, ``§8``,
+    ``P12``) exists in docs/math.md."""
     math = (ROOT / "docs" / "math.md").read_text()
     equations = set(re.findall(r"^\s*\((\d+\.\d+'?)\)", math, re.M)) | set(re.findall(r"\*\*\((\d+\.\d+)\)", math))
     sections = set(re.findall(r"^#+ (\d+(?:\.\d+)?)\.? ", math, re.M))
@@ -100,14 +108,27 @@ def test_every_maths_citation_resolves_to_docs_math():
     bad = []
     for path in PKG.rglob("*.py"):
         text = path.read_text()
-        assert "MATH" not in text, f"{path.relative_to(ROOT)} cites MATH.md, which the package does not ship"
-        for eq in re.findall(r"(?<![\w.])\((\d\.\d+'?)\)", text):
-            if eq not in equations:
-                bad.append(f"{path.relative_to(ROOT)}: ({eq})")
-        for sec in re.findall(r"§(\d+(?:\.\d+)?)", text):
-            if sec not in sections:
-                bad.append(f"{path.relative_to(ROOT)}: §{sec}")
-        for prop in re.findall(r"docs/math\.md (P\d+)", text):
-            if prop not in properties:
-                bad.append(f"{path.relative_to(ROOT)}: {prop}")
+        where = path.relative_to(ROOT)
+        assert "MATH" not in text, f"{where} cites MATH.md, which the package does not ship"
+        bad += [f"{where}: ({a or b})" for a, b in EQUATION.findall(text) if (a or b) not in equations]
+        bad += [f"{where}: §{sec}" for sec in SECTION.findall(text) if sec not in sections]
+        bad += [f"{where}: {prop}" for prop in PROPERTY.findall(text) if prop not in properties]
     assert not bad, bad
+
+
+MAX_FUNCTION_LINES = 80
+
+
+def test_no_function_of_the_library_over_80_lines():
+    """Every function and method of sdsopt/ (sdsopt/lab/, research code, aside) has at most
+    :data:`MAX_FUNCTION_LINES` lines of body (its docstring included)."""
+    long = []
+    for path in PKG.rglob("*.py"):
+        if "lab" in path.relative_to(PKG).parts[:-1]:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                lines = node.body[-1].end_lineno - node.body[0].lineno + 1
+                if lines > MAX_FUNCTION_LINES:
+                    long.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name} ({lines} lines)")
+    assert not long, long

@@ -63,6 +63,9 @@ class Mode:
     name: str = ""
     routes: tuple[str, ...] = ()  # the r×r routes it takes besides 'auto' (sdsopt.modes.resolve_route)
     state_keys: tuple[str, ...] = ()
+    sigma_channel: bool = False  # does it take decouple_sigma (the singular-value channel, docs/math.md (3.2))?
+    sigma_note: str = ""  # why not, where the reason is the mode's own (appended to the refusal)
+    damped: bool = False  # does it invert K + damping·I (the option damping)?
 
     def __init__(self) -> None:
         self.bucketing = Bucketing()
@@ -80,9 +83,8 @@ class Mode:
     @classmethod
     def validate(cls, group: dict[str, Any]) -> str | None:
         """A message naming this mode's option that ``group`` sets wrongly, with the fix; ``None`` if all is well.
-        (The options common to every mode are checked by :mod:`sdsopt.validation`.)"""
-        if group["decouple_sigma"]:
-            return f"decouple_sigma=True works with modes ('sds_polar', 'scaled'), not mode={cls.name!r}"
+        (The options common to every mode are checked by :mod:`sdsopt.validation`, the singular-value channel by
+        :func:`sdsopt.modes.validate`.)"""
         return None
 
     def host_decision(self, group: dict[str, Any], state: MutableMapping[Tensor, dict[str, Any]]) -> bool:

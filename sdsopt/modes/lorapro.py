@@ -10,9 +10,9 @@ Choices made here, where the paper and its code leave them open:
   multiplies both by the constant ``s²`` and Adam's step is unchanged up to ``eps``.
 * **Rank-deficient factors** (LoRA's ``B = 0``): every ``K⁺`` of (7.1)–(7.2) is ``(K + δI)^{-1}`` with the
   absolute ``δ = damping`` (default 1e-6, the jitter of LoRA-Pro's efficient-mode code), not the pseudo-inverse
-  on the numerical range (2.5): measured on the digits task (seed 0, 300 steps), the pseudo-inverse was 17 %
-  worse than the reference code at lr 1e-2 (held-out 0.596 vs 0.509; the damped form 0.518): right after
-  ``B = 0`` the Gram ``K_B ~ lr²`` has in-range directions of tiny eigenvalue that the pseudo-inverse amplifies.  With
+  on the numerical range (2.5): right after ``B = 0`` the Gram ``K_B ~ lr²`` has in-range directions of tiny
+  eigenvalue that the pseudo-inverse amplifies, and it trails the reference code where the damped form matches
+  it (measured: benchmarks/RESULTS.md, section "Against its peers").  With
   ``B = 0`` the step is ``g̃A = 0``, ``g̃B = gB·(K_A + δI)^{-1}`` (the paper's first step).
 * **The Sylvester equation** (7.2) is solved exactly in the two Grams' eigenbases (both symmetric PSD:
   ``Y = (U_Bᵀ C U_A) ⊘ (λ_B,i + λ_A,j + 2δ)``), two r×r eighs per pair instead of the r²×r² Kronecker system
@@ -55,6 +55,7 @@ class LoRAPro(Mode):
     """``lorapro``: Adam sees LoRA-Pro's adjusted gradients (7.1); nothing after the common Adam call."""
 
     name = "lorapro"
+    damped = True
 
     def transform(self, ctx: StepContext) -> MapBack:
         group, position, lists = ctx.group, ctx.position, ctx.lists

@@ -12,8 +12,8 @@ an eigenspace).  A non-finite factor is treated as rank 0 (its partner's gradien
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import MutableMapping
-from typing import Any
+from collections.abc import Callable, Hashable, MutableMapping
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -22,6 +22,7 @@ from .. import fused
 from ..adam import AdamLists, adamw
 from ..buckets import Bucket, chunks, drop_positions, split_fused, stacked
 from ..distributed import process_group, reduce_parts
+from ..gram_batch import GramRequest, solve_grams
 from ..linalg import Spectrum, algebra_precision, finite_or_zero, gram, spectrum
 from ..spectral import preconditioner, sigma_correction, sigma_split
 from .base import MapBack, Mode, StepContext
@@ -29,25 +30,57 @@ from .base import MapBack, Mode, StepContext
 __all__ = ["Preconditioned"]
 
 
+class Chunk(NamedTuple):
+    """Pairs of one bucket rewritten together, in the algebra's dtype ``dt``: the factor kinds whose Gram's maps
+    are needed (the partners of the kinds with gradients; both, with the singular-value channel), their row-form
+    stacks (kept for the channel only) and process groups."""
+
+    bucket: Bucket
+    dt: torch.dtype
+    needed: tuple[str, ...]
+    rows: dict[str, Tensor]
+    groups: dict[str, Any]
+
+
+class Maps(NamedTuple):
+    """A factor kind's maps from its Gram: ``P`` of (3.1) and the spectrum (``None`` where no one needs it)."""
+
+    P: Tensor
+    spec: Spectrum | None
+
+
+class Rewritten(NamedTuple):
+    """One factor kind of a chunk after (3.1): its indices in the group's params and positions in the step's lists,
+    the rewritten gradient in row form, and for the singular-value channel the factors' row form, their spectrum
+    and process group."""
+
+    side: str
+    ids: list[int]
+    pos: list[int]
+    grad: Tensor
+    rows: Tensor | None
+    spec: Spectrum | None
+    group: Any
+
+
 class Preconditioned(Mode):
     """Adam on the plain factors with the gradients rewritten by (3.1), ``g̃A = P(K_B)·gA``, ``g̃B = gB·P(K_A)``,
-    and the optional singular-value channel (3.2)–(3.3).  A subclass chooses ``P``: :meth:`preconditioner`."""
+    and the optional singular-value channel (3.2)–(3.3).  A subclass chooses ``P`` by its
+    :attr:`spectral_function` and :attr:`routes`."""
 
     state_keys = ("sigma_exp_avg", "sigma_exp_avg_sq", "sigma_max_exp_avg_sq")
+    sigma_channel = True
+    spectral_function: Callable[[Spectrum, float], Tensor]  # f of (3.1): the eigenvalues of P, from K's spectrum
 
     def preconditioner(self, K: Tensor, route: str, tol: float, group: dict[str, Any],
                        spec: Spectrum | None = None) -> Tensor:
         """``P(K)`` of (3.1) for a batch of Grams ``K`` ``[k, r, r]`` that passed :func:`finite_or_zero`."""
-        return preconditioner(K, mode=self.name, route=route, rank_tol=tol, damping=group["damping"],
+        return preconditioner(K, f=self.spectral_function, route=route, rank_tol=tol, damping=group["damping"],
                               spec_other=spec)
 
     def fused_preconditioner(self, K: Tensor, k: int, route: str, tol: float, group: dict[str, Any]) -> Tensor:
         """:meth:`preconditioner` for the Grams of a fused family (``K`` from :func:`sdsopt.fused.grams`)."""
         return self.preconditioner(finite_or_zero(K), route, tol, group)
-
-    @classmethod
-    def validate(cls, group: dict[str, Any]) -> str | None:
-        return None  # the singular-value channel (decouple_sigma) is defined here
 
     def host_decision(self, group: dict[str, Any], state: MutableMapping[Tensor, dict[str, Any]]) -> bool:
         return bool(group["decouple_sigma"])  # the channel's own Adam runs outside the fused kernel
@@ -100,90 +133,95 @@ class Preconditioned(Mode):
     def _rewrite(self, ctx: StepContext, buckets: list[Bucket]) -> list[tuple[Tensor, Tensor]]:
         """Replace the paired grads of ``buckets`` in ``lists['grads']`` by their rewrite (3.1).
 
-        In phases, so that the number of kernel launches and host synchronisations does not grow
-        with the number of pairs: (1) per bucket of equal shapes, in chunks of bounded bytes
-        (:func:`sdsopt.buckets.chunks`), one stack of each factor kind needed and one batched Gram,
-        the stacks kept only for the singular-value channel; (2) all Grams of equal size, over all
-        buckets, in *one* all-reduce (FSDP2 shards only) and *one* eigh or Newton–Schulz call; (3) per
-        chunk and gradient kind, one stack and one bmm with ``P``; (4)-(5) with the singular-value
-        channel, its r×r products (one more all-reduce per size under FSDP2) and split; the output
-        slices are handed to Adam as the rewritten gradients.  Returns the singular-value corrections ``(param, delta)``
+        In phases, so that the number of kernel launches and host synchronisations does not grow with the number
+        of pairs: (1) per bucket of equal shapes, in chunks of bounded bytes (:func:`sdsopt.buckets.chunks`), one
+        stack of each factor kind needed and one batched Gram (:meth:`_chunks`), the stacks kept only for the
+        singular-value channel; (2) all Grams of one size in one batch (:func:`sdsopt.gram_batch.solve_grams`:
+        one all-reduce under FSDP2, one eigh or Newton–Schulz call); (3) per chunk and gradient kind, one stack
+        and one bmm with ``P`` (:meth:`_rewritten`); (4)-(5) with the singular-value channel, its r×r products
+        (one more all-reduce per size under FSDP2) and split (:meth:`_sigma_channel`); the output slices are
+        handed to Adam as the rewritten gradients.  Returns the singular-value corrections ``(param, delta)``
         (local shards under FSDP2) to add after the AdamW update.
         """
-        state, gi, group, position, lists = ctx.state, ctx.gi, ctx.group, ctx.position, ctx.lists
-        params: list[Tensor] = group["params"]
-        sigma = group["decouple_sigma"]
+        group, sigma = ctx.group, ctx.group["decouple_sigma"]
+        work, requests = self._chunks(ctx, buckets)
+        solved = solve_grams(requests, lambda key, K: self._maps(key, K, group, sigma))
+        maps = {(w, side): m for (w, side), m in zip(((w, side) for w, c in enumerate(work) for side in c.needed),
+                                                        solved)}
+        rewritten = self._rewritten(ctx, work, maps)
+        corrections = self._sigma_channel(ctx, rewritten) if sigma else []
+        for r in rewritten:
+            like = ctx.lists["params"][r.pos[0]]
+            new = r.grad if r.side == "A" else r.grad.transpose(1, 2)
+            new = new.to(like.dtype).reshape(len(r.ids), *like.shape)  # views when 2-D (Linear, embedding)
+            for q, g in zip(r.pos, new.unbind(0)):
+                ctx.lists["grads"][q] = g
+        return corrections
 
-        # (1) factor stacks (row form: A as is, B as Bᵀ) and Grams, per chunk of a bucket
-        work = []
-        pending: dict[tuple[Any, ...], list[tuple[int, str, Tensor]]] = defaultdict(list)
+    def _chunks(self, ctx: StepContext, buckets: list[Bucket]) -> tuple[list[Chunk], list[GramRequest]]:
+        """Phase (1) of :meth:`_rewrite`: the chunks of ``buckets`` and the requests for their partners' Grams
+        (row form: A as is, B as Bᵀ; local shards under FSDP2, so that the Grams are partial sums), in the order
+        of the chunks and of their :attr:`Chunk.needed`."""
+        group, params = ctx.group, ctx.group["params"]
+        work: list[Chunk] = []
+        requests: list[GramRequest] = []
         for bucket in buckets:
-            r = bucket.a_shape[0]
-            route, dt, tol = self._route(gi, group, params[bucket.a[0]])
+            route, dt, tol = self._route(ctx.gi, group, params[bucket.a[0]])
             groups = {"A": process_group(params[bucket.a[0]]), "B": process_group(params[bucket.b[0]])}
             needed = {"B"} if bucket.has_a else set()  # g̃A needs P(K_B)
             needed |= {"A"} if bucket.has_b else set()  # g̃B needs P(K_A)
-            if sigma:
+            if group["decouple_sigma"]:
                 needed |= {s for s, present in (("A", bucket.has_a), ("B", bucket.has_b)) if present}
             for part in chunks(bucket, dt):
-                # local shards under FSDP2 (A along n, B along m): Grams are then partial sums, reduced in (2)
                 rows = {side: stacked(group, part.a, "A", dt) if side == "A"
                         else stacked(group, part.b, "B", dt).transpose(1, 2) for side in sorted(needed)}
-                for side in sorted(needed):
-                    pending[(r, dt, tol, rows[side].device, route, groups[side])].append(
-                        (len(work), side, gram(rows[side])))
-                work.append((part, dt, rows if sigma else {}, {}, {}, groups))
+                requests += [GramRequest(gram(rows[side]), groups[side], (tol, route)) for side in sorted(needed)]
+                work.append(Chunk(part, dt, tuple(sorted(needed)), rows if group["decouple_sigma"] else {}, groups))
+        return work, requests
 
-        # (2) one all-reduce of all Grams (sharded factors only), one spectral computation per Gram size
-        grams = reduce_parts({key: torch.cat([K for _, _, K in items]) for key, items in pending.items()},
-                         lambda key: (key[5], key[1], key[3]))
-        for key, items in pending.items():
-            tol, route = key[2], key[4]
-            K = finite_or_zero(grams[key])
-            need_spec = route == "eigh" or sigma
-            spec = spectrum(K, tol) if need_spec else None
-            P = self.preconditioner(K, route, tol, group, spec)
-            start = 0
-            for w, side, Kw in items:
-                stop = start + Kw.shape[0]
-                work[w][3][side] = P[start:stop]
-                if spec is not None:
-                    work[w][4][side] = spec.select(slice(start, stop))
-                start = stop
+    def _maps(self, key: Hashable, K: Tensor, group: dict[str, Any], sigma: bool) -> Maps:
+        """Phase (2) of :meth:`_rewrite` for one batch of Grams summed over their shards, ``key = (τ, route)``:
+        ``P`` (3.1) and, where the route or the singular-value channel needs it, the spectrum."""
+        tol, route = key
+        K = finite_or_zero(K)
+        spec = spectrum(K, tol) if route == "eigh" or sigma else None
+        return Maps(self.preconditioner(K, route, tol, group, spec), spec)
 
-        # (3) the rewrite (3.1), in row form for the singular-value channel
-        rewritten = []
-        for bucket, dt, rows, P, spec, groups in work:
-            k, r = len(bucket.a), bucket.a_shape[0]
-            for side, other, ids, present in (("A", "B", bucket.a, bucket.has_a), ("B", "A", bucket.b, bucket.has_b)):
+    @staticmethod
+    def _rewritten(ctx: StepContext, work: list[Chunk], maps: dict[tuple[int, str], Maps]) -> list[Rewritten]:
+        """Phase (3) of :meth:`_rewrite`: per chunk and factor kind with gradients, (3.1) in row form."""
+        out = []
+        for w, c in enumerate(work):
+            k, r = len(c.bucket.a), c.bucket.a_shape[0]
+            for side, other, ids, present in (("A", "B", c.bucket.a, c.bucket.has_a),
+                                              ("B", "A", c.bucket.b, c.bucket.has_b)):
                 if not present:
                     continue
-                pos = [position[i] for i in ids]
-                G = torch.stack([lists["grads"][q] for q in pos]).to(dt)
-                new = P[other] @ G.view(k, r, -1) if side == "A" else (G.view(k, -1, r) @ P[other]).transpose(1, 2)
-                rewritten.append((side, ids, pos, new, rows.get(side), spec.get(side), groups[side]))
+                pos = [ctx.position[i] for i in ids]
+                G = torch.stack([ctx.lists["grads"][q] for q in pos]).to(c.dt)
+                P = maps[(w, other)].P
+                new = P @ G.view(k, r, -1) if side == "A" else (G.view(k, -1, r) @ P).transpose(1, 2)
+                own = maps.get((w, side))
+                out.append(Rewritten(side, ids, pos, new, c.rows.get(side), own.spec if own else None,
+                                     c.groups[side]))
+        return out
 
-        # (4) the singular-value channel's r×r G̃ Xᵀ, summed over shards in one all-reduce
-        GXt: dict[int, Tensor] = {}
-        if sigma:
-            GXt = reduce_parts({j: new @ X.transpose(1, 2) for j, (_, _, _, new, X, _, _) in enumerate(rewritten)},
-                           lambda j: (rewritten[j][6], rewritten[j][4].dtype, rewritten[j][4].device))
-
-        # (5) the channel's split (3.2) and Adam on σ, its correction (3.3), then the hand-over to Adam
+    def _sigma_channel(self, ctx: StepContext, rewritten: list[Rewritten]) -> list[tuple[Tensor, Tensor]]:
+        """Phases (4)-(5) of :meth:`_rewrite`: the channel's r×r ``G̃ Xᵀ`` summed over shards in one all-reduce,
+        its split (3.2) (the rewritten gradients replaced by their basis parts) and Adam on σ; returns the
+        corrections (3.3) ``(param, delta)``."""
+        GXt = reduce_parts({j: r.grad @ r.rows.transpose(1, 2) for j, r in enumerate(rewritten)},
+                           lambda j: (rewritten[j].group, rewritten[j].rows.dtype, rewritten[j].rows.device))
         corrections: list[tuple[Tensor, Tensor]] = []
-        for j, (side, ids, pos, new, X, spec_x, _) in enumerate(rewritten):
-            if sigma:
-                g_sigma, new = sigma_split(spec_x, X, new, GXt[j])
-                steps = self._sigma_adam(state, group, [params[i] for i in ids], g_sigma, lists, pos)
-                delta = sigma_correction(spec_x, X, steps)
-                delta = delta if side == "A" else delta.transpose(1, 2)
-                targets = [lists["params"][q] for q in pos]
-                corrections += [(p, d.reshape(p.shape).to(p.dtype)) for p, d in zip(targets, delta)]
-            like = lists["params"][pos[0]]
-            new = new if side == "A" else new.transpose(1, 2)
-            new = new.to(like.dtype).reshape(len(ids), *like.shape)  # views when 2-D (Linear, embedding)
-            for q, g in zip(pos, new.unbind(0)):
-                lists["grads"][q] = g
+        for j, r in enumerate(rewritten):
+            g_sigma, basis = sigma_split(r.spec, r.rows, r.grad, GXt[j])
+            rewritten[j] = r._replace(grad=basis)
+            steps = self._sigma_adam(ctx.state, ctx.group, [ctx.group["params"][i] for i in r.ids], g_sigma,
+                                     ctx.lists, r.pos)
+            delta = sigma_correction(r.spec, r.rows, steps)
+            delta = delta if r.side == "A" else delta.transpose(1, 2)
+            targets = [ctx.lists["params"][q] for q in r.pos]
+            corrections += [(p, d.reshape(p.shape).to(p.dtype)) for p, d in zip(targets, delta)]
         return corrections
 
     @staticmethod

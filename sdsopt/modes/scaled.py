@@ -12,6 +12,7 @@ from typing import Any
 from torch import Tensor
 
 from .. import fused
+from ..spectral import damped_inverse
 from .precondition import Preconditioned
 
 __all__ = ["Scaled"]
@@ -22,6 +23,8 @@ class Scaled(Preconditioned):
 
     name = "scaled"
     routes = ("cholesky", "eigh")
+    spectral_function = staticmethod(damped_inverse)
+    damped = True
 
     def fused_preconditioner(self, K: Tensor, k: int, route: str, tol: float, group: dict[str, Any]) -> Tensor:
         if route == "cholesky":  # one launch for all of them

@@ -11,16 +11,18 @@ from __future__ import annotations
 
 import torch
 
+from ..spectral import inverse_root
 from .precondition import Preconditioned
 
-__all__ = ["Polar"]
+__all__ = ["SDSPolar"]
 
 
-class Polar(Preconditioned):
+class SDSPolar(Preconditioned):
     """``sds_polar``: (3.1) with the polar factor's ``f(λ) = λ^{-1/2}``."""
 
     name = "sds_polar"
     routes = ("eigh", "newton_schulz")
+    spectral_function = staticmethod(inverse_root)
 
     @staticmethod
     def auto_route(device: torch.device) -> str:

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from .base import Mode
 
-__all__ = ["Plain"]
+__all__ = ["LoRA"]
 
 
-class Plain(Mode):
+class LoRA(Mode):
     """``lora``: Adam sees the factors' own gradients; nothing before or after the common Adam call."""
 
     name = "lora"
