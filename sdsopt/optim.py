@@ -20,7 +20,7 @@ from . import compiled, modes, naming
 from . import pairing as _pairing
 from .adam import StepLists, adamw
 from .capture import LoraCapture
-from .checkpoint import check_modes, check_state_dict
+from .checkpoint import check_modes, check_state_dict, from_adamw
 from .fused import Tables
 from .guard import SkipLog, guard_step
 from .modes import Mode, StepContext
@@ -291,10 +291,12 @@ class SDSAdamW(Optimizer):
 
         Raises ``ValueError`` (naming the param group or parameter, and what to do) before anything is
         changed when the checkpoint has other param groups, other LoRA pairs, another mode, or state
-        tensors whose shapes differ from the parameters'.
+        tensors whose shapes differ from the parameters'.  A ``torch.optim.AdamW`` checkpoint of the same param
+        groups resumes in modes ``sds`` and ``lora`` (switching mid-run: :func:`sdsopt.checkpoint.from_adamw`).
         """
         moments = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
         where = "SDSAdamW.load_state_dict"
+        state_dict = from_adamw(where, state_dict, self.param_groups)  # torch.optim.AdamW's: see from_adamw
         check_state_dict(where, state_dict, self.param_groups,
                          lambda gi, i, key: self.param_groups[gi]["params"][i].shape if key in moments else None)
         check_modes(where, state_dict, self.param_groups)
