@@ -22,17 +22,21 @@ from collections.abc import Sequence
 
 from torch import Tensor, nn
 
-__all__ = ["find_names", "live_names"]
+__all__ = ["find_names", "holder", "live_names"]
+
+
+def _roots() -> list[nn.Module]:
+    """The outermost live modules: those no other live module contains."""
+    modules = [obj for obj in gc.get_objects() if issubclass(type(obj), nn.Module)]  # (type(): no proxy __class__)
+    inner = {id(sub) for m in modules for sub in m.modules() if sub is not m}
+    return [m for m in modules if id(m) not in inner]
 
 
 def live_names() -> dict[int, str]:
     """``id(tensor) → name`` for every parameter of every outermost live module (one no other live module
     contains), as that module's ``named_parameters()`` names it.  A parameter held by two unrelated roots (a
     weight shared across models) takes its name from the root with more parameters."""
-    modules = [obj for obj in gc.get_objects() if issubclass(type(obj), nn.Module)]  # (type(): no proxy __class__)
-    inner = {id(sub) for m in modules for sub in m.modules() if sub is not m}
-    roots = [m for m in modules if id(m) not in inner]
-    named = [dict((id(p), name) for name, p in root.named_parameters()) for root in roots]
+    named = [dict((id(p), name) for name, p in root.named_parameters()) for root in _roots()]
     names: dict[int, str] = {}
     for table in sorted(named, key=len):  # larger roots last: their names win
         names.update(table)
@@ -48,3 +52,10 @@ def find_names(params: Sequence[Tensor], names: dict[int, str] | None = None) ->
     """
     names = live_names() if names is None else names
     return [names.get(id(p)) for p in params]
+
+
+def holder(param: Tensor) -> nn.Module | None:
+    """The outermost live module that holds ``param`` (of several unrelated ones, the one with more parameters, as
+    :func:`live_names` chooses), or ``None``."""
+    roots = [r for r in _roots() if any(p is param for p in r.parameters())]
+    return max(roots, key=lambda r: sum(1 for _ in r.parameters())) if roots else None

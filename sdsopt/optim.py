@@ -20,11 +20,11 @@ from . import compiled, modes, naming
 from . import pairing as _pairing
 from .adam import StepLists, adamw_sides
 from .capture import LoraCapture
-from .checkpoint import check_modes, check_state_dict
+from .checkpoint import check_modes, check_state_dict, from_adamw
 from .fused import Tables
 from .guard import SkipLog, guard_step
 from .modes import Mode, StepContext
-from .pair_groups import PairingNotice, report_pairing, resolve_group_pairs
+from .pair_groups import PairingLog, PairingNotice, check_still_trainable, report_pairing, resolve_group_pairs
 from .pairing import LoraPair, PairingFn, a_rows
 from .validation import check_flag, check_group
 
@@ -142,6 +142,8 @@ class SDSAdamW(Optimizer):
     ``B`` (a column of ``A``), one non-finite entry spreads along that row (column).
     """
 
+    _watch_frozen = False  # (copies and unpickled optimizers do not repeat the first step's check)
+
     def __init__(
         self,
         params: Iterable[Any] | torch.nn.Module,
@@ -178,7 +180,7 @@ class SDSAdamW(Optimizer):
         self._skips = SkipLog()
         self._infer_names = infer_names
         self._names: dict[int, list[str]] = {}  # per group: names found for a group given without them
-        self._merged_names: set[str] = set()  # loralib MergedLinear factors left to AdamW (warned once)
+        self._pairing_log = PairingLog()  # what resolving the pairs leaves for report_pairing
         self._live_names: dict[int, str] | None = None  # naming.live_names() while __init__ adds the groups
         defaults = dict(
             lr=lr, betas=tuple(betas) if isinstance(betas, (tuple, list)) else betas, eps=eps,
@@ -199,10 +201,9 @@ class SDSAdamW(Optimizer):
         self._capture: LoraCapture | None = None
         super().__init__(params, defaults)
         self._live_names = None
-        names = [n for gi in range(len(self.param_groups)) for n in self._group_names(gi) or []]
-        report_pairing(names, [(p.name_a, p.name_b) for p in self.lora_pairs], self._pairing, self._merged_names,
-                       names_found=bool(self._names),
-                       named=any("param_names" in g for g in self.param_groups) or bool(self._names))
+        self._watch_frozen = report_pairing(self.param_groups, [self._group_names(gi) for gi in
+                                                                range(len(self.param_groups))],
+                                            self._pairing, self._pairing_log, names_found=bool(self._names))
 
     def _fresh_caches(self) -> None:
         """The per-instance caches, rebuilt lazily (they hold data pointers, lists and device tables of this
@@ -262,7 +263,7 @@ class SDSAdamW(Optimizer):
                     self._names[gi] = names
             earlier = [(g["params"], self._group_names(j)) for j, g in enumerate(self.param_groups[:-1])]
             group["lora_pairs"] = resolve_group_pairs(gi, group, explicit, self._group_names(gi), self._pairing,
-                                                      earlier, self._merged_names)
+                                                      earlier, self._pairing_log)
         except Exception:
             self.param_groups.pop()
             self._names.pop(gi, None)
@@ -298,10 +299,12 @@ class SDSAdamW(Optimizer):
 
         Raises ``ValueError`` (naming the param group or parameter, and what to do) before anything is
         changed when the checkpoint has other param groups, other LoRA pairs, another mode, or state
-        tensors whose shapes differ from the parameters'.
+        tensors whose shapes differ from the parameters'.  A ``torch.optim.AdamW`` checkpoint of the same param
+        groups resumes in modes ``sds`` and ``lora`` (switching mid-run: :func:`sdsopt.checkpoint.from_adamw`).
         """
         moments = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
         where = "SDSAdamW.load_state_dict"
+        state_dict = from_adamw(where, state_dict, self.param_groups)  # torch.optim.AdamW's: see from_adamw
         check_state_dict(where, state_dict, self.param_groups,
                          lambda gi, i, key: self.param_groups[gi]["params"][i].shape if key in moments else None)
         check_modes(where, state_dict, self.param_groups)
@@ -349,6 +352,9 @@ class SDSAdamW(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if self._watch_frozen:  # the first step: all frozen since construction? (pair_groups)
+            self._watch_frozen = False
+            check_still_trainable(self.param_groups)
         prepared = [(gi, group, *self._prepare(group, gi)) for gi, group in enumerate(self.param_groups)]
         found_inf = None
         if self.skip_nonfinite:

@@ -1,20 +1,41 @@
 """A param group's LoRA pairs as :class:`sdsopt.SDSAdamW` resolves them (explicit ``lora_pairs`` and the pairing
-rule on the parameters' names), the errors that name what is wrong, and the construction's one message about
-what was paired."""
+rule on the parameters' names), the errors that name what is wrong, the construction's one message about what was
+paired, and the first step's check that the parameters were not all frozen since (the optimizer built before the
+model was wrapped).
+
+One message per cause, each naming the cause and the fix, and none followed by a second that contradicts it:
+every parameter frozen (nothing will train); factors without their partner; loralib ``MergedLinear`` factors
+(warned where found); rank-0 pairs (no elements: left unpaired, they step as AdamW); every pair frozen; names found
+for unnamed parameters (:class:`PairingNotice`: the trainable pairs found by name, those given in ``lora_pairs``,
+the frozen ones not counted); and no LoRA factor at all (the optimizer is AdamW: full fine-tuning, custom names, or
+built before ``get_peft_model``).
+"""
 
 from __future__ import annotations
 
+import sys
 import warnings
 from collections.abc import Sequence
+from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import Tensor
 
+from . import naming
 from . import pairing as _pairing
 from .distributed import check_not_deepspeed, check_pair_layout
 from .pairing import PairingFn, check_pair_shapes, param_label
 
-__all__ = ["PairingNotice", "report_pairing", "resolve_group_pairs"]
+__all__ = ["PairingLog", "PairingNotice", "check_still_trainable", "report_pairing", "resolve_group_pairs"]
+
+_BUILD_AFTER_WRAP = (
+    "build the optimizer from the wrapped model, SDSAdamW(peft_model.parameters(), ...), or let the trainer build "
+    "it: Trainer(..., optimizer_cls_and_kwargs=(SDSAdamW, {'lr': ...})) (TRL's SFTTrainer takes the same argument)")
+
+
+_INTERNAL = (str(Path(__file__).parent), str(Path(torch.__file__).parent))  # (frames _warn skips)
 
 
 class PairingNotice(UserWarning):
@@ -22,13 +43,29 @@ class PairingNotice(UserWarning):
     optimizer.  Filter it like any warning: ``warnings.filterwarnings("ignore", category=PairingNotice)``."""
 
 
+@dataclass
+class PairingLog:
+    """What resolving the groups' pairs leaves for the construction's message (:func:`report_pairing`).
+
+    ``left_out``: names of factors the rule paired but that get plain AdamW (loralib ``MergedLinear``, warned
+    where found; rank 0), so that they are not reported as factors without a partner; ``rank_zero``: labels
+    ``'A' / 'B'`` of the rank-0 pairs; ``explicit``: ``(group, index_A, index_B)`` of the pairs given in
+    ``lora_pairs`` (not reported as found by name)."""
+
+    left_out: set[str] = field(default_factory=set)
+    rank_zero: list[str] = field(default_factory=list)
+    explicit: set[tuple[int, int, int]] = field(default_factory=set)
+    merged: bool = False
+
+
 def resolve_group_pairs(gi: int, group: dict[str, Any], explicit: Sequence[Any], names: list[str] | None,
                         rule: PairingFn, earlier: Sequence[tuple[list[Tensor], list[str] | None]],
-                        merged_names: set[str]) -> list[tuple[int, int]]:
+                        log: PairingLog) -> list[tuple[int, int]]:
     """The pairs ``(index_A, index_B)`` of group ``gi`` (``names``: its parameters' names, if any; ``earlier``: the
-    params and names of the groups before it).  Factors with loralib MergedLinear's layout are left out (their
-    names added to ``merged_names``, with a warning).  Raises ``ValueError`` for a pair split across groups, a
-    parameter in two pairs, or shapes that do not chain."""
+    params and names of the groups before it), recorded in ``log`` as :class:`PairingLog` says.  Left out, so
+    that they get plain AdamW: factors with loralib MergedLinear's layout (with a warning here), and rank-0 pairs
+    (``r = 0``: no elements, nothing to rewrite; reported by :func:`report_pairing`).  Raises ``ValueError`` for a
+    pair split across groups, a parameter in two pairs, or shapes that do not chain."""
     params: list[Tensor] = group["params"]
     for i, p in enumerate(params):
         check_not_deepspeed(p, param_label(group, i, gi))
@@ -50,7 +87,8 @@ def resolve_group_pairs(gi: int, group: dict[str, Any], explicit: Sequence[Any],
         explicit_pairs = set(pairs)  # a pair given explicitly and found by name again counts once
         for a, b in rule(names):
             if _merged(params[index[a]], params[index[b]], a, b):
-                merged_names.update((a, b))
+                log.left_out.update((a, b))
+                log.merged = True
             elif (index[a], index[b]) not in explicit_pairs:
                 pairs.append((index[a], index[b]))
         _check_not_split(gi, names, rule, [ns for _, ns in earlier])
@@ -58,7 +96,9 @@ def resolve_group_pairs(gi: int, group: dict[str, Any], explicit: Sequence[Any],
     def label(i: int) -> str:
         return repr(names[i]) if names else param_label(group, i, gi)
 
+    given = len(explicit)
     seen: dict[int, int] = {}
+    kept: list[tuple[int, int]] = []
     for k, (ia, ib) in enumerate(pairs):
         for i in (ia, ib):
             if i in seen or ia == ib:
@@ -69,12 +109,19 @@ def resolve_group_pairs(gi: int, group: dict[str, Any], explicit: Sequence[Any],
             seen[i] = k
         m, n, r = check_pair_shapes(params[ia], params[ib], label(ia), label(ib))
         check_pair_layout(params[ia], params[ib], label(ia), label(ib))
+        if r == 0:  # no elements: AdamW steps them (a no-op but for the step counts), nothing to rewrite
+            log.rank_zero.append(f"{label(ia)} / {label(ib)}")
+            log.left_out.update(names[i] for i in (ia, ib) if names)
+            continue
+        kept.append((ia, ib))
+        if k < given:
+            log.explicit.add((gi, ia, ib))
         if r > m and r > n:
             warnings.warn(
                 f"SDSAdamW: LoRA pair {label(ia)} / {label(ib)} has rank r={r} above both its dimensions "
                 f"(m={m}, n={n}): A and B may be swapped (A is r×n, the input side; B is m×r). Pass pairs "
                 "as (A, B), or fix the pairing rule's order of values (A's first).", UserWarning, stacklevel=4)
-    return pairs
+    return kept
 
 
 def _merged(A: Tensor, B: Tensor, name_a: str, name_b: str) -> bool:
@@ -105,32 +152,114 @@ def _check_not_split(gi: int, names: list[str], rule: PairingFn, earlier: Sequen
             )
 
 
-def report_pairing(names: list[str], pairs: list[tuple[str, str]], rule: PairingFn, merged_names: set[str],
-                   names_found: bool, named: bool) -> None:
-    """The construction's one message about pairing: lone factors, names found (``names_found``: some group
-    came without names and was named from its modules), or no pair at all (``named``: some names existed)."""
-    if rule is _pairing.default_pairing:
-        lone = [n for n in _pairing.lone_factors(names, pairs) if n not in merged_names]
-        if lone:
-            warnings.warn(
-                f"SDSAdamW: {len(lone)} LoRA factor(s) without their partner get plain AdamW "
-                f"(first: {lone[0]!r}). Pass both factors to the optimizer to rewrite them.",
-                UserWarning, stacklevel=3,
-            )
-    if names_found and pairs:
-        described = (_pairing.default_pairing.describe(pairs) if rule is _pairing.default_pairing
-                     else "the pairing= rule")
-        warnings.warn(
-            f"SDSAdamW: the parameters came without names; named them from their module and paired "
-            f"{len(pairs)} LoRA pair(s) by name ({described}; first: {pairs[0][0]!r} / {pairs[0][1]!r}). "
-            "infer_names=False turns this off.", PairingNotice, stacklevel=3)
-    if not pairs:
-        warnings.warn(
-            "SDSAdamW found no LoRA pairs, so it behaves exactly as torch.optim.AdamW. "
-            + ("No parameter name matched the pairing rule; pass pairing=... for custom names "
-               if named else "The parameters came without names and no module holds them: pass "
-               "model.named_parameters() ")
-            + "or give explicit pairs: [{'params': [...], 'lora_pairs': [(A, B), ...]}].",
-            UserWarning,
-            stacklevel=3,
-        )
+def report_pairing(param_groups: list[dict[str, Any]], group_names: list[list[str] | None], rule: PairingFn,
+                   log: PairingLog, names_found: bool) -> bool:
+    """The construction's one message per cause about what will train and what was paired (the module docstring
+    lists them; ``group_names``: each group's names, given or found, if any; ``names_found``: some group came
+    without names and was named from its modules).  A pair is frozen when both factors are
+    (``requires_grad=False``): it stays paired (it takes SDS steps once unfrozen, e.g. by PEFT's ``set_adapter``),
+    is not counted as trained and, having no gradient, is not stepped.  Returns whether any parameter is
+    trainable: then :func:`check_still_trainable` checks at the first step that they still are."""
+    params = [p for g in param_groups for p in g["params"]]
+    names = [n for ns in group_names for n in ns or []]
+    pairs = [(gi, ia, ib) for gi, g in enumerate(param_groups) for ia, ib in g["lora_pairs"]]
+
+    def label(gi: int, i: int) -> str:
+        return _label(param_groups, group_names, gi, i)
+
+    trained = [(gi, ia, ib) for gi, ia, ib in pairs
+               if any(param_groups[gi]["params"][i].requires_grad for i in (ia, ib))]
+    if not any(p.requires_grad for p in params):
+        _warn(f"SDSAdamW: all {len(params)} parameters given are frozen (requires_grad=False)"
+              + (f", its {len(pairs)} LoRA pair(s) included" if pairs else "") + ", so nothing will train. If they are "
+              "the base weights of a model that PEFT wrapped (peft.get_peft_model or TRL's SFTTrainer(peft_config="
+              f"...) freeze them and add the LoRA factors), {_BUILD_AFTER_WRAP}. If the adapters are frozen on "
+              "purpose, unfreeze them before training (PEFT: model.set_adapter(name)).")
+        return False
+    lone = ([n for n in _pairing.lone_factors(names, _pair_names(param_groups, group_names)) if n not in log.left_out]
+            if rule is _pairing.default_pairing else [])
+    if lone:
+        _warn(f"SDSAdamW: {len(lone)} LoRA factor(s) without their partner get plain AdamW (first: {lone[0]!r})"
+              + ("; no pair is complete, so SDSAdamW behaves exactly as torch.optim.AdamW" if not pairs else "")
+              + ". Pass both factors of each adapter (its lora_A and lora_B) to the optimizer to rewrite them.")
+    if log.rank_zero:
+        _warn(f"SDSAdamW: {len(log.rank_zero)} LoRA pair(s) of rank 0 (first: {log.rank_zero[0]}) hold no "
+              "elements: left unpaired, they get plain AdamW, which leaves them empty. Nothing to fix unless rank 0 "
+              "is a mistake (LoraConfig(r=...)).")
+    if pairs and not trained:
+        _warn(f"SDSAdamW: all {len(pairs)} LoRA pair(s) are frozen (requires_grad=False; first: "
+              f"{label(*pairs[0][:2])}): they do not train, and the other trainable parameters get plain AdamW. "
+              "Unfreeze the adapter to train it (PEFT: model.set_adapter(name), or requires_grad_(True)).")
+    elif names_found and (notice := _found_names_notice(param_groups, group_names, trained, len(pairs) - len(trained),
+                                                         rule, log)):
+        _warn(notice, PairingNotice)
+    if not pairs and not (lone or log.merged or log.rank_zero):
+        _warn("SDSAdamW found no LoRA pairs, so it behaves exactly as torch.optim.AdamW. "
+              + (f"No parameter name matched the pairing rule (first name: {names[0]!r}). If LoRA adapters are "
+                 "added to the model after this (peft.get_peft_model, TRL's SFTTrainer(peft_config=...)), this "
+                 "optimizer holds only the base weights, which the wrap freezes, so nothing will train: "
+                 f"{_BUILD_AFTER_WRAP}. For LoRA factors of other names pass pairing=... "
+                 if names else "The parameters came without names and none was found (no module holds them, or "
+                 "infer_names=False): pass model.named_parameters() ")
+              + "or give explicit pairs: [{'params': [...], 'lora_pairs': [(A, B), ...]}].")
+    return True
+
+
+def _warn(message: str, category: type[Warning] = UserWarning) -> None:
+    """A message attributed to the first caller outside sdsopt and torch (the ``SDSAdamW(...)`` or
+    ``opt.step()`` line, or the trainer's that made the call)."""
+    frame, level = sys._getframe(1), 2  # (level 1: this function)
+    while frame is not None and frame.f_code.co_filename.startswith(_INTERNAL):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, category, stacklevel=level)
+
+
+def _label(param_groups: list[dict[str, Any]], group_names: list[list[str] | None], gi: int, i: int) -> str:
+    """How the messages name parameter ``i`` of group ``gi``: its name (given or found), or its position."""
+    ns = group_names[gi]
+    return repr(ns[i]) if ns else param_label(param_groups[gi], i, gi)
+
+
+def _pair_names(param_groups: list[dict[str, Any]], group_names: list[list[str] | None]) -> list[tuple[str, str]]:
+    """The names ``(A, B)`` of every pair of the named groups."""
+    return [(ns[ia], ns[ib]) for g, ns in zip(param_groups, group_names) if ns for ia, ib in g["lora_pairs"]]
+
+
+def _found_names_notice(param_groups: list[dict[str, Any]], group_names: list[list[str] | None],
+                        trained: list[tuple[int, int, int]], frozen: int, rule: PairingFn, log: PairingLog) -> str:
+    """The text of the :class:`PairingNotice` of names found for unnamed parameters: the trainable pairs paired by
+    name (by which rule), those given in ``lora_pairs``, and the frozen pairs, not counted; ``""`` when no pair
+    was found by name (the pairs given explicitly need no notice)."""
+    by_name = [(ns[ia], ns[ib]) for gi, ia, ib in trained
+               if (gi, ia, ib) not in log.explicit and (ns := group_names[gi])]
+    if not by_name:
+        return ""
+    described = _pairing.default_pairing.describe(by_name) if rule is _pairing.default_pairing else "the pairing= rule"
+    given = len(trained) - len(by_name)
+    return (f"SDSAdamW: the parameters came without names; named them from their module and paired {len(by_name)} "
+            f"LoRA pair(s) by name ({described}; first: {by_name[0][0]!r} / {by_name[0][1]!r})"
+            + (f", and {given} given in lora_pairs" if given else "")
+            + (f"; {frozen} frozen pair(s) (requires_grad=False) are not counted: they do not train unless unfrozen"
+               if frozen else "") + ". infer_names=False turns this off.")
+
+
+def check_still_trainable(param_groups: list[dict[str, Any]]) -> None:
+    """The first step's check: warn if every parameter of the optimizer is frozen now and none has a gradient,
+    although some were trainable when it was built (:func:`report_pairing`): the model was wrapped after the
+    optimizer was built (``peft.get_peft_model``, TRL's ``SFTTrainer(peft_config=...)``), which froze the base
+    weights this optimizer holds and added LoRA factors it does not.  Names the module that holds them now and the
+    first trainable parameter it lacks, if found."""
+    params = [p for g in param_groups for p in g["params"]]
+    if any(p.requires_grad or p.grad is not None for p in params):
+        return
+    root = naming.holder(params[0]) if params else None
+    mine = {id(p) for p in params}
+    missing = [n for n, p in root.named_parameters() if p.requires_grad and id(p) not in mine] if root else []
+    found = (f"; the {type(root).__name__} that holds them now trains {len(missing)} parameter(s) this optimizer "
+             f"lacks (first: {missing[0]!r})" if missing else "")
+    _warn(
+        f"SDSAdamW: every one of the {len(params)} parameters this optimizer holds is frozen now "
+        "(requires_grad=False), though some were trainable when it was built, so its steps change nothing. The "
+        "model was wrapped after the optimizer was built: peft.get_peft_model, or TRL's SFTTrainer(peft_config="
+        f"...), freezes the base weights and adds LoRA factors this optimizer does not hold{found}. Fix: "
+        f"{_BUILD_AFTER_WRAP}.")
