@@ -6,6 +6,8 @@
   ``B A``, ``T = {U M + N Vᵀ}`` (``U = col(B)``, ``V = row(A)``), which is where every first-order
   step ``ΔB A + B ΔA`` lives: ``‖P_T G‖² / ‖G‖²`` with ``P_T G = P_U G + G P_V − P_U G P_V``;
 * :func:`condition_number` (on the numerical range) and :func:`stable_rank` ``‖M‖_F² / ‖M‖₂²``;
+* :func:`entropy_rank`, :func:`range_condition`: the same two formulas on given singular values, batched (the
+  diagnostics of :mod:`sdsopt.diagnostics` feed them the singular values of r×r Gram algebra);
 * :func:`first_order_step`: ``ΔW = ΔB A + B ΔA``.
 
 :func:`pair_metrics` bundles them for one LoRA pair; the ablation harness records them per step.
@@ -21,21 +23,27 @@ __all__ = [
     "captured_fraction",
     "condition_number",
     "effective_rank",
+    "entropy_rank",
     "first_order_step",
     "pair_metrics",
+    "range_condition",
     "stable_rank",
 ]
 
 
+def entropy_rank(s: Tensor) -> Tensor:
+    """``exp(−Σ p_i log p_i)``, ``p = s / Σ s``, over the last dimension of non-negative singular values ``s``
+    (a batch ``[..., k]`` gives ``[...]``; 0 where every ``s`` is 0).  Shared by :func:`effective_rank` and
+    :mod:`sdsopt.diagnostics`."""
+    total = s.sum(-1, keepdim=True)
+    p = s / torch.where(total > 0, total, torch.ones_like(total))
+    h = -torch.where(p > 0, p * p.clamp_min(torch.finfo(p.dtype).tiny).log(), torch.zeros_like(p)).sum(-1)
+    return torch.where(total[..., 0] > 0, h.exp(), torch.zeros_like(h))
+
+
 def effective_rank(M: Tensor) -> float:
     """``exp(−Σ p_i log p_i)`` with ``p = σ / Σσ`` (1 for a rank-1 matrix, k for k equal singular values)."""
-    s = torch.linalg.svdvals(M.double())
-    total = s.sum()
-    if total <= 0:
-        return 0.0
-    p = s / total
-    p = p[p > 0]
-    return float(torch.exp(-(p * p.log()).sum()))
+    return float(entropy_rank(torch.linalg.svdvals(M.double())))
 
 
 def alignment(G: Tensor, step: Tensor) -> float:
@@ -61,13 +69,19 @@ def captured_fraction(G: Tensor, A: Tensor, B: Tensor) -> float:
     return float(projected.norm() ** 2 / total) if total > 0 else 0.0
 
 
+def range_condition(s: Tensor, tol: float) -> Tensor:
+    """``σ_max / σ_min`` over the numerical range ``σ > tol·σ_max`` of the last dimension of singular values ``s``
+    (any order; a batch ``[..., k]`` gives ``[...]``); ``inf`` where every ``σ`` is 0.  Shared by
+    :func:`condition_number` and :mod:`sdsopt.diagnostics`."""
+    top = s.amax(-1, keepdim=True)
+    low = torch.where(s > tol * top, s, torch.full_like(s, float("inf"))).amin(-1)
+    return torch.where(top[..., 0] > 0, top[..., 0] / low, torch.full_like(low, float("inf")))
+
+
 def condition_number(X: Tensor, tol: float = 1e-10) -> float:
     """``σ_max / σ_min`` over the numerical range (``σ > tol·σ_max``); ``inf`` for a zero matrix."""
     s = torch.linalg.svdvals(X.double())
-    if not s.numel() or s[0] <= 0:
-        return float("inf")
-    s = s[s > tol * s[0]]
-    return float(s[0] / s[-1])
+    return float(range_condition(s, tol)) if s.numel() else float("inf")
 
 
 def stable_rank(M: Tensor) -> float:
