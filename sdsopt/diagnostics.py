@@ -104,7 +104,7 @@ def factor_statistics(K_A: Tensor, K_B: Tensor) -> dict[str, Tensor]:
     ``K_A = AAᵀ``, ``K_B = BᵀB`` ``[k, r, r]``."""
     out: dict[str, Tensor] = {}
     for side, K in (("A", K_A), ("B", K_B)):
-        out[f"kappa_{side}"] = range_condition(_spectrum(K)[0].sqrt(), KAPPA_TOL)
+        out[f"kappa_{side}"] = range_condition(torch.linalg.eigvalsh(K).clamp_min(0.0).sqrt(), KAPPA_TOL)
         out[f"norm_{side}"] = _trace(K).clamp_min(0.0).sqrt()
     out["norm_ratio"] = out["norm_B"] / out["norm_A"]
     return out
