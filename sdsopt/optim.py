@@ -21,6 +21,7 @@ from . import pairing as _pairing
 from .adam import StepLists, adamw_sides
 from .capture import LoraCapture
 from .checkpoint import check_modes, check_state_dict, from_adamw
+from .diagnostics import StepTracker, report
 from .fused import Tables
 from .guard import SkipLog, guard_step
 from .modes import Mode, StepContext
@@ -388,6 +389,19 @@ class SDSAdamW(Optimizer):
                 "parameters (DeepSpeed ZeRO flattens them into partitions): SDSAdamW supports DDP and FSDP2, not ZeRO."
             )
         return self._lists(group, gi, self.state)
+
+    # ------------------------------------------------------------------ diagnostics
+    def diagnostics(self) -> dict[str, Any]:
+        """Per LoRA pair and summarised: phase, κ(A), κ(B), norms and ‖B‖/‖A‖, and the last step's effective rank,
+        relative size and B-side share if :meth:`track_step` was called before it (:func:`sdsopt.diagnostics.report`).
+        Python floats: reads the device once per rank; costs nothing when not called."""
+        tracker = self.__dict__.get("_step_tracker")
+        return report(self.param_groups, self.state, self.lora_pairs, tracker.before if tracker else None)
+
+    def track_step(self) -> None:
+        """Copy the LoRA factors at the start of the next :meth:`step` (that step only), so that :meth:`diagnostics`
+        reports it (:class:`sdsopt.diagnostics.StepTracker`)."""
+        self.__dict__.setdefault("_step_tracker", StepTracker()).arm(self)
 
     @property
     def skipped_steps(self) -> int:

@@ -29,7 +29,7 @@ def run(script: str, *args: str, timeout: int = 300) -> str:
 def test_every_script_has_a_smoke_test():
     covered = {"e2e_step.py", "step_time.py", "profile_step.py", "psi_step.py", "long_run.py", "psi_linear.py",
                "pack_minilm.py", "kernel_blocks.py", "fsdp_step.py", "llm_sweep.py",
-               "roofline.py"}  # llm_sweep: test_smollm_task
+               "roofline.py", "diagnostics_cost.py"}  # llm_sweep: test_smollm_task
     assert {p.name for p in BENCH.glob("*.py")} == covered
 
 
@@ -111,3 +111,8 @@ def test_cuda_scripts_parse_their_options(script):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the fused kernels' sweep needs CUDA")
 def test_kernel_blocks_on_cuda():
     run("kernel_blocks.py", "--ranks", "16", "--dtypes", "fp32", "--modes", "sds", "--steps", "2", "--sweep", "adam")
+
+
+def test_diagnostics_cost_smoke():
+    out = run("diagnostics_cost.py", "--layers", "1", "--width", "32", "--rank", "2", "--repeats", "2", "--threads", "1")
+    assert "6 pairs 32x32 r=2" in out and "| diagnostics after a tracked step |" in out

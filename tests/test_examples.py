@@ -43,6 +43,13 @@ def test_peft_trainer_runs(tmp_path):
     assert set(results) == {"AdamW", "SDSAdamW"} and all(v > 0 for v in results.values())
 
 
+def test_diagnostics_example_runs_and_plots(tmp_path):
+    history = load("diagnostics").main(["--steps", "20", "--every", "5", "--out", str(tmp_path)])
+    assert [h["step"] for h in history] == [5, 10, 15, 20] and history[-1]["pairs_coordinates"] == 3
+    assert history[-1]["loss"] < history[0]["loss"] and "step_share_B_mean" in history[-1]
+    assert (tmp_path / "diagnostics_vs_step.png").stat().st_size > 0
+
+
 @pytest.mark.slow  # runs the lab (sdsopt.lab)
 def test_ablation_example_runs(tmp_path):
     table = load("ablation").main(["--steps", "5", "--out", str(tmp_path)])

@@ -6,6 +6,8 @@
   ``B A``, ``T = {U M + N Vᵀ}`` (``U = col(B)``, ``V = row(A)``), which is where every first-order
   step ``ΔB A + B ΔA`` lives: ``‖P_T G‖² / ‖G‖²`` with ``P_T G = P_U G + G P_V − P_U G P_V``;
 * :func:`condition_number` (on the numerical range) and :func:`stable_rank` ``‖M‖_F² / ‖M‖₂²``;
+* :func:`entropy_rank`, :func:`range_condition`: the same two formulas on given singular values, batched (they
+  live in the library's :mod:`sdsopt.diagnostics`, which feeds them the singular values of r×r Gram algebra);
 * :func:`first_order_step`: ``ΔW = ΔB A + B ΔA``.
 
 :func:`pair_metrics` bundles them for one LoRA pair; the ablation harness records them per step.
@@ -16,26 +18,24 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..diagnostics import entropy_rank, range_condition
+
 __all__ = [
     "alignment",
     "captured_fraction",
     "condition_number",
     "effective_rank",
+    "entropy_rank",
     "first_order_step",
     "pair_metrics",
+    "range_condition",
     "stable_rank",
 ]
 
 
 def effective_rank(M: Tensor) -> float:
     """``exp(−Σ p_i log p_i)`` with ``p = σ / Σσ`` (1 for a rank-1 matrix, k for k equal singular values)."""
-    s = torch.linalg.svdvals(M.double())
-    total = s.sum()
-    if total <= 0:
-        return 0.0
-    p = s / total
-    p = p[p > 0]
-    return float(torch.exp(-(p * p.log()).sum()))
+    return float(entropy_rank(torch.linalg.svdvals(M.double())))
 
 
 def alignment(G: Tensor, step: Tensor) -> float:
@@ -64,10 +64,7 @@ def captured_fraction(G: Tensor, A: Tensor, B: Tensor) -> float:
 def condition_number(X: Tensor, tol: float = 1e-10) -> float:
     """``σ_max / σ_min`` over the numerical range (``σ > tol·σ_max``); ``inf`` for a zero matrix."""
     s = torch.linalg.svdvals(X.double())
-    if not s.numel() or s[0] <= 0:
-        return float("inf")
-    s = s[s > tol * s[0]]
-    return float(s[0] / s[-1])
+    return float(range_condition(s, tol)) if s.numel() else float("inf")
 
 
 def stable_rank(M: Tensor) -> float:

@@ -16,7 +16,9 @@ from typing import Any
 
 import torch
 
+from ..diagnostics import factor_pairs, snapshot
 from ..optim import SDSAdamW
+from ..pairing import a_rows, b_matrix
 from ..reference import PaperSDSLayers
 from .metrics import pair_metrics
 from .optimizers import make_optimizer
@@ -85,21 +87,21 @@ class RunConfig:
 
 class MetricsRecorder:
     """Records docs/math.md §5 metrics of one optimizer step, averaged over the LoRA pairs: :meth:`before` the
-    step, :meth:`after` it.  Needs an SDSAdamW attached to its model (the capture gives the full gradient)."""
+    step, :meth:`after` it.  Needs an SDSAdamW attached to its model (the capture gives the full gradient); the
+    pairs and the copies before the step are :mod:`sdsopt.diagnostics`' (what ``opt.track_step()`` keeps)."""
 
     def __init__(self, opt: SDSAdamW) -> None:
         self.opt = opt
         self.capture = opt.capture
-        self.pairs = [(g["params"][ia], g["params"][ib]) for g in opt.param_groups for ia, ib in g["lora_pairs"]]
+        self.pairs = factor_pairs(opt.param_groups)
 
     def before(self) -> None:
-        self._before = [(A.detach().clone(), B.detach().clone(), self.capture.full(A, B, torch.float64))
-                        for A, B in self.pairs]
+        self._before = [(A0, B0, self.capture.full(A, B, torch.float64))
+                        for (A, B), (A0, B0) in zip(self.pairs, snapshot(self.opt.param_groups))]
 
     def after(self) -> dict[str, float]:
-        rows = [pair_metrics(A0.reshape(A0.shape[0], -1), B0.reshape(B0.shape[0], -1),
-                             A.detach().reshape(A0.shape[0], -1) - A0.reshape(A0.shape[0], -1),
-                             B.detach().reshape(B0.shape[0], -1) - B0.reshape(B0.shape[0], -1), G)
+        rows = [pair_metrics(a_rows(A0), b_matrix(B0), a_rows(A.detach()) - a_rows(A0),
+                             b_matrix(B.detach()) - b_matrix(B0), G)
                 for (A, B), (A0, B0, G) in zip(self.pairs, self._before)]
         finite = lambda v: v if math.isfinite(v) else float("nan")  # noqa: E731
         return {k: statistics.fmean(finite(r[k]) for r in rows) for k in rows[0]}
