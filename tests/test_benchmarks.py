@@ -37,8 +37,9 @@ def test_every_script_has_a_smoke_test():
 def test_e2e_step():
     pytest.importorskip("peft")
     out = run("e2e_step.py", "--device", "cpu", "--layers", "1", "--hidden", "64", "--heads", "2", "--vocab", "256",
-              "--batch", "1", "--seq", "16", "--steps", "2", "--warmup", "1")
-    assert out.count("ms/step") == 3
+              "--batch", "1", "2", "--seq", "16", "--steps", "2", "--warmup", "1")
+    assert out.count("ms/step") == 6 and "batch 1x16" in out and "batch 2x16" in out
+    assert "below sds's 10 plain-AdamW steps" in out
 
 
 @pytest.mark.slow  # runs the lab (sdsopt.lab)
