@@ -23,6 +23,7 @@ from .capture import LoraCapture
 from .checkpoint import check_modes, check_state_dict, from_adamw
 from .diagnostics import StepTracker, report
 from .fused import Tables
+from .gradient_start import start_pairs
 from .guard import SkipLog, guard_step
 from .modes import Mode, StepContext
 from .pair_groups import PairingLog, PairingNotice, check_still_trainable, report_pairing, resolve_group_pairs
@@ -71,6 +72,13 @@ class SDSAdamW(Optimizer):
             In ``"sds"`` it scales B's step in both phases: the warm-up's plain AdamW step and the coordinate
             step of ``B̃``.  Default 1.0; a group hyper-parameter, so a scheduler or callback may change it.
             Refused with ``"svd_oracle"`` (no factor steps there).
+        gradient_start: the gradient-aligned start (docs/math.md (2.8); LoRA-One's spectral start of ``A``,
+            function-preserving): at a pair's first step, if its ``B`` is zero (PEFT's init), the rows of ``A``
+            become the top-r right singular vectors of that batch's full gradient ``G`` (scaled to ``A``'s norm)
+            and ``B``'s gradient is recomputed there, so the first step already works in ``G``'s dominant
+            subspace (:mod:`sdsopt.gradient_start`).  Needs the layers' inputs: call :meth:`attach` with the
+            model once before the first forward.  Any mode but ``"svd_oracle"``; default False.  With ``"sds"``
+            the warm-up that waits for ``B`` to leave zero is no longer needed: ``warmup_steps=0`` goes with it.
         warmup_steps: mode ``"sds"``: plain AdamW steps of each pair before its coordinate steps
             (default 10, as the paper; 0 starts in coordinates at once, e.g. for non-zero ``B``).
         coordinate_ramp: mode ``"sds"``: the pair's first coordinate steps are scaled by ``k/coordinate_ramp``
@@ -156,6 +164,7 @@ class SDSAdamW(Optimizer):
         *,
         mode: str = "sds",
         b_lr_ratio: float = 1.0,
+        gradient_start: bool = False,
         warmup_steps: int = 10,
         coordinate_ramp: int = 0,
         resplit: bool = True,
@@ -186,7 +195,7 @@ class SDSAdamW(Optimizer):
         defaults = dict(
             lr=lr, betas=tuple(betas) if isinstance(betas, (tuple, list)) else betas, eps=eps,
             weight_decay=weight_decay, amsgrad=amsgrad,
-            mode=mode, b_lr_ratio=b_lr_ratio, warmup_steps=warmup_steps, coordinate_ramp=coordinate_ramp, resplit=resplit,
+            mode=mode, b_lr_ratio=b_lr_ratio, gradient_start=gradient_start, warmup_steps=warmup_steps, coordinate_ramp=coordinate_ramp, resplit=resplit,
             rebalance=rebalance, step_damping=step_damping,
             decouple_sigma=decouple_sigma, sigma_lr_ratio=sigma_lr_ratio, route=route,
             rank_tol=rank_tol, damping=damping, oracle_max_numel=oracle_max_numel,
@@ -318,7 +327,8 @@ class SDSAdamW(Optimizer):
         self._skips.reset(skipped)
 
     def attach(self, model: torch.nn.Module) -> LoraCapture:
-        """Record the LoRA layers' inputs and output gradients (mode ``svd_oracle``, the harness's metrics).
+        """Record the LoRA layers' inputs and output gradients (mode ``svd_oracle``, ``gradient_start``, the
+        harness's metrics).
 
         Returns the :class:`sdsopt.capture.LoraCapture` (also :attr:`capture`); ``capture.remove()`` detaches
         it.  The records are cleared after every :meth:`step`.
@@ -356,6 +366,9 @@ class SDSAdamW(Optimizer):
         if self._watch_frozen:  # the first step: all frozen since construction? (pair_groups)
             self._watch_frozen = False
             check_still_trainable(self.param_groups)
+        if any(group.get("gradient_start", False) for group in self.param_groups):  # (2.8), first steps only
+            start_pairs(self.param_groups, self.state, self._capture,
+                        [self._group_names(gi) for gi in range(len(self.param_groups))])
         prepared = [(gi, group, *self._prepare(group, gi)) for gi, group in enumerate(self.param_groups)]
         found_inf = None
         if self.skip_nonfinite:

@@ -18,7 +18,7 @@ _LINALG_DTYPES = (None, torch.float32, torch.float64)
 
 _YAML_HINT = " (YAML reads 1e-8 as a string: write 1.0e-8, or convert with float())"
 _REALS = ("eps", "weight_decay", "step_damping", "damping", "sigma_lr_ratio", "b_lr_ratio")
-_BOOLS = ("amsgrad", "maximize", "decouple_sigma", "resplit", "rebalance")
+_BOOLS = ("amsgrad", "maximize", "decouple_sigma", "resplit", "rebalance", "gradient_start")
 _INTS = ("warmup_steps", "coordinate_ramp", "oracle_max_numel")
 
 

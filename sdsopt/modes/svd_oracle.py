@@ -33,6 +33,9 @@ class SVDOracle(Mode):
         if group["b_lr_ratio"] != 1.0:
             return (f"b_lr_ratio={group['b_lr_ratio']} does not apply to mode='svd_oracle' (Adam steps the full "
                     "product BA, not the factors); leave it at 1.0")
+        if group["gradient_start"]:
+            return ("gradient_start=True does not apply to mode='svd_oracle' (it re-factorises BA from the full "
+                    "gradient at every step); leave it False")
         return None
 
     def host_decision(self, group: dict[str, Any], state: MutableMapping[Tensor, dict[str, Any]]) -> bool:
