@@ -108,3 +108,25 @@ def test_cli_runs_the_users_recipe(tmp_path):
     summary = json.load(open(tmp_path / "summary.json"))
     assert summary["schedule"] == "cosine" and summary["warmup_ratio"] == 0.25
     assert table["sdsplus4"]["eval"] != table["sds"]["eval"]
+
+
+@pytest.mark.filterwarnings("ignore:SDSAdamW found no LoRA pairs")
+def test_gradient_started_modes_run_through_the_harness(tmp_path):
+    """``<mode>_gs`` (docs/math.md (2.8)): SDSAdamW with ``gradient_start`` (sds without its warm-up), attached to
+    the model by the harness; the start changes the result of the same mode and lr."""
+    from sdsopt import SDSAdamW
+    from sdsopt.lab.optimizers import is_mode, make_optimizer
+
+    assert all(map(is_mode, ("lora_gs", "loraplus16_gs", "sds_gs", "sdsplus8_gs")))
+    assert not is_mode("rite_gs")
+    model = __import__("torch").nn.Linear(3, 3)
+    opt = make_optimizer("loraplus16_gs", model, 1e-3, (0.9, 0.999), 0.0)
+    assert isinstance(opt, SDSAdamW)
+    group = opt.param_groups[0]
+    assert (group["mode"], group["b_lr_ratio"], group["gradient_start"]) == ("lora", 16.0, True)
+    assert make_optimizer("sdsplus8_gs", model, 1e-3, (0.9, 0.999), 0.0).param_groups[0]["warmup_steps"] == 0
+    table = main(["--task", "linear", "--steps", "6", "--lrs", "1e-2", "--modes", "sds", "sds_gs", "loraplus4_gs",
+                  "--metrics-every", "0", "--m", "8", "--n", "8", "--rank", "2", "--batch", "16",
+                  "--out", str(tmp_path), "--quiet"])
+    assert set(table) == {"sds", "sds_gs", "loraplus4_gs"}
+    assert table["sds_gs"]["eval"] != table["sds"]["eval"]

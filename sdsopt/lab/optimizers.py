@@ -3,7 +3,10 @@
 Modes are :data:`sdsopt.MODES` plus ``sds_sigma`` (``sds_polar`` with the singular-value channel), the peers of
 docs/math.md §7 (``lorapro``, an SDSAdamW mode; ``loraplus`` with its ratio λ, or ``loraplus<λ>`` such as
 ``loraplus4``; ``rite``; ``peft_riemannian``: :mod:`sdsopt.lab.peers`), ``sdsplus<λ>`` (``sds`` with
-``b_lr_ratio=λ``, docs/math.md (2.7)), ``sds_undamped`` (``sds`` with ``step_damping=0``), ``psi``
+``b_lr_ratio=λ``, docs/math.md (2.7)), ``<mode>_gs`` for ``lora``, ``loraplus<λ>``, ``sds`` and ``sdsplus<λ>``
+(the same optimizer as SDSAdamW with ``gradient_start=True``, docs/math.md (2.8); ``sds`` then without its
+warm-up, ``warmup_steps=0``; ``loraplus<λ>_gs`` is SDSAdamW's ``mode="lora", b_lr_ratio=λ``, LoRA+ bit for bit
+plus the start), ``sds_undamped`` (``sds`` with ``step_damping=0``), ``psi``
 (:class:`sdsopt.PSILoRA`; ``psi_scaled`` with the diagonal metric), ``sds_layer`` (the paper's re-parameterised
 layer, :class:`sdsopt.reference.PaperSDSLayers`, with AdamW) and ``full`` (full fine-tuning with AdamW, the
 reference).
@@ -21,7 +24,7 @@ from ..optim import SDSAdamW
 from ..psi import PSILoRA
 from .peers import Chained, is_peer, make_peer
 
-__all__ = ["ABLATION_MODES", "DEFAULT_MODES", "is_mode", "make_optimizer"]
+__all__ = ["ABLATION_MODES", "DEFAULT_MODES", "is_mode", "make_optimizer", "needs_capture"]
 
 DEFAULT_MODES = ("full", "lora", "sds", "sds_undamped", "sds_polar", "sds_sigma", "scaled", "sds_layer", "psi",
                  "psi_scaled", "svd_oracle")
@@ -29,8 +32,15 @@ ABLATION_MODES = (*DEFAULT_MODES, "lorapro", "loraplus", "loraplus4", "rite", "p
 
 
 def is_mode(name: str) -> bool:
-    """Is ``name`` a mode of the harness: one of :data:`ABLATION_MODES`, ``loraplus<λ>`` or ``sdsplus<λ>``?"""
-    return name in ABLATION_MODES or re.fullmatch(r"(lora|sds)plus\d+(\.\d+)?", name) is not None
+    """Is ``name`` a mode of the harness: one of :data:`ABLATION_MODES`, ``loraplus<λ>``, ``sdsplus<λ>`` or a
+    gradient-started ``<mode>_gs``?"""
+    return (name in ABLATION_MODES or re.fullmatch(r"(lora|sds)plus\d+(\.\d+)?", name) is not None
+            or re.fullmatch(r"(lora|sds)(plus\d+(\.\d+)?)?_gs", name) is not None)
+
+
+def needs_capture(mode: str) -> bool:
+    """Does the run's optimizer need ``opt.attach(model)`` (``svd_oracle``, the gradient-started ``_gs`` modes)?"""
+    return mode == "svd_oracle" or mode.endswith("_gs")
 
 
 def make_optimizer(mode: str, model: nn.Module, lr: float, betas: tuple[float, float], weight_decay: float,
@@ -41,6 +51,14 @@ def make_optimizer(mode: str, model: nn.Module, lr: float, betas: tuple[float, f
     ``dampening``, ``lmbd``, ``adam_lr``), else SDSAdamW in ``mode`` (same Adam everywhere) with ``options``
     (e.g. ``warmup_steps``, ``step_damping``) on top of the mode's own; ``lora`` takes no options (an SDS option
     would not change plain AdamW on the factors)."""
+    if mode.endswith("_gs"):  # the gradient-aligned start (docs/math.md (2.8)) on SDSAdamW's lora/sds
+        base = mode[:-len("_gs")]
+        ratio = float(re.sub(r"^(lora|sds)(plus)?", "", base) or 1.0)
+        kw = dict(mode="lora" if base.startswith("lora") else "sds", b_lr_ratio=ratio, gradient_start=True)
+        if kw["mode"] == "sds":
+            kw.update(warmup_steps=0, **(options or {}))
+        return SDSAdamW([(n, p) for n, p in model.named_parameters() if p.requires_grad], lr=lr, betas=betas,
+                        weight_decay=weight_decay, **kw)
     if is_peer(mode):
         return make_peer(mode, model, lr, betas, weight_decay, options)
     if mode in ("psi", "psi_scaled"):

@@ -21,7 +21,7 @@ from ..optim import SDSAdamW
 from ..pairing import a_rows, b_matrix
 from ..reference import PaperSDSLayers
 from .metrics import pair_metrics
-from .optimizers import make_optimizer
+from .optimizers import make_optimizer, needs_capture
 from .peers import is_peer
 
 __all__ = ["AUTOCAST", "SCHEDULES", "MetricsRecorder", "RunConfig", "autocast", "make_schedulers", "run_grid",
@@ -139,7 +139,7 @@ def run_one(task: Any, mode: str, lr: float, seed: int, config: RunConfig, progr
     schedulers = make_schedulers(opt, config)
     recorder = None
     layers = PaperSDSLayers(model, total_steps=config.steps) if mode == "sds_layer" else None
-    if isinstance(opt, SDSAdamW) and (mode == "svd_oracle" or config.metrics_every):
+    if isinstance(opt, SDSAdamW) and (needs_capture(mode) or config.metrics_every):
         opt.attach(model)
         recorder = MetricsRecorder(opt) if config.metrics_every else None
     batches = task.batches(seed)
@@ -155,6 +155,8 @@ def run_one(task: Any, mode: str, lr: float, seed: int, config: RunConfig, progr
         if record:
             recorder.before()
         opt.step()
+        if step == 1 and mode.endswith("_gs") and not config.metrics_every:
+            opt.capture.remove()  # (the start is done: stop recording the layers' inputs)
         for scheduler in schedulers:
             scheduler.step()
         if layers is not None:
