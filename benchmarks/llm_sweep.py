@@ -75,27 +75,87 @@ def plan(steps: int, seeds: int, tasks: list[str], scales: list[str], modes: lis
 
 
 def run(jobs: list[tuple[str, list[str]]], out: Path, workers: int, deadline: float,
-        passthrough: list[str]) -> None:
+        passthrough: list[str], budget: float = 0.0, start: float | None = None,
+        longest: list[float] | None = None) -> None:
     """Run ``jobs`` (name, harness arguments) ``workers`` at a time, each into ``out / name`` (a name may hold a
-    sub-folder, e.g. one per variant), skipping those already done and starting none after ``deadline`` s."""
-    start = time.time()
+    sub-folder, e.g. one per variant), skipping those already done and starting none after ``deadline`` s, nor,
+    with ``budget``, one that would end after ``budget`` s if it took as long as the longest job finished so far
+    (``start``: the clock's zero, default now; ``longest``: a one-element list that carries the longest job's
+    time from one call to the next)."""
+    start = time.time() if start is None else start
+    longest = [0.0] if longest is None else longest
 
     def one(job: tuple[str, list[str]]) -> str:
         name, argv = job
         (out / name).parent.mkdir(parents=True, exist_ok=True)
         if (out / name / "summary.json").exists():
             return f"{name}: done before"
-        if time.time() - start > deadline:
+        elapsed = time.time() - start
+        if elapsed > deadline or (budget and elapsed + longest[0] > budget):
             return f"{name}: skipped (deadline)"
         t0 = time.time()
         with open(out / f"{name}.log", "w") as log:
             rc = subprocess.call([sys.executable, "-m", "sdsopt.lab", *argv, "--out", str(out / name), "--quiet",
                                   *passthrough], stdout=log, stderr=subprocess.STDOUT, env=os.environ)
+        longest[0] = max(longest[0], time.time() - t0)
         return f"{name}: rc={rc} in {time.time() - t0:.0f}s (at {time.time() - start:.0f}s)"
 
     with ThreadPoolExecutor(workers) as pool:
         for line in pool.map(one, jobs):
             print(line, flush=True)
+
+
+def lr_name(lr: float) -> str:
+    """``3e-3`` for 0.003: the job names' spelling of an lr."""
+    exponent = math.floor(math.log10(lr) + 1e-9)
+    return f"{round(lr / 10 ** exponent, 3):g}e{exponent}"
+
+
+def edge_extensions(jobs: list[tuple[str, list[str]]], out: Path, factor: float = 3.0
+                    ) -> list[tuple[str, list[str]]]:
+    """Jobs that extend a grid whose best lr lies on its edge: for each (task, scale, mode) among ``jobs`` whose
+    runs all finished, the best lr by the mean held-out loss over the seeds run at every lr; where that is the
+    grid's smallest (largest) lr, the same seeds at ``lr / f`` (``lr · f``), ``f`` the grid's spacing at that edge
+    (``factor`` for a one-point grid, which is extended both ways).  A diverged run (non-finite loss) counts as
+    worst."""
+    groups: dict[tuple[str, str, str], dict[str, list[str]]] = defaultdict(dict)
+    for name, argv in jobs:
+        if name.endswith("-metrics"):
+            continue
+        task, scale, rest = name.split("-", 2)
+        mode, seed_lr = rest.rsplit("-s", 1)
+        groups[(task, scale, mode)][name] = argv
+    extra = []
+    for (task, scale, mode), members in groups.items():
+        results: dict[float, dict[int, float]] = defaultdict(dict)
+        template = None
+        for name, argv in members.items():
+            path = out / name / "summary.json"
+            if not path.exists():
+                break
+            for r in json.load(open(path))["runs"]:
+                value = r["eval"]
+                results[r["lr"]][r["seed"]] = value if math.isfinite(value) else float("inf")
+            template = argv
+        else:
+            lrs = sorted(results)
+            seeds = sorted(set.intersection(*(set(v) for v in results.values())))
+            if not seeds or template is None:
+                continue
+            means = {lr: statistics.fmean(results[lr][s] for s in seeds) for lr in lrs}
+            best = min(lrs, key=means.get)
+            targets = []
+            if best == lrs[0]:
+                targets.append(lrs[0] / (lrs[1] / lrs[0] if len(lrs) > 1 else factor))
+            if best == lrs[-1]:
+                targets.append(lrs[-1] * (lrs[-1] / lrs[-2] if len(lrs) > 1 else factor))
+            for lr in targets:
+                for seed in seeds:
+                    argv = list(template)
+                    argv[argv.index("--lrs") + 1] = lr_name(lr)
+                    argv[argv.index("--first-seed") + 1] = str(seed)
+                    extra.append((f"{task}-{scale}-{mode}-s{seed}-lr{lr_name(lr)}", argv))
+    return extra
 
 
 def _worst_over_best(sensitivity: dict[float, float], lo: float = 1e-4, hi: float = 3e-3) -> float:
@@ -195,6 +255,10 @@ def main(argv: list[str] | None = None) -> None:
     r.add_argument("--metrics-lr", default=None, help="also lora and sds at this lr with metrics every 10 steps")
     r.add_argument("--workers", type=int, default=8)
     r.add_argument("--deadline", type=float, default=540.0, help="seconds after which no job starts")
+    r.add_argument("--budget", type=float, default=0.0,
+                   help="seconds within which every started job must end, judged by the longest finished job (0: off)")
+    r.add_argument("--extend", type=int, default=0,
+                   help="rounds of extending each grid whose best lr lies on an edge (edge_extensions)")
     r.add_argument("--lrs", nargs="+", default=None, help="the LoRA modes' lr grid (default: %s)" % " ".join(LORA_LRS))
     r.add_argument("--full-lrs", nargs="+", default=None, help="full fine-tuning's lr grid (default: %s)"
                    % " ".join(FULL_LRS))
@@ -212,7 +276,15 @@ def main(argv: list[str] | None = None) -> None:
     grids = {mode: lrs.split(",") for mode, _, lrs in (g.partition("=") for g in args.grid)}
     jobs = plan(args.steps, args.seeds, args.tasks, args.scales, args.modes, args.metrics_lr, args.lrs,
                 args.full_lrs, grids, args.first_seed)
-    run(jobs[: args.limit or None], Path(args.out), args.workers, args.deadline, passthrough)
+    jobs = jobs[: args.limit or None]
+    start, longest = time.time(), [0.0]
+    run(jobs, Path(args.out), args.workers, args.deadline, passthrough, args.budget, start, longest)
+    for _ in range(args.extend):  # (a later call with the same arguments picks up where the budget stopped)
+        extra = edge_extensions(jobs, Path(args.out))
+        if not extra:
+            break
+        jobs += extra
+        run(extra, Path(args.out), args.workers, args.deadline, passthrough, args.budget, start, longest)
 
 
 if __name__ == "__main__":

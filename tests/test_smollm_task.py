@@ -208,3 +208,36 @@ def test_llm_sweep_plan_takes_per_mode_grids_and_a_first_seed():
     assert [name for name, _ in jobs] == [f"math-peft_r8-{m}-s{s}-lr{lr}" for s in (3, 4)
                                           for m, lr in (("sdsplus8", "5e-4"), ("sdsplus8", "2e-3"), ("lora", "1e-3"))]
     assert jobs[0][1][jobs[0][1].index("--first-seed") + 1] == "3"
+
+
+def test_llm_sweep_extends_a_grid_whose_best_lies_on_an_edge(tmp_path):
+    """``edge_extensions``: a mode whose best lr (mean over the seeds run at every lr) is the grid's top gets the
+    next lr up at the grid's spacing, a one-point grid both neighbours (×/÷ 3), an interior best nothing, a
+    group with an unfinished job nothing; a diverged run counts as worst."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "llm_sweep.py"
+    spec = importlib.util.spec_from_file_location("llm_sweep", path)
+    sweep = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sweep)
+    grids = {"lora": ["1e-3", "3e-3"], "sds": ["1e-3", "3e-3", "1e-2"], "sds_gs": ["3e-3"], "rite": ["1e-3"]}
+    jobs = sweep.plan(300, 2, ["math"], ["peft_r8"], list(grids), None, grids=grids)
+    losses = {("lora", "1e-3"): [0.5, 0.6], ("lora", "3e-3"): [0.4, 0.45],  # best at the top edge
+              ("sds", "1e-3"): [0.5, 0.5], ("sds", "3e-3"): [0.3, 0.3], ("sds", "1e-2"): [float("nan"), 0.2],
+              ("sds_gs", "3e-3"): [0.3, 0.3]}
+    for name, argv in jobs:
+        mode, seed, lr = name.split("-")[2], int(name.split("-s")[-1].split("-")[0]), name.split("-lr")[-1]
+        if (mode, lr) not in losses:
+            continue  # rite: unfinished
+        (tmp_path / name).mkdir()
+        json.dump({"runs": [{"mode": mode, "lr": float(lr), "seed": seed, "eval": losses[(mode, lr)][seed]}]},
+                  open(tmp_path / name / "summary.json", "w"))
+    extra = dict(sweep.edge_extensions(jobs, tmp_path))
+    assert sorted(extra) == ["math-peft_r8-lora-s0-lr9e-3", "math-peft_r8-lora-s1-lr9e-3",
+                             "math-peft_r8-sds_gs-s0-lr1e-3", "math-peft_r8-sds_gs-s0-lr9e-3",
+                             "math-peft_r8-sds_gs-s1-lr1e-3", "math-peft_r8-sds_gs-s1-lr9e-3"]
+    argv = extra["math-peft_r8-lora-s1-lr9e-3"]
+    assert argv[argv.index("--lrs") + 1] == "9e-3" and argv[argv.index("--first-seed") + 1] == "1"
+    assert sweep.lr_name(0.003) == "3e-3" and sweep.lr_name(1e-2) == "1e-2" and sweep.lr_name(3e-3 / 3) == "1e-3"
