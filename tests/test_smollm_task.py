@@ -120,7 +120,7 @@ def test_eval_loss_is_the_token_average_on_targets(tiny_llama):
 def test_harness_runs_the_task(tiny_llama, tmp_path, capsys, task_name):
     """The harness on the tiny Llama: every LoRA mode of the LLM comparison and full fine-tuning, rsLoRA scale,
     an SDS option through --opt; loss goes down at a workable lr; exact match in the summary."""
-    modes = ["full", "lora", "sds", "sds_polar", "scaled", "sds_layer", "psi_scaled"]
+    modes = ["full", "lora", "sds", "sds_polar", "scaled", "sds_layer", "psi_scaled", "sds_gs", "loraplus4_gs"]
     table = cli.main(["--task", task_name, "--modes", *modes, "--lrs", "3e-3", "--steps", "25", "--seeds", "1",
                          "--rank", "4", "--lora-alpha", "4", "--rslora", "--eval-examples", "4", "--max-len", "200",
                          "--metrics-every", "0", "--opt", "warmup_steps=5", "--model-dir", str(tiny_llama),
@@ -140,12 +140,12 @@ def test_harness_runs_the_task(tiny_llama, tmp_path, capsys, task_name):
 
 def test_metrics_and_autocast_on_the_llm_task(tiny_llama, tmp_path):
     """The paper's metrics (κ, effective rank, alignment) recorded on the Llama's PEFT pairs; bf16 autocast runs."""
-    table = cli.main(["--task", "smollm_math", "--modes", "lora", "sds", "--lrs", "1e-3", "--steps", "4",
+    table = cli.main(["--task", "smollm_math", "--modes", "lora", "sds", "sds_gs", "--lrs", "1e-3", "--steps", "4",
                          "--rank", "2", "--eval-examples", "2", "--max-len", "200", "--metrics-every", "2",
                          "--autocast", "bf16", "--model-dir", str(tiny_llama), "--out", str(tmp_path), "--quiet"])
-    assert set(table) == {"lora", "sds"}
+    assert set(table) == {"lora", "sds", "sds_gs"}
     header, *rows = (tmp_path / "metrics.csv").read_text().splitlines()
-    assert "step_effective_rank" in header and "alignment" in header and len(rows) == 2 * 3
+    assert "step_effective_rank" in header and "alignment" in header and len(rows) == 3 * 3
 
 
 def test_opt_values_are_read_as_literals():

@@ -56,7 +56,7 @@ def make_optimizer(mode: str, model: nn.Module, lr: float, betas: tuple[float, f
         ratio = float(re.sub(r"^(lora|sds)(plus)?", "", base) or 1.0)
         kw = dict(mode="lora" if base.startswith("lora") else "sds", b_lr_ratio=ratio, gradient_start=True)
         if kw["mode"] == "sds":
-            kw.update(warmup_steps=0, **(options or {}))
+            kw.update({"warmup_steps": 0, **(options or {})})  # (--opt may set its own)
         return SDSAdamW([(n, p) for n, p in model.named_parameters() if p.requires_grad], lr=lr, betas=betas,
                         weight_decay=weight_decay, **kw)
     if is_peer(mode):
