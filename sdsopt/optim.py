@@ -77,7 +77,8 @@ class SDSAdamW(Optimizer):
             become the top-r right singular vectors of that batch's full gradient ``G`` (scaled to ``A``'s norm)
             and ``B``'s gradient is recomputed there, so the first step already works in ``G``'s dominant
             subspace (:mod:`sdsopt.gradient_start`).  Needs the layers' inputs: call :meth:`attach` with the
-            model once before the first forward.  Any mode but ``"svd_oracle"``; default False.  With ``"sds"``
+            model once before the first forward; after the first step ``opt.capture.remove()`` stops the
+            recording (it holds each LoRA layer's input and output gradient until the step).  Any mode but ``"svd_oracle"``; default False.  With ``"sds"``
             the warm-up that waits for ``B`` to leave zero is no longer needed: ``warmup_steps=0`` goes with it.
         warmup_steps: mode ``"sds"``: plain AdamW steps of each pair before its coordinate steps
             (default 10, as the paper; 0 starts in coordinates at once, e.g. for non-zero ``B``).

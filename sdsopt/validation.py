@@ -16,7 +16,7 @@ __all__ = ["check_flag", "check_group"]
 _LINALG_DTYPES = (None, torch.float32, torch.float64)
 
 
-_YAML_HINT = " (YAML reads 1e-8 as a string: write 1.0e-8, or convert with float())"
+_YAML_HINT = " (PyYAML, a YAML 1.1 loader, reads 1e-8 as a string: write 1.0e-8, or convert with float())"
 _REALS = ("eps", "weight_decay", "step_damping", "damping", "sigma_lr_ratio", "b_lr_ratio")
 _BOOLS = ("amsgrad", "maximize", "decouple_sigma", "resplit", "rebalance", "gradient_start")
 _INTS = ("warmup_steps", "coordinate_ramp", "oracle_max_numel")
