@@ -4,6 +4,16 @@ one table per (task, scale) with seed spread, lr sensitivity and steps to reach 
     python benchmarks/llm_sweep.py run --workers 14 --deadline 540 --out runs/llm -- --device cuda --autocast bf16
     python benchmarks/llm_sweep.py merge runs/llm --out benchmarks/ablation/smollm
 
+The users' recipe (issue: beat tuned LoRA+; warm-up + cosine, batch 16, 300 steps), one call per device lease;
+the same command again resumes (jobs done are skipped) and extends every grid whose best lr lies on an edge:
+
+    python benchmarks/llm_sweep.py run --workers 16 --budget 560 --extend 3 --seeds 3 --tasks math code \
+        --scales peft_r8 --steps 300 --modes lora loraplus4 loraplus16 sds sds_gs sdsplus8_gs loraplus16_gs \
+        --grid lora=1e-3,3e-3 --grid loraplus4=5e-4,1e-3 --grid loraplus16=5e-4,1e-3 --grid sds=1e-3,3e-3 \
+        --grid sds_gs=1e-3,3e-3 --grid sdsplus8_gs=5e-4,1e-3 --grid loraplus16_gs=5e-4,1e-3 --out runs/llm \
+        -- --device cuda --autocast bf16 --batch 16 --schedule cosine --warmup-ratio 0.1 --model-dir DIR \
+        --gguf-file SmolLM2-135M-Instruct.Q4_1.gguf
+
 ``run`` starts one ``python -m sdsopt.lab`` per job (a task, a scale, a mode, a seed, an lr),
 ``--workers`` at a time, highest priority first, and starts none after ``--deadline`` seconds (a job that is
 running finishes).  Arguments after ``--`` go to every job.  ``merge`` reads the jobs' ``summary.json`` and
@@ -40,7 +50,7 @@ PEER_LRS = {("math", "loraplus"): ["2e-5", "5e-5", "1e-4", "2e-4", "5e-4", "1e-3
 SCALES = {"peft_r8": ["--rank", "8", "--lora-alpha", "16"],  # PEFT's common s = alpha/r = 2, a small rank
           "paper_r32": ["--rank", "32", "--lora-alpha", "4", "--rslora"],  # the SDS paper's protocol
           "peft_r2": ["--rank", "2", "--lora-alpha", "4"]}  # s = 2 at a rank where LoRA trails full fine-tuning?
-TASKS = {"math": ["--task", "smollm_math", "--difficulty", "2", "--eval-examples", "96"],
+TASKS = {"math": ["--task", "smollm_math", "--difficulty", "2", "--eval-examples", "256"],  # (seed noise < gaps)
          "code": ["--task", "smollm_code", "--eval-examples", "96", "--max-len", "256"]}
 
 
