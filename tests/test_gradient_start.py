@@ -186,3 +186,29 @@ def test_pure_functions_against_closed_forms():
         warnings.simplefilter("error")
         torch.testing.assert_close(aligned_rows(torch.zeros(2, 5, dtype=F64), V).norm(dim=1),
                                    torch.full((2,), 3.0 ** -0.5, dtype=F64))
+
+
+def test_the_fused_kernels_take_the_same_started_steps():
+    """``fused=True`` (Triton kernels; Triton's interpreter on a CPU): the start happens before the kernels read the
+    factors and gradients, so the fused route follows the torch route's trajectory (float32, 5 steps)."""
+    pytest.importorskip("triton")
+    from sdsopt import fused
+
+    n, m, r = 16, 12, 4
+    x, y = (t.float() for t in _batch(n, m))
+    if not fused.available(x):
+        pytest.skip("the fused kernels need CUDA or Triton's interpreter (TRITON_INTERPRET=1)")
+    runs = []
+    for use_fused in (False, True):
+        torch.manual_seed(0)
+        layer = LoraLinear(n, m, r, s=2.0)
+        opt = SDSAdamW(layer.named_parameters(), lr=1e-2, mode="sds", warmup_steps=0, gradient_start=True,
+                       b_lr_ratio=2.0, fused=use_fused)
+        opt.attach(layer)
+        for _ in range(5):
+            opt.zero_grad()
+            _loss(layer, x, y).backward()
+            opt.step()
+        runs.append([p.detach().clone() for p in layer.parameters()])
+    for p, q in zip(*runs):
+        torch.testing.assert_close(p, q, rtol=2e-4, atol=2e-5)
