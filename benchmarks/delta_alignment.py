@@ -2,8 +2,8 @@
 
     python benchmarks/delta_alignment.py --task digits --seeds 3 \\
         --modes lora loraplus4 loraplus16 sds sds_gs loraplus4_gs --out benchmarks/ablation/delta_alignment/digits
-    python benchmarks/delta_alignment.py --task minilm --rank 8 --steps 150 --every 25 \\
-        --modes lora loraplus4 sds sds_gs --out benchmarks/ablation/delta_alignment/minilm
+    python benchmarks/delta_alignment.py --task minilm --rank 8 --steps 100 --every 20 --max-len 64 \\
+        --modes lora loraplus4 sds --out benchmarks/ablation/delta_alignment/minilm
 
 For each seed the lab (:func:`sdsopt.lab.runs.run_one`) trains full fine-tuning and then every listed mode from the
 same base, LoRA initialisation and batches, under the users' recipe (``--schedule cosine`` after a linear warm-up
