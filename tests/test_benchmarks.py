@@ -28,8 +28,8 @@ def run(script: str, *args: str, timeout: int = 300) -> str:
 
 def test_every_script_has_a_smoke_test():
     covered = {"e2e_step.py", "step_time.py", "profile_step.py", "psi_step.py", "long_run.py", "psi_linear.py",
-               "pack_minilm.py", "kernel_blocks.py", "fsdp_step.py", "llm_sweep.py",
-               "roofline.py", "diagnostics_cost.py"}  # llm_sweep: test_smollm_task
+               "pack_minilm.py", "kernel_blocks.py", "fsdp_step.py", "llm_sweep.py", "delta_alignment.py",
+               "roofline.py", "diagnostics_cost.py"}  # llm_sweep: test_smollm_task; delta_alignment: test_delta_alignment
     assert {p.name for p in BENCH.glob("*.py")} == covered
 
 

@@ -10,11 +10,12 @@ import contextlib
 import math
 import statistics
 import sys
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from torch import nn
 
 from ..diagnostics import factor_pairs, snapshot
 from ..optim import SDSAdamW
@@ -129,10 +130,13 @@ def autocast(config: RunConfig) -> contextlib.AbstractContextManager:
     return torch.autocast(torch.device(config.device).type, dtype=dtype)
 
 
-def run_one(task: Any, mode: str, lr: float, seed: int, config: RunConfig, progress: Any = None) -> dict[str, Any]:
+def run_one(task: Any, mode: str, lr: float, seed: int, config: RunConfig, progress: Any = None,
+            on_step: Callable[[int, nn.Module, Any], None] | None = None) -> dict[str, Any]:
     """One training run of ``mode`` at ``lr`` on ``task`` (set up for ``seed``): its train-loss curve (NaN from
     the first non-finite loss on), its §5 metrics, the mean train loss of the last 5 % of steps, the held-out loss
-    and, where the task has one, the held-out accuracy.  ``progress`` (a tqdm bar) advances one per step."""
+    and, where the task has one, the held-out accuracy.  ``progress`` (a tqdm bar) advances one per step;
+    ``on_step(step, model, opt)``, if given, is called after every optimizer step and its schedulers' step (e.g.
+    ``benchmarks/delta_alignment.py`` reads the weights there)."""
     model = (task.full_model(seed) if mode == "full" else task.lora_model(seed)).to(config.device)
     opt = make_optimizer(mode, model, lr, (config.beta1, 0.999), config.weight_decay, psi=config.psi_options(),
                          options=config.options_for(mode))
@@ -163,6 +167,8 @@ def run_one(task: Any, mode: str, lr: float, seed: int, config: RunConfig, progr
             layers.after_step(opt)
         if record:
             metrics.append({"step": step, **recorder.after()})
+        if on_step is not None:
+            on_step(step, model, opt)
         value = float(loss.detach())
         curve.append(value if math.isfinite(value) else float("nan"))
         if progress is not None:
