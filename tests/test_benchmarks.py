@@ -29,7 +29,7 @@ def run(script: str, *args: str, timeout: int = 300) -> str:
 def test_every_script_has_a_smoke_test():
     covered = {"e2e_step.py", "step_time.py", "profile_step.py", "psi_step.py", "long_run.py", "psi_linear.py",
                "pack_minilm.py", "kernel_blocks.py", "fsdp_step.py", "llm_sweep.py", "delta_alignment.py",
-               "roofline.py", "diagnostics_cost.py"}  # llm_sweep: test_smollm_task; delta_alignment: test_delta_alignment
+               "roofline.py", "diagnostics_cost.py", "paired.py"}  # llm_sweep: test_smollm_task; delta_alignment: test_delta_alignment
     assert {p.name for p in BENCH.glob("*.py")} == covered
 
 
@@ -117,3 +117,24 @@ def test_kernel_blocks_on_cuda():
 def test_diagnostics_cost_smoke():
     out = run("diagnostics_cost.py", "--layers", "1", "--width", "32", "--rank", "2", "--repeats", "2", "--threads", "1")
     assert "6 pairs 32x32 r=2" in out and "| diagnostics after a tracked step |" in out
+
+
+def test_paired(tmp_path):
+    """paired.py on hand-made summaries: best lr by the mean over common seeds, the paired per-seed differences
+    (mean ± population sd, seeds ahead) against the reference and the best peer, computed here by hand."""
+    import json
+
+    evals = {("sds", 0.01): [0.10, 0.20], ("sds", 0.03): [0.30, 0.40],
+             ("loraplus4", 0.01): [0.25, 0.15], ("lora", 0.01): [0.50, 0.70], ("lora", 0.03): [0.40, 0.60]}
+    for (mode, lr), values in evals.items():
+        folder = tmp_path / f"{mode}-{lr}"
+        folder.mkdir()
+        runs = [{"mode": mode, "lr": lr, "seed": s, "eval": v} for s, v in enumerate(values)]
+        json.dump({"runs": runs}, open(folder / "summary.json", "w"))
+    out = run("paired.py", str(tmp_path), "--ref", "sds", "--peers", "loraplus4")
+    rows = {line.split(" | ")[0].strip("| "): line for line in out.splitlines() if line.startswith("| ")}
+    assert "| 0.01 (edge) | 2 | 0.15 ± 0.05 |" in rows["sds"]
+    assert "| 0.03 (edge) | 2 | 0.5 ± 0.1 |" in rows["lora"]
+    assert "+0.35 ± 0.05 (0/2)" in rows["lora"]  # vs sds: (0.40-0.10, 0.60-0.20)
+    assert "+0.3 ± 0.15 (0/2)" in rows["lora"]  # vs loraplus4: (0.40-0.25, 0.60-0.15)
+    assert "-0.05 ± 0.1 (1/2)" in rows["sds"]  # vs loraplus4: (0.10-0.25, 0.20-0.15)
