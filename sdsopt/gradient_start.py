@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import MutableMapping
+from collections.abc import Callable, MutableMapping
 from typing import Any
 
 import torch
@@ -73,19 +73,21 @@ def _full_gradient(capture: LoraCapture, A: Tensor, B: Tensor, dtype: torch.dtyp
 
 
 def start_pairs(groups: list[dict[str, Any]], state: MutableMapping[Tensor, dict[str, Any]],
-                capture: LoraCapture | None, names: list[list[str] | None]) -> None:
+                capture: LoraCapture | None, names: Callable[[int], list[str] | None]) -> None:
     """(2.8) for every pair of a group with ``gradient_start`` at its first step: ``A`` from the recorded ``G``,
     ``B``'s gradient recomputed at the new ``A``.  Raises ``RuntimeError`` (with the fix) when the layers' inputs
-    were not recorded; ``names[gi]`` names the parameters of group ``gi`` in the messages."""
+    were not recorded; ``names(gi)`` names the parameters of group ``gi`` in the messages (asked only for a pair that
+    starts).  Groups without the key (checkpoints from before the option) do not start."""
     for gi, group in enumerate(groups):
-        if not group["gradient_start"]:
+        if not group.get("gradient_start", False):
             continue
         params = group["params"]
         for ia, ib in group["lora_pairs"]:
             A, B = params[ia], params[ib]
             if not _needs_start(state, A, B):
                 continue
-            name = names[gi][ia] if names[gi] else f"param group {gi}, params[{ia}]"
+            group_names = names(gi)
+            name = group_names[ia] if group_names else f"param group {gi}, params[{ia}]"
             if is_dtensor(A) or is_dtensor(B):
                 raise RuntimeError(f"SDSAdamW: gradient_start=True does not support sharded factors ({name!r} is a "
                                    "DTensor shard); start from PEFT's init (gradient_start=False).")

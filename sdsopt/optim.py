@@ -78,8 +78,9 @@ class SDSAdamW(Optimizer):
             and ``B``'s gradient is recomputed there, so the first step already works in ``G``'s dominant
             subspace (:mod:`sdsopt.gradient_start`).  Needs the layers' inputs: call :meth:`attach` with the
             model once before the first forward; after the first step ``opt.capture.remove()`` stops the
-            recording (it holds each LoRA layer's input and output gradient until the step).  Any mode but ``"svd_oracle"``; default False.  With ``"sds"``
-            the warm-up that waits for ``B`` to leave zero is no longer needed: ``warmup_steps=0`` goes with it.
+            recording (it holds each LoRA layer's input and output gradient until the step).  Any mode but
+            ``"svd_oracle"``; default False.  With ``"sds"`` the warm-up that waits for ``B`` to leave zero is no
+            longer needed: ``warmup_steps=0`` goes with it.
         warmup_steps: mode ``"sds"``: plain AdamW steps of each pair before its coordinate steps
             (default 10, as the paper; 0 starts in coordinates at once, e.g. for non-zero ``B``).
         coordinate_ramp: mode ``"sds"``: the pair's first coordinate steps are scaled by ``k/coordinate_ramp``
@@ -196,7 +197,8 @@ class SDSAdamW(Optimizer):
         defaults = dict(
             lr=lr, betas=tuple(betas) if isinstance(betas, (tuple, list)) else betas, eps=eps,
             weight_decay=weight_decay, amsgrad=amsgrad,
-            mode=mode, b_lr_ratio=b_lr_ratio, gradient_start=gradient_start, warmup_steps=warmup_steps, coordinate_ramp=coordinate_ramp, resplit=resplit,
+            mode=mode, b_lr_ratio=b_lr_ratio, gradient_start=gradient_start, warmup_steps=warmup_steps,
+            coordinate_ramp=coordinate_ramp, resplit=resplit,
             rebalance=rebalance, step_damping=step_damping,
             decouple_sigma=decouple_sigma, sigma_lr_ratio=sigma_lr_ratio, route=route,
             rank_tol=rank_tol, damping=damping, oracle_max_numel=oracle_max_numel,
@@ -368,8 +370,7 @@ class SDSAdamW(Optimizer):
             self._watch_frozen = False
             check_still_trainable(self.param_groups)
         if any(group.get("gradient_start", False) for group in self.param_groups):  # (2.8), first steps only
-            start_pairs(self.param_groups, self.state, self._capture,
-                        [self._group_names(gi) for gi in range(len(self.param_groups))])
+            start_pairs(self.param_groups, self.state, self._capture, self._group_names)
         prepared = [(gi, group, *self._prepare(group, gi)) for gi, group in enumerate(self.param_groups)]
         found_inf = None
         if self.skip_nonfinite:

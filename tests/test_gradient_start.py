@@ -212,3 +212,21 @@ def test_the_fused_kernels_take_the_same_started_steps():
         runs.append([p.detach().clone() for p in layer.parameters()])
     for p, q in zip(*runs):
         torch.testing.assert_close(p, q, rtol=2e-4, atol=2e-5)
+
+
+def test_groups_of_checkpoints_from_before_the_option_do_not_start():
+    """A checkpoint saved before ``gradient_start`` existed has groups without the key: they step as before."""
+    n, m, r = 8, 6, 2
+    x, y = _batch(n, m)
+    layer = _layer(n, m, r, s=1.0)
+    opt = SDSAdamW(layer.named_parameters(), lr=1e-2, mode="lora")
+    saved = opt.state_dict()
+    for group in saved["param_groups"]:
+        del group["gradient_start"]
+    resumed = SDSAdamW(layer.named_parameters(), lr=1e-2, mode="lora", gradient_start=True)
+    resumed.load_state_dict(saved)
+    A0 = _factors(layer)[0].detach().clone()
+    resumed.zero_grad()
+    _loss(layer, x, y).backward()
+    resumed.step()  # no capture attached: a group that started would raise
+    torch.testing.assert_close(_factors(layer)[0], A0 * (1 - 1e-2 * 1e-2))  # AdamW's decay only (gA = 0)
