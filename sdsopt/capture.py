@@ -11,12 +11,14 @@ The products ``G V = δᵀ (X V)`` and ``Gᵀ U = Xᵀ (δ U)`` cost ``O(N (m + 
 (``svd_oracle`` and metrics on small models only).
 
 Only ``nn.Linear`` factors (PEFT's Linear LoRA) are supported; several forward/backward passes before
-one optimizer step (gradient accumulation) are summed.
+one optimizer step (gradient accumulation) are summed.  A pair is recorded when the backward reaches its
+``lora_B`` output: a forward without a backward (an evaluation with gradients on) records nothing.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
@@ -29,18 +31,20 @@ class LoraCapture:
     """Records inputs of the ``lora_A`` Linear modules and output gradients of the ``lora_B`` ones.
 
     Args:
-        model: the module tree holding the LoRA layers.
+        model: the module tree holding the LoRA layers (or a list of them).
         pairs: ``(A, B)`` parameter pairs to watch (e.g. from :attr:`sdsopt.SDSAdamW.lora_pairs`).
     """
 
-    def __init__(self, model: nn.Module, pairs: list[tuple[Tensor, Tensor]]) -> None:
-        self._inputs: dict[int, list[Tensor]] = defaultdict(list)  # id(A) -> X of each forward
-        self._grads: dict[int, dict[int, Tensor]] = defaultdict(dict)  # id(A) -> forward index -> δ
+    def __init__(self, model: nn.Module | Sequence[nn.Module], pairs: list[tuple[Tensor, Tensor]]) -> None:
+        self._pending: dict[int, Tensor] = {}  # id(A) -> X of the forward whose lora_B output is still to come
+        self._records: dict[int, list[tuple[Tensor, Tensor]]] = defaultdict(list)  # id(A) -> (X, δ) per backward
         self._handles: list[RemovableHandle] = []
         partner = {id(B): id(A) for A, B in pairs}
         wanted_a = set(partner.values())
         found: set[int] = set()
-        for module in model.modules():
+        roots = [model] if isinstance(model, nn.Module) else list(model)
+        modules = {id(m): m for root in roots for m in root.modules()}  # (a module in two roots: hooked once)
+        for module in modules.values():
             weight = getattr(module, "weight", None)
             if weight is None or not isinstance(module, nn.Linear):
                 continue
@@ -64,22 +68,22 @@ class LoraCapture:
         def hook(module: nn.Module, args: tuple[Tensor, ...]) -> None:
             if torch.is_grad_enabled():
                 x = args[0].detach()
-                self._inputs[key].append(x.reshape(-1, x.shape[-1]))
+                self._pending[key] = x.reshape(-1, x.shape[-1])
 
         return hook
 
     def _output_hook(self, a_key: int):
-        """On ``lora_B``'s output: a tensor hook that files δ under the forward it belongs to."""
+        """On ``lora_B``'s output: a tensor hook that records ``(X, δ)`` when the backward reaches it.  ``X`` lives
+        in the hook's closure until then, so a forward whose graph is dropped without a backward (an evaluation
+        with gradients on) leaves nothing behind."""
 
         def hook(module: nn.Module, args, output: Tensor) -> None:
-            if not (torch.is_grad_enabled() and output.requires_grad and self._inputs[a_key]):
+            x = self._pending.pop(a_key, None)  # lora_B(lora_A(x)): the A input just recorded
+            if x is None or not (torch.is_grad_enabled() and output.requires_grad):
                 return
-            index = len(self._inputs[a_key]) - 1  # lora_B(lora_A(x)): the A input just recorded
 
             def store(g: Tensor) -> None:
-                g = g.detach().reshape(-1, g.shape[-1])
-                grads = self._grads[a_key]
-                grads[index] = grads[index] + g if index in grads else g
+                self._records[a_key].append((x, g.detach().reshape(-1, g.shape[-1])))
 
             output.register_hook(store)
 
@@ -87,7 +91,7 @@ class LoraCapture:
 
     def has(self, A: Tensor) -> bool:
         """Whether a forward and backward pass of the pair of ``A`` was recorded since :meth:`clear`."""
-        return bool(self._grads.get(id(A)))
+        return bool(self._records.get(id(A)))
 
     def _pairs_of(self, A: Tensor, B: Tensor) -> list[tuple[Tensor, Tensor]]:
         if not self.has(A):
@@ -95,8 +99,7 @@ class LoraCapture:
                 "LoraCapture: no recorded forward/backward for this LoRA pair since the last step; "
                 "run the model's forward and backward between attach() and step()."
             )
-        xs = self._inputs[id(A)]
-        return [(xs[i], g) for i, g in sorted(self._grads[id(A)].items())]
+        return list(self._records[id(A)])
 
     def rows(self, A: Tensor, B: Tensor) -> list[tuple[Tensor, Tensor]]:
         """The recorded ``(X, δ)`` of every forward since :meth:`clear` (``G = Σ δᵀ X``)."""
@@ -108,8 +111,8 @@ class LoraCapture:
 
     def clear(self) -> None:
         """Forget what was recorded (the optimizer calls this after each step)."""
-        self._inputs.clear()
-        self._grads.clear()
+        self._pending.clear()
+        self._records.clear()
 
     def remove(self) -> None:
         """Remove the hooks."""

@@ -22,7 +22,7 @@ from collections.abc import Sequence
 
 from torch import Tensor, nn
 
-__all__ = ["find_names", "holder", "live_names"]
+__all__ = ["find_names", "holder", "holders", "live_names"]
 
 
 def _roots() -> list[nn.Module]:
@@ -59,3 +59,16 @@ def holder(param: Tensor) -> nn.Module | None:
     :func:`live_names` chooses), or ``None``."""
     roots = [r for r in _roots() if any(p is param for p in r.parameters())]
     return max(roots, key=lambda r: sum(1 for _ in r.parameters())) if roots else None
+
+
+def holders(params: Sequence[Tensor]) -> list[nn.Module]:
+    """The outermost live modules that hold ``params`` (for each tensor the one :func:`holder` picks), each once,
+    in order of first appearance; one pass over the collector's objects."""
+    roots = sorted(_roots(), key=lambda r: sum(1 for _ in r.parameters()))  # larger roots last: they win
+    owner = {id(p): root for root in roots for p in root.parameters()}
+    found: dict[int, nn.Module] = {}
+    for p in params:
+        root = owner.get(id(p))
+        if root is not None:
+            found.setdefault(id(root), root)
+    return list(found.values())

@@ -23,12 +23,12 @@ from .capture import LoraCapture
 from .checkpoint import check_modes, check_state_dict, from_adamw
 from .diagnostics import StepTracker, report
 from .fused import Tables
-from .gradient_start import start_pairs
+from .gradient_start import start_pairs, waiting_pairs
 from .guard import SkipLog, guard_step
 from .modes import Mode, StepContext
 from .pair_groups import PairingLog, PairingNotice, check_still_trainable, report_pairing, resolve_group_pairs
 from .pairing import LoraPair, PairingFn, a_rows
-from .validation import check_flag, check_group
+from .validation import check_flag, check_group, resolve_warmup
 
 __all__ = ["PairingNotice", "SDSAdamW"]
 
@@ -76,13 +76,13 @@ class SDSAdamW(Optimizer):
             function-preserving): at a pair's first step, if its ``B`` is zero (PEFT's init), the rows of ``A``
             become the top-r right singular vectors of that batch's full gradient ``G`` (scaled to ``A``'s norm)
             and ``B``'s gradient is recomputed there, so the first step already works in ``G``'s dominant
-            subspace (:mod:`sdsopt.gradient_start`).  Needs the layers' inputs: call :meth:`attach` with the
-            model once before the first forward; after the first step ``opt.capture.remove()`` stops the
-            recording (it holds each LoRA layer's input and output gradient until the step).  Any mode but
-            ``"svd_oracle"``; default False.  With ``"sds"`` the warm-up that waits for ``B`` to leave zero is no
-            longer needed: ``warmup_steps=0`` goes with it.
-        warmup_steps: mode ``"sds"``: plain AdamW steps of each pair before its coordinate steps
-            (default 10, as the paper; 0 starts in coordinates at once, e.g. for non-zero ``B``).
+            subspace (:mod:`sdsopt.gradient_start`).  It needs the layers' inputs of that batch: the optimizer
+            records them itself from the model that holds the pairs (the one passed as ``params``, else the
+            outermost live module holding them; :meth:`attach` names another) and stops once every pair has
+            started.  Any mode but ``"svd_oracle"``; default False.
+        warmup_steps: mode ``"sds"``: plain AdamW steps of each pair before its coordinate steps.  Default
+            ``None``: 10 (the paper's), or 0 in a group with ``gradient_start`` (its ``A`` has orthonormal rows,
+            so no warm-up waits for ``B`` to leave zero); 0 starts in coordinates at once.
         coordinate_ramp: mode ``"sds"``: the pair's first coordinate steps are scaled by ``k/coordinate_ramp``
             (``k = 1, 2, …``; default 0 = off; 10 at the top of the stable lr range or with a constant lr), a
             learning-rate warm-up restarted with the Adam state (docs/math.md (2.4); measurements in
@@ -167,7 +167,7 @@ class SDSAdamW(Optimizer):
         mode: str = "sds",
         b_lr_ratio: float = 1.0,
         gradient_start: bool = False,
-        warmup_steps: int = 10,
+        warmup_steps: int | None = None,
         coordinate_ramp: int = 0,
         resplit: bool = True,
         rebalance: bool = True,
@@ -205,18 +205,25 @@ class SDSAdamW(Optimizer):
             linalg_dtype=linalg_dtype, maximize=maximize,
             foreach=foreach, fused=fused,
         )
-        check_group(defaults, "defaults")
+        check_group(resolve_warmup(dict(defaults)), "defaults")
         self._pairing: PairingFn = _pairing.resolve_pairing(pairing)
-        if isinstance(params, torch.nn.Module):  # e.g. Trainer(optimizer_cls_and_kwargs=(SDSAdamW, {"model": model}))
-            params = [(n, p) for n, p in params.named_parameters() if p.requires_grad]
+        model = params if isinstance(params, torch.nn.Module) else None
+        if model is not None:  # e.g. Trainer(optimizer_cls_and_kwargs=(SDSAdamW, {"model": model}))
+            params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         self._fresh_caches()
         self._group_sizes: list[int] = []
         self._capture: LoraCapture | None = None
+        self._start_recording = False  # is the capture there for gradient_start alone (removed once all started)?
         super().__init__(params, defaults)
         self._live_names = None
         self._watch_frozen = report_pairing(self.param_groups, [self._group_names(gi) for gi in
                                                                 range(len(self.param_groups))],
                                             self._pairing, self._pairing_log, names_found=bool(self._names))
+        if self._starts_pending():  # (2.8) records the first batch itself
+            holders = [model] if model is not None else naming.holders(
+                [g["params"][ia] for g in self.param_groups if g["gradient_start"] for ia, _ in g["lora_pairs"]])
+            if holders:
+                self.attach(holders)
 
     def _fresh_caches(self) -> None:
         """The per-instance caches, rebuilt lazily (they hold data pointers, lists and device tables of this
@@ -239,6 +246,7 @@ class SDSAdamW(Optimizer):
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self._capture = None
+        self._start_recording = False
         self._live_names = None
         self._fresh_caches()
 
@@ -263,9 +271,10 @@ class SDSAdamW(Optimizer):
         """
         param_group = dict(param_group)
         explicit = param_group.pop("lora_pairs", None) or []
+        self._starts_done = False  # (a new group may hold pairs still to start)
         super().add_param_group(param_group)
         gi = len(self.param_groups) - 1
-        group = self.param_groups[gi]
+        group = resolve_warmup(self.param_groups[gi])
         check_group(group, f"param group {gi}")
         try:
             if "param_names" not in group and self._infer_names:  # named from the live modules (sdsopt.naming)
@@ -329,15 +338,22 @@ class SDSAdamW(Optimizer):
             group.pop("skipped_steps", None)
         self._skips.reset(skipped)
 
-    def attach(self, model: torch.nn.Module) -> LoraCapture:
+    def attach(self, model: torch.nn.Module | list[torch.nn.Module], keep: bool | None = None) -> LoraCapture:
         """Record the LoRA layers' inputs and output gradients (mode ``svd_oracle``, ``gradient_start``, the
-        harness's metrics).
+        harness's metrics), replacing an earlier recording.
 
         Returns the :class:`sdsopt.capture.LoraCapture` (also :attr:`capture`); ``capture.remove()`` detaches
-        it.  The records are cleared after every :meth:`step`.
+        it.  The records are cleared after every :meth:`step`.  ``keep``: record after every pair's
+        gradient-aligned start too (default: only where a group is in mode ``svd_oracle``, which needs it at
+        every step, or no group has ``gradient_start``).
         """
+        if self._capture is not None:
+            self._capture.remove()
         pairs = [(g["params"][ia], g["params"][ib]) for g in self.param_groups for ia, ib in g["lora_pairs"]]
         self._capture = LoraCapture(model, pairs)
+        if keep is None:
+            keep = any(g["mode"] == "svd_oracle" for g in self.param_groups) or not self._starts_pending()
+        self._start_recording = not keep
         return self._capture
 
     @property
@@ -369,7 +385,8 @@ class SDSAdamW(Optimizer):
         if self._watch_frozen:  # the first step: all frozen since construction? (pair_groups)
             self._watch_frozen = False
             check_still_trainable(self.param_groups)
-        if any(group.get("gradient_start", False) for group in self.param_groups):  # (2.8), first steps only
+        starting = self._starts_pending()
+        if starting:  # (2.8), first steps only
             start_pairs(self.param_groups, self.state, self._capture, self._group_names)
         prepared = [(gi, group, *self._prepare(group, gi)) for gi, group in enumerate(self.param_groups)]
         found_inf = None
@@ -392,7 +409,16 @@ class SDSAdamW(Optimizer):
             map_back()
         if self._capture is not None:
             self._capture.clear()
+        if starting and not waiting_pairs(self.param_groups, self.state):
+            self._starts_done = True
+            if self._start_recording:  # (the recording was there for the start alone)
+                self._capture.remove()
+                self._capture, self._start_recording = None, False
         return loss
+
+    def _starts_pending(self) -> bool:
+        """May a pair still take its gradient-aligned start (a group with ``gradient_start``, not all started)?"""
+        return not self.__dict__.get("_starts_done") and any(g.get("gradient_start") for g in self.param_groups)
 
     def _prepare(self, group: dict[str, Any], gi: int) -> tuple[dict[int, int], dict[str, list[Tensor]], bool]:
         """The group's Adam lists (:class:`sdsopt.adam.StepLists`), after checking that it still holds the tensors

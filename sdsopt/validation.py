@@ -11,7 +11,9 @@ from torch import Tensor
 
 from .modes import MODE_CLASSES, MODES, ROUTES, modes_where, validate
 
-__all__ = ["check_flag", "check_group"]
+__all__ = ["DEFAULT_WARMUP_STEPS", "check_flag", "check_group", "resolve_warmup"]
+
+DEFAULT_WARMUP_STEPS = 10  # mode sds's plain AdamW steps before coordinates (the paper's), without gradient_start
 
 _LINALG_DTYPES = (None, torch.float32, torch.float64)
 
@@ -106,6 +108,15 @@ def check_group(group: dict[str, Any], where: str) -> None:
     for ok, message in checks:
         if not ok:
             raise ValueError(f"SDSAdamW {where}: {message}.")
+
+
+def resolve_warmup(group: dict[str, Any]) -> dict[str, Any]:
+    """``group`` with ``warmup_steps=None`` (the default) made concrete: 0 where the group has ``gradient_start``
+    (its start gives ``A`` orthonormal rows, docs/math.md (2.8): no warm-up is needed), else
+    :data:`DEFAULT_WARMUP_STEPS`."""
+    if group.get("warmup_steps", 0) is None:
+        group["warmup_steps"] = 0 if group.get("gradient_start") is True else DEFAULT_WARMUP_STEPS
+    return group
 
 
 def check_flag(name: str, value: Any) -> None:

@@ -34,6 +34,11 @@ def _batch(n: int, m: int, rows: int = 24, seed: int = 1, spread: float = 1.0) -
     return torch.randn(rows, n, generator=g, dtype=F64) * scale, torch.randn(rows, m, generator=g, dtype=F64)
 
 
+def _signed(V: torch.Tensor) -> torch.Tensor:
+    """Rows signed so that each one's entry of largest magnitude is positive (the sign top_right_basis gives)."""
+    return V * torch.stack([row[row.abs().argmax()].sign() for row in V])[:, None]
+
+
 def _loss(layer: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return ((layer(x) - y) ** 2).mean()
 
@@ -89,7 +94,7 @@ def test_the_step_after_the_start_is_adamw_at_the_new_A():
     x, y = _batch(n, m)
     G = _reference_gradient(copy.deepcopy(layer), x, y)
     with torch.no_grad():
-        _factors(ref)[0].copy_(aligned_rows(_factors(ref)[0], torch.linalg.svd(G).Vh[:r]))
+        _factors(ref)[0].copy_(aligned_rows(_factors(ref)[0], _signed(torch.linalg.svd(G).Vh[:r])))
     kw = dict(lr=1e-2, weight_decay=0.01)
     adamw = torch.optim.AdamW([{"params": [p for name, p in ref.named_parameters() if "lora_B" not in name]},
                                {"params": [_factors(ref)[1]], "lr": 4e-2}], **kw)

@@ -65,6 +65,8 @@ def _add_run_options(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--autocast", choices=tuple(AUTOCAST), default="none",
                     help="mixed precision of the forward and backward (parameters and optimizer stay float32)")
+    ap.add_argument("--no-accuracy", dest="accuracy", action="store_false",
+                    help="skip the held-out accuracy (the LLM tasks' greedy generation); the held-out loss stays")
     ap.add_argument("--opt", type=parse_option, action="append", default=[], metavar="KEY=VALUE",
                     help="an SDSAdamW option for every SDS mode (repeatable): e.g. --opt warmup_steps=50")
     ap.add_argument("--out", default=None, help="output folder (default runs/<task>)")
@@ -123,6 +125,7 @@ def _configs(args: argparse.Namespace) -> tuple[TaskConfig, RunConfig]:
     run = RunConfig(steps=args.steps or DEFAULT_STEPS[args.task], schedule=args.schedule,
                     warmup_ratio=args.warmup_ratio, beta1=args.beta1, weight_decay=args.weight_decay,
                     metrics_every=args.metrics_every, device=args.device, autocast=args.autocast, opt=dict(args.opt),
+                    accuracy=args.accuracy,
                     loraplus_ratio=args.loraplus_ratio, psi_iters=args.psi_iters, psi_momentum=args.psi_momentum,
                     psi_dampening=args.psi_dampening, psi_lmbd=args.psi_lmbd, psi_adam_lr=args.psi_adam_lr)
     return task, run

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# The SmolLM2 device table (RESULTS.md §9): the users' recipe (PEFT LoRA r 8, α 16 on all seven projections,
+# batch 16, 300 steps, linear warm-up over 10 % then cosine to 0, wd 0, bf16 autocast), 3 paired seeds, a 3-point
+# lr grid per configuration around the best lrs seen so far, grids whose best lr is an edge extended (--extend).
+#
+#   bash benchmarks/smollm_sweep.sh TASK MODEL_DIR [BUDGET_S]      # TASK: math or code
+#
+# MODEL_DIR: a save_pretrained folder of SmolLM2-135M-Instruct (benchmarks/smollm_folder.py writes one from the
+# GGUF).  Re-running the same command resumes (finished jobs are skipped).  Results in runs/llm.
+set -euo pipefail
+task=$1 model=$2 budget=${3:-530}
+modes=(lora loraplus4 loraplus16 sds sds_gs loraplus16_gs sdsplus2 sdsplus4 sdsplus8)
+if [ "$task" = math ]; then
+  grids=(lora=1e-3,3e-3,6e-3 loraplus4=5e-4,1e-3,2e-3 loraplus16=5e-4,1e-3,2e-3 sds=1e-3,3e-3,6e-3
+         sds_gs=1e-3,3e-3,6e-3 loraplus16_gs=2.5e-4,5e-4,1e-3 sdsplus2=1e-3,2e-3,4e-3 sdsplus4=5e-4,1e-3,2e-3
+         sdsplus8=2.5e-4,5e-4,1e-3)
+else  # the code task over-fits its 374 functions (13 epochs in 300 steps of 16): lower lrs, 3x apart
+  grids=(lora=3e-5,1e-4,3e-4 loraplus4=1e-5,3e-5,1e-4 loraplus16=3e-6,1e-5,3e-5 sds=3e-5,1e-4,3e-4
+         sds_gs=3e-5,1e-4,3e-4 loraplus16_gs=3e-6,1e-5,3e-5 sdsplus2=3e-5,1e-4,3e-4 sdsplus4=1e-5,3e-5,1e-4
+         sdsplus8=1e-5,3e-5,1e-4)
+fi
+args=()
+for g in "${grids[@]}"; do args+=(--grid "$g"); done
+python3 benchmarks/llm_sweep.py run --workers "${WORKERS:-14}" --budget "$budget" --deadline "$budget" --extend 3 \
+  --seeds 3 --tasks "$task" --scales peft_r8 --steps 300 --modes "${modes[@]}" "${args[@]}" --out runs/llm \
+  -- --device cuda --autocast bf16 --batch 16 --schedule cosine --warmup-ratio 0.1 --model-dir "$model" \
+  --no-accuracy --opt fused=True
