@@ -6,7 +6,7 @@
 #   bash benchmarks/smollm_sweep.sh TASK MODEL_DIR [BUDGET_S]      # TASK: math or code
 #
 # MODEL_DIR: a save_pretrained folder of SmolLM2-135M-Instruct (benchmarks/smollm_folder.py writes one from the
-# GGUF).  Re-running the same command resumes (finished jobs are skipped).  Results in runs/llm.
+# GGUF; or the GGUF's folder with GGUF_FILE=its file name, and gguf importable).  Re-running the same command resumes (finished jobs are skipped).  Results in runs/llm.
 set -euo pipefail
 task=$1 model=$2 budget=${3:-530}
 modes=(lora loraplus4 loraplus16 sds sds_gs loraplus16_gs sdsplus2 sdsplus4 sdsplus8)
@@ -24,4 +24,4 @@ for g in "${grids[@]}"; do args+=(--grid "$g"); done
 python3 benchmarks/llm_sweep.py run --workers "${WORKERS:-14}" --budget "$budget" --deadline "$budget" --extend 3 \
   --seeds 3 --tasks "$task" --scales peft_r8 --steps 300 --modes "${modes[@]}" "${args[@]}" --out runs/llm \
   -- --device cuda --autocast bf16 --batch 16 --schedule cosine --warmup-ratio 0.1 --model-dir "$model" \
-  --no-accuracy --opt fused=True
+  --no-accuracy --opt fused=True ${GGUF_FILE:+--gguf-file "$GGUF_FILE"}

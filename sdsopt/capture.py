@@ -60,8 +60,8 @@ class LoraCapture:
         if missing:
             raise ValueError(
                 f"LoraCapture: {len(missing)} LoRA factor(s) are not the weight of an nn.Linear in this model; "
-                "what needs the layers' inputs (PSILoRA, SDSAdamW's svd_oracle, gradient metrics) "
-                "support Linear LoRA only."
+                "what needs the layers' inputs (PSILoRA, SDSAdamW's svd_oracle and gradient_start, gradient "
+                "metrics) supports Linear LoRA only."
             )
 
     def _input_hook(self, key: int):

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from .pairing import param_label
 
-__all__ = ["ADAMW_MODES", "check_modes", "check_state_dict", "from_adamw"]
+__all__ = ["ADAMW_MODES", "check_modes", "check_state_dict", "checked_sds", "from_adamw"]
 
 ADAMW_MODES = ("sds", "lora")
 """The modes whose pairs can resume ``torch.optim.AdamW``'s moments: those of the plain factors' gradients, which
@@ -84,6 +84,18 @@ def check_modes(where: str, state_dict: Any, param_groups: list[dict[str, Any]])
                 f"Resume with mode={theirs['mode']!r}, or switch modes by loading only the model's "
                 "weights and starting the optimizer state afresh."
             )
+
+
+def checked_sds(where: str, state_dict: Any, param_groups: list[dict[str, Any]]) -> Any:
+    """``state_dict`` ready for :meth:`sdsopt.SDSAdamW.load_state_dict`: an AdamW checkpoint converted
+    (:func:`from_adamw`), then checked (:func:`check_state_dict`, Adam's moments shaped as their parameters, and
+    :func:`check_modes`); raises ``ValueError`` before anything is changed."""
+    moments = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+    state_dict = from_adamw(where, state_dict, param_groups)
+    check_state_dict(where, state_dict, param_groups,
+                     lambda gi, i, key: param_groups[gi]["params"][i].shape if key in moments else None)
+    check_modes(where, state_dict, param_groups)
+    return state_dict
 
 
 def _is_adamw(state_dict: Any) -> bool:

@@ -4,7 +4,9 @@ that ``W = W0 + s·B·A`` is unchanged and ``B``'s first gradient ``G·Aᵀ`` ho
 
 Pure functions on tensors (:func:`top_right_basis`, :func:`aligned_rows`), one function the optimizer calls
 before its step (:func:`start_pairs`), which reads the recorded ``(X, δ)`` of :class:`sdsopt.capture.LoraCapture`,
-and one it calls after it (:func:`waiting_pairs`: is any pair still to start, or may the recording stop?).
+one it calls after it (:func:`waiting_pairs`: is any pair still to start, or may the recording stop?), and the
+recording's two choices (:func:`recording_roots`: which modules the optimizer records by itself;
+:func:`keeps_recording`: whether a recording goes on once every pair started).
 
 Choices the maths leaves open, made here:
 
@@ -19,7 +21,7 @@ Choices the maths leaves open, made here:
   the step goes on with it; ``gA = Bᵀ·G`` is zero before and after.
 * The top-r basis is not a full SVD of ``G`` (a 1536 × 576 float32 SVD is a chain of host-synchronised solver
   calls on a GPU, ~0.1 s, for each of an LLM's ~200 pairs): :func:`top_right_basis` runs block subspace
-  iteration, ``k = min(2r, max(r + 8, …), min(m, n))`` columns (oversampling ``k − r``), :data:`POWER_STEPS`
+  iteration, ``k = min(max(2r, r + 8), m, n)`` columns (oversampling ``k − r``), :data:`POWER_STEPS`
   products with ``GᵀG`` re-orthonormalised by QR, then a Rayleigh–Ritz step (``eigh`` of the k × k
   ``Qᵀ GᵀG Q``).  Matrix products and small factorisations, batched over the pairs of one shape, the host
   waiting once per shape.  Its error in the captured energy ``‖G Vᵀ‖²`` against the exact top-r one is of order
@@ -43,13 +45,15 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch import Tensor
+from torch import Tensor, nn
 
+from . import naming
 from .capture import LoraCapture
 from .distributed import is_dtensor
 from .linalg import algebra_precision
 
-__all__ = ["POWER_STEPS", "aligned_rows", "start_pairs", "top_right_basis", "waiting_pairs"]
+__all__ = ["POWER_STEPS", "aligned_rows", "keeps_recording", "recording_roots", "start_pairs", "top_right_basis",
+           "waiting_pairs"]
 
 _DEFAULT_ROW_NORM = 3.0 ** -0.5  # E‖row‖ of PEFT's Kaiming-uniform A (entries U(±n^{-1/2}))
 POWER_STEPS = 4  # products with GᵀG in top_right_basis (error ~ (σ_{k+1}/σ_r)^8)
@@ -106,8 +110,10 @@ def _check(A: Tensor, B: Tensor, capture: LoraCapture | None, name: str) -> None
     if capture is None or not capture.has(A):
         raise RuntimeError(
             f"SDSAdamW: gradient_start=True needs the LoRA layers' inputs and output gradients of the first "
-            f"batch, and none were recorded for {name!r}: pass the model itself (SDSAdamW(model, ...)), or call "
-            "opt.attach(model) before the first forward pass (PEFT Linear LoRA layers).")
+            f"batch, and none were recorded for {name!r}. The optimizer records them itself from the model passed "
+            "as params, else from the live nn.Module holding the factors (as weights of nn.Linear layers: PEFT's "
+            "Linear LoRA); it found none that holds these. Pass the model itself (SDSAdamW(model, ...)), or call "
+            "opt.attach(model) before the first forward pass.")
 
 
 def start_pairs(groups: list[dict[str, Any]], state: MutableMapping[Tensor, dict[str, Any]],
@@ -164,3 +170,20 @@ def waiting_pairs(groups: list[dict[str, Any]], state: MutableMapping[Tensor, di
     return any(A.requires_grad and B.requires_grad and "step" not in state.get(A, {})
                for group in groups if group.get("gradient_start", False)
                for A, B in ((group["params"][ia], group["params"][ib]) for ia, ib in group["lora_pairs"]))
+
+
+def recording_roots(groups: list[dict[str, Any]], model: nn.Module | None) -> list[nn.Module]:
+    """The modules whose LoRA layers the optimizer records by itself for the start: ``model`` (the one passed as
+    ``params``) if given, else the outermost live modules holding the ``A`` factors of the groups with
+    ``gradient_start`` (:func:`sdsopt.naming.holders`); none for factors no module holds (:func:`start_pairs`
+    then raises, naming the fix)."""
+    if model is not None:
+        return [model]
+    return naming.holders([g["params"][ia] for g in groups if g.get("gradient_start") for ia, _ in g["lora_pairs"]])
+
+
+def keeps_recording(groups: list[dict[str, Any]], pending: bool) -> bool:
+    """Whether a recording goes on after every pair started (``attach(keep=None)``): where a group is in mode
+    ``svd_oracle`` (which needs the layers' inputs at every step) or no start is ``pending`` (the recording is not
+    there for the start)."""
+    return any(g["mode"] == "svd_oracle" for g in groups) or not pending

@@ -22,7 +22,7 @@ from collections.abc import Sequence
 
 from torch import Tensor, nn
 
-__all__ = ["find_names", "holder", "holders", "live_names"]
+__all__ = ["all_names", "find_names", "holder", "holders", "live_names"]
 
 
 def _roots() -> list[nn.Module]:
@@ -52,6 +52,16 @@ def find_names(params: Sequence[Tensor], names: dict[int, str] | None = None) ->
     """
     names = live_names() if names is None else names
     return [names.get(id(p)) for p in params]
+
+
+def all_names(params: Sequence[Tensor], names: dict[int, str] | None) -> tuple[list[str] | None, dict[int, str]]:
+    """:func:`find_names` for a param group: the names of ``params`` (``None`` unless there are some and every one
+    is named), and the table they came from: ``names`` from an earlier group, refreshed by :func:`live_names` where
+    it is ``None`` or lacks one of ``params``."""
+    if names is None or any(id(p) not in names for p in params):
+        names = live_names()
+    found = find_names(params, names)
+    return (found if params and all(n is not None for n in found) else None), names
 
 
 def holder(param: Tensor) -> nn.Module | None:

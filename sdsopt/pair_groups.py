@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import sys
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,9 +26,10 @@ from torch import Tensor
 from . import naming
 from . import pairing as _pairing
 from .distributed import check_not_deepspeed, check_pair_layout
-from .pairing import PairingFn, check_pair_shapes, param_label
+from .pairing import LoraPair, PairingFn, a_rows, check_pair_shapes, param_label
 
-__all__ = ["PairingLog", "PairingNotice", "check_still_trainable", "report_pairing", "resolve_group_pairs"]
+__all__ = ["PairingLog", "PairingNotice", "check_groups_intact", "check_still_trainable", "lora_pairs",
+           "report_pairing", "resolve_group_pairs"]
 
 _BUILD_AFTER_WRAP = (
     "build the optimizer from the wrapped model, SDSAdamW(peft_model.parameters(), ...), or let the trainer build "
@@ -263,3 +264,32 @@ def check_still_trainable(param_groups: list[dict[str, Any]]) -> None:
         "model was wrapped after the optimizer was built: peft.get_peft_model, or TRL's SFTTrainer(peft_config="
         f"...), freezes the base weights and adds LoRA factors this optimizer does not hold{found}. Fix: "
         f"{_BUILD_AFTER_WRAP}.")
+
+
+def lora_pairs(param_groups: list[dict[str, Any]], names: Callable[[int], list[str] | None]) -> list[LoraPair]:
+    """Every resolved pair of ``param_groups`` (:attr:`sdsopt.SDSAdamW.lora_pairs`), with its group, indices, names
+    (``names(gi)``: group ``gi``'s parameter names, or ``None``: ``params[i]``) and ``(m, n, r)``."""
+    out = []
+    for gi, group in enumerate(param_groups):
+        group_names = names(gi)
+        for ia, ib in group["lora_pairs"]:
+            A, B = group["params"][ia], group["params"][ib]
+            out.append(LoraPair(
+                group=gi, index_a=ia, index_b=ib,
+                name_a=group_names[ia] if group_names else f"params[{ia}]",
+                name_b=group_names[ib] if group_names else f"params[{ib}]",
+                m=B.shape[0], n=a_rows(A).shape[1], r=A.shape[0],
+            ))
+    return out
+
+
+def check_groups_intact(param_groups: list[dict[str, Any]], sizes: list[int]) -> None:
+    """Raise ``RuntimeError`` if a param group no longer holds the tensors it was built with (``sizes[gi]`` of them:
+    its pairs are indices into them): a wrapper replaced the parameters (DeepSpeed ZeRO flattens them)."""
+    for gi, (group, size) in enumerate(zip(param_groups, sizes)):
+        if len(group["params"]) != size:
+            raise RuntimeError(
+                f"SDSAdamW: param group {gi} now holds {len(group['params'])} tensors instead of the {size} it was "
+                "built with, so its LoRA pairs are lost. A wrapper replaced the parameters (DeepSpeed ZeRO flattens "
+                "them into partitions): SDSAdamW supports DDP and FSDP2, not ZeRO."
+            )

@@ -152,12 +152,55 @@ def test_sds_with_the_start_and_no_warmup_trains_and_stays_finite():
     assert losses[-1] < 0.8 * losses[0]
 
 
-def test_start_needs_the_recorded_inputs():
-    layer = _layer(6, 5, 2, s=1.0)
-    opt = SDSAdamW(layer.named_parameters(), gradient_start=True)
-    _loss(layer, *_batch(6, 5)).backward()
+@pytest.mark.parametrize("given", ["named_parameters", "model"])
+def test_the_optimizer_records_the_first_batch_itself_and_stops_after_the_start(given):
+    """No attach(): the optimizer records the layers of the model passed (or of the live module holding the
+    pairs), starts at step 1 as with an explicit attach, then removes its hooks (no recording after the start)."""
+    n, m, r = 8, 6, 2
+    x, y = _batch(n, m)
+    ref = _layer(n, m, r, s=1.5)
+    _started(ref, x, y, lr=1e-2)
+    layer = _layer(n, m, r, s=1.5)
+    opt = SDSAdamW(layer if given == "model" else layer.named_parameters(), gradient_start=True, lr=1e-2)
+    assert opt.capture is not None
+    opt.zero_grad()
+    _loss(layer, x, y).backward()
+    opt.step()
+    for p, q in zip(layer.parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-14)
+    assert opt.capture is None
+    assert all(not mod._forward_hooks and not mod._forward_pre_hooks for mod in layer.modules())
+
+
+def test_the_start_needs_the_recorded_inputs():
+    """Bare tensors held by no module: nothing to record from, and step 1 says how to fix it."""
+    A = torch.randn(2, 6, dtype=F64, requires_grad=True)
+    B = torch.zeros(5, 2, dtype=F64, requires_grad=True)
+    opt = SDSAdamW([{"params": [A, B], "lora_pairs": [(A, B)]}], gradient_start=True, infer_names=False)
+    (torch.randn(3, 5, dtype=F64) @ B @ A @ torch.randn(6, 3, dtype=F64)).sum().backward()
     with pytest.raises(RuntimeError, match=r"opt\.attach\(model\)"):
         opt.step()
+
+
+def test_warmup_steps_default_follows_gradient_start():
+    layer = _layer(6, 5, 2, s=1.0)
+    assert SDSAdamW(layer.named_parameters()).param_groups[0]["warmup_steps"] == 10
+    assert SDSAdamW(layer.named_parameters(), gradient_start=True).param_groups[0]["warmup_steps"] == 0
+    assert SDSAdamW(layer.named_parameters(), gradient_start=True,
+                    warmup_steps=5).param_groups[0]["warmup_steps"] == 5
+
+
+def test_eval_forwards_without_backward_record_nothing():
+    layer = _layer(6, 5, 2, s=1.0)
+    opt = SDSAdamW(layer.named_parameters(), mode="lora")
+    capture = opt.attach(layer)
+    x, y = _batch(6, 5)
+    for _ in range(3):
+        _loss(layer, x, y)  # (gradients on, no backward: the graph is dropped)
+    A = _factors(layer)[0]
+    assert not capture.has(A)
+    _loss(layer, x, y).backward()
+    assert len(capture.rows(A, _factors(layer)[1])) == 1
 
 
 def test_a_nonzero_B_is_left_as_it_is_with_a_warning():

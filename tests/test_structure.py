@@ -132,3 +132,13 @@ def test_no_function_of_the_library_over_80_lines():
                 if lines > MAX_FUNCTION_LINES:
                     long.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name} ({lines} lines)")
     assert not long, long
+
+
+MAX_OPTIM_LINES = 400
+
+
+def test_the_optimizer_module_stays_thin():
+    """``sdsopt/optim.py`` (the optimizer's orchestration: validation, pairing, geometry and the start live in their
+    own modules) has at most :data:`MAX_OPTIM_LINES` lines."""
+    lines = len((PKG / "optim.py").read_text().splitlines())
+    assert lines <= MAX_OPTIM_LINES, f"sdsopt/optim.py has {lines} lines (> {MAX_OPTIM_LINES}): move code out"
