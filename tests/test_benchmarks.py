@@ -29,8 +29,27 @@ def run(script: str, *args: str, timeout: int = 300) -> str:
 def test_every_script_has_a_smoke_test():
     covered = {"e2e_step.py", "step_time.py", "profile_step.py", "psi_step.py", "long_run.py", "psi_linear.py",
                "pack_minilm.py", "kernel_blocks.py", "fsdp_step.py", "llm_sweep.py", "delta_alignment.py",
-               "roofline.py", "diagnostics_cost.py", "paired.py"}  # llm_sweep: test_smollm_task; delta_alignment: test_delta_alignment
+               "roofline.py", "diagnostics_cost.py", "paired.py", "gs_cost.py", "parallel_runs.py",
+               "smollm_folder.py"}  # llm_sweep: test_smollm_task; delta_alignment: test_delta_alignment
     assert {p.name for p in BENCH.glob("*.py")} == covered
+
+
+@pytest.mark.slow  # builds SmolLM2-135M's shapes (random weights) on the CPU
+def test_gs_cost():
+    pytest.importorskip("peft")
+    out = run("gs_cost.py", "--device", "cpu", "--steps", "2", "--skip", "1", "--batch", "1", "--seq", "8",
+              "--configs", "lora", "lora_gs")
+    rows = [line for line in out.splitlines() if line.startswith("| lora")]
+    assert len(rows) == 2 and rows[1].startswith("| lora_gs |") and rows[1].endswith("| False |")  # stopped itself
+
+
+def test_the_gpu_and_checkpoint_scripts_parse():
+    """parallel_runs.py needs CUDA, smollm_folder.py the SmolLM2 GGUF: their options parse / they import here."""
+    assert "--procs" in run("parallel_runs.py", "--help")
+    spec = importlib.util.spec_from_file_location("smollm_folder", BENCH / "smollm_folder.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert callable(module.main)
 
 
 @pytest.mark.slow  # long: outside the inner loop (pytest -m "not slow")
