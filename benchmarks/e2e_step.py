@@ -15,15 +15,15 @@ shorter ``--warmup`` is allowed (tests) but named in the output.
 from __future__ import annotations
 
 import argparse
-import inspect
 import statistics
 import time
 
 import torch
 
 from sdsopt import SDSAdamW
+from sdsopt.validation import DEFAULT_WARMUP_STEPS
 
-SDS_WARMUP = inspect.signature(SDSAdamW).parameters["warmup_steps"].default
+SDS_WARMUP = DEFAULT_WARMUP_STEPS  # (SDSAdamW's warmup_steps=None: this, without gradient_start)
 
 
 def build(args, device):
