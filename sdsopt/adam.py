@@ -83,6 +83,14 @@ class StepLists:
     def clear(self) -> None:
         self._cache.clear()
 
+    def forget(self, state: MutableMapping[Tensor, dict[str, Any]], params: list[Tensor]) -> None:
+        """Drop the state of ``params`` (created by a step that was then skipped, so that they count as never
+        stepped) and the lists that hold it."""
+        if params:
+            for p in params:
+                state.pop(p, None)
+            self.clear()
+
     def __call__(self, group: dict[str, Any], gi: int, state: MutableMapping[Tensor, dict[str, Any]]
                  ) -> tuple[dict[int, int], AdamLists, bool]:
         """``(position, lists, has_complex)``: ``position`` maps a param index to its slot in ``lists``."""

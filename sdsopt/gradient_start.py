@@ -2,10 +2,11 @@
 ``B = 0``, the rows of ``A`` become the top-r right singular vectors of the full gradient ``G`` of that step, so
 that ``W = W0 + s·B·A`` is unchanged and ``B``'s first gradient ``G·Aᵀ`` holds the top-r part of ``G``.
 
-Pure functions on tensors (:func:`top_right_basis`, :func:`aligned_rows`), one function the optimizer calls
-before its step (:func:`start_pairs`), which reads the recorded ``(X, δ)`` of :class:`sdsopt.capture.LoraCapture`,
-one it calls after it (:func:`waiting_pairs`: is any pair still to start, or may the recording stop?), and the
-recording's two choices (:func:`recording_roots`: which modules the optimizer records by itself;
+Pure functions on tensors (:func:`top_right_basis`, :func:`aligned_rows`), the pairs still to start
+(:func:`waiting_pairs`: listed before a step creates their state, and after it to tell whether the recording may
+stop), the start itself (:func:`start_pairs`, run once the step is known not to be skipped), which reads the
+recorded ``(X, δ)`` of :class:`sdsopt.capture.LoraCapture`, and the recording's choices (:func:`starts_pending`:
+may a pair still start; :func:`recording_roots`: which modules the optimizer records by itself;
 :func:`keeps_recording`: whether a recording goes on once every pair started).
 
 Choices the maths leaves open, made here:
@@ -18,7 +19,11 @@ Choices the maths leaves open, made here:
   Kaiming-uniform init gives in expectation.
 * The step is not spent on the start: ``B``'s gradient is recomputed at the new ``A`` from the recorded
   ``G``, ``gB = G·Aᵀ`` (exactly the gradient autograd gives at the new ``A``, since the forward is unchanged), and
-  the step goes on with it; ``gA = Bᵀ·G`` is zero before and after.
+  the step goes on with it; ``gA = Bᵀ·G`` is zero before and after.  The recorded ``G`` is that of the loss the
+  backward ran on, the gradients the step is handed may be rescaled since (``GradScaler.unscale_`` divides them
+  by the loss scale, ``clip_grad_norm_`` multiplies them by its factor): the new ``gB`` is ``ρ·G·Aᵀ`` with ``ρ``
+  the least-squares fit of the old one, ``gB₀ ≈ ρ·G·A₀ᵀ`` (1 up to rounding without such a rescaling; 1 where
+  ``G·A₀ᵀ = 0``).
 * The top-r basis is not a full SVD of ``G`` (a 1536 × 576 float32 SVD is a chain of host-synchronised solver
   calls on a GPU, ~0.1 s, for each of an LLM's ~200 pairs): :func:`top_right_basis` runs block subspace
   iteration, ``k = min(max(2r, r + 8), m, n)`` columns (oversampling ``k − r``), :data:`POWER_STEPS`
@@ -31,7 +36,9 @@ Choices the maths leaves open, made here:
 * Under DDP the recorded ``G`` is a rank's own: it is averaged over the default process group (one all-reduce
   per pair on this one step) so every rank starts from the same rows.  Sharded (DTensor) factors are refused.
 * A batch whose ``G`` is not finite starts nothing for that pair (the step goes on as without the option); the
-  pair starts at its next step with a finite ``G``, if it has not been stepped yet.
+  pair starts at its next step with a finite ``G``, if it has not been stepped yet.  A step that
+  ``skip_nonfinite`` skips starts nothing and leaves the pairs still to start without Adam state, so they start at
+  the next step.
 * Where ``G`` has rank below ``r`` the remaining rows are further orthonormal vectors (any completion is valid).
 """
 
@@ -52,8 +59,8 @@ from .capture import LoraCapture
 from .distributed import is_dtensor
 from .linalg import algebra_precision
 
-__all__ = ["POWER_STEPS", "aligned_rows", "keeps_recording", "recording_roots", "start_pairs", "top_right_basis",
-           "waiting_pairs"]
+__all__ = ["POWER_STEPS", "Waiting", "aligned_rows", "keeps_recording", "recording_roots", "start_pairs",
+           "starts_pending", "top_right_basis", "waiting_pairs"]
 
 _DEFAULT_ROW_NORM = 3.0 ** -0.5  # E‖row‖ of PEFT's Kaiming-uniform A (entries U(±n^{-1/2}))
 POWER_STEPS = 4  # products with GᵀG in top_right_basis (error ~ (σ_{k+1}/σ_r)^8)
@@ -87,12 +94,6 @@ def aligned_rows(A: Tensor, V: Tensor) -> Tensor:
     return V * torch.where(norm > 0, norm, torch.full_like(norm, _DEFAULT_ROW_NORM))
 
 
-def _needs_start(state: MutableMapping[Tensor, dict[str, Any]], A: Tensor, B: Tensor) -> bool:
-    """A pair starts at its first step: both factors trainable, with gradients, never stepped."""
-    return (A.requires_grad and B.requires_grad and A.grad is not None and B.grad is not None
-            and "step" not in state.get(A, {}) and "step" not in state.get(B, {}))
-
-
 def _full_gradient(capture: LoraCapture, A: Tensor, B: Tensor, dtype: torch.dtype) -> Tensor:
     """The recorded ``G`` (m × n), averaged over the ranks of the default process group under DDP."""
     G = capture.full(A, B, dtype)
@@ -116,43 +117,60 @@ def _check(A: Tensor, B: Tensor, capture: LoraCapture | None, name: str) -> None
             "opt.attach(model) before the first forward pass.")
 
 
-def start_pairs(groups: list[dict[str, Any]], state: MutableMapping[Tensor, dict[str, Any]],
-                capture: LoraCapture | None, names: Callable[[int], list[str] | None]) -> None:
-    """(2.8) for every pair of a group with ``gradient_start`` at its first step: ``A`` from the recorded ``G``,
-    ``B``'s gradient recomputed at the new ``A``; the pairs of one shape in one batched :func:`top_right_basis`.
-    Raises ``RuntimeError`` (with the fix) when the layers' inputs were not recorded; ``names(gi)`` names the
-    parameters of group ``gi`` in the messages (asked only for a pair that starts).  Groups without the key
-    (checkpoints from before the option) do not start."""
+Waiting = list[tuple[int, int, Tensor, Tensor]]
+"""Pairs still to start, as :func:`waiting_pairs` lists them: ``(group, index_A, A, B)``."""
+
+
+def waiting_pairs(groups: list[dict[str, Any]], state: MutableMapping[Tensor, dict[str, Any]]) -> Waiting:
+    """The pairs of ``gradient_start`` groups still to start: both factors trainable, never stepped (no Adam
+    state).  Before a step (ahead of the state it creates), the pairs it may start; after it, an empty list says
+    that the recording the start needed may stop.  Groups without the key (checkpoints from before the option)
+    have none."""
+    return [(gi, ia, A, B) for gi, group in enumerate(groups) if group.get("gradient_start", False)
+            for ia, ib in group["lora_pairs"] for A, B in [(group["params"][ia], group["params"][ib])]
+            if A.requires_grad and B.requires_grad
+            and "step" not in state.get(A, {}) and "step" not in state.get(B, {})]
+
+
+def start_pairs(groups: list[dict[str, Any]], waiting: Waiting, capture: LoraCapture | None,
+                names: Callable[[int], list[str] | None]) -> None:
+    """(2.8) for the ``waiting`` pairs (:func:`waiting_pairs`, listed before the step created their state) that have
+    gradients: ``A`` from the recorded ``G``, ``B``'s gradient recomputed at the new ``A``; the pairs of one shape in
+    one batched :func:`top_right_basis`.  Raises ``RuntimeError`` (with the fix) when the layers' inputs were not
+    recorded; ``names(gi)`` names the parameters of group ``gi`` in the messages (asked only for a pair that
+    starts)."""
     buckets: dict[tuple[Any, ...], list[tuple[Tensor, Tensor, Tensor, str]]] = defaultdict(list)
-    for gi, group in enumerate(groups):
-        if not group.get("gradient_start", False):
+    for gi, ia, A, B in waiting:
+        if A.grad is None or B.grad is None:
             continue
-        params = group["params"]
-        for ia, ib in group["lora_pairs"]:
-            A, B = params[ia], params[ib]
-            if not _needs_start(state, A, B):
-                continue
-            group_names = names(gi)
-            name = group_names[ia] if group_names else f"param group {gi}, params[{ia}]"
-            _check(A, B, capture, name)
-            if A.dim() != 2 or A.shape[0] > min(A.shape[1], B.shape[0]):
-                continue  # (r > min(m, n): no r-dimensional top subspace to take; PEFT's init stays)
-            dt, _ = algebra_precision(A.dtype, group["linalg_dtype"], None, "cholesky")
-            G = _full_gradient(capture, A, B, dt)
-            buckets[(tuple(G.shape), A.shape[0], dt, G.device)].append((A, B, G, name))
+        group_names = names(gi)
+        name = group_names[ia] if group_names else f"param group {gi}, params[{ia}]"
+        _check(A, B, capture, name)
+        if A.dim() != 2 or A.shape[0] > min(A.shape[1], B.shape[0]):
+            continue  # (r > min(m, n): no r-dimensional top subspace to take; PEFT's init stays)
+        dt, _ = algebra_precision(A.dtype, groups[gi]["linalg_dtype"], None, "cholesky")
+        G = _full_gradient(capture, A, B, dt)
+        buckets[(tuple(G.shape), A.shape[0], dt, G.device)].append((A, B, G, name))
     for (_, r, _, _), members in buckets.items():
         _start_bucket(members, r)
 
 
 def _start_bucket(members: list[tuple[Tensor, Tensor, Tensor, str]], r: int) -> None:
     """The start of pairs of one shape: one batched basis, one host read of which pairs may start (``B = 0``,
-    finite ``G``)."""
+    finite ``G``).  ``B``'s new gradient is ``ρ·G·Aᵀ`` in the units of the one it replaces, ``ρ`` the least-squares
+    fit ``gB ≈ ρ·G·A₀ᵀ`` (1 where ``G·A₀ᵀ = 0``)."""
     Gs = torch.stack([G for _, _, G, _ in members])
+    A0s = torch.stack([A.detach().to(Gs.dtype) for A, _, _, _ in members])
+    gBs = torch.stack([B.grad.to(Gs.dtype) for _, B, _, _ in members])
     zero_b = torch.stack([B.detach().eq(0).all() for _, B, _, _ in members])
     finite = torch.isfinite(Gs).flatten(1).all(1)
     # a non-finite G would poison the batched QR of its neighbours: zero it (its pair does not start)
-    V = top_right_basis(torch.where(finite[:, None, None], Gs, torch.zeros_like(Gs)), r)
-    for (A, B, G, name), v, is_zero, ok in zip(members, V, zero_b.tolist(), finite.tolist()):
+    Gs = torch.where(finite[:, None, None], Gs, torch.zeros_like(Gs))
+    V = top_right_basis(Gs, r)
+    fit = Gs @ A0s.mT  # (autograd's gB at A₀, up to the factor a GradScaler or clip_grad_norm_ put on the gradients)
+    num, den = (fit * gBs).sum((1, 2)), (fit * fit).sum((1, 2))
+    rho = torch.where((den > 0) & torch.isfinite(num / den), num / den, torch.ones_like(den))
+    for (A, B, G, name), v, scale, is_zero, ok in zip(members, V, rho, zero_b.tolist(), finite.tolist()):
         if not is_zero:
             warnings.warn(f"SDSAdamW: gradient_start=True leaves the pair of {name!r} as it is: its B is not "
                           "zero, so a new A would change B·A (the model's function). Start from LoRA's zero B.",
@@ -161,15 +179,7 @@ def _start_bucket(members: list[tuple[Tensor, Tensor, Tensor, str]], r: int) -> 
         if not ok:
             continue  # (a non-finite batch: the pair starts at its next step, AdamW's semantics for this one)
         A.copy_(aligned_rows(A.detach(), v).to(A.dtype))
-        B.grad.copy_((G @ A.to(G.dtype).T).to(B.grad.dtype))
-
-
-def waiting_pairs(groups: list[dict[str, Any]], state: MutableMapping[Tensor, dict[str, Any]]) -> bool:
-    """After a step: is a pair of a ``gradient_start`` group still to start (trainable, never stepped)?  When none
-    is, the recording the start needed may stop."""
-    return any(A.requires_grad and B.requires_grad and "step" not in state.get(A, {})
-               for group in groups if group.get("gradient_start", False)
-               for A, B in ((group["params"][ia], group["params"][ib]) for ia, ib in group["lora_pairs"]))
+        B.grad.copy_((scale * (G @ A.to(G.dtype).T)).to(B.grad.dtype))
 
 
 def recording_roots(groups: list[dict[str, Any]], model: nn.Module | None) -> list[nn.Module]:
@@ -182,8 +192,14 @@ def recording_roots(groups: list[dict[str, Any]], model: nn.Module | None) -> li
     return naming.holders([g["params"][ia] for g in groups if g.get("gradient_start") for ia, _ in g["lora_pairs"]])
 
 
-def keeps_recording(groups: list[dict[str, Any]], pending: bool) -> bool:
+def starts_pending(groups: list[dict[str, Any]], done: bool) -> bool:
+    """May a pair still take its gradient-aligned start: a group has ``gradient_start`` and the optimizer has not
+    seen every pair started (``done``, set after a step that left none waiting)?"""
+    return not done and any(g.get("gradient_start") for g in groups)
+
+
+def keeps_recording(groups: list[dict[str, Any]], done: bool) -> bool:
     """Whether a recording goes on after every pair started (``attach(keep=None)``): where a group is in mode
-    ``svd_oracle`` (which needs the layers' inputs at every step) or no start is ``pending`` (the recording is not
-    there for the start)."""
-    return any(g["mode"] == "svd_oracle" for g in groups) or not pending
+    ``svd_oracle`` (which needs the layers' inputs at every step) or no start is pending (:func:`starts_pending`:
+    the recording is not there for the start)."""
+    return any(g["mode"] == "svd_oracle" for g in groups) or not starts_pending(groups, done)

@@ -23,7 +23,7 @@ from .capture import LoraCapture
 from .checkpoint import checked_sds
 from .diagnostics import StepTracker, factor_pairs, report
 from .fused import Tables
-from .gradient_start import keeps_recording, recording_roots, start_pairs, waiting_pairs
+from .gradient_start import keeps_recording, recording_roots, start_pairs, starts_pending, waiting_pairs
 from .guard import SkipLog, guard_step
 from .modes import Mode, StepContext
 from .pair_groups import (PairingLog, PairingNotice, check_groups_intact, check_still_trainable, lora_pairs,
@@ -210,7 +210,7 @@ class SDSAdamW(Optimizer):
         names = [self._group_names(gi) for gi in range(len(self.param_groups))]
         self._watch_frozen = report_pairing(self.param_groups, names, self._pairing, self._pairing_log,
                                             names_found=bool(self._names))
-        if self._starts_pending() and (roots := recording_roots(self.param_groups, model)):
+        if starts_pending(self.param_groups, False) and (roots := recording_roots(self.param_groups, model)):
             self.attach(roots)  # (2.8): the optimizer records the first batch itself
 
     def _fresh_caches(self) -> None:
@@ -227,13 +227,12 @@ class SDSAdamW(Optimizer):
         (:meth:`_fresh_caches`) and not :meth:`attach`'s hooks, which belong to the original's model: call
         ``attach`` on the copy's model (mode ``svd_oracle`` says so if it is missing)."""
         self._skips.poll(wait=True)  # (settles the skip count of sync-free steps still in flight)
-        return {**super().__getstate__(), "skip_nonfinite": self.skip_nonfinite, "_skips": self._skips,
-                "_pairing": self._pairing, "_group_sizes": self._group_sizes, "_infer_names": self._infer_names,
-                "_names": self._names}
+        own = ("skip_nonfinite", "_skips", "_pairing", "_group_sizes", "_infer_names", "_names")
+        return {**super().__getstate__(), **{key: self.__dict__[key] for key in own}}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
-        self._capture, self._start_recording, self._live_names = None, False, None
+        self._capture, self._start_recording, self._live_names, self._starts_done = None, False, None, False
         self._fresh_caches()
 
     def _mode(self, group: dict[str, Any]) -> Mode:
@@ -318,8 +317,7 @@ class SDSAdamW(Optimizer):
         if self._capture is not None:
             self._capture.remove()
         self._capture = LoraCapture(model, factor_pairs(self.param_groups))
-        self._start_recording = not (keeps_recording(self.param_groups, self._starts_pending()) if keep is None
-                                     else keep)
+        self._start_recording = not (keeps_recording(self.param_groups, self._starts_done) if keep is None else keep)
         return self._capture
 
     @property
@@ -350,15 +348,19 @@ class SDSAdamW(Optimizer):
         if self._watch_frozen:  # the first step: all frozen since construction? (pair_groups)
             self._watch_frozen = False
             check_still_trainable(self.param_groups)
-        if starting := self._starts_pending():  # (2.8), first steps only
-            start_pairs(self.param_groups, self.state, self._capture, self._group_names)
+        starting = starts_pending(self.param_groups, self._starts_done)
+        waiting = waiting_pairs(self.param_groups, self.state) if starting else []
         check_groups_intact(self.param_groups, self._group_sizes)
         prepared = [(gi, group, *self._lists(group, gi, self.state)) for gi, group in enumerate(self.param_groups)]
         skip, found_inf = False, None
-        if self.skip_nonfinite:
-            host = any(not group["fused"] or self._mode(group).host_decision(group, self.state)
-                       for _, group, _, lists, _ in prepared if lists["params"])
+        if self.skip_nonfinite:  # (the start needs the decision on the host)
+            host = bool(waiting) or any(not group["fused"] or self._mode(group).host_decision(group, self.state)
+                                        for _, group, _, lists, _ in prepared if lists["params"])
             skip, found_inf = guard_step(prepared, self.param_groups, host, self._skips)
+        if skip:  # (2.8): the pairs still to start keep no state (this step made it), to start at the next step
+            self._lists.forget(self.state, [p for *_, A, B in waiting for p in (A, B)])
+        elif waiting:  # (2.8), first steps only: A from G, B's gradient at the new A
+            start_pairs(self.param_groups, waiting, self._capture, self._group_names)
         for gi, group, position, lists, has_complex in ([] if skip else prepared):
             if not lists["params"]:
                 continue
@@ -376,10 +378,6 @@ class SDSAdamW(Optimizer):
                 self._capture.remove()
                 self._capture, self._start_recording = None, False
         return loss
-
-    def _starts_pending(self) -> bool:
-        """May a pair still take its gradient-aligned start (a group with ``gradient_start``, not all started)?"""
-        return not self.__dict__.get("_starts_done") and any(g.get("gradient_start") for g in self.param_groups)
 
     # ------------------------------------------------------------------ diagnostics
     def diagnostics(self) -> dict[str, Any]:
