@@ -67,13 +67,13 @@ def all_names(params: Sequence[Tensor], names: dict[int, str] | None) -> tuple[l
 def holder(param: Tensor) -> nn.Module | None:
     """The outermost live module that holds ``param`` (of several unrelated ones, the one with more parameters, as
     :func:`live_names` chooses), or ``None``."""
-    roots = [r for r in _roots() if any(p is param for p in r.parameters())]
-    return max(roots, key=lambda r: sum(1 for _ in r.parameters())) if roots else None
+    return next(iter(holders([param])), None)
 
 
 def holders(params: Sequence[Tensor]) -> list[nn.Module]:
-    """The outermost live modules that hold ``params`` (for each tensor the one :func:`holder` picks), each once,
-    in order of first appearance; one pass over the collector's objects."""
+    """The outermost live modules that hold ``params`` (for each tensor, of several unrelated ones, the one with more
+    parameters, as :func:`live_names` chooses), each once, in order of first appearance; one pass over the
+    collector's objects."""
     roots = sorted(_roots(), key=lambda r: sum(1 for _ in r.parameters()))  # larger roots last: they win
     owner = {id(p): root for root in roots for p in root.parameters()}
     found: dict[int, nn.Module] = {}
