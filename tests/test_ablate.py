@@ -112,8 +112,8 @@ def test_cli_runs_the_users_recipe(tmp_path):
 
 @pytest.mark.filterwarnings("ignore:SDSAdamW found no LoRA pairs")
 def test_gradient_started_modes_run_through_the_harness(tmp_path):
-    """``<mode>_gs`` (docs/math.md (2.8)): SDSAdamW with ``gradient_start`` (sds without its warm-up), attached to
-    the model by the harness; the start changes the result of the same mode and lr."""
+    """``<mode>_gs`` (docs/math.md (2.8)): SDSAdamW with ``gradient_start`` (sds without its warm-up), built from
+    the model, which it records itself; the start changes the result of the same mode and lr."""
     from sdsopt import SDSAdamW
     from sdsopt.lab.optimizers import is_mode, make_optimizer
 

@@ -39,8 +39,9 @@ def is_mode(name: str) -> bool:
 
 
 def needs_capture(mode: str) -> bool:
-    """Does the run's optimizer need ``opt.attach(model)`` (``svd_oracle``, the gradient-started ``_gs`` modes)?"""
-    return mode == "svd_oracle" or mode.endswith("_gs")
+    """Does the run's optimizer need ``opt.attach(model)`` (``svd_oracle``; the gradient-started ``_gs`` modes
+    record their first batch themselves: their optimizer is built from the model)?"""
+    return mode == "svd_oracle"
 
 
 def make_optimizer(mode: str, model: nn.Module, lr: float, betas: tuple[float, float], weight_decay: float,
@@ -57,8 +58,7 @@ def make_optimizer(mode: str, model: nn.Module, lr: float, betas: tuple[float, f
         kw = dict(mode="lora" if base.startswith("lora") else "sds", b_lr_ratio=ratio, gradient_start=True)
         if kw["mode"] == "sds":
             kw.update({"warmup_steps": 0, **(options or {})})  # (--opt may set its own)
-        return SDSAdamW([(n, p) for n, p in model.named_parameters() if p.requires_grad], lr=lr, betas=betas,
-                        weight_decay=weight_decay, **kw)
+        return SDSAdamW(model, lr=lr, betas=betas, weight_decay=weight_decay, **kw)  # (records from the model)
     if is_peer(mode):
         return make_peer(mode, model, lr, betas, weight_decay, options)
     if mode in ("psi", "psi_scaled"):
