@@ -4,15 +4,9 @@ one table per (task, scale) with seed spread, lr sensitivity and steps to reach 
     python benchmarks/llm_sweep.py run --workers 14 --deadline 540 --out runs/llm -- --device cuda --autocast bf16
     python benchmarks/llm_sweep.py merge runs/llm --out benchmarks/ablation/smollm
 
-The users' recipe (issue: beat tuned LoRA+; warm-up + cosine, batch 16, 300 steps), one call per device lease;
-the same command again resumes (jobs done are skipped) and extends every grid whose best lr lies on an edge:
-
-    python benchmarks/llm_sweep.py run --workers 16 --budget 560 --extend 3 --seeds 3 --tasks math code \
-        --scales peft_r8 --steps 300 --modes lora loraplus4 loraplus16 sds sds_gs sdsplus8_gs loraplus16_gs \
-        --grid lora=1e-3,3e-3 --grid loraplus4=5e-4,1e-3 --grid loraplus16=5e-4,1e-3 --grid sds=1e-3,3e-3 \
-        --grid sds_gs=1e-3,3e-3 --grid sdsplus8_gs=5e-4,1e-3 --grid loraplus16_gs=5e-4,1e-3 --out runs/llm \
-        -- --device cuda --autocast bf16 --batch 16 --schedule cosine --warmup-ratio 0.1 --model-dir DIR \
-        --gguf-file SmolLM2-135M-Instruct.Q4_1.gguf
+The users' recipe (warm-up 10 % + cosine, batch 16, 300 steps, 3 paired seeds, grids extended at their edges)
+with its grids is ``benchmarks/smollm_sweep.sh TASK MODEL_DIR`` (one device call per task; the same command again
+resumes: jobs done are skipped).
 
 ``run`` starts one ``python -m sdsopt.lab`` per job (a task, a scale, a mode, a seed, an lr),
 ``--workers`` at a time, highest priority first, and starts none after ``--deadline`` seconds (a job that is
