@@ -139,7 +139,7 @@ def start_pairs(groups: list[dict[str, Any]], waiting: Waiting, capture: LoraCap
     one batched :func:`top_right_basis`.  Raises ``RuntimeError`` (with the fix) when the layers' inputs were not
     recorded; ``names(gi)`` names the parameters of group ``gi`` in the messages (asked only for a pair that
     starts)."""
-    buckets: dict[tuple[Any, ...], list[tuple[Tensor, Tensor, Tensor, str]]] = defaultdict(list)
+    buckets: dict[tuple[Any, ...], list[tuple[Tensor, Tensor, str]]] = defaultdict(list)
     for gi, ia, A, B in waiting:
         if A.grad is None or B.grad is None:
             continue
@@ -149,28 +149,29 @@ def start_pairs(groups: list[dict[str, Any]], waiting: Waiting, capture: LoraCap
         if A.dim() != 2 or A.shape[0] > min(A.shape[1], B.shape[0]):
             continue  # (r > min(m, n): no r-dimensional top subspace to take; PEFT's init stays)
         dt, _ = algebra_precision(A.dtype, groups[gi]["linalg_dtype"], None, "cholesky")
-        G = _full_gradient(capture, A, B, dt)
-        buckets[(tuple(G.shape), A.shape[0], dt, G.device)].append((A, B, G, name))
-    for (_, r, _, _), members in buckets.items():
-        _start_bucket(members, r)
+        buckets[(B.shape[0], A.shape[1], A.shape[0], dt, A.device)].append((A, B, name))
+    for (m, n, r, dt, device), members in buckets.items():
+        Gs = torch.empty((len(members), m, n), dtype=dt, device=device)  # (one bucket's G at a time, formed in place)
+        for i, (A, B, _) in enumerate(members):
+            Gs[i] = _full_gradient(capture, A, B, dt)
+        _start_bucket(members, Gs, r)
 
 
-def _start_bucket(members: list[tuple[Tensor, Tensor, Tensor, str]], r: int) -> None:
-    """The start of pairs of one shape: one batched basis, one host read of which pairs may start (``B = 0``,
-    finite ``G``).  ``B``'s new gradient is ``ρ·G·Aᵀ`` in the units of the one it replaces, ``ρ`` the least-squares
-    fit ``gB ≈ ρ·G·A₀ᵀ`` (1 where ``G·A₀ᵀ = 0``)."""
-    Gs = torch.stack([G for _, _, G, _ in members])
-    A0s = torch.stack([A.detach().to(Gs.dtype) for A, _, _, _ in members])
-    gBs = torch.stack([B.grad.to(Gs.dtype) for _, B, _, _ in members])
-    zero_b = torch.stack([B.detach().eq(0).all() for _, B, _, _ in members])
+def _start_bucket(members: list[tuple[Tensor, Tensor, str]], Gs: Tensor, r: int) -> None:
+    """The start of pairs of one shape (``Gs``: their ``G``, stacked): one batched basis, one host read of which
+    pairs may start (``B = 0``, finite ``G``).  ``B``'s new gradient is ``ρ·G·Aᵀ`` in the units of the one it
+    replaces, ``ρ`` the least-squares fit ``gB ≈ ρ·G·A₀ᵀ`` (1 where ``G·A₀ᵀ = 0``)."""
+    A0s = torch.stack([A.detach().to(Gs.dtype) for A, _, _ in members])
+    gBs = torch.stack([B.grad.to(Gs.dtype) for _, B, _ in members])
+    zero_b = torch.stack([B.detach().eq(0).all() for _, B, _ in members])
     finite = torch.isfinite(Gs).flatten(1).all(1)
     # a non-finite G would poison the batched QR of its neighbours: zero it (its pair does not start)
-    Gs = torch.where(finite[:, None, None], Gs, torch.zeros_like(Gs))
+    Gs.masked_fill_(~finite[:, None, None], 0.0)
     V = top_right_basis(Gs, r)
     fit = Gs @ A0s.mT  # (autograd's gB at A₀, up to the factor a GradScaler or clip_grad_norm_ put on the gradients)
     num, den = (fit * gBs).sum((1, 2)), (fit * fit).sum((1, 2))
     rho = torch.where((den > 0) & torch.isfinite(num / den), num / den, torch.ones_like(den))
-    for (A, B, G, name), v, scale, is_zero, ok in zip(members, V, rho, zero_b.tolist(), finite.tolist()):
+    for (A, B, name), G, v, scale, is_zero, ok in zip(members, Gs, V, rho, zero_b.tolist(), finite.tolist()):
         if not is_zero:
             warnings.warn(f"SDSAdamW: gradient_start=True leaves the pair of {name!r} as it is: its B is not "
                           "zero, so a new A would change B·A (the model's function). Start from LoRA's zero B.",
