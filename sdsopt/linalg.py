@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import NamedTuple
 
 import torch
@@ -38,6 +40,7 @@ __all__ = [
     "cholesky_lower",
     "default_rank_tol",
     "finite_or_zero",
+    "float32_matmul",
     "gram",
     "spectrum",
     "inv_sqrt",
@@ -72,6 +75,36 @@ def algebra_precision(
     """``(dtype, τ)`` for the r×r algebra: float32 at least (float64 for float64 parameters or on request)."""
     dtype = linalg_dtype or (torch.float64 if param_dtype == torch.float64 else torch.float32)
     return dtype, rank_tol if rank_tol is not None else default_rank_tol(dtype, route)
+
+
+_NEW_API = {"highest": "ieee", "high": "tf32"}
+
+
+@contextmanager
+def float32_matmul(precision: str = "highest") -> Iterator[None]:
+    """float32 products on CUDA at ``precision`` inside the block, whatever the user set: ``"highest"`` (IEEE,
+    the default) or ``"high"`` (TF32, for the three-product splits of :mod:`sdsopt.products`), restored after.
+
+    A user's ``torch.backends.cuda.matmul.allow_tf32 = True`` (or Trainer's ``tf32=True``) would otherwise turn
+    the torch path's Grams and maps into TF32 products, ~1e-3 relative error, and the algebra on the factors must
+    be float32-accurate (docs/math.md (2.5): τ assumes float32 rounding).  torch has two APIs for the flag and
+    refuses to mix them once one was used, so the block sets the flag through the one the user's setting used."""
+    try:
+        before = torch.get_float32_matmul_precision()  # (raises once the per-backend API was used)
+    except RuntimeError:
+        before = None
+    if before is not None:
+        torch.set_float32_matmul_precision(precision)
+    else:
+        before_new = torch.backends.cuda.matmul.fp32_precision
+        torch.backends.cuda.matmul.fp32_precision = _NEW_API[precision]
+    try:
+        yield
+    finally:
+        if before is not None:
+            torch.set_float32_matmul_precision(before)
+        else:
+            torch.backends.cuda.matmul.fp32_precision = before_new
 
 
 def gram(X: Tensor) -> Tensor:

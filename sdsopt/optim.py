@@ -25,6 +25,7 @@ from .diagnostics import StepTracker, factor_pairs, report
 from .fused import Tables
 from .gradient_start import keeps_recording, recording_roots, start_pairs, starts_pending, waiting_pairs
 from .guard import SkipLog, guard_step
+from .linalg import float32_matmul
 from .modes import Mode, StepContext
 from .pair_groups import (PairingLog, PairingNotice, check_groups_intact, check_still_trainable, lora_pairs,
                           report_pairing, resolve_group_pairs)
@@ -357,19 +358,20 @@ class SDSAdamW(Optimizer):
             host = bool(waiting) or any(not group["fused"] or self._mode(group).host_decision(group, self.state)
                                         for _, group, _, lists, _ in prepared if lists["params"])
             skip, found_inf = guard_step(prepared, self.param_groups, host, self._skips)
-        if skip:  # (2.8): the pairs still to start keep no state (this step made it), to start at the next step
-            self._lists.forget(self.state, [p for *_, A, B in waiting for p in (A, B)])
-        elif waiting:  # (2.8), first steps only: A from G, B's gradient at the new A
-            start_pairs(self.param_groups, waiting, self._capture, self._group_names)
-        for gi, group, position, lists, has_complex in ([] if skip else prepared):
-            if not lists["params"]:
-                continue
-            b_factors = {id(lists["params"][position[ib]]) for _, ib in group["lora_pairs"] if ib in position}
-            ctx = StepContext(gi, group, position, lists, self.state, self._tables, found_inf, self._capture)
-            map_back = self._mode(group).transform(ctx)
-            if lists["params"]:  # (a mode may have stepped every parameter itself)
-                adamw_sides(group, lists, b_factors, has_complex=has_complex, found_inf=found_inf)
-            map_back()
+        with float32_matmul():  # the factors' algebra at float32 accuracy, whatever the user's TF32 flag
+            if skip:  # (2.8): the pairs still to start keep no state (this step made it), to start at the next step
+                self._lists.forget(self.state, [p for *_, A, B in waiting for p in (A, B)])
+            elif waiting:  # (2.8), first steps only: A from G, B's gradient at the new A
+                start_pairs(self.param_groups, waiting, self._capture, self._group_names)
+            for gi, group, position, lists, has_complex in ([] if skip else prepared):
+                if not lists["params"]:
+                    continue
+                b_factors = {id(lists["params"][position[ib]]) for _, ib in group["lora_pairs"] if ib in position}
+                ctx = StepContext(gi, group, position, lists, self.state, self._tables, found_inf, self._capture)
+                map_back = self._mode(group).transform(ctx)
+                if lists["params"]:  # (a mode may have stepped every parameter itself)
+                    adamw_sides(group, lists, b_factors, has_complex=has_complex, found_inf=found_inf)
+                map_back()
         if self._capture is not None:
             self._capture.clear()
         if starting and not skip and not waiting_pairs(self.param_groups, self.state):

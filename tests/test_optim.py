@@ -459,3 +459,35 @@ def test_complex_unpaired_parameter_gets_adamw():
             (p.abs() ** 2).sum().backward()
             o.step()
     assert torch.equal(z, z_ref)
+
+
+_TF32_PROBE = """
+import torch
+from sdsopt import SDSAdamW
+import sdsopt.modes.sds_steps as steps
+{user}
+seen = []
+inner = steps.coordinate_gradient
+steps.coordinate_gradient = lambda *a: (seen.append(torch.backends.cuda.matmul.fp32_precision), inner(*a))[1]
+A = torch.nn.Parameter(torch.randn(2, 6)); B = torch.nn.Parameter(torch.randn(5, 2))
+opt = SDSAdamW([("l.lora_A.weight", A), ("l.lora_B.weight", B)], lr=1e-3, warmup_steps=0)
+(B @ A).square().sum().backward()
+opt.step()
+print(sorted(set(seen)), torch.backends.cuda.matmul.fp32_precision)
+"""
+
+
+@pytest.mark.parametrize("user", ["torch.backends.cuda.matmul.allow_tf32 = True",
+                                  "torch.set_float32_matmul_precision('high')",
+                                  "torch.backends.cuda.matmul.fp32_precision = 'tf32'"])
+def test_the_step_takes_ieee_float32_products_whatever_the_users_tf32_flag(user):
+    """docs/math.md (2.5): the algebra on the factors is float32-accurate; a user's TF32 switch (Trainer's
+    ``tf32=True``) holds outside the step, through whichever of torch's two flag APIs the user set it with (they
+    refuse to be mixed).  A fresh interpreter per API: the flags are process-wide."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", _TF32_PROBE.format(user=user)], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["['ieee']", "tf32"]
