@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 from collections import defaultdict
@@ -288,6 +289,10 @@ def main(argv=None):
     ap.add_argument("--overlap", action="store_true")
     ap.add_argument("--out", default=None, help="folder for the profile tables and results.json")
     args = ap.parse_args(argv)
+    if args.overlap and not args.device.startswith("cuda"):
+        ap.error("--overlap times CUDA streams: it needs --device cuda")
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
     res: dict = {}
     for rank in args.ranks:
         if args.products:

@@ -5,7 +5,9 @@ and parse their options here, and run at toy size where CUDA is present."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -30,7 +32,7 @@ def test_every_script_has_a_smoke_test():
     covered = {"e2e_step.py", "step_time.py", "profile_step.py", "psi_step.py", "long_run.py", "psi_linear.py",
                "pack_minilm.py", "kernel_blocks.py", "fsdp_step.py", "llm_sweep.py", "delta_alignment.py",
                "roofline.py", "diagnostics_cost.py", "paired.py", "gs_cost.py", "parallel_runs.py",
-               "smollm_folder.py"}  # llm_sweep: test_smollm_task; delta_alignment: test_delta_alignment
+               "smollm_folder.py", "e2e_profile.py"}  # llm_sweep: test_smollm_task; delta_alignment: test_delta_alignment
     assert {p.name for p in BENCH.glob("*.py")} == covered
 
 
@@ -59,6 +61,23 @@ def test_e2e_step():
               "--batch", "1", "2", "--seq", "16", "--steps", "2", "--warmup", "1")
     assert out.count("ms/step") == 6 and "batch 1x16" in out and "batch 2x16" in out
     assert "below sds's 10 plain-AdamW steps" in out
+
+
+@pytest.mark.slow  # builds a model and profiles its steps
+def test_e2e_profile(tmp_path):
+    pytest.importorskip("peft")
+    tiny = ("--device", "cpu", "--layers", "1", "--hidden", "64", "--heads", "2", "--vocab", "256", "--seq", "16",
+            "--ranks", "8")
+    out = run("e2e_profile.py", *tiny, "--batch", "1", "--steps", "2", "--out", str(tmp_path / "split"))
+    assert "AdamW fused" in out and "SDSAdamW (sds)" in out and "products" in out
+    split = json.loads((tmp_path / "split" / "split.json").read_text())
+    assert set(split) == {"split r8 b1"} and (tmp_path / "split" / "profile_r8_b1.txt").stat().st_size > 0
+    out = run("e2e_profile.py", *tiny, "--products", "--out", str(tmp_path / "products"))
+    errors = [float(e) for e in re.findall(r"tf32x3 rel.err ([0-9.e+-]+)", out)]
+    assert errors and max(errors) < 1e-5  # three TF32 products keep float32's accuracy (on the CPU: IEEE anyway)
+    refused = subprocess.run([sys.executable, str(BENCH / "e2e_profile.py"), *tiny, "--overlap"],
+                             capture_output=True, text=True, cwd=BENCH.parent)
+    assert refused.returncode == 2 and "--overlap times CUDA streams" in refused.stderr
 
 
 @pytest.mark.slow  # runs the lab (sdsopt.lab)
