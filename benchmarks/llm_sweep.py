@@ -8,9 +8,9 @@ The users' recipe (warm-up 10 % + cosine, batch 16, 300 steps, 3 paired seeds, g
 with its grids is ``benchmarks/smollm_sweep.sh TASK MODEL_DIR`` (one device call per task; the same command again
 resumes: jobs done are skipped).
 
-``run`` starts one ``python -m sdsopt.lab`` per job (a task, a scale, a mode, a seed, an lr),
-``--workers`` at a time, highest priority first, and starts none after ``--deadline`` seconds (a job that is
-running finishes).  Arguments after ``--`` go to every job.  ``merge`` reads the jobs' ``summary.json`` and
+``run`` plans one ``python -m sdsopt.lab`` per job (a task, a scale, a mode, a seed, an lr) and hands them to the
+lab's process pool (``sdsopt.lab.workers``, what ``python -m sdsopt.lab --workers N`` runs on): ``--workers`` at a
+time, highest priority first, none started after ``--deadline`` seconds (a job that is running finishes).  Arguments after ``--`` go to every job.  ``merge`` reads the jobs' ``summary.json`` and
 ``curves.csv`` and writes ``tables.md``, ``summary.json``, ``runs.json`` (every run's final numbers) and the
 plots per (task, scale).
 """
@@ -21,14 +21,15 @@ import argparse
 import csv
 import json
 import math
-import os
 import statistics
-import subprocess
 import sys
 import time
 from collections import defaultdict
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from sdsopt.lab.report import plot, summarise  # noqa: E402
+from sdsopt.lab.workers import Job, run_jobs  # noqa: E402
 
 LORA_LRS = ["1e-4", "2e-4", "5e-4", "1e-3", "3e-3", "6e-3"]
 FULL_LRS = ["1e-6", "3e-6", "1e-5", "3e-5", "1e-4", "3e-4"]
@@ -81,32 +82,13 @@ def plan(steps: int, seeds: int, tasks: list[str], scales: list[str], modes: lis
 def run(jobs: list[tuple[str, list[str]]], out: Path, workers: int, deadline: float,
         passthrough: list[str], budget: float = 0.0, start: float | None = None,
         longest: list[float] | None = None) -> None:
-    """Run ``jobs`` (name, harness arguments) ``workers`` at a time, each into ``out / name`` (a name may hold a
-    sub-folder, e.g. one per variant), skipping those already done and starting none after ``deadline`` s, nor,
-    with ``budget``, one that would end after ``budget`` s if it took as long as the longest job finished so far
-    (``start``: the clock's zero, default now; ``longest``: a one-element list that carries the longest job's
-    time from one call to the next)."""
-    start = time.time() if start is None else start
-    longest = [0.0] if longest is None else longest
-
-    def one(job: tuple[str, list[str]]) -> str:
-        name, argv = job
-        (out / name).parent.mkdir(parents=True, exist_ok=True)
-        if (out / name / "summary.json").exists():
-            return f"{name}: done before"
-        elapsed = time.time() - start
-        if elapsed > deadline or (budget and elapsed + longest[0] > budget):
-            return f"{name}: skipped (deadline)"
-        t0 = time.time()
-        with open(out / f"{name}.log", "w") as log:
-            rc = subprocess.call([sys.executable, "-m", "sdsopt.lab", *argv, "--out", str(out / name), "--quiet",
-                                  *passthrough], stdout=log, stderr=subprocess.STDOUT, env=os.environ)
-        longest[0] = max(longest[0], time.time() - t0)
-        return f"{name}: rc={rc} in {time.time() - t0:.0f}s (at {time.time() - start:.0f}s)"
-
-    with ThreadPoolExecutor(workers) as pool:
-        for line in pool.map(one, jobs):
-            print(line, flush=True)
+    """Run ``jobs`` (name, harness arguments) in the lab's process pool (:func:`sdsopt.lab.workers.run_jobs`:
+    ``workers`` at a time, none after ``deadline`` s, nor, with ``budget``, one that would end after ``budget``
+    s), each into ``out / name`` (a name may hold a sub-folder, e.g. one per variant), skipping those done."""
+    pool = [Job(name, (*argv, "--out", str(out / name), "--quiet", *passthrough), out / f"{name}.log")
+            for name, argv in jobs]
+    run_jobs(pool, workers, deadline=deadline, budget=budget, start=start, longest=longest,
+             done=lambda job: (out / job.name / "summary.json").exists(), report=lambda line: print(line, flush=True))
 
 
 def lr_name(lr: float) -> str:
@@ -189,9 +171,6 @@ def _whole_grids(runs: list[dict]) -> list[dict]:
 
 
 def merge(args: argparse.Namespace) -> None:
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from sdsopt.lab.report import plot, summarise
-
     runs_by: dict[str, list[dict]] = defaultdict(list)
     for summary_path in sorted(Path(args.folder).glob("*/summary.json")):
         job = summary_path.parent.name

@@ -2,7 +2,8 @@
 
     python benchmarks/paired.py benchmarks/ablation/gradient_start/digits --ref sds --peers loraplus4 loraplus16
 
-Reads every ``summary.json`` under the folders given (``python -m sdsopt.lab`` outputs; a run seen twice, same
+The statistics are :mod:`sdsopt.lab.paired`'s (what ``python -m sdsopt.lab`` prints for one grid).  Reads every
+``summary.json`` under the folders given (``python -m sdsopt.lab`` outputs; a run seen twice, same
 mode, lr and seed, keeps the last one read) and prints one markdown table: per mode its best lr (lowest mean
 held-out loss over the seeds that ran at every lr of that mode; a grid point with a non-finite run ranks last),
 whether that lr is the grid's edge, held-out loss mean ± sd (population sd over seeds, as the harness's
@@ -18,49 +19,17 @@ import argparse
 import json
 import math
 import statistics
-from collections import defaultdict
+import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from sdsopt.lab.paired import best, by_key, format_paired, paired, sd  # noqa: E402
 
 
 def load(folders: list[Path]) -> dict[tuple[str, float, int], dict]:
-    runs = {}
-    for folder in folders:
-        for path in sorted(folder.rglob("summary.json")):
-            for run in json.loads(path.read_text())["runs"]:
-                runs[(run["mode"], float(run["lr"]), int(run["seed"]))] = run
-    return runs
-
-
-def _sd(values: list[float]) -> float:
-    return statistics.pstdev(values) if len(values) > 1 else 0.0
-
-
-def best(runs: dict, mode: str) -> dict:
-    """The mode's best lr over the seeds common to all its lrs, with its per-seed runs and whether it is an edge."""
-    by_lr = defaultdict(dict)
-    for (m, lr, seed), run in runs.items():
-        if m == mode:
-            by_lr[lr][seed] = run
-    seeds = set.intersection(*(set(s) for s in by_lr.values()))
-    def score(lr: float) -> float:
-        evals = [by_lr[lr][s]["eval"] for s in seeds]
-        return statistics.fmean(evals) if evals and all(math.isfinite(e) for e in evals) else math.inf
-    lrs = sorted(by_lr)
-    lr = min(lrs, key=score)
-    # the best lr's own seeds (may be more than the common ones: e.g. extra seeds run at the best lr only)
-    per_seed = {s: r["eval"] for s, r in by_lr[lr].items()}
-    acc = {s: r["accuracy"] for s, r in by_lr[lr].items() if "accuracy" in r}
-    return {"lr": lr, "edge": lr in (lrs[0], lrs[-1]) and len(lrs) > 1, "grid": lrs, "eval": per_seed,
-            "accuracy": acc, "curve": {x: score(x) for x in lrs}}
-
-
-def paired(a: dict, b: dict) -> str:
-    seeds = sorted(set(a["eval"]) & set(b["eval"]))
-    d = [a["eval"][s] - b["eval"][s] for s in seeds]
-    if not d or not all(math.isfinite(x) for x in d):
-        return "–"
-    ahead = sum(x < 0 for x in d)
-    return f"{statistics.fmean(d):+.4g} ± {_sd(d):.2g} ({ahead}/{len(d)})"
+    """Every run of every ``summary.json`` under ``folders``, keyed ``(mode, lr, seed)`` (the last read wins)."""
+    return by_key(run for folder in folders for path in sorted(folder.rglob("summary.json"))
+                  for run in json.loads(path.read_text())["runs"])
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -83,11 +52,11 @@ def main(argv: list[str] | None = None) -> None:
         e = table[m]
         ev = list(e["eval"].values())
         acc = list(e["accuracy"].values())
-        loss = f"{statistics.fmean(ev):.4g} ± {_sd(ev):.2g}" if all(math.isfinite(x) for x in ev) else "non-finite"
-        accs = f"{statistics.fmean(acc):.3f} ± {_sd(acc):.2g}" if acc else "–"
+        loss = f"{statistics.fmean(ev):.4g} ± {sd(ev):.2g}" if all(math.isfinite(x) for x in ev) else "non-finite"
+        accs = f"{statistics.fmean(acc):.3f} ± {sd(acc):.2g}" if acc else "–"
         lr = f"{e['lr']:g}" + (" (edge)" if e["edge"] else "")
-        vs_ref = paired(e, table[args.ref]) if args.ref in table and m != args.ref else "–"
-        vs_peer = paired(e, table[peer]) if peer and m != peer else "–"
+        vs_ref = format_paired(paired(e, table[args.ref])) if args.ref in table and m != args.ref else "–"
+        vs_peer = format_paired(paired(e, table[peer])) if peer and m != peer else "–"
         print(f"| {m} | {lr} | {len(ev)} | {loss} | {accs} | {vs_ref} | {vs_peer} |")
     if args.curves:
         print("\nmean held-out loss per lr (seeds common to the mode's grid):\n")

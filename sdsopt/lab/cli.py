@@ -3,7 +3,8 @@
     python -m sdsopt.lab --task linear                    # or: sdsopt-ablate --task linear
     python -m sdsopt.lab --task digits --seeds 3
     python -m sdsopt.lab --task textlm --steps 400 --device cuda
-    python -m sdsopt.lab --task smollm_math --rank 8 --device cuda --autocast bf16   # pip install "sdsopt[smollm]"
+    python -m sdsopt.lab --task smollm_math --rank 8 --device cuda --autocast bf16   # pip install ".[smollm]"
+    python -m sdsopt.lab --model DIR --data FILE.jsonl --modes lora sds --lrs 3e-4 1e-3 --seeds 3   # your own
 
 ``python -m sdsopt.ablate`` is the same command.  The modes are :mod:`sdsopt.lab.optimizers`' (``--modes``; PSI's
 options ``--psi-*``, LoRA+'s ``--loraplus-ratio``, SDSAdamW's ``--opt KEY=VALUE``), the tasks
@@ -15,16 +16,27 @@ from __future__ import annotations
 
 import argparse
 import ast
+import math
+import shlex
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
+from .data import InputError
+from .extras import MissingExtra, require_all
 from .optimizers import ABLATION_MODES, DEFAULT_MODES, is_mode
-from .report import format_table, summarise, write_outputs
+from .report import format_tables, summarise, write_outputs
 from .runs import AUTOCAST, SCHEDULES, RunConfig, run_grid
+from .store import RunStore
+from .workers import WorkerFailed, run_shards
 from .tasks import DEFAULT_LRS, DEFAULT_STEPS, TASKS, TaskConfig, make_task
 
-__all__ = ["console", "main", "mode_name", "parse_option", "parser"]
+__all__ = ["MODEL_LRS", "MODEL_MODES", "console", "learning_rate", "main", "mode_name", "parse_option", "parser"]
+
+MODEL_MODES = ("lora", "sds", "loraplus16")  # --model's default modes
+MODEL_LRS = [1e-4, 3e-4, 1e-3]  # --model's default lr grid
+HF_TASKS = ("textlm", "minilm", "smollm_math", "smollm_code")
 
 
 def mode_name(text: str) -> str:
@@ -34,6 +46,26 @@ def mode_name(text: str) -> str:
         return text
     raise argparse.ArgumentTypeError(f"unknown mode {text!r}; choose from {', '.join(ABLATION_MODES)}, "
                                      "loraplus<λ> (e.g. loraplus8) or sdsplus<λ> (sds with b_lr_ratio=λ)")
+
+
+def learning_rate(text: str) -> float:
+    """A ``--lrs`` entry: a finite positive number such as ``3e-4``."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a learning rate: write positive numbers, e.g. "
+                                         "--lrs 3e-4 1e-3")
+    return value
+
+
+def shard(text: str) -> tuple[int, int]:
+    """``--shard K/N`` (a worker process of ``--workers N``): runs ``K``, ``K + N``, … of the grid."""
+    k, _, n = text.partition("/")
+    if not (k.isdigit() and n.isdigit() and int(k) < int(n)):
+        raise argparse.ArgumentTypeError(f"{text!r}: write K/N with 0 <= K < N")
+    return int(k), int(n)
 
 
 def parse_option(text: str) -> tuple[str, Any]:
@@ -48,11 +80,12 @@ def parse_option(text: str) -> tuple[str, Any]:
 
 
 def _add_run_options(ap: argparse.ArgumentParser) -> None:
-    ap.add_argument("--task", choices=TASKS, default="linear")
-    ap.add_argument("--modes", nargs="+", type=mode_name, default=list(DEFAULT_MODES), metavar="MODE",
-                    help=f"from {', '.join(ABLATION_MODES)}, or loraplus<λ> (default: {' '.join(DEFAULT_MODES)})")
+    ap.add_argument("--task", choices=TASKS, default=None, help="a built-in task (default linear)")
+    ap.add_argument("--modes", nargs="+", type=mode_name, default=None, metavar="MODE",
+                    help=f"from {', '.join(ABLATION_MODES)}, or loraplus<λ> (default: {' '.join(DEFAULT_MODES)}; "
+                    f"with --model: {' '.join(MODEL_MODES)}); the first is the A/B's reference")
     ap.add_argument("--loraplus-ratio", type=float, default=16.0, help="λ = lr_B / lr_A of mode loraplus")
-    ap.add_argument("--lrs", type=float, nargs="+", default=None, help="≥ 4 per mode recommended")
+    ap.add_argument("--lrs", type=learning_rate, nargs="+", default=None, help="≥ 3 per mode recommended")
     ap.add_argument("--seeds", type=int, default=1)
     ap.add_argument("--first-seed", type=int, default=0, help="seeds run are first-seed … first-seed + seeds - 1")
     ap.add_argument("--steps", type=int, default=None)
@@ -61,7 +94,10 @@ def _add_run_options(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--warmup-ratio", type=float, default=0.0, help="linear lr warm-up over this share of --steps")
     ap.add_argument("--beta1", type=float, default=0.9, help="0 gives Adam without momentum")
     ap.add_argument("--weight-decay", type=float, default=0.0)
-    ap.add_argument("--metrics-every", type=int, default=10, help="0 turns metrics off (no capture, no cost)")
+    ap.add_argument("--metrics-every", type=int, default=None,
+                    help="0 turns metrics off (no capture, no cost); default 10, with --model 0")
+    ap.add_argument("--eval-every", type=int, default=0, help="also score the held-out loss every N steps")
+    ap.add_argument("--grad-accum", type=int, default=1, help="micro-batches of --batch per optimizer step")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--autocast", choices=tuple(AUTOCAST), default="none",
                     help="mixed precision of the forward and backward (parameters and optimizer stay float32)")
@@ -71,6 +107,22 @@ def _add_run_options(ap: argparse.ArgumentParser) -> None:
                     help="an SDSAdamW option for every SDS mode (repeatable): e.g. --opt warmup_steps=50")
     ap.add_argument("--out", default=None, help="output folder (default runs/<task>)")
     ap.add_argument("--quiet", action="store_true")
+    ap.add_argument("--resume", action="store_true", help="read the runs --out already holds instead of rerunning")
+    ap.add_argument("--workers", type=int, default=1,
+                    help="runs at once, as that many processes on --device (each holds its own model copy)")
+    ap.add_argument("--shard", type=shard, default=None, help=argparse.SUPPRESS)  # (a worker of --workers: K/N)
+
+
+def _add_model_options(ap: argparse.ArgumentParser) -> None:
+    g = ap.add_argument_group("your own model and data (instead of --task)")
+    g.add_argument("--model", default=None, help="a causal-LM save_pretrained folder (with its tokenizer) or a .gguf")
+    g.add_argument("--data", default=None, help="JSON Lines of {text}, {prompt, completion} or {messages}, or a "
+                   "datasets save_to_disk folder")
+    g.add_argument("--eval-data", default=None, help="the held-out records (default: --eval-fraction of --data)")
+    g.add_argument("--eval-fraction", type=float, default=0.1, help="share of --data held out (fixed split)")
+    g.add_argument("--target-modules", nargs="+", default=None, metavar="NAME",
+                   help="modules that get LoRA (default: every linear projection, PEFT's all-linear)")
+    g.add_argument("--dtype", default="float32", help="the model's weights: float32, bfloat16 or float16")
 
 
 def _add_task_options(ap: argparse.ArgumentParser) -> None:
@@ -111,6 +163,7 @@ def parser() -> argparse.ArgumentParser:
     """The command line of the harness."""
     ap = argparse.ArgumentParser(prog="python -m sdsopt.lab", description=__doc__.splitlines()[0])
     _add_run_options(ap)
+    _add_model_options(ap)
     _add_task_options(ap)
     _add_psi_options(ap)
     return ap
@@ -122,29 +175,103 @@ def _configs(args: argparse.Namespace) -> tuple[TaskConfig, RunConfig]:
                       width=args.width, layers=args.layers, block=args.block, max_len=args.max_len,
                       lora_alpha=args.lora_alpha, rslora=args.rslora, eval_examples=args.eval_examples,
                       difficulty=args.difficulty, gguf_file=args.gguf_file, model_dir=args.model_dir)
-    run = RunConfig(steps=args.steps or DEFAULT_STEPS[args.task], schedule=args.schedule,
+    run = RunConfig(steps=args.steps or DEFAULT_STEPS.get(args.task, 300), schedule=args.schedule,
                     warmup_ratio=args.warmup_ratio, beta1=args.beta1, weight_decay=args.weight_decay,
                     metrics_every=args.metrics_every, device=args.device, autocast=args.autocast, opt=dict(args.opt),
-                    accuracy=args.accuracy,
+                    accuracy=args.accuracy, grad_accum=args.grad_accum, eval_every=args.eval_every,
                     loraplus_ratio=args.loraplus_ratio, psi_iters=args.psi_iters, psi_momentum=args.psi_momentum,
                     psi_dampening=args.psi_dampening, psi_lmbd=args.psi_lmbd, psi_adam_lr=args.psi_adam_lr)
     return task, run
 
 
+def _resolve(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Fill the defaults that depend on --model, and refuse contradictory options."""
+    if args.model is not None or args.data is not None:
+        if args.task is not None:
+            ap.error(f"--task {args.task} and --model/--data: pick one (a built-in task, or your model and data)")
+        if args.model is None or args.data is None:
+            ap.error("--model and --data go together: pass both (a model folder or .gguf, and a JSON Lines file)")
+        args.task = "causal_lm"
+    else:
+        args.task = args.task or "linear"
+    own = args.task == "causal_lm"
+    args.modes = args.modes or list(MODEL_MODES if own else DEFAULT_MODES)
+    args.lrs = args.lrs or (MODEL_LRS if own else DEFAULT_LRS[args.task])
+    if args.metrics_every is None:
+        args.metrics_every = 0 if own else 10
+    for name in ("seeds", "grad_accum", "workers"):
+        if getattr(args, name) < 1:
+            ap.error(f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= 1")
+
+
+def _needed(args: argparse.Namespace) -> list[str]:
+    """The optional packages the command needs, checked before anything trains."""
+    modules = ["tqdm", "matplotlib"]
+    if args.task in (*HF_TASKS, "causal_lm") or args.schedule != "constant" or args.warmup_ratio:
+        modules.append("transformers")
+    if args.task in (*HF_TASKS, "causal_lm") or "peft_riemannian" in args.modes:
+        modules.append("peft")
+    if args.task == "digits":
+        modules.append("sklearn")
+    if "rite" in args.modes:
+        modules.append("pytorch_optimizer")
+    return modules
+
+
+def _make_task(args: argparse.Namespace, task_config: TaskConfig) -> object:
+    if args.task != "causal_lm":
+        return make_task(task_config, args.device)
+    from .tasks.causal_lm import CausalLMTask
+
+    return CausalLMTask.from_paths(args.model, args.data, args.eval_data, args.eval_fraction, dtype=args.dtype,
+                                   device=args.device, rank=args.rank, alpha=args.lora_alpha,
+                                   target_modules=args.target_modules, rslora=args.rslora, batch=args.batch or 8,
+                                   max_len=args.max_len or 512)
+
+
+GRID_OPTIONS = ("modes", "lrs", "seeds", "first_seed", "resume", "quiet", "out", "workers", "shard")
+
+
 def main(argv: list[str] | None = None) -> dict[str, dict[str, Any]]:
-    """Run the grid that ``argv`` (default ``sys.argv[1:]``) asks for, write its files, print the summary table
-    and return it (:func:`sdsopt.lab.report.summarise`)."""
-    args = parser().parse_args(argv)
-    task_config, config = _configs(args)
-    lrs = args.lrs or DEFAULT_LRS[args.task]
-    out = Path(args.out or f"runs/{args.task}")
-    task = make_task(task_config, config.device)
+    """Run the grid that ``argv`` (default ``sys.argv[1:]``) asks for, write its files, print the summary and
+    A/B tables and return the summary (:func:`sdsopt.lab.report.summarise`).  A bad input or a missing extra
+    ends the command with a one-line message (argparse's exit status 2) before anything trains."""
+    ap = parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = ap.parse_args(argv)
+    _resolve(ap, args)
+    try:
+        require_all(_needed(args), f"python -m sdsopt.lab --task {args.task}")
+        task_config, config = _configs(args)
+        task = _make_task(args, task_config)
+        out = Path(args.out or f"runs/{args.task}")
+        options = dict(vars(args))
+        store = RunStore(out)
+        if args.shard is None:  # (a worker's parent checked and recorded the recipe)
+            store.check_recipe({k: v for k, v in options.items() if k not in GRID_OPTIONS}, args.resume)
+    except (InputError, MissingExtra) as err:
+        ap.error(str(err))
+    grid = dict(modes=args.modes, lrs=args.lrs, seeds=args.seeds, config=config, first_seed=args.first_seed,
+                store=store)
+    if args.shard is not None:
+        run_grid(task, **grid, quiet=True, shard=args.shard)
+        return {}
     t0 = time.time()
-    runs = run_grid(task, args.modes, lrs, args.seeds, config, first_seed=args.first_seed, quiet=args.quiet)
+    if args.workers > 1:
+        total = len(args.modes) * len(args.lrs) * args.seeds
+        try:
+            run_shards([*argv, "--workers", "1", "--out", str(out)], args.workers, out, total, args.quiet,
+                       store.count)
+        except WorkerFailed as err:
+            raise SystemExit(f"python -m sdsopt.lab: {err}") from None
+    runs = run_grid(task, **grid, quiet=args.quiet)
     table = summarise(runs)
-    write_outputs(args.task, runs, table, out)
-    print(f"\n{len(runs)} runs in {time.time() - t0:.0f}s; curves, metrics, plots in {out}/")
-    print(format_table(args.task, table))
+    name = task.name if args.task == "causal_lm" else args.task
+    recipe = {"command": shlex.join(["python", "-m", "sdsopt.lab", *argv]), "options": options,
+              **({"data": task.describe()} if hasattr(task, "describe") else {})}
+    write_outputs(name, runs, table, out, recipe)
+    print(f"\n{len(runs)} runs in {time.time() - t0:.0f}s; curves, metrics, tables, plots in {out}/")
+    print(format_tables(name, runs, table))
     return table
 
 

@@ -1,8 +1,10 @@
 """What a grid of runs (:func:`sdsopt.lab.runs.run_grid`) leaves behind: the summary table, its files and plots.
 
 Files written to the output folder: ``curves.csv`` (train loss per step), ``metrics.csv`` (docs/math.md §5
-metrics, averaged over the model's pairs), ``summary.json`` (the table, the recipe and every run but its curves),
-and the plots ``loss_vs_step.png``, ``final_vs_lr.png`` and, with metrics, ``metrics_vs_step.png``.
+metrics, averaged over the model's pairs), ``summary.json`` (the table, the paired A/B table of
+:mod:`sdsopt.lab.paired`, the recipe and every run but its curves), ``tables.md`` (both tables in markdown), and
+the plots ``loss_vs_step.png``, ``final_vs_lr.png`` and, with metrics, ``metrics_vs_step.png``; runs scored
+during training (``eval_every``) add ``eval_curves.csv`` and ``eval_vs_step.png``.
 """
 
 from __future__ import annotations
@@ -15,9 +17,11 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from .extras import require
 from .optimizers import ABLATION_MODES
+from .paired import ab_rows, format_ab
 
-__all__ = ["format_table", "plot", "summarise", "write_outputs"]
+__all__ = ["format_table", "format_tables", "plot", "summarise", "write_outputs"]
 
 
 def _spread(values: list[float]) -> float:
@@ -56,8 +60,31 @@ def summarise(runs: list[dict]) -> dict[str, dict[str, Any]]:
     return table
 
 
-def write_outputs(task_name: str, runs: list[dict], table: dict, out: Path) -> None:
-    """The CSVs of curves and metrics, the JSON summary and the PNG plots, into ``out`` (made if missing)."""
+def _modes_in_order(runs: list[dict]) -> list[str]:
+    """The modes of ``runs`` in the order they first ran (the first is the A/B's reference)."""
+    return list(dict.fromkeys(r["mode"] for r in runs))
+
+
+def format_tables(task_name: str, runs: list[dict], table: dict) -> str:
+    """``tables.md``: the summary table (:func:`format_table`) and the paired A/B table
+    (:func:`sdsopt.lab.paired.format_ab`, the first mode run as reference)."""
+    return format_table(task_name, table) + "\n\n" + format_ab(task_name, ab_rows(runs, _modes_in_order(runs))) + "\n"
+
+
+def _write_eval_curves(task_name: str, runs: list[dict], out: Path) -> None:
+    keys = sorted({k for r in runs for e in r["eval_curve"] for k in e if k != "step"})
+    with open(out / "eval_curves.csv", "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["task", "mode", "lr", "seed", "step", *keys])
+        for r in runs:
+            w.writerows([task_name, r["mode"], r["lr"], r["seed"], e["step"], *(e.get(k, "") for k in keys)]
+                        for e in r["eval_curve"])
+
+
+def write_outputs(task_name: str, runs: list[dict], table: dict, out: Path,
+                  recipe: dict[str, Any] | None = None) -> None:
+    """The CSVs of curves and metrics, the JSON summary (with ``recipe``, e.g. the command line and every
+    option, where given), ``tables.md`` and the PNG plots, into ``out`` (made if missing)."""
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "curves.csv", "w", newline="") as fh:
         w = csv.writer(fh)
@@ -71,10 +98,17 @@ def write_outputs(task_name: str, runs: list[dict], table: dict, out: Path) -> N
         for r in runs:
             w.writerows([task_name, r["mode"], r["lr"], r["seed"], m["step"], *(m.get(k, "") for k in keys)]
                         for m in r["metrics"])
+    curved = [r for r in runs if r.get("eval_curve")]
+    if curved:
+        _write_eval_curves(task_name, curved, out)
+    ab = ab_rows(runs, _modes_in_order(runs)) if runs else []
     with open(out / "summary.json", "w") as fh:
-        recipe = {k: runs[0][k] for k in ("schedule", "warmup_ratio")} if runs else {}
-        json.dump({"task": task_name, **recipe, "table": table,
-                   "runs": [{k: v for k, v in r.items() if k not in ("curve", "metrics")} for r in runs]}, fh, indent=1)
+        shared = {k: runs[0][k] for k in ("schedule", "warmup_ratio")} if runs else {}
+        json.dump({"task": task_name, **shared, **({"recipe": recipe} if recipe is not None else {}), "table": table,
+                   "ab": ab, "runs": [{k: v for k, v in r.items() if k not in ("curve", "metrics", "eval_curve")}
+                                      for r in runs]}, fh, indent=1)
+    if runs:
+        (out / "tables.md").write_text(format_tables(task_name, runs, table))
     plot(task_name, runs, table, out)
 
 
@@ -85,7 +119,7 @@ def _log_scale_if_positive(ax: Any, values: list[float]) -> None:
 
 
 def _save(fig: Any, path: Path) -> None:
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # (imported by plot)
 
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -137,11 +171,27 @@ def _plot_metrics(plt: Any, runs: list[dict], best: dict[str, float], out: Path)
     _save(fig, out / "metrics_vs_step.png")
 
 
-def plot(task_name: str, runs: list[dict], table: dict, out: Path) -> None:
-    """``loss_vs_step.png`` (mean curve at each mode's best lr), ``final_vs_lr.png`` (held-out loss per lr) and,
-    where metrics were recorded, ``metrics_vs_step.png``, into ``out`` (matplotlib's Agg backend)."""
-    import matplotlib
+def _plot_eval(plt: Any, task_name: str, runs: list[dict], best: dict[str, float], out: Path) -> None:
+    fig, ax = plt.subplots(figsize=(6, 4))
+    plotted: list[float] = []
+    for mode, lr in best.items():
+        curves = [r["eval_curve"] for r in runs if r["mode"] == mode and r["lr"] == lr and r.get("eval_curve")]
+        if curves:
+            steps = [e["step"] for e in curves[0]]
+            mean = [statistics.fmean(c[i]["eval"] for c in curves) for i in range(len(steps))]
+            ax.plot(steps, mean, marker=".", label=f"{mode} (lr {lr:g})")
+            plotted += mean
+    ax.set(xlabel="step", ylabel="held-out loss", title=f"{task_name}: held-out loss at each mode's best lr")
+    _log_scale_if_positive(ax, plotted)
+    ax.legend(fontsize=7)
+    _save(fig, out / "eval_vs_step.png")
 
+
+def plot(task_name: str, runs: list[dict], table: dict, out: Path) -> None:
+    """``loss_vs_step.png`` (mean curve at each mode's best lr), ``final_vs_lr.png`` (held-out loss per lr),
+    where metrics were recorded ``metrics_vs_step.png``, and where runs were scored during training
+    ``eval_vs_step.png``, into ``out`` (matplotlib's Agg backend)."""
+    matplotlib = require("matplotlib", "the lab's plots")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -149,6 +199,8 @@ def plot(task_name: str, runs: list[dict], table: dict, out: Path) -> None:
     _plot_loss(plt, task_name, runs, best, out)
     _plot_lr(plt, task_name, table, out)
     _plot_metrics(plt, runs, best, out)
+    if any(r.get("eval_curve") for r in runs):
+        _plot_eval(plt, task_name, runs, best, out)
 
 
 def format_table(task_name: str, table: dict) -> str:

@@ -21,12 +21,14 @@ from ..diagnostics import factor_pairs, snapshot
 from ..optim import SDSAdamW
 from ..pairing import a_rows, b_matrix
 from ..reference import PaperSDSLayers
+from .extras import require
 from .metrics import pair_metrics
 from .optimizers import make_optimizer, needs_capture
 from .peers import is_peer
+from .store import RunStore
 
-__all__ = ["AUTOCAST", "SCHEDULES", "MetricsRecorder", "RunConfig", "autocast", "make_schedulers", "run_grid",
-           "run_one"]
+__all__ = ["AUTOCAST", "SCHEDULES", "MetricsRecorder", "RunConfig", "autocast", "grid_keys", "make_schedulers",
+           "run_grid", "run_one"]
 
 SCHEDULES = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}
 AUTOCAST = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -46,6 +48,8 @@ class RunConfig:
         accuracy: score the task's held-out accuracy too, where it has one (the LLM tasks' greedy exact match
             generates: off saves a third of a short run's time; the held-out loss is always scored).
         opt: SDSAdamW options for every SDS mode (``warmup_steps``, ``step_damping``, …); read, never written.
+        grad_accum: micro-batches per optimizer step (their mean loss is what each step descends).
+        eval_every: also score the held-out loss (and accuracy) every this many steps (0: at the end only).
         loraplus_ratio: λ of the peer mode ``loraplus`` (``loraplus<λ>`` names its own).
         psi_iters, psi_momentum, psi_dampening, psi_lmbd, psi_adam_lr: :class:`sdsopt.PSILoRA`'s
             ``lookahead_iters``, ``momentum``, ``dampening``, ``lmbd`` and ``adam_lr`` (None: the run's lr).
@@ -61,6 +65,8 @@ class RunConfig:
     autocast: str = "none"
     accuracy: bool = True
     opt: Mapping[str, Any] = field(default_factory=dict)
+    grad_accum: int = 1
+    eval_every: int = 0
     loraplus_ratio: float = 16.0
     psi_iters: int = 1
     psi_momentum: float = 0.0
@@ -75,6 +81,9 @@ class RunConfig:
             raise ValueError(f"RunConfig: schedule={self.schedule!r}; choose one of {', '.join(SCHEDULES)}")
         if self.autocast not in AUTOCAST:
             raise ValueError(f"RunConfig: autocast={self.autocast!r}; choose one of {', '.join(AUTOCAST)}")
+        if self.grad_accum < 1 or self.eval_every < 0:
+            raise ValueError(f"RunConfig: grad_accum={self.grad_accum} must be >= 1 and eval_every="
+                             f"{self.eval_every} >= 0")
 
     def psi_options(self) -> dict[str, Any]:
         """The keyword arguments of :class:`sdsopt.PSILoRA` for the modes ``psi`` and ``psi_scaled``."""
@@ -133,13 +142,25 @@ def autocast(config: RunConfig) -> contextlib.AbstractContextManager:
     return torch.autocast(torch.device(config.device).type, dtype=dtype)
 
 
+def _held_out(task: Any, model: nn.Module, config: RunConfig) -> dict[str, float]:
+    """The held-out loss and, where the task has one and ``config.accuracy``, its accuracy (under autocast)."""
+    with autocast(config):
+        extra = {"accuracy": task.eval_accuracy(model)} if config.accuracy and hasattr(task, "eval_accuracy") else {}
+        return {"eval": task.eval_loss(model), **extra}
+
+
+def _to(batch: Any, device: str) -> Any:
+    return tuple(t.to(device) for t in batch) if isinstance(batch, tuple) else batch.to(device)
+
+
 def run_one(task: Any, mode: str, lr: float, seed: int, config: RunConfig, progress: Any = None,
             on_step: Callable[[int, nn.Module, Any], None] | None = None) -> dict[str, Any]:
     """One training run of ``mode`` at ``lr`` on ``task`` (set up for ``seed``): its train-loss curve (NaN from
     the first non-finite loss on), its §5 metrics, the mean train loss of the last 5 % of steps, the held-out loss
-    and, where the task has one, the held-out accuracy.  ``progress`` (a tqdm bar) advances one per step;
-    ``on_step(step, model, opt)``, if given, is called after every optimizer step and its schedulers' step (e.g.
-    ``benchmarks/delta_alignment.py`` reads the weights there)."""
+    and, where the task has one, the held-out accuracy (with ``config.eval_every``, also their curve
+    ``eval_curve``).  Each step averages ``config.grad_accum`` micro-batches.  ``progress`` (a tqdm bar) advances
+    one per step; ``on_step(step, model, opt)``, if given, is called after every optimizer step and its
+    schedulers' step (e.g. ``benchmarks/delta_alignment.py`` reads the weights there)."""
     model = (task.full_model(seed) if mode == "full" else task.lora_model(seed)).to(config.device)
     opt = make_optimizer(mode, model, lr, (config.beta1, 0.999), config.weight_decay, psi=config.psi_options(),
                          options=config.options_for(mode))
@@ -150,14 +171,16 @@ def run_one(task: Any, mode: str, lr: float, seed: int, config: RunConfig, progr
         opt.attach(model, keep=True if config.metrics_every else None)  # (None: stops after the start)
         recorder = MetricsRecorder(opt) if config.metrics_every else None
     batches = task.batches(seed)
-    curve, metrics = [], []
+    curve, metrics, eval_curve = [], [], []
     for step in range(1, config.steps + 1):
-        batch = next(batches)
-        batch = tuple(t.to(config.device) for t in batch) if isinstance(batch, tuple) else batch.to(config.device)
         opt.zero_grad()
-        with autocast(config):
-            loss = task.loss(model, batch)
-        loss.backward()
+        value = 0.0
+        for _ in range(config.grad_accum):
+            batch = _to(next(batches), config.device)
+            with autocast(config):
+                loss = task.loss(model, batch) / config.grad_accum
+            loss.backward()
+            value += float(loss.detach())
         record = recorder is not None and (step == 1 or step % config.metrics_every == 0)
         if record:
             recorder.before()
@@ -170,7 +193,6 @@ def run_one(task: Any, mode: str, lr: float, seed: int, config: RunConfig, progr
             metrics.append({"step": step, **recorder.after()})
         if on_step is not None:
             on_step(step, model, opt)
-        value = float(loss.detach())
         curve.append(value if math.isfinite(value) else float("nan"))
         if progress is not None:
             progress.update(1)
@@ -179,28 +201,50 @@ def run_one(task: Any, mode: str, lr: float, seed: int, config: RunConfig, progr
             if progress is not None:
                 progress.update(config.steps - step)
             break
-    with autocast(config):
-        extra = {"accuracy": task.eval_accuracy(model)} if config.accuracy and hasattr(task, "eval_accuracy") else {}
-        held_out = task.eval_loss(model)
+        if config.eval_every and step % config.eval_every == 0 and step < config.steps:
+            eval_curve.append({"step": step, **_held_out(task, model, config)})
+    held_out = _held_out(task, model, config)
+    if config.eval_every:
+        eval_curve.append({"step": config.steps, **held_out})
     return {"mode": mode, "lr": lr, "seed": seed, "schedule": config.schedule, "warmup_ratio": config.warmup_ratio,
             "curve": curve, "metrics": metrics, "final_train": statistics.fmean(curve[-max(1, config.steps // 20):]),
-            "eval": held_out, **extra}
+            **held_out, **({"eval_curve": eval_curve} if config.eval_every else {})}
+
+
+def grid_keys(modes: Iterable[str], lrs: list[float], seeds: int, first_seed: int = 0
+              ) -> list[tuple[int, str, float]]:
+    """The grid's runs as ``(seed, mode, lr)``, seeds outermost (each seed's base and initialisation built once)."""
+    modes = list(modes)
+    return [(seed, mode, lr) for seed in range(first_seed, first_seed + seeds) for mode in modes for lr in lrs]
 
 
 def run_grid(task: Any, modes: Iterable[str], lrs: list[float], seeds: int, config: RunConfig, *,
-             first_seed: int = 0, quiet: bool = False) -> list[dict[str, Any]]:
-    """:func:`run_one` for every mode × lr × seed (seeds ``first_seed`` … ``first_seed + seeds − 1``) on ``task``;
-    seeds outermost so each base/initialisation is built once.  A tqdm bar on stderr unless ``quiet``."""
-    from tqdm.auto import tqdm
+             first_seed: int = 0, quiet: bool = False, store: RunStore | None = None,
+             shard: tuple[int, int] | None = None) -> list[dict[str, Any]]:
+    """:func:`run_one` for every mode × lr × seed (seeds ``first_seed`` … ``first_seed + seeds − 1``) on ``task``,
+    in :func:`grid_keys`' order.  With ``store``, each finished run is saved there and a run found there is read
+    instead of run (resume).  ``shard=(k, n)`` runs only every n-th run from the k-th (one of n worker
+    processes filling one store: :mod:`sdsopt.lab.workers`).  Progress bars on stderr, over the runs and over
+    each run's steps, unless ``quiet``."""
+    tqdm = require("tqdm", "the lab's progress bar").tqdm
 
-    modes = list(modes)
-    runs = []
-    with tqdm(total=len(modes) * len(lrs) * seeds * config.steps, desc=task.name, unit="step", disable=quiet,
-              file=sys.stderr) as progress:
-        for seed in range(first_seed, first_seed + seeds):
-            task.setup(seed)
-            for mode in modes:
-                for lr in lrs:
-                    progress.set_postfix(mode=mode, lr=lr, seed=seed)
-                    runs.append(run_one(task, mode, lr, seed, config, progress))
+    keys = grid_keys(modes, lrs, seeds, first_seed)
+    if shard is not None:
+        keys = keys[shard[0]::shard[1]]
+    runs, ready = [], None
+    with tqdm(total=len(keys), desc=task.name, unit="run", disable=quiet, file=sys.stderr, position=0) as outer:
+        for seed, mode, lr in keys:
+            run = store.load(mode, lr, seed) if store is not None else None
+            if run is None:
+                if ready != seed:
+                    task.setup(seed)
+                    ready = seed
+                outer.set_postfix(mode=mode, lr=lr, seed=seed)
+                with tqdm(total=config.steps, desc=f"{mode} lr {lr:g} seed {seed}", unit="step", disable=quiet,
+                          file=sys.stderr, position=1, leave=False) as steps:
+                    run = run_one(task, mode, lr, seed, config, steps)
+                if store is not None:
+                    store.save(run)
+            runs.append(run)
+            outer.update(1)
     return runs

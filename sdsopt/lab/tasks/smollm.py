@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from .causal import collate, evaluate, load_pretrained, peft_lora
 from .problems import (CODE_TEST_MODULES, CODE_TRAIN_MODULES, Example, final_answer, first_code_line,
                        stdlib_functions,
                        word_problems)
@@ -133,17 +134,11 @@ class SmolLMTask:
 
     def _collate(self, rows: list[tuple[list[int], int]]) -> tuple[Tensor, Tensor, Tensor]:
         """Right-padded ids, attention mask, labels (``-100`` on prompt and padding)."""
+        return collate([(ids, [-100] * n_prompt + ids[n_prompt:]) for ids, n_prompt in rows], self._pad())
+
+    def _pad(self) -> int:
         pad = self.tokenizer.pad_token_id
-        pad = pad if pad is not None else self.tokenizer.eos_token_id
-        width = max(len(ids) for ids, _ in rows)
-        ids = torch.full((len(rows), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        labels = torch.full((len(rows), width), -100, dtype=torch.long)
-        for i, (row, n_prompt) in enumerate(rows):
-            ids[i, : len(row)] = torch.tensor(row)
-            mask[i, : len(row)] = 1
-            labels[i, n_prompt: len(row)] = torch.tensor(row[n_prompt:])
-        return ids, mask, labels
+        return pad if pad is not None else self.tokenizer.eos_token_id
 
     def batches(self, seed: int) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
         gen = torch.Generator().manual_seed(10_000 + seed)
@@ -155,27 +150,12 @@ class SmolLMTask:
     # -- models --------------------------------------------------------------------------------------------
     def full_model(self, seed: int) -> nn.Module:
         if self._base is None:
-            from transformers import AutoModelForCausalLM
-            from transformers.utils import logging
-
-            verbosity = logging.get_verbosity()
-            logging.set_verbosity_error()
-            try:
-                kw = {"gguf_file": self.gguf_file} if self.gguf_file else {}
-                self._base = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=torch.float32, **kw)
-            finally:
-                logging.set_verbosity(verbosity)
-            self._base.eval()
+            self._base = load_pretrained(self.model_dir, self.gguf_file)[0]
         return copy.deepcopy(self._base).to(self.device)
 
     def lora_model(self, seed: int) -> nn.Module:
-        from peft import LoraConfig, get_peft_model
-
-        model = self.full_model(seed)
-        torch.manual_seed(seed)
-        config = LoraConfig(r=self.rank, lora_alpha=self.alpha, use_rslora=self.rslora, lora_dropout=0.0,
-                            target_modules=list(LLAMA_TARGETS), task_type="CAUSAL_LM")
-        return get_peft_model(model, config)
+        self.full_model(seed)  # (loads the base once)
+        return peft_lora(self._base, seed, self.rank, self.alpha, LLAMA_TARGETS, self.rslora).to(self.device)
 
     # -- loss and metrics ----------------------------------------------------------------------------------
     @staticmethod
@@ -183,20 +163,10 @@ class SmolLMTask:
         ids, mask, labels = batch
         return model(input_ids=ids, attention_mask=mask, labels=labels).loss
 
-    @torch.no_grad()
     def eval_loss(self, model: nn.Module, batch_size: int = 16) -> float:
         """Token-averaged loss on the target tokens of the held-out examples."""
-        device = next(model.parameters()).device
-        total, count = 0.0, 0
-        rows = self._encoded[1]
-        for i in range(0, len(rows), batch_size):
-            ids, mask, labels = (t.to(device) for t in self._collate(rows[i: i + batch_size]))
-            logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
-            target = labels[:, 1:]
-            total += float(nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
-                                                       ignore_index=-100, reduction="sum"))
-            count += int((target != -100).sum())
-        return total / count
+        rows = [(ids, [-100] * n_prompt + ids[n_prompt:]) for ids, n_prompt in self._encoded[1]]
+        return evaluate(model, rows, self._pad(), batch_size)[0]
 
     @torch.no_grad()
     def generate(self, model: nn.Module, examples: list[Example], max_new_tokens: int,
