@@ -56,6 +56,35 @@ def test_ablation_example_runs(tmp_path):
     assert set(table) == {"full", "lora", "sds", "scaled"}
 
 
+@pytest.mark.slow  # runs the lab (sdsopt.lab)
+def test_own_task_example_follows_the_task_protocol(tmp_path, capsys):
+    """examples/own_task.py: its ~30-line task is a sdsopt.lab.Task, and run_grid's A/B on it pairs the seeds."""
+    from sdsopt.lab import Task
+
+    example = load("own_task")
+    assert isinstance(example.LowRankShift(), Task)
+    runs = example.main(["--steps", "20", "--seeds", "2", "--out", str(tmp_path)])
+    assert sorted({(r["mode"], r["seed"]) for r in runs}) == [("lora", 0), ("lora", 1), ("sds", 0), ("sds", 1)]
+    assert "vs lora (per seed)" in capsys.readouterr().out and (tmp_path / "tables.md").exists()
+
+
+@pytest.mark.slow  # runs the lab (sdsopt.lab)
+def test_trainer_ab_example_pairs_its_seeds(tmp_path, capsys):
+    """examples/trainer_ab.py: every mode × lr × seed through the user's Trainer, the eval loss read from its
+    logs; sds's warm-up steps are AdamW's, so within them each seed's sds run equals its lora run (same adapter,
+    same batches) while LoRA+ differs."""
+    runs = load("trainer_ab").main(["--steps", "4", "--seeds", "2", "--lrs", "3e-3", "--width", "16", "--block",
+                                    "16", "--out", str(tmp_path)])
+    by = {(r["mode"], r["seed"]): r for r in runs}
+    assert len(runs) == 6 and all(len(r["curve"]) == 4 for r in runs)
+    for seed in (0, 1):
+        assert by[("sds", seed)]["eval"] == pytest.approx(by[("lora", seed)]["eval"], rel=1e-6)
+        assert by[("loraplus16", seed)]["eval"] != pytest.approx(by[("lora", seed)]["eval"], rel=1e-6)
+    assert by[("lora", 0)]["eval"] != by[("lora", 1)]["eval"]
+    assert "| loraplus16 | 0.003 | 2 |" in (tmp_path / "tables.md").read_text()
+    assert "vs lora (per seed)" in capsys.readouterr().out
+
+
 def torchrun(args: list[str], timeout: float = 150.0):
     """``torchrun --standalone --nproc-per-node 2 examples/distributed.py ARGS`` on CPUs; returns the finished
     process (stdout, stderr, returncode).

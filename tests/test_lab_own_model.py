@@ -190,3 +190,20 @@ def test_a_missing_extra_gets_one_line_naming_the_pip_install(monkeypatch, capsy
     monkeypatch.setattr(extras.importlib, "import_module", fail)
     with pytest.raises(extras.MissingExtra, match=r'pip install "\.\[integrations\]"'):
         extras.require("datasets", "reading a save_to_disk folder")
+
+
+def test_trainer_optimizer_of_each_kind_of_mode():
+    """What ``Trainer(optimizer_cls_and_kwargs=...)`` gets per mode: SDSAdamW's modes with their options, LoRA+ as
+    SDSAdamW's lora with the ratio on B, full as AdamW; a peer without such a class is refused by name."""
+    from sdsopt import SDSAdamW
+    from sdsopt.lab.trainer_ab import trainer_optimizer
+
+    assert trainer_optimizer("sds", 1e-3, {"warmup_steps": 5}) == (SDSAdamW, {"lr": 1e-3, "mode": "sds",
+                                                                               "warmup_steps": 5})
+    assert trainer_optimizer("lora", 1e-3, {"warmup_steps": 5}) == (SDSAdamW, {"lr": 1e-3, "mode": "lora"})
+    assert trainer_optimizer("loraplus4", 2e-4) == (SDSAdamW, {"lr": 2e-4, "mode": "lora", "b_lr_ratio": 4.0})
+    assert trainer_optimizer("sds_gs", 1e-3)[1] == {"lr": 1e-3, "mode": "sds", "b_lr_ratio": 1.0,
+                                                    "gradient_start": True, "warmup_steps": 0}
+    assert trainer_optimizer("full", 1e-5) == (torch.optim.AdamW, {"lr": 1e-5})
+    with pytest.raises(ValueError, match="mode 'rite' has no optimizer class"):
+        trainer_optimizer("rite", 1e-3)

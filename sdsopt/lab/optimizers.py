@@ -24,7 +24,7 @@ from ..optim import SDSAdamW
 from ..psi import PSILoRA
 from .peers import Chained, is_peer, make_peer
 
-__all__ = ["ABLATION_MODES", "DEFAULT_MODES", "is_mode", "make_optimizer", "needs_capture"]
+__all__ = ["ABLATION_MODES", "DEFAULT_MODES", "is_mode", "make_optimizer", "needs_capture", "sdsadamw_kwargs"]
 
 DEFAULT_MODES = ("full", "lora", "sds", "sds_undamped", "sds_polar", "sds_sigma", "scaled", "sds_layer", "psi",
                  "psi_scaled", "svd_oracle")
@@ -44,34 +44,45 @@ def needs_capture(mode: str) -> bool:
     return mode == "svd_oracle"
 
 
-def make_optimizer(mode: str, model: nn.Module, lr: float, betas: tuple[float, float], weight_decay: float,
-                   psi: dict[str, Any] | None = None, options: dict[str, Any] | None = None
-                   ) -> torch.optim.Optimizer | Chained:
-    """The optimizer of one run: a peer of :mod:`sdsopt.lab.peers` (``options``: its own), AdamW for ``full`` and
-    ``sds_layer``, :class:`sdsopt.PSILoRA` for ``psi`` (``psi``: its ``lookahead_iters``, ``momentum``,
-    ``dampening``, ``lmbd``, ``adam_lr``), else SDSAdamW in ``mode`` (same Adam everywhere) with ``options``
-    (e.g. ``warmup_steps``, ``step_damping``) on top of the mode's own; ``lora`` takes no options (an SDS option
-    would not change plain AdamW on the factors)."""
+def sdsadamw_kwargs(mode: str, options: dict[str, Any] | None = None) -> dict[str, Any] | None:
+    """SDSAdamW's keyword arguments (all but lr, betas and weight decay) of a mode that SDSAdamW runs, with
+    ``options`` (e.g. ``warmup_steps``) on top of the mode's own (``lora`` takes none: an SDS option would not
+    change plain AdamW on the factors); None for the modes it does not run (the peers, ``psi``, ``full``,
+    ``sds_layer``)."""
     if mode.endswith("_gs"):  # the gradient-aligned start (docs/math.md (2.8)) on SDSAdamW's lora/sds
         base = mode[:-len("_gs")]
         ratio = float(re.sub(r"^(lora|sds)(plus)?", "", base) or 1.0)
         kw = dict(mode="lora" if base.startswith("lora") else "sds", b_lr_ratio=ratio, gradient_start=True)
         if kw["mode"] == "sds":
             kw.update({"warmup_steps": 0, **(options or {})})  # (--opt may set its own)
-        return SDSAdamW(model, lr=lr, betas=betas, weight_decay=weight_decay, **kw)  # (records from the model)
+        return kw
+    if is_peer(mode) or mode in ("psi", "psi_scaled", "full", "sds_layer"):
+        return None
+    kw = {"sds_sigma": dict(mode="sds_polar", decouple_sigma=True),
+          "sds_undamped": dict(mode="sds", step_damping=0.0)}.get(mode, dict(mode=mode))
+    if mode.startswith("sdsplus"):  # sds with LoRA+'s ratio on B (docs/math.md (2.7))
+        kw = dict(mode="sds", b_lr_ratio=float(mode[len("sdsplus"):]))
+    if mode != "lora":
+        kw.update(options or {})
+    return kw
+
+
+def make_optimizer(mode: str, model: nn.Module, lr: float, betas: tuple[float, float], weight_decay: float,
+                   psi: dict[str, Any] | None = None, options: dict[str, Any] | None = None
+                   ) -> torch.optim.Optimizer | Chained:
+    """The optimizer of one run: a peer of :mod:`sdsopt.lab.peers` (``options``: its own), AdamW for ``full`` and
+    ``sds_layer``, :class:`sdsopt.PSILoRA` for ``psi`` (``psi``: its ``lookahead_iters``, ``momentum``,
+    ``dampening``, ``lmbd``, ``adam_lr``), else SDSAdamW in ``mode`` (same Adam everywhere) with
+    :func:`sdsadamw_kwargs`; the gradient-started ``_gs`` modes get the model (they record its first batch)."""
+    kw = sdsadamw_kwargs(mode, options)
+    if kw is not None:
+        params = model if mode.endswith("_gs") else [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        return SDSAdamW(params, lr=lr, betas=betas, weight_decay=weight_decay, **kw)
     if is_peer(mode):
         return make_peer(mode, model, lr, betas, weight_decay, options)
     if mode in ("psi", "psi_scaled"):
         extra = dict(metric="diagonal") if mode == "psi_scaled" else {}
         return PSILoRA(model, lr=lr, betas=betas, weight_decay=weight_decay, **{**(psi or {}), **extra})
-    if mode in ("full", "sds_layer"):  # sds_layer: AdamW on the paper's layer (PaperSDSLayers in the run)
-        return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, betas=betas,
-                                 weight_decay=weight_decay, foreach=False)
-    kw: dict[str, Any] = {"sds_sigma": dict(mode="sds_polar", decouple_sigma=True),
-                          "sds_undamped": dict(mode="sds", step_damping=0.0)}.get(mode, dict(mode=mode))
-    if mode.startswith("sdsplus"):  # sds with LoRA+'s ratio on B (docs/math.md (2.7))
-        kw = dict(mode="sds", b_lr_ratio=float(mode[len("sdsplus"):]))
-    if mode != "lora":
-        kw.update(options or {})
-    return SDSAdamW([(n, p) for n, p in model.named_parameters() if p.requires_grad], lr=lr, betas=betas,
-                    weight_decay=weight_decay, **kw)
+    # full, sds_layer: AdamW (sds_layer on the paper's layer, PaperSDSLayers in the run)
+    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, betas=betas,
+                             weight_decay=weight_decay, foreach=False)

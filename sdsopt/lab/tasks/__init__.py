@@ -2,8 +2,10 @@
 their registry: :data:`TASKS`, each one's default lr grid and length, and :func:`make_task` from a
 :class:`TaskConfig`.
 
-Every task offers ``name``, ``setup(seed)``, ``full_model(seed)``, ``lora_model(seed)``, ``batches(seed)``,
-``loss(model, batch)``, ``eval_loss(model)`` and, for the classifiers and the LLM tasks, ``eval_accuracy(model)``.
+Every task offers what :class:`sdsopt.lab.protocol.Task` lists: ``name``, ``setup(seed)``, ``full_model(seed)``,
+``lora_model(seed)``, ``batches(seed)``, ``loss(model, batch)``, ``eval_loss(model)`` and, for the classifiers and
+the LLM tasks, ``eval_accuracy(model)``; ``causal_lm`` (:class:`~sdsopt.lab.tasks.causal_lm.CausalLMTask`, a
+user's model and data) is built by the CLI's ``--model``/``--data``, not by :func:`make_task`.
 Each task module is imported only when :func:`make_task` builds it (``transformers`` and PEFT load with the tasks
 that need them).
 """

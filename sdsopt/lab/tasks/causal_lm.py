@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..data import InputError, detect_format, encode_all, load_records, split
+from ..data import IGNORE, InputError, detect_format, encode_all, load_records, split
 from .causal import Row, check_targets, collate, evaluate, load_pretrained, locate, peft_lora
 
 __all__ = ["DTYPES", "CausalLMTask"]
@@ -65,24 +65,36 @@ class CausalLMTask:
         self.base = model.eval()
 
     @classmethod
+    def from_records(cls, model: nn.Module, tokenizer: Any, records: Iterable[dict[str, Any]],
+                     eval_records: Iterable[dict[str, Any]] | None = None, eval_fraction: float = 0.1,
+                     **options: Any) -> CausalLMTask:
+        """The task of a model and a data set (records, or a ``datasets.Dataset``): the held-out split is
+        ``eval_records``, else the last ``eval_fraction`` of ``records`` (:func:`sdsopt.lab.data.split`, fixed
+        whatever the run's seed).  ``options``: :meth:`__init__`'s."""
+        records = list(records)
+        if eval_records is None:
+            records, eval_records = split(records, eval_fraction)
+        return cls(model, tokenizer, records, eval_records, **options)
+
+    @classmethod
     def from_paths(cls, model: str | Path, data: str | Path, eval_data: str | Path | None = None,
                    eval_fraction: float = 0.1, dtype: str = "float32", device: str = "cpu",
                    **options: Any) -> CausalLMTask:
         """The task of a local checkpoint (a ``save_pretrained`` folder or a ``.gguf`` file) and data files
-        (:func:`sdsopt.lab.data.load_records`): the held-out split is ``eval_data``, else the last
-        ``eval_fraction`` of ``data`` (:func:`sdsopt.lab.data.split`).  ``options``: :meth:`__init__`'s."""
+        (:func:`sdsopt.lab.data.load_records`), as :meth:`from_records` splits them; every input is checked
+        before the model loads.  ``options``: :meth:`__init__`'s."""
         if dtype not in DTYPES:
             raise InputError(f"--dtype {dtype}: choose one of {', '.join(DTYPES)}")
         folder, gguf_file = locate(model)
         records = load_records(data, "--data")
         detect_format(records, "--data")  # (before the model loads: a bad file fails in a second)
         if eval_data is not None:
-            train, held_out = records, load_records(eval_data, "--eval-data")
+            eval_records = load_records(eval_data, "--eval-data")
         else:
-            train, held_out = split(records, eval_fraction)
+            records, eval_records = split(records, eval_fraction)
         base, tokenizer = load_pretrained(folder, gguf_file, DTYPES[dtype])
         name = options.pop("name", None) or (Path(gguf_file).stem if gguf_file else folder.name)
-        return cls(base.to(device), tokenizer, train, held_out, name=name, **options)
+        return cls(base.to(device), tokenizer, records, eval_records, name=name, **options)
 
     # -- the task protocol (sdsopt.lab.tasks) -------------------------------------------------------------------
     def setup(self, seed: int) -> None:
@@ -120,6 +132,6 @@ class CausalLMTask:
     def describe(self) -> dict[str, Any]:
         """What the summary records of the task: format, record and token counts, the adapter."""
         return {"format": self.format, "train_records": len(self.train_rows), "eval_records": len(self.eval_rows),
-                "eval_tokens": sum(sum(t != -100 for t in labels[1:]) for _, labels in self.eval_rows),
+                "eval_tokens": sum(sum(t != IGNORE for t in labels[1:]) for _, labels in self.eval_rows),
                 "rank": self.rank, "lora_alpha": self.alpha, "rslora": self.rslora,
                 "target_modules": self.target_modules or "all-linear"}
