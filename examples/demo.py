@@ -16,6 +16,7 @@ import time
 import torch
 
 from sdsopt import SDSAdamW
+from sdsopt.lab.extras import exit_if_missing
 from sdsopt.lab.tasks.text import TextLMTask
 
 
@@ -35,6 +36,7 @@ def adapt(task: TextLMTask, make_opt, steps: int) -> tuple[list[float], float]:
 
 
 def main(argv=None):
+    exit_if_missing(["transformers", "peft"], "examples/demo.py")
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=400, help="LoRA adaptation steps per optimizer")
     parser.add_argument("--pretrain-steps", type=int, default=600)

