@@ -71,14 +71,15 @@ def format_tables(task_name: str, runs: list[dict], table: dict) -> str:
     return format_table(task_name, table) + "\n\n" + format_ab(task_name, ab_rows(runs, _modes_in_order(runs))) + "\n"
 
 
-def _write_eval_curves(task_name: str, runs: list[dict], out: Path) -> None:
-    keys = sorted({k for r in runs for e in r["eval_curve"] for k in e if k != "step"})
-    with open(out / "eval_curves.csv", "w", newline="") as fh:
+def _write_records(task_name: str, runs: list[dict], field: str, path: Path) -> None:
+    """One CSV row per record ``{"step": ..., name: value, ...}`` of each run's list ``run[field]``."""
+    keys = sorted({k for r in runs for e in r.get(field, []) for k in e if k != "step"})
+    with open(path, "w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(["task", "mode", "lr", "seed", "step", *keys])
         for r in runs:
             w.writerows([task_name, r["mode"], r["lr"], r["seed"], e["step"], *(e.get(k, "") for k in keys)]
-                        for e in r["eval_curve"])
+                        for e in r.get(field, []))
 
 
 def write_outputs(task_name: str, runs: list[dict], table: dict, out: Path,
@@ -91,16 +92,9 @@ def write_outputs(task_name: str, runs: list[dict], table: dict, out: Path,
         w.writerow(["task", "mode", "lr", "seed", "step", "loss"])
         for r in runs:
             w.writerows([task_name, r["mode"], r["lr"], r["seed"], i + 1, v] for i, v in enumerate(r["curve"]))
-    keys = sorted({k for r in runs for m in r["metrics"] for k in m if k != "step"})
-    with open(out / "metrics.csv", "w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(["task", "mode", "lr", "seed", "step", *keys])
-        for r in runs:
-            w.writerows([task_name, r["mode"], r["lr"], r["seed"], m["step"], *(m.get(k, "") for k in keys)]
-                        for m in r["metrics"])
-    curved = [r for r in runs if r.get("eval_curve")]
-    if curved:
-        _write_eval_curves(task_name, curved, out)
+    _write_records(task_name, runs, "metrics", out / "metrics.csv")
+    if any(r.get("eval_curve") for r in runs):
+        _write_records(task_name, runs, "eval_curve", out / "eval_curves.csv")
     ab = ab_rows(runs, _modes_in_order(runs)) if runs else []
     with open(out / "summary.json", "w") as fh:
         shared = {k: runs[0][k] for k in ("schedule", "warmup_ratio")} if runs else {}
