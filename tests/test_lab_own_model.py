@@ -231,3 +231,30 @@ def test_the_gguf_path(own, tmp_path):
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert set(table) == {"lora", "sds"} and summary["task"] == name.removesuffix(".gguf")
     assert all(math.isfinite(r["eval"]) for r in summary["runs"])
+
+
+def test_the_loss_is_on_the_completion_and_the_assistant_turns_only(own):
+    """prompt/completion: the trained tokens are the completion's and the eos; messages (a template without
+    generation markers): each assistant turn as the template renders it after its generation prompt
+    (``<|assistant|>``, which is the prompt's); text: every token."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(own / "model")
+
+    def trained(record, fmt):
+        ids, labels = data.encode(record, fmt, tokenizer)
+        assert len(ids) == len(labels)
+        return tokenizer.decode([t for t in labels if t != data.IGNORE])
+
+    assert trained({"prompt": "3 plus 1 is", "completion": " 4."}, "prompt_completion") == " 4.<eos>"
+    chat = [{"role": "user", "content": "3 plus 1 is"}, {"role": "assistant", "content": " 4."},
+            {"role": "user", "content": "2 plus 2 is"}, {"role": "assistant", "content": " 4."}]
+    assert trained({"messages": chat}, "messages") == " 4.<eos>\n 4.<eos>\n"  # (after the generation prompt)
+    assert trained({"text": "3 plus 1 is 4."}, "text") == "3 plus 1 is 4.<eos>"
+
+
+def test_the_held_out_split_is_fixed_whatever_the_run_seed():
+    records = [{"text": str(i)} for i in range(50)]
+    train, held = data.split(records, 0.1)
+    assert len(held) == 5 and not {r["text"] for r in train} & {r["text"] for r in held}
+    assert data.split(records, 0.1) == (train, held) and held != records[-5:]  # (shuffled, by SPLIT_SEED only)

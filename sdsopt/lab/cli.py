@@ -8,8 +8,11 @@
 
 ``python -m sdsopt.ablate`` is the same command.  The modes are :mod:`sdsopt.lab.optimizers`' (``--modes``; PSI's
 options ``--psi-*``, LoRA+'s ``--loraplus-ratio``, SDSAdamW's ``--opt KEY=VALUE``), the tasks
-:mod:`sdsopt.lab.tasks`'.  Writes to ``--out`` the files of :mod:`sdsopt.lab.report` (curves, metrics every
-``--metrics-every`` steps, summary, plots) and prints the summary table last.
+:mod:`sdsopt.lab.tasks`', or a user's causal LM and data with ``--model``/``--data``
+(:mod:`sdsopt.lab.tasks.causal_lm`, :mod:`sdsopt.lab.data`).  Writes to ``--out`` the files of
+:mod:`sdsopt.lab.report` (curves, metrics every ``--metrics-every`` steps, summary with the paired A/B table, plots)
+and prints the tables last; ``--resume`` reads the finished runs ``--out`` holds, ``--workers N`` runs N at once
+(:mod:`sdsopt.lab.workers`).
 """
 
 from __future__ import annotations
