@@ -32,6 +32,8 @@ import torch
 
 from e2e_step import SDS_WARMUP, build
 from sdsopt import SDSAdamW
+from sdsopt.linalg import float32_matmul
+from sdsopt.products import IEEE, TF32X3, gram_x3, matmul_x3
 
 KINDS = (("products", ("gemm", "bmm", "sgemm", "xmma", "cutlass", "gemv")),
          ("Adam", ("adam", "multi_tensor_apply")),
@@ -145,11 +147,6 @@ def _shapes(hidden: int, ffn: int, layers: int) -> dict[str, tuple[int, int, int
             "down": (layers, hidden, ffn)}
 
 
-def _tf32_split(x):
-    hi = (x.view(torch.int32) & -8192).view(torch.float32)
-    return hi, x - hi
-
-
 def _timed(fn, device, reps: int = 10) -> float:
     for _ in range(2):
         fn()
@@ -170,7 +167,8 @@ def _timed(fn, device, reps: int = 10) -> float:
 
 
 def products(args, rank: int) -> dict[str, dict[str, float]]:
-    """ms of each product of the torch path on the shape buckets, per precision."""
+    """ms of each product of the torch path on the shape buckets per precision (IEEE, TF32, tf32x3: the library's
+    :mod:`sdsopt.products`, bf16), and each one's error against float64, relative to the product's norm."""
     device = torch.device(args.device)
     ffn = int(args.hidden * 2.6875)
     out = {}
@@ -180,57 +178,42 @@ def products(args, rank: int) -> dict[str, dict[str, float]]:
             X = torch.randn(k, rank, p, device=device) / p**0.5
             if side == "B":
                 X = X.mT.contiguous()
-            K = X @ X.mT if side == "A" else X.mT @ X
+            rows = X if side == "A" else X.mT  # the row form [k, r, p] whose Gram is K
+            K = rows @ rows.mT
             Li = torch.linalg.inv(torch.linalg.cholesky(K + 1e-3 * torch.eye(rank, device=device)))
             g = torch.randn_like(X)
-            flops = {"gram": 2 * k * rank * rank * p, "coord": 2 * k * rank * rank * p, "map": 2 * k * rank * rank * p}
+            flops = 2 * k * rank * rank * p  # each of the three products
 
-            def tf32x3(a, b):
-                ah, al = _tf32_split(a)
-                bh, bl = _tf32_split(b)
-                return ah @ bh + (ah @ bl + al @ bh)
+            def precision(prec: str):
+                return float32_matmul("high" if prec == "tf32" else "highest")
 
-            def left(f, a, b):  # the product of the side: Li·g (A) or g·Liᵀ (B)
-                return f(a, b) if side == "A" else f(b, a.mT)
+            def variant(prec: str) -> dict:
+                if prec == "tf32x3":
+                    gram_f, mul, add_ = gram_x3, matmul_x3, TF32X3.add_
+                elif prec == "bf16":
+                    gram_f = lambda x: (x.bfloat16() @ x.bfloat16().mT).float()  # noqa: E731
+                    mul = lambda a, b: (a.bfloat16() @ b.bfloat16()).float()  # noqa: E731
+                    add_ = lambda x, a, b: x.add_(mul(a, b))  # noqa: E731
+                else:
+                    gram_f, mul, add_ = IEEE
+                coord = (lambda: mul(Li, g)) if side == "A" else (lambda: mul(g, Li.mT))
+                back = (lambda: add_(X.clone(), Li, g)) if side == "A" else (lambda: add_(X.clone(), g, Li.mT))
+                return {"gram": lambda: gram_f(rows), "coord": coord, "map": back}
 
-            def gram_x3():
-                h, lo = _tf32_split(X if side == "A" else X.mT)
-                c = h @ lo.mT
-                return h @ h.mT + c + c.mT
-
-            def mm(a, b):
-                return a @ b
-
-            def bf(a, b):
-                return (a.bfloat16() @ b.bfloat16()).float()
-
-            gram_plain = (lambda: X @ X.mT) if side == "A" else (lambda: X.mT @ X)
-            map_plain = ((lambda: X.clone().baddbmm_(Li, g)) if side == "A" else (lambda: X.clone().baddbmm_(g, Li.mT)))
-            variants = {
-                "ieee": {"gram": gram_plain, "coord": lambda: left(mm, Li, g), "map": map_plain},
-                "tf32x3": {"gram": gram_x3, "coord": lambda: left(tf32x3, Li, g), "map": lambda: X + left(tf32x3, Li, g)},
-                "tf32": {"gram": gram_plain, "coord": lambda: left(mm, Li, g), "map": map_plain},
-                "bf16": {"gram": lambda: bf(X, X.mT) if side == "A" else bf(X.mT, X), "coord": lambda: left(bf, Li, g),
-                         "map": lambda: X + left(bf, Li, g)},
-            }
-            for prec, fns in variants.items():
-                torch.backends.cuda.matmul.allow_tf32 = prec == "tf32"
-                for op, fn in fns.items():
-                    ms = _timed(fn, device)
-                    key = f"r{rank} {name} {side} [{k}x{p}] {op}"
-                    out.setdefault(key, {})[prec] = ms
-            torch.backends.cuda.matmul.allow_tf32 = False
-            # float64 error of each precision's product, relative to the product's norm
-            ref = left(mm, Li.double(), g.double())
-            for prec, f in (("ieee", lambda: left(mm, Li, g)), ("tf32x3", lambda: left(tf32x3, Li, g)),
-                            ("bf16", lambda: left(bf, Li, g))):
-                err = ((f().double() - ref).norm() / ref.norm()).item()
-                out[f"r{rank} {name} {side} [{k}x{p}] coord"][f"{prec} rel.err"] = err
+            refs = {"gram": rows.double() @ rows.double().mT,
+                    "coord": Li.double() @ g.double() if side == "A" else g.double() @ Li.double().mT}
+            for prec in ("ieee", "tf32", "tf32x3", "bf16"):
+                with precision(prec):
+                    for op, fn in variant(prec).items():
+                        row = out.setdefault(f"r{rank} {name} {side} [{k}x{p}] {op}", {})
+                        row[prec] = _timed(fn, device)
+                        if op in refs:
+                            row[f"{prec} rel.err"] = ((fn().double() - refs[op]).norm() / refs[op].norm()).item()
             for op in ("gram", "coord", "map"):
                 key = f"r{rank} {name} {side} [{k}x{p}] {op}"
                 row = out[key]
                 print(f"{key:<44} " + "  ".join(
-                    f"{pr} {row[pr]:.3f} ms ({flops[op] / row[pr] / 1e9:.0f} TF/s)" for pr in variants)
+                    f"{pr} {row[pr]:.3f} ms ({flops / row[pr] / 1e9:.0f} TF/s)" for pr in ("ieee", "tf32", "tf32x3", "bf16"))
                     + "".join(f"  {pr} {row[pr]:.1e}" for pr in row if pr.endswith("err")), flush=True)
     return out
 
