@@ -32,8 +32,7 @@ import torch
 
 from e2e_step import SDS_WARMUP, build
 from sdsopt import SDSAdamW
-from sdsopt.linalg import float32_matmul
-from sdsopt.products import IEEE, TF32X3, gram_x3, matmul_x3
+from sdsopt.linalg import float32_matmul, gram
 
 KINDS = (("products", ("gemm", "bmm", "sgemm", "xmma", "cutlass", "gemv")),
          ("Adam", ("adam", "multi_tensor_apply")),
@@ -41,6 +40,11 @@ KINDS = (("products", ("gemm", "bmm", "sgemm", "xmma", "cutlass", "gemv")),
          ("triangular algebra", ("trsm", "potrf", "cholesky", "getrf", "triangular", "syrk")),
          ("Triton kernels", ("_kernel",)),
          ("elementwise and reductions", ("elementwise", "reduce", "fill", "where", "mul", "add")))
+
+
+PRECISIONS = ("ieee", "ieee 1 slice", "tf32", "tf32x3", "bf16")
+"""The products ``--products`` times: IEEE float32 (the Grams over :func:`sdsopt.linalg.gram_splits` column slices,
+and unsplit), TF32, tf32x3 (three TF32 passes over exact splits), bf16 operands."""
 
 
 def kind_of(kernel: str) -> str:
@@ -147,6 +151,26 @@ def _shapes(hidden: int, ffn: int, layers: int) -> dict[str, tuple[int, int, int
             "down": (layers, hidden, ffn)}
 
 
+def _tf32_split(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(h, l)``: ``h`` TF32-representable (13 low mantissa bits cleared), ``h + l == x`` exactly."""
+    hi = (x.view(torch.int32) & -8192).view(torch.float32)
+    return hi, x - hi
+
+
+def _matmul_x3(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` from three TF32 passes over the operands' exact splits (float32-level accuracy)."""
+    ah, al = _tf32_split(a)
+    bh, bl = _tf32_split(b)
+    return (ah @ bl).add_(al @ bh).add_(ah @ bh)
+
+
+def _gram_x3(x: torch.Tensor) -> torch.Tensor:
+    """``x xᵀ`` from two TF32 passes (the cross term once, and its transpose)."""
+    h, lo = _tf32_split(x)
+    cross = h @ lo.mT
+    return (cross + cross.mT).baddbmm_(h, h.mT)
+
+
 def _timed(fn, device, reps: int = 10) -> float:
     for _ in range(2):
         fn()
@@ -185,26 +209,28 @@ def products(args, rank: int) -> dict[str, dict[str, float]]:
             flops = 2 * k * rank * rank * p  # each of the three products
 
             def precision(prec: str):
-                return float32_matmul("high" if prec == "tf32" else "highest")
+                return float32_matmul("high" if prec in ("tf32", "tf32x3") else "highest")
 
             def variant(prec: str) -> dict:
                 if prec == "tf32x3":
-                    gram_f, mul, add_ = gram_x3, matmul_x3, TF32X3.add_
+                    gram_f, mul = _gram_x3, _matmul_x3
                 elif prec == "bf16":
                     gram_f = lambda x: (x.bfloat16() @ x.bfloat16().mT).float()  # noqa: E731
                     mul = lambda a, b: (a.bfloat16() @ b.bfloat16()).float()  # noqa: E731
-                    add_ = lambda x, a, b: x.add_(mul(a, b))  # noqa: E731
-                else:
-                    gram_f, mul, add_ = IEEE
+                else:  # ieee: the library's Grams over column slices (linalg.gram_splits); "ieee 1 slice": unsplit
+                    gram_f, mul = (lambda x: gram(x, 1)) if prec == "ieee 1 slice" else gram, torch.matmul
+                add_ = lambda x, a, b: x.add_(mul(a, b)) if prec in ("tf32x3", "bf16") else x.baddbmm_(a, b)  # noqa: E731
                 coord = (lambda: mul(Li, g)) if side == "A" else (lambda: mul(g, Li.mT))
                 back = (lambda: add_(X.clone(), Li, g)) if side == "A" else (lambda: add_(X.clone(), g, Li.mT))
                 return {"gram": lambda: gram_f(rows), "coord": coord, "map": back}
 
             refs = {"gram": rows.double() @ rows.double().mT,
                     "coord": Li.double() @ g.double() if side == "A" else g.double() @ Li.double().mT}
-            for prec in ("ieee", "tf32", "tf32x3", "bf16"):
+            for prec in PRECISIONS:
                 with precision(prec):
                     for op, fn in variant(prec).items():
+                        if prec == "ieee 1 slice" and op != "gram":  # (the same products as ieee's)
+                            continue
                         row = out.setdefault(f"r{rank} {name} {side} [{k}x{p}] {op}", {})
                         row[prec] = _timed(fn, device)
                         if op in refs:
@@ -213,7 +239,8 @@ def products(args, rank: int) -> dict[str, dict[str, float]]:
                 key = f"r{rank} {name} {side} [{k}x{p}] {op}"
                 row = out[key]
                 print(f"{key:<44} " + "  ".join(
-                    f"{pr} {row[pr]:.3f} ms ({flops / row[pr] / 1e9:.0f} TF/s)" for pr in ("ieee", "tf32", "tf32x3", "bf16"))
+                    f"{pr} {row[pr]:.3f} ms ({flops / row[pr] / 1e9:.0f} TF/s)" for pr in PRECISIONS
+                    if op == "gram" or pr != "ieee 1 slice")
                     + "".join(f"  {pr} {row[pr]:.1e}" for pr in row if pr.endswith("err")), flush=True)
     return out
 

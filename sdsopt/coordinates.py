@@ -29,7 +29,6 @@ import torch
 from torch import Tensor
 
 from .linalg import cholesky_lower, finite_or_zero, trace
-from .products import IEEE, Products
 
 __all__ = ["RESPLIT_FLOOR", "balance_scales", "coordinate_gradient", "factor_map", "lower_inverse", "resplit_maps",
            "to_factors_"]
@@ -45,15 +44,14 @@ def _solve(L: Tensor, X: Tensor, *, transpose: bool, left: bool) -> Tensor:
     return torch.linalg.solve_triangular(L, X, upper=False, left=left)
 
 
-def coordinate_gradient(L_inv: Tensor, g: Tensor, side: str, products: Products = IEEE) -> Tensor:
+def coordinate_gradient(L_inv: Tensor, g: Tensor, side: str) -> Tensor:
     """(2.2): the gradient of the coordinates of a factor with gradient ``g``, one batched matmul:
     ``g̃A = L_B^{-1} gA`` (``side='A'``, ``L_inv = L_B^{-1}``) or ``g̃B = gB L_A^{-T}`` (``side='B'``).
 
     ``L_inv`` from :func:`lower_inverse`: one r×r inverse per factor, then plain bmm, which is faster on GPUs than
-    a triangular solve against every r×n block and is shared with :func:`factor_map`.  ``products``: how the
-    product is formed (:func:`sdsopt.products.for_factors`).
+    a triangular solve against every r×n block and is shared with :func:`factor_map`.
     """
-    return products.matmul(L_inv, g) if side == "A" else products.matmul(g, L_inv.mT)
+    return L_inv @ g if side == "A" else g @ L_inv.mT
 
 
 def lower_inverse(L: Tensor) -> Tensor:
@@ -83,15 +81,14 @@ def factor_map(K_other: Tensor, L_inv: Tensor, step_shift: float = 0.0) -> Tenso
     return torch.where(empty, eye, M)
 
 
-def to_factors_(X: Tensor, M_other: Tensor, delta: Tensor, side: str, keep: float = 1.0, gain: float = 1.0,
-                products: Products = IEEE) -> Tensor:
+def to_factors_(X: Tensor, M_other: Tensor, delta: Tensor, side: str, keep: float = 1.0, gain: float = 1.0
+                ) -> Tensor:
     """(2.2) backwards, in place: ``X ← keep·X + gain·ΔX`` with the change ``ΔX`` of factor ``X`` for a change
     ``delta`` of its coordinates: ``side='A'``: ``ΔA = M_B ΔÃ`` (≈ ``R_B^{-1} ΔÃ``); ``side='B'``:
     ``ΔB = ΔB̃ M_Aᵀ`` (≈ ``ΔB̃ R_A^{-T}``), with ``M`` from :func:`factor_map`.  One ``baddbmm_`` for a batch
-    ``[k, …]``, one ``addmm_`` for one pair's matrices (formed as ``products`` says:
-    :func:`sdsopt.products.for_factors`); ``keep``, ``gain`` as in (2.6) (decay, re-balancing)."""
-    a, b = (M_other, delta) if side == "A" else (delta, M_other.mT)
-    return products.add_(X, a, b, keep, gain)
+    ``[k, …]``, one ``addmm_`` for one pair's matrices; ``keep``, ``gain`` as in (2.6) (decay, re-balancing)."""
+    add = X.baddbmm_ if X.dim() == 3 else X.addmm_
+    return add(M_other, delta, beta=keep, alpha=gain) if side == "A" else add(delta, M_other.mT, beta=keep, alpha=gain)
 
 
 def resplit_maps(K_A: Tensor, K_B: Tensor, rank_tol: float, floor: float = RESPLIT_FLOOR) -> tuple[Tensor, Tensor]:

@@ -30,7 +30,6 @@ from ..distributed import is_dtensor, process_group
 from ..gram_batch import GramRequest, solve_grams
 from ..linalg import algebra_precision, cholesky_lower, gram
 from ..pairing import a_rows, b_matrix
-from ..products import for_factors
 from .base import StepContext
 
 __all__ = ["PER_PAIR_MIN_NUMEL", "Frame", "Plan", "route_of", "step_coordinates", "step_fused", "step_per_pair",
@@ -221,11 +220,8 @@ def _pair_grams(group: dict[str, Any], ids: list[int], kind: str, dt: torch.dtyp
 
 
 def _stack_grams(group: dict[str, Any], ids: list[int], kind: str, dt: torch.dtype) -> Tensor:
-    """:data:`GramsOf` of the factors stacked in ``dt`` (one batched product as :func:`sdsopt.products.for_factors`
-    chooses; the stack dropped at once)."""
-    X = stacked(group, ids, kind, dt)
-    rows = X if kind == "A" else X.mT
-    return for_factors(rows, rows.shape[1]).gram(rows)
+    """:data:`GramsOf` of the factors stacked in ``dt`` (one batched product; the stack dropped at once)."""
+    return gram(stacked(group, ids, kind, dt)) if kind == "A" else gram(stacked(group, ids, kind, dt).mT)
 
 
 def step_per_pair(ctx: StepContext, buckets: list[Bucket], plan: Plan) -> set[int]:
@@ -268,10 +264,8 @@ def step_stacked(ctx: StepContext, buckets: list[Bucket], plan: Plan) -> set[int
             pos = [ctx.position[i] for i in s.ids]
             like = lists["params"][pos[0]]
             X = stacked(ctx.group, s.ids, s.side, part.dt)
-            products = for_factors(X, s.frame.L.shape[-1])
             G = torch.stack([lists["grads"][q] for q in pos]).to(part.dt).view(X.shape)
-            g_t = list(unstack(coordinate_gradient(s.frame.L_inv, G, s.side, products).to(like.dtype).contiguous(),
-                               like.shape))
+            g_t = list(unstack(coordinate_gradient(s.frame.L_inv, G, s.side).to(like.dtype).contiguous(), like.shape))
             del G  # (fused Adam needs the params' layout: contiguous)
             change = torch.zeros(X.shape, dtype=like.dtype, device=like.device)
             _adam_change(ctx, s.side, pos, g_t, change)
@@ -284,7 +278,7 @@ def step_stacked(ctx: StepContext, buckets: list[Bucket], plan: Plan) -> set[int
             if isinstance(gain, Tensor):
                 M = M * gain
                 gain = 1.0
-            to_factors_(X, M, change.to(X.dtype), s.side, keep, gain, products)
+            to_factors_(X, M, change.to(X.dtype), s.side, keep, gain)
             targets = [lists["params"][q] for q in pos]
             torch._foreach_copy_(targets, unstack(X.to(targets[0].dtype), targets[0].shape))
             del X, change  # spent: free them before the next factor's stacks
