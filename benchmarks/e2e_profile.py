@@ -35,16 +35,16 @@ from sdsopt import SDSAdamW
 from sdsopt.linalg import float32_matmul, gram
 
 KINDS = (("products", ("gemm", "bmm", "sgemm", "xmma", "cutlass", "gemv")),
-         ("Adam", ("adam", "multi_tensor_apply")),
+         ("Adam", ("adam",)),
          ("stacks and copies", ("cat", "copy", "memcpy", "memset")),
          ("triangular algebra", ("trsm", "potrf", "cholesky", "getrf", "triangular", "syrk")),
          ("Triton kernels", ("_kernel",)),
          ("elementwise and reductions", ("elementwise", "reduce", "fill", "where", "mul", "add")))
 
 
-PRECISIONS = ("ieee", "ieee 1 slice", "tf32", "tf32x3", "bf16")
-"""The products ``--products`` times: IEEE float32 (the Grams over :func:`sdsopt.linalg.gram_splits` column slices,
-and unsplit), TF32, tf32x3 (three TF32 passes over exact splits), bf16 operands."""
+PRECISIONS = ("ieee", "tf32", "tf32x3", "bf16")
+"""The products ``--products`` times: IEEE float32 (the library's), TF32, tf32x3 (three TF32 passes over exact
+splits), bf16 operands."""
 
 
 def kind_of(kernel: str) -> str:
@@ -125,6 +125,8 @@ def split_step(args, rank: int, batch: int, out: str | None) -> dict[str, dict[s
         kinds: dict[str, float] = defaultdict(float)
         attr = "self_device_time_total" if cuda else "self_cpu_time_total"
         for e in prof.key_averages():
+            if e.key.startswith("Optimizer.step#"):  # the step's own range (on the device too), not a kernel
+                continue
             if not cuda or getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA:
                 kinds[kind_of(e.key)] += getattr(e, attr, 0.0) / 1e3
         row = {"fwd_bwd_ms": statistics.median(fb), "opt_device_ms": statistics.median(dev),
@@ -217,8 +219,8 @@ def products(args, rank: int) -> dict[str, dict[str, float]]:
                 elif prec == "bf16":
                     gram_f = lambda x: (x.bfloat16() @ x.bfloat16().mT).float()  # noqa: E731
                     mul = lambda a, b: (a.bfloat16() @ b.bfloat16()).float()  # noqa: E731
-                else:  # ieee: the library's Grams over column slices (linalg.gram_splits); "ieee 1 slice": unsplit
-                    gram_f, mul = (lambda x: gram(x, 1)) if prec == "ieee 1 slice" else gram, torch.matmul
+                else:
+                    gram_f, mul = gram, torch.matmul
                 add_ = lambda x, a, b: x.add_(mul(a, b)) if prec in ("tf32x3", "bf16") else x.baddbmm_(a, b)  # noqa: E731
                 coord = (lambda: mul(Li, g)) if side == "A" else (lambda: mul(g, Li.mT))
                 back = (lambda: add_(X.clone(), Li, g)) if side == "A" else (lambda: add_(X.clone(), g, Li.mT))
@@ -229,8 +231,6 @@ def products(args, rank: int) -> dict[str, dict[str, float]]:
             for prec in PRECISIONS:
                 with precision(prec):
                     for op, fn in variant(prec).items():
-                        if prec == "ieee 1 slice" and op != "gram":  # (the same products as ieee's)
-                            continue
                         row = out.setdefault(f"r{rank} {name} {side} [{k}x{p}] {op}", {})
                         row[prec] = _timed(fn, device)
                         if op in refs:
@@ -239,8 +239,7 @@ def products(args, rank: int) -> dict[str, dict[str, float]]:
                 key = f"r{rank} {name} {side} [{k}x{p}] {op}"
                 row = out[key]
                 print(f"{key:<44} " + "  ".join(
-                    f"{pr} {row[pr]:.3f} ms ({flops / row[pr] / 1e9:.0f} TF/s)" for pr in PRECISIONS
-                    if op == "gram" or pr != "ieee 1 slice")
+                    f"{pr} {row[pr]:.3f} ms ({flops / row[pr] / 1e9:.0f} TF/s)" for pr in PRECISIONS)
                     + "".join(f"  {pr} {row[pr]:.1e}" for pr in row if pr.endswith("err")), flush=True)
     return out
 

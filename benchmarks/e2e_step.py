@@ -9,8 +9,7 @@ Each optimizer runs the same batches; the median wall time of ``--steps`` whole 
 ``--warmup`` is reported (CUDA-synchronised), and the overhead of each optimizer over fused AdamW, for every
 ``--batch`` (e.g. ``--batch 1 8``: 1×seq and 8×seq).  The default warm-up is ``sds``'s plain-AdamW steps
 (``SDSAdamW``'s ``warmup_steps``) plus 5, so the median times coordinate steps only, as the label says; a
-shorter ``--warmup`` is allowed (tests) but named in the output.  On CUDA ``sds`` also runs with its Grams
-unsplit (one bmm over each factor's whole width, as before :func:`sdsopt.linalg.gram_splits`): the A/B of the split.
+shorter ``--warmup`` is allowed (tests) but named in the output.
 """
 
 from __future__ import annotations
@@ -21,7 +20,7 @@ import time
 
 import torch
 
-from sdsopt import SDSAdamW, linalg
+from sdsopt import SDSAdamW
 from sdsopt.validation import DEFAULT_WARMUP_STEPS
 
 SDS_WARMUP = DEFAULT_WARMUP_STEPS  # (SDSAdamW's warmup_steps=None: this, without gradient_start)
@@ -92,8 +91,6 @@ def time_batch(args: argparse.Namespace, batch: int) -> dict[str, tuple[float, f
         "SDSAdamW (sds)": lambda m: SDSAdamW(m.named_parameters(), lr=1e-4, fused=True),
         "SDSAdamW (scaled)": lambda m: SDSAdamW(m.named_parameters(), lr=1e-4, fused=True, mode="scaled"),
     }
-    if device.type == "cuda":  # the A/B of the Grams over column slices (sdsopt.linalg.gram_splits)
-        variants["SDSAdamW (sds, unsplit Grams)"] = variants["SDSAdamW (sds)"]
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"device {name} | torch {torch.__version__} | llama layers={args.layers} hidden={args.hidden} "
           f"LoRA r={args.rank} on 7 projections | batch {batch}x{args.seq} | median of {args.steps} steps after "
@@ -104,12 +101,7 @@ def time_batch(args: argparse.Namespace, batch: int) -> dict[str, tuple[float, f
         model = build(args, device)
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         opt = make(model)
-        min_cols = linalg.GRAM_SPLIT_MIN_COLS
-        linalg.GRAM_SPLIT_MIN_COLS = 2**62 if "unsplit" in label else min_cols
-        try:
-            results[label] = run(model, opt, batches, device, args.steps, args.warmup)
-        finally:
-            linalg.GRAM_SPLIT_MIN_COLS = min_cols
+        results[label] = run(model, opt, batches, device, args.steps, args.warmup)
         print(f"  {label:<22} {results[label][0]:9.2f} ms/step  "
               f"({results[label][0] / results['AdamW fused'][0] * 100 - 100:+6.1f}% vs fused AdamW)  "
               f"final loss {results[label][1]:.3f}  trainable {trainable / 1e6:.1f}M", flush=True)

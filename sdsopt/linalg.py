@@ -41,9 +41,7 @@ __all__ = [
     "default_rank_tol",
     "finite_or_zero",
     "float32_matmul",
-    "GRAM_SPLIT_MIN_COLS",
     "gram",
-    "gram_splits",
     "spectrum",
     "inv_sqrt",
     "inv_sqrt_newton_schulz",
@@ -109,39 +107,9 @@ def float32_matmul(precision: str = "highest") -> Iterator[None]:
             torch.backends.cuda.matmul.fp32_precision = before_new
 
 
-GRAM_SPLIT_MIN_COLS = 512
-"""Fewest columns of one slice of a split Gram (:func:`gram_splits`): shorter slices run cuBLAS's tiles below speed."""
-
-
-def gram_splits(X: Tensor) -> int:
-    """Into how many column slices :func:`gram` cuts a CUDA batch ``[k, r, p]``: cuBLAS gives a batched product
-    one thread block per 128×128 output tile and does not split its long inner dimension, so the Grams of a
-    few pairs (``k·⌈r/128⌉²`` tiles) leave most of the GPU idle (measured: benchmarks/RESULTS.md, section
-    "r > 64 on the GPU": 5–17 TFLOP/s at r = 128 for 4–16 pairs, ~40 unsplit at most).  The slices count
-    doubles, while they divide ``p`` and keep :data:`GRAM_SPLIT_MIN_COLS` columns, until the tiles fill the
-    GPU's SMs.  1 on CPUs (their products split themselves)."""
-    if not X.is_cuda or X.dim() != 3:
-        return 1
-    k, r, p = X.shape
-    sms = torch.cuda.get_device_properties(X.device).multi_processor_count
-    tiles = k * -(-r // 128) ** 2
-    s = 1
-    while p % (2 * s) == 0 and p // (2 * s) >= GRAM_SPLIT_MIN_COLS and tiles * s < sms:
-        s *= 2
-    return s
-
-
-def gram(X: Tensor, splits: int | None = None) -> Tensor:
-    """``K = X Xᵀ`` for row-form factors ``[k, r, p]``: one bmm, over ``splits`` column slices of each factor
-    (default :func:`gram_splits`) whose Grams are summed, ``K = Σ_j X_j X_jᵀ`` (see :func:`finite_or_zero`).
-    A batch whose rows are a transposed contiguous stack (``B.mT``) is sliced as a view; row-major factors are
-    copied once into the sliced layout."""
-    s = gram_splits(X) if splits is None else splits
-    if s == 1:
-        return X @ X.transpose(-2, -1)
-    k, r, p = X.shape
-    Y = X.unflatten(-1, (s, p // s)).transpose(1, 2).reshape(k * s, r, p // s)
-    return (Y @ Y.transpose(-2, -1)).view(k, s, r, r).sum(1)
+def gram(X: Tensor) -> Tensor:
+    """``K = X Xᵀ`` for row-form factors ``[k, r, p]`` (one bmm; see :func:`finite_or_zero`)."""
+    return X @ X.transpose(-2, -1)
 
 
 def trace(K: Tensor) -> Tensor:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 
-import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
@@ -22,11 +21,9 @@ from svd_reference import (
 from sdsopt import rewrite_pair
 from sdsopt.modes import MODE_CLASSES
 from sdsopt.linalg import (
-    GRAM_SPLIT_MIN_COLS,
     default_rank_tol,
     finite_or_zero,
     gram,
-    gram_splits,
     inv_sqrt,
     inv_sqrt_newton_schulz,
     spectral_matrix,
@@ -289,6 +286,7 @@ def test_newton_schulz_converges_without_a_runtime_check(r, deficiency, log_scal
 
 
 def test_newton_schulz_rejects_a_damping_too_small_to_converge():
+    import pytest
     from torch import nn
 
     from sdsopt import SDSAdamW
@@ -298,35 +296,3 @@ def test_newton_schulz_rejects_a_damping_too_small_to_converge():
     A.grad, B.grad = torch.randn_like(A), torch.randn_like(B)
     with pytest.raises(ValueError, match="rank_tol=1e-09 is below 64·eps of torch.float32"):
         opt.step()
-
-
-@given(st.integers(1, 4), st.integers(1, 9), st.sampled_from([1, 2, 4, 8]), st.integers(1, 5), st.booleans(),
-       st.integers(0, 2**31 - 1))
-def test_a_gram_over_column_slices_is_the_gram(k, r, splits, q, transposed, seed):
-    """gram(X, splits): Σ_j X_j X_jᵀ over column slices equals X Xᵀ (float64 reference), for row-major
-    stacks (A [k, r, n], copied into the sliced layout) and transposed ones (B.mT of a [k, m, r] stack, a view)."""
-    p = splits * q
-    gen = torch.Generator().manual_seed(seed)
-    X = torch.randn(k, p, r, generator=gen).mT if transposed else torch.randn(k, r, p, generator=gen)
-    ref = X.double() @ X.double().mT
-    K = gram(X, splits)
-    assert K.shape == (k, r, r) and K.dtype == X.dtype
-    assert torch.allclose(K.double(), ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
-    assert torch.equal(gram(X), X @ X.mT)  # the CPU: never split (gram_splits is 1 there)
-    assert gram_splits(X) == 1
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="the split follows the CUDA device's SM count")
-@pytest.mark.parametrize("k,r,p", [(4, 128, 11008), (16, 128, 4096), (16, 256, 4096), (1, 16, 300), (64, 256, 4096)])
-def test_the_gram_split_on_cuda_divides_the_columns_and_stops_once_the_gpu_is_full(k, r, p):
-    X = torch.zeros(k, r, p, device="cuda")
-    s = gram_splits(X)
-    sms = torch.cuda.get_device_properties(X.device).multi_processor_count
-    tiles = k * -(-r // 128) ** 2
-    assert s & (s - 1) == 0 and p % s == 0 and (s == 1 or p // s >= GRAM_SPLIT_MIN_COLS)
-    doubled_fits = p % (2 * s) == 0 and p // (2 * s) >= GRAM_SPLIT_MIN_COLS
-    assert tiles * s >= sms or not doubled_fits  # stopped because the GPU is full, or the columns ran out
-    assert tiles * (s // 2) < sms or s == 1  # and not a doubling later than that
-    X = torch.randn(k, r, p, device="cuda")
-    ref = X.double() @ X.double().mT
-    assert ((gram(X) - ref).norm() / ref.norm()).item() < 1e-5
