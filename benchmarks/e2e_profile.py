@@ -193,8 +193,8 @@ def _timed(fn, device, reps: int = 10) -> float:
 
 
 def products(args, rank: int) -> dict[str, dict[str, float]]:
-    """ms of each product of the torch path on the shape buckets per precision (IEEE, TF32, tf32x3: the library's
-    :mod:`sdsopt.products`, bf16), and each one's error against float64, relative to the product's norm."""
+    """ms of each product of the torch path on the shape buckets per precision (:data:`PRECISIONS`), and the Grams'
+    and coordinate gradients' error against float64, relative to the product's norm."""
     device = torch.device(args.device)
     ffn = int(args.hidden * 2.6875)
     out = {}
