@@ -19,16 +19,14 @@ from typing import Any
 
 from .extras import require
 from .optimizers import ABLATION_MODES
-from .paired import ab_rows, format_ab
+from .paired import ab_rows, format_ab, sd
 
 __all__ = ["format_table", "format_tables", "plot", "summarise", "write_outputs"]
 
 
 def _spread(values: list[float]) -> float:
     """Population standard deviation over seeds; NaN when a run diverged (non-finite), 0 for one seed."""
-    if not all(math.isfinite(v) for v in values):
-        return float("nan")
-    return statistics.pstdev(values) if len(values) > 1 else 0.0
+    return sd(values) if all(math.isfinite(v) for v in values) else float("nan")
 
 
 def summarise(runs: list[dict]) -> dict[str, dict[str, Any]]:
