@@ -90,7 +90,7 @@ def checked_sds(where: str, state_dict: Any, param_groups: list[dict[str, Any]])
     """``state_dict`` ready for :meth:`sdsopt.SDSAdamW.load_state_dict`: an AdamW checkpoint converted
     (:func:`from_adamw`), then checked (:func:`check_state_dict`, Adam's moments shaped as their parameters, and
     :func:`check_modes`); raises ``ValueError`` before anything is changed."""
-    moments = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+    moments = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "muon_prev")
     state_dict = from_adamw(where, state_dict, param_groups)
     check_state_dict(where, state_dict, param_groups,
                      lambda gi, i, key: param_groups[gi]["params"][i].shape if key in moments else None)

@@ -112,10 +112,13 @@ def check_group(group: dict[str, Any], where: str) -> None:
 
 def resolve_warmup(group: dict[str, Any]) -> dict[str, Any]:
     """``group`` with ``warmup_steps=None`` (the default) made concrete: 0 where the group has ``gradient_start``
-    (its start gives ``A`` orthonormal rows, docs/math.md (2.8): no warm-up is needed), else
-    :data:`DEFAULT_WARMUP_STEPS`."""
+    (its start gives ``A`` orthonormal rows, docs/math.md (2.8): no warm-up is needed) or a mode that steps in
+    coordinates at once (``sds_muon``, docs/math.md §8), else :data:`DEFAULT_WARMUP_STEPS`."""
     if group.get("warmup_steps", 0) is None:
-        group["warmup_steps"] = 0 if group.get("gradient_start") is True else DEFAULT_WARMUP_STEPS
+        name = group.get("mode")
+        mode = MODE_CLASSES.get(name) if isinstance(name, str) else None  # (check_group refuses the others)
+        at_once = group.get("gradient_start") is True or (mode is not None and mode.coordinates_at_once)
+        group["warmup_steps"] = 0 if at_once else DEFAULT_WARMUP_STEPS
     return group
 
 

@@ -3,7 +3,8 @@
 Modes are :data:`sdsopt.MODES` plus ``sds_sigma`` (``sds_polar`` with the singular-value channel), the peers of
 docs/math.md §7 (``lorapro``, an SDSAdamW mode; ``loraplus`` with its ratio λ, or ``loraplus<λ>`` such as
 ``loraplus4``; ``rite``; ``peft_riemannian``: :mod:`sdsopt.lab.peers`), ``sdsplus<λ>`` (``sds`` with
-``b_lr_ratio=λ``, docs/math.md (2.7)), ``<mode>_gs`` for ``lora``, ``loraplus<λ>``, ``sds`` and ``sdsplus<λ>``
+``b_lr_ratio=λ``, docs/math.md (2.7)), ``sds_muonplus<λ>`` (``sds_muon``, docs/math.md §8, with ``b_lr_ratio=λ``),
+``<mode>_gs`` for ``lora``, ``loraplus<λ>``, ``sds`` and ``sdsplus<λ>``
 (the same optimizer as SDSAdamW with ``gradient_start=True``, docs/math.md (2.8); ``sds`` then without its
 warm-up, ``warmup_steps=0``; ``loraplus<λ>_gs`` is SDSAdamW's ``mode="lora", b_lr_ratio=λ``, LoRA+ bit for bit
 plus the start), ``sds_undamped`` (``sds`` with ``step_damping=0``), ``psi``
@@ -28,13 +29,13 @@ __all__ = ["ABLATION_MODES", "DEFAULT_MODES", "is_mode", "make_optimizer", "need
 
 DEFAULT_MODES = ("full", "lora", "sds", "sds_undamped", "sds_polar", "sds_sigma", "scaled", "sds_layer", "psi",
                  "psi_scaled", "svd_oracle")
-ABLATION_MODES = (*DEFAULT_MODES, "lorapro", "loraplus", "loraplus4", "rite", "peft_riemannian")
+ABLATION_MODES = (*DEFAULT_MODES, "sds_muon", "lorapro", "loraplus", "loraplus4", "rite", "peft_riemannian")
 
 
 def is_mode(name: str) -> bool:
-    """Is ``name`` a mode of the harness: one of :data:`ABLATION_MODES`, ``loraplus<λ>``, ``sdsplus<λ>`` or a
-    gradient-started ``<mode>_gs``?"""
-    return (name in ABLATION_MODES or re.fullmatch(r"(lora|sds)plus\d+(\.\d+)?", name) is not None
+    """Is ``name`` a mode of the harness: one of :data:`ABLATION_MODES`, ``loraplus<λ>``, ``sdsplus<λ>``,
+    ``sds_muonplus<λ>`` or a gradient-started ``<mode>_gs``?"""
+    return (name in ABLATION_MODES or re.fullmatch(r"(lora|sds|sds_muon)plus\d+(\.\d+)?", name) is not None
             or re.fullmatch(r"(lora|sds)(plus\d+(\.\d+)?)?_gs", name) is not None)
 
 
@@ -60,8 +61,8 @@ def sdsadamw_kwargs(mode: str, options: dict[str, Any] | None = None) -> dict[st
         return None
     kw = {"sds_sigma": dict(mode="sds_polar", decouple_sigma=True),
           "sds_undamped": dict(mode="sds", step_damping=0.0)}.get(mode, dict(mode=mode))
-    if mode.startswith("sdsplus"):  # sds with LoRA+'s ratio on B (docs/math.md (2.7))
-        kw = dict(mode="sds", b_lr_ratio=float(mode[len("sdsplus"):]))
+    if (plus := re.fullmatch(r"(sds|sds_muon)plus(.+)", mode)) is not None:  # LoRA+'s ratio on B (docs/math.md (2.7))
+        kw = dict(mode=plus[1], b_lr_ratio=float(plus[2]))
     if mode != "lora":
         kw.update(options or {})
     return kw

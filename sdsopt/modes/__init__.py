@@ -27,13 +27,14 @@ from .lora import LoRA
 from .lorapro import LoRAPro
 from .scaled import Scaled
 from .sds import SDS
+from .sds_muon import SDSMuon
 from .sds_polar import SDSPolar
 from .svd_oracle import SVDOracle
 
 __all__ = ["MODES", "MODE_CLASSES", "ROUTES", "MapBack", "Mode", "StepContext", "create", "modes_where", "resolve_route",
            "validate"]
 
-MODE_CLASSES: dict[str, type[Mode]] = {cls.name: cls for cls in (LoRA, SDS, SDSPolar, Scaled, SVDOracle, LoRAPro)}
+MODE_CLASSES: dict[str, type[Mode]] = {cls.name: cls for cls in (LoRA, SDS, SDSMuon, SDSPolar, Scaled, SVDOracle, LoRAPro)}
 MODES = tuple(MODE_CLASSES)
 ROUTES = ("auto", *dict.fromkeys(route for cls in MODE_CLASSES.values() for route in cls.routes))
 

@@ -66,6 +66,7 @@ class Mode:
     sigma_channel: bool = False  # does it take decouple_sigma (the singular-value channel, docs/math.md (3.2))?
     sigma_note: str = ""  # why not, where the reason is the mode's own (appended to the refusal)
     damped: bool = False  # does it invert K + damping·I (the option damping)?
+    coordinates_at_once: bool = False  # no warm-up: warmup_steps=None resolves to 0 (sdsopt.validation.resolve_warmup)
 
     def __init__(self) -> None:
         self.bucketing = Bucketing()

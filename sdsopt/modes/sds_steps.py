@@ -32,7 +32,8 @@ from ..linalg import algebra_precision, cholesky_lower, gram
 from ..pairing import a_rows, b_matrix
 from .base import StepContext
 
-__all__ = ["PER_PAIR_MIN_NUMEL", "Frame", "Plan", "route_of", "step_coordinates", "step_fused", "step_per_pair",
+__all__ = ["PER_PAIR_MIN_NUMEL", "Frame", "Part", "Plan", "SideStep", "decoupled_decay", "keep_gain", "parts",
+           "route_of", "side_steps", "stack_grams", "step_coordinates", "step_fused", "step_per_pair", "step_shift",
            "step_stacked"]
 
 Ramp = float | Tensor | None
@@ -124,7 +125,7 @@ def step_coordinates(ctx: StepContext, buckets: list[Bucket], plan: Plan) -> set
     return done
 
 
-def _keep_gain(decay: float | Tensor, scale: Tensor | None, ramp: Ramp) -> tuple[float | Tensor, float | Tensor]:
+def keep_gain(decay: float | Tensor, scale: Tensor | None, ramp: Ramp) -> tuple[float | Tensor, float | Tensor]:
     """The coefficients of the map back ``X ← keep·X + gain·M·ΔX̃`` (docs/math.md (2.6)): ``keep = c(1 − ρ·decay)``,
     ``gain = c·ρ`` with the decoupled weight decay ``decay = lr·weight_decay`` (it commutes with the map, (2.6)),
     the re-balancing scale ``c`` (``[k, 1, 1]``, ``rebalance=True``) and the ramp ``ρ`` (the first coordinate
@@ -134,7 +135,7 @@ def _keep_gain(decay: float | Tensor, scale: Tensor | None, ramp: Ramp) -> tuple
     return c * (1.0 - rho * decay), c * rho
 
 
-def _decay(ctx: StepContext) -> float | Tensor:
+def decoupled_decay(ctx: StepContext) -> float | Tensor:
     """AdamW's decoupled decay ``lr·weight_decay`` on the factors (applied in the map back); 0 on a step skipped
     on the device."""
     decay = ctx.group["lr"] * ctx.group["weight_decay"]
@@ -143,19 +144,21 @@ def _decay(ctx: StepContext) -> float | Tensor:
     return decay
 
 
-def _step_shift(group: dict[str, Any], bucket: Bucket) -> float:
+def step_shift(group: dict[str, Any], bucket: Bucket) -> float:
     """The step damping ``μ_s = γ·lr·√min(m, n)`` (docs/math.md (2.6)), from the whole factors' shapes: under
     FSDP2 A and B are local shards, and every rank must take the same step."""
     m, n = bucket.b_shape[0], math.prod(bucket.a_shape[1:])
     return group["step_damping"] * group["lr"] * math.sqrt(min(m, n))
 
 
-def _parts(group: dict[str, Any], buckets: list[Bucket], *, whole: bool) -> list[Part]:
-    """The buckets as :class:`Part` s: each whole, or in chunks of bounded bytes (:func:`sdsopt.buckets.chunks`)."""
+def parts(group: dict[str, Any], buckets: list[Bucket], *, whole: bool,
+          shift: Callable[[dict[str, Any], Bucket], float] = step_shift) -> list[Part]:
+    """The buckets as :class:`Part` s: each whole, or in chunks of bounded bytes (:func:`sdsopt.buckets.chunks`);
+    ``shift(group, bucket)``: the step damping of their frames (default mode ``sds``'s, :func:`step_shift`)."""
     out = []
     for bucket in buckets:
         dt, tol = _algebra(group, bucket)
-        key = (tol, _step_shift(group, bucket))
+        key = (tol, shift(group, bucket))
         out += [Part(piece, dt, key) for piece in ([bucket] if whole else chunks(bucket, dt))]
     return out
 
@@ -172,12 +175,12 @@ GramsOf = Callable[[dict[str, Any], list[int], str, torch.dtype], Tensor]
 """A route's Grams ``[k, r, r]`` of the factors ``ids`` of one kind (``"A"``: ``A Aᵀ``, ``"B"``: ``Bᵀ B``)."""
 
 
-def _side_steps(ctx: StepContext, parts: list[Part], plan: Plan, grams_of: GramsOf) -> list[list[SideStep]]:
+def side_steps(ctx: StepContext, pieces: list[Part], plan: Plan, grams_of: GramsOf) -> list[list[SideStep]]:
     """Per part, its factor kinds to step (A where it has gradients, with the frame of ``K_B``; B with that of
     ``K_A``), their frames from one Gram batch for all parts, re-balancing scales and ramp."""
     group, params = ctx.group, ctx.group["params"]
     requests, wanted = [], []
-    for part in parts:
+    for part in pieces:
         b = part.bucket
         kinds = [("A", b.a, b.b, "B")] if b.has_a else []
         kinds += [("B", b.b, b.a, "A")] if b.has_b else []
@@ -186,7 +189,7 @@ def _side_steps(ctx: StepContext, parts: list[Part], plan: Plan, grams_of: Grams
                                  part.key) for _, _, partner, kind in kinds]
     frames = solve_grams(requests, _solve_frame)
     out = []
-    for part, kinds in zip(parts, wanted):
+    for part, kinds in zip(pieces, wanted):
         mine = {side: frames[j] for side, _, j in kinds}
         scales: dict[str, Tensor] = {}
         if group["rebalance"] and group["lr"] > 0 and len(mine) == 2:  # lr = 0 (a scheduler) moves nothing
@@ -219,7 +222,7 @@ def _pair_grams(group: dict[str, Any], ids: list[int], kind: str, dt: torch.dtyp
     return torch.stack([gram(b_matrix(params[i]).mT) for i in ids])
 
 
-def _stack_grams(group: dict[str, Any], ids: list[int], kind: str, dt: torch.dtype) -> Tensor:
+def stack_grams(group: dict[str, Any], ids: list[int], kind: str, dt: torch.dtype) -> Tensor:
     """:data:`GramsOf` of the factors stacked in ``dt`` (one batched product; the stack dropped at once)."""
     return gram(stacked(group, ids, kind, dt)) if kind == "A" else gram(stacked(group, ids, kind, dt).mT)
 
@@ -230,8 +233,8 @@ def step_per_pair(ctx: StepContext, buckets: list[Bucket], plan: Plan) -> set[in
     Adam stay batched (a pair's tensors stay in the cache from one product to the next; measured:
     benchmarks/RESULTS.md, section "On a CPU")."""
     lists, done = ctx.lists, set()
-    decay = _decay(ctx)
-    for steps in _side_steps(ctx, _parts(ctx.group, buckets, whole=True), plan, _pair_grams):
+    decay = decoupled_decay(ctx)
+    for steps in side_steps(ctx, parts(ctx.group, buckets, whole=True), plan, _pair_grams):
         for s in steps:
             pos = [ctx.position[i] for i in s.ids]
             like = lists["params"][pos[0]]
@@ -243,7 +246,7 @@ def step_per_pair(ctx: StepContext, buckets: list[Bucket], plan: Plan) -> set[in
             change = torch.zeros((len(pos), *matrix(like).shape), dtype=like.dtype, device=like.device)
             _adam_change(ctx, s.side, pos, g_t, change)
             keep, gain = (torch.as_tensor(v, dtype=torch.float64).expand(len(pos), 1, 1).reshape(-1).tolist()
-                          for v in _keep_gain(side_lr(ctx.group, s.side, decay), s.scale, s.ramp))
+                          for v in keep_gain(side_lr(ctx.group, s.side, decay), s.scale, s.ramp))
             for q, delta, Mi, beta, alpha in zip(pos, change.unbind(0), s.frame.M.unbind(0), keep, gain):
                 to_factors_(matrix(lists["params"][q]), Mi, delta, s.side, beta, alpha)
             done.update(pos)
@@ -257,9 +260,9 @@ def step_stacked(ctx: StepContext, buckets: list[Bucket], plan: Plan) -> set[int
     back in one ``baddbmm_`` on the stack, rounded once to the parameters' dtype (measured:
     benchmarks/RESULTS.md, section "r > 64 on the GPU")."""
     lists, done = ctx.lists, set()
-    decay = _decay(ctx)
-    parts = _parts(ctx.group, buckets, whole=False)
-    for part, steps in zip(parts, _side_steps(ctx, parts, plan, _stack_grams)):
+    decay = decoupled_decay(ctx)
+    pieces = parts(ctx.group, buckets, whole=False)
+    for part, steps in zip(pieces, side_steps(ctx, pieces, plan, stack_grams)):
         for s in steps:
             pos = [ctx.position[i] for i in s.ids]
             like = lists["params"][pos[0]]
@@ -270,7 +273,7 @@ def step_stacked(ctx: StepContext, buckets: list[Bucket], plan: Plan) -> set[int
             change = torch.zeros(X.shape, dtype=like.dtype, device=like.device)
             _adam_change(ctx, s.side, pos, g_t, change)
             del g_t
-            keep, gain = _keep_gain(side_lr(ctx.group, s.side, decay), s.scale, s.ramp)
+            keep, gain = keep_gain(side_lr(ctx.group, s.side, decay), s.scale, s.ramp)
             M = s.frame.M
             if isinstance(keep, Tensor):
                 X.mul_(keep)
@@ -304,7 +307,7 @@ def step_fused(ctx: StepContext, buckets: list[Bucket], plan: Plan) -> set[int]:
         pairs_both = [a and b for a, b in zip(fam.has_a, fam.has_b)]  # re-balanced: both factors stepped
         if group["rebalance"] and moving and any(pairs_both):
             both = tables.constant((key, "both"), pairs_both, device, torch.int32)
-        shifts = None  # μ_s = γ·lr·√min(m, n) per pair (_step_shift), the same for both Grams of the pair
+        shifts = None  # μ_s = γ·lr·√min(m, n) per pair (step_shift), the same for both Grams of the pair
         if group["step_damping"] > 0 and moving:
             shifts = tables.constant((key, "roots"), fam.roots, device, torch.float32) * (group["step_damping"] * lr)
         G, M, scales = fused.frames(K, fam.k, tol, shifts, both)
