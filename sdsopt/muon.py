@@ -16,7 +16,12 @@ from torch import Tensor
 
 from .linalg import inv_sqrt_newton_schulz
 
-__all__ = ["factor_units", "momentum", "msign", "spectral_scale", "transport"]
+__all__ = ["MSIGN_MIN_DAMPING", "factor_units", "momentum", "msign", "spectral_scale", "transport"]
+
+MSIGN_MIN_DAMPING = 1e-8
+"""Least relative damping of :func:`msign` (float64 algebra, whose τ is 1e-13): the matrix sign raises a direction of
+``Y`` with ``σ² = δ‖Y‖_F²`` to 1 together with its rounding error ``~ε/δ``; at 1e-8 that stays ~2e-8, at 1e-13 it
+would be ~2e-3 and the step would depend on rounding (measured: (8.5) broke at 1e-5 on 2×2 pairs)."""
 
 
 def transport(L_inv: Tensor, cross: Tensor, N: Tensor) -> Tensor:
@@ -35,7 +40,8 @@ def momentum(carried: Tensor, g: Tensor, beta: float) -> tuple[Tensor, Tensor]:
 
 
 def msign(Y: Tensor, S: Tensor, rank_tol: float) -> Tensor:
-    """(8.3): ``(S + τ·trace(S)·I)^{-1/2} Y`` with ``S = Y Yᵀ`` ``[k, r, r]`` (summed over shards under FSDP2),
+    """(8.3): ``(S + δ·trace(S)·I)^{-1/2} Y`` with ``S = Y Yᵀ`` ``[k, r, r]`` (summed over shards under FSDP2),
+    ``δ = max(rank_tol, MSIGN_MIN_DAMPING)``,
     by the damped Newton–Schulz root of :func:`sdsopt.linalg.inv_sqrt_newton_schulz` (matmul only, no host
     synchronisation).
 
@@ -47,7 +53,7 @@ def msign(Y: Tensor, S: Tensor, rank_tol: float) -> Tensor:
     Gram overflowed (no Inf from finite input)."""
     finite = S.isfinite().all(dim=-1, keepdim=True).all(dim=-2, keepdim=True)
     root, _ = inv_sqrt_newton_schulz(torch.where(finite, S, torch.zeros((), dtype=S.dtype, device=S.device)),
-                                     rank_tol)
+                                     max(rank_tol, MSIGN_MIN_DAMPING))
     return torch.where(finite, root @ Y, Y * 0)
 
 

@@ -90,3 +90,36 @@ def truncated(W: Tensor, r: int) -> Tensor:
     """Best rank-r approximation (Eckart–Young)."""
     U, S, Vh = torch.linalg.svd(W, full_matrices=False)
     return U[:, :r] @ torch.diag(S[:r]) @ Vh[:r]
+
+
+def qr_basis(X: Tensor) -> tuple[Tensor, Tensor]:
+    """The thin QR ``X = Q R`` with ``diag R > 0`` (the basis whose ``R`` is the Cholesky factor of ``XᵀX``)."""
+    Q, R = torch.linalg.qr(X)
+    sign = torch.sign(torch.diagonal(R))
+    return Q * sign, sign[:, None] * R
+
+
+def sds_muon_reference(A: Tensor, B: Tensor, grad_w, s: float, lr: float, beta: float, ratio: float,
+                       steps: int) -> list[tuple[Tensor, Tensor]]:
+    """docs/math.md §8 from explicit QR bases and SVD matrix signs: per step ``G = grad_w(s·B·A)``, the
+    coordinate gradients ``s·Q_Bᵀ G``, ``s·G Q_A``, the momenta carried by ``Q_newᵀ Q_old``, Nesterov, ``U Vᵀ``,
+    the step ``−lr·√(m/n)`` (``·ratio`` on B) mapped back by ``R^{-1}``.  Returns the factors after each step."""
+    m, n = B.shape[0], A.shape[1]
+    c = (m / n) ** 0.5
+    M_A, M_B, old_B, old_A = torch.zeros_like(A), torch.zeros_like(B), None, None
+    out = []
+    for _ in range(steps):
+        G = grad_w(s * B @ A)
+        Q_B, R_B = qr_basis(B)
+        Q_A, R_A = qr_basis(A.T)
+        g_a, g_b = s * Q_B.T @ G, s * G @ Q_A
+        carried_a = M_A if old_B is None else Q_B.T @ old_B @ M_A
+        carried_b = M_B if old_A is None else M_B @ old_A.T @ Q_A
+        M_A, M_B = beta * carried_a + (1 - beta) * g_a, beta * carried_b + (1 - beta) * g_b
+        u_a = polar(beta * M_A + (1 - beta) * g_a)
+        u_b = polar(beta * M_B + (1 - beta) * g_b)
+        A = A + torch.linalg.solve(R_B, -lr * c * u_a)
+        B = B + (-ratio * lr * c * u_b) @ torch.linalg.inv(R_A).T
+        old_B, old_A = Q_B, Q_A
+        out.append((A.clone(), B.clone()))
+    return out
