@@ -1,7 +1,7 @@
 """The SmolLM2 comparison (issue: SDS on a real LLM): many harness runs in parallel processes on one GPU, then
 one table per (task, scale) with seed spread, lr sensitivity and steps to reach LoRA's final loss.
 
-    python benchmarks/llm_sweep.py run --workers 14 --deadline 540 --out runs/llm -- --device cuda --autocast bf16
+    python benchmarks/llm_sweep.py run --deadline 540 --out runs/llm -- --device cuda --autocast bf16
     python benchmarks/llm_sweep.py merge runs/llm --out benchmarks/ablation/smollm
 
 The users' recipe (warm-up 10 % + cosine, batch 16, 300 steps, 3 paired seeds, grids extended at their edges)
@@ -10,9 +10,13 @@ resumes: jobs done are skipped).
 
 ``run`` plans one ``python -m sdsopt.lab`` per job (a task, a scale, a mode, a seed, an lr) and hands them to the
 lab's process pool (``sdsopt.lab.workers``, what ``python -m sdsopt.lab --workers N`` runs on): ``--workers`` at a
-time, highest priority first, none started after ``--deadline`` seconds (a job that is running finishes).  Arguments after ``--`` go to every job.  ``merge`` reads the jobs' ``summary.json`` and
-``curves.csv`` and writes ``tables.md``, ``summary.json``, ``runs.json`` (every run's final numbers) and the
-plots per (task, scale).
+time, highest priority first, none started after ``--deadline`` seconds (a job that is running finishes); a job
+that died of CUDA out-of-memory is retried with fewer at once.  ``--workers auto`` (the default) sizes the pool
+from the GPU's free memory before each wave (:func:`auto_workers`): free memory over one run's footprint, the
+largest peak the jobs' logs in ``--out`` report (a resumed sweep: measured) or else :data:`PEAK_GB`'s estimate,
+and at most one job per CPU core but one.  Arguments after ``--`` go to every job.  ``merge`` reads the jobs'
+``summary.json`` and ``curves.csv`` and writes ``tables.md``, ``summary.json``, ``runs.json`` (every run's final
+numbers) and the plots per (task, scale).
 """
 
 from __future__ import annotations
@@ -21,7 +25,9 @@ import argparse
 import csv
 import json
 import math
+import os
 import statistics
+import subprocess
 import sys
 import time
 from collections import defaultdict
@@ -29,7 +35,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from sdsopt.lab.report import plot, summarise  # noqa: E402
-from sdsopt.lab.workers import Job, run_jobs  # noqa: E402
+from sdsopt.lab.workers import Job, read_peak, run_jobs  # noqa: E402
 
 LORA_LRS = ["1e-4", "2e-4", "5e-4", "1e-3", "3e-3", "6e-3"]
 FULL_LRS = ["1e-6", "3e-6", "1e-5", "3e-5", "1e-4", "3e-4"]
@@ -47,6 +53,17 @@ SCALES = {"peft_r8": ["--rank", "8", "--lora-alpha", "16"],  # PEFT's common s =
           "peft_r2": ["--rank", "2", "--lora-alpha", "4"]}  # s = 2 at a rank where LoRA trails full fine-tuning?
 TASKS = {"math": ["--task", "smollm_math", "--difficulty", "2", "--eval-examples", "256"],  # (seed noise < gaps)
          "code": ["--task", "smollm_code", "--eval-examples", "96", "--max-len", "256"]}
+
+
+# One run's CUDA footprint in GB (its allocator's peak plus the process's CUDA context) before any was measured: an
+# ESTIMATE for SmolLM2-135M, LoRA r 8 on all seven projections, batch 16 under bf16 autocast, at a batch of the
+# longest examples (math ~220 tokens, code 256).  Its parts: float32 weights 0.54 GB; what autograd keeps for the
+# backward, counted on the CPU with saved-tensor hooks (2 such rows: 0.61 GiB math, 0.67 GiB code, of which ~0.25
+# GiB the weights' bf16 copies: ~2.9 / 3.4 GiB at 16 rows); the logits over the 49 152-token vocabulary at the loss
+# (bf16, their float32 copy, log-softmax and its gradient: ~2.4 / 2.8 GB); ~0.6 GB of context.  Sum ~6.7 / 7.6 GB.
+# A user's H100 (80 GB) ran out of memory at 14 math runs at once.
+PEAK_GB = {"math": 7.0, "code": 8.0}
+CONTEXT_GB = 0.6  # a process's CUDA context: outside the allocator's peak that the logs report
 
 
 def plan(steps: int, seeds: int, tasks: list[str], scales: list[str], modes: list[str],
@@ -89,6 +106,39 @@ def run(jobs: list[tuple[str, list[str]]], out: Path, workers: int, deadline: fl
             for name, argv in jobs]
     run_jobs(pool, workers, deadline=deadline, budget=budget, start=start, longest=longest,
              done=lambda job: (out / job.name / "summary.json").exists(), report=lambda line: print(line, flush=True))
+
+
+def gpu_free_bytes() -> int | None:
+    """Free memory of CUDA device 0 in bytes (``torch.cuda.mem_get_info``, asked in a child process so that this one
+    holds no CUDA context while the jobs run), None without CUDA."""
+    probe = "import torch; print(torch.cuda.mem_get_info()[0] if torch.cuda.is_available() else -1)"
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    lines = done.stdout.split()
+    free = int(lines[-1]) if done.returncode == 0 and lines else -1
+    return free if free >= 0 else None
+
+
+def auto_workers(tasks: list[str], out: Path, device: str, free: int | None, cores: int,
+                 peak_gb: float | None = None) -> tuple[int, str]:
+    """``(workers, why)`` for ``--workers auto``.  On CUDA: ``free`` bytes over one run's footprint, capped at
+    ``cores - 1`` (each job's process keeps about a core busy), at least 1; the footprint is ``peak_gb`` if given,
+    else the largest peak reserved memory that the logs in ``out`` report (:func:`sdsopt.lab.workers.read_peak`)
+    times 1.1 plus :data:`CONTEXT_GB`, else the largest :data:`PEAK_GB` estimate of ``tasks``.  On a CPU ``device``
+    (or without CUDA): half the cores, at least 1 (each job's torch runs several threads)."""
+    if not device.startswith("cuda") or free is None:
+        return max(1, cores // 2), f"{device}: half of {cores} cores"
+    peaks = [peak for log in out.glob("*.log") if (peak := read_peak(log)) is not None]
+    if peak_gb is not None:
+        footprint, source = peak_gb, "--peak-gb"
+    elif peaks:
+        footprint = max(peaks) / 1e9 * 1.1 + CONTEXT_GB
+        source = f"measured: largest of {len(peaks)} logs' peaks x 1.1 + context"
+    else:
+        footprint, source = max(PEAK_GB[t] for t in tasks), "estimate, PEAK_GB"
+    by_memory = int(free / 1e9 // footprint)
+    workers = max(1, min(by_memory, cores - 1))
+    return workers, (f"{free / 1e9:.1f} GB free / {footprint:.2f} GB per run ({source}) = {by_memory}; "
+                     f"cap {cores - 1} (cores - 1)")
 
 
 def lr_name(lr: float) -> str:
@@ -236,7 +286,11 @@ def main(argv: list[str] | None = None) -> None:
     r.add_argument("--scales", nargs="+", choices=list(SCALES), default=list(SCALES))
     r.add_argument("--modes", nargs="+", default=["lora", "sds", "full"])
     r.add_argument("--metrics-lr", default=None, help="also lora and sds at this lr with metrics every 10 steps")
-    r.add_argument("--workers", type=int, default=8)
+    r.add_argument("--workers", default="auto",
+                   help="jobs at once, or auto: from the GPU's free memory and the CPU cores (auto_workers)")
+    r.add_argument("--peak-gb", type=float, default=None,
+                   help="--workers auto: one run's GPU footprint in GB (default: measured in --out's logs, else "
+                   "PEAK_GB's estimate)")
     r.add_argument("--deadline", type=float, default=540.0, help="seconds after which no job starts")
     r.add_argument("--budget", type=float, default=0.0,
                    help="seconds within which every started job must end, judged by the longest finished job (0: off)")
@@ -261,13 +315,24 @@ def main(argv: list[str] | None = None) -> None:
                 args.full_lrs, grids, args.first_seed)
     jobs = jobs[: args.limit or None]
     start, longest = time.time(), [0.0]
-    run(jobs, Path(args.out), args.workers, args.deadline, passthrough, args.budget, start, longest)
+    device = passthrough[passthrough.index("--device") + 1] if "--device" in passthrough else "cpu"
+
+    def workers() -> int:
+        """``--workers``, or with auto the pool's size for the next wave (free memory measured now, between waves)."""
+        if args.workers != "auto":
+            return int(args.workers)
+        free = gpu_free_bytes() if device.startswith("cuda") else None
+        n, why = auto_workers(args.tasks, Path(args.out), device, free, os.cpu_count() or 1, args.peak_gb)
+        print(f"workers auto: {n} ({why})", flush=True)
+        return n
+
+    run(jobs, Path(args.out), workers(), args.deadline, passthrough, args.budget, start, longest)
     for _ in range(args.extend):  # (a later call with the same arguments picks up where the budget stopped)
         extra = edge_extensions(jobs, Path(args.out))
         if not extra:
             break
         jobs += extra
-        run(extra, Path(args.out), args.workers, args.deadline, passthrough, args.budget, start, longest)
+        run(extra, Path(args.out), workers(), args.deadline, passthrough, args.budget, start, longest)
 
 
 if __name__ == "__main__":

@@ -176,3 +176,41 @@ def test_paired(tmp_path):
     assert "+0.35 ± 0.05 (0/2)" in rows["lora"]  # vs sds: (0.40-0.10, 0.60-0.20)
     assert "+0.3 ± 0.15 (0/2)" in rows["lora"]  # vs loraplus4: (0.40-0.25, 0.60-0.15)
     assert "-0.05 ± 0.1 (1/2)" in rows["sds"]  # vs loraplus4: (0.10-0.25, 0.20-0.15)
+
+
+def test_device_stage_splits_joins_and_refuses_a_changed_file(tmp_path):
+    """benchmarks/device_stage.sh on a small fake GGUF: split into the two carry folders (the wheel beside the
+    second half), part1 stages the first half, join gives back the file byte for byte; a record whose sha256
+    differs (or halves that do not decompress) is refused and the joined file removed."""
+    import shutil
+
+    if shutil.which("xz") is None:
+        pytest.skip("split compresses with xz")
+    gguf, wheel = tmp_path / "model.gguf", tmp_path / "gguf-0.0-py3-none-any.whl"
+    noise = torch.randint(0, 256, (5000,), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    gguf.write_bytes(bytes(range(256)) * 300 + bytes(noise.tolist()))
+    wheel.write_bytes(b"a wheel")
+    env = {**os.environ, "CARRY1": str(tmp_path / "c1"), "CARRY2": str(tmp_path / "c2"),
+           "STAGE": str(tmp_path / "stage")}
+
+    def stage(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["bash", str(BENCH / "device_stage.sh"), *args], capture_output=True, text=True,
+                              env=env, timeout=120)
+
+    assert stage("split", str(gguf), str(wheel)).returncode == 0
+    assert sorted(p.name for p in (tmp_path / "c1").iterdir()) == ["smollm.gguf.xz.part1"]
+    assert sorted(p.name for p in (tmp_path / "c2").iterdir()) == [wheel.name, "gguf.sha256", "smollm.gguf.xz.part2"]
+    assert stage("part1").returncode == 0
+    shutil.copy(tmp_path / "c2" / "smollm.gguf.xz.part2", tmp_path / "stage")  # (what part2 does before joining)
+    joined = tmp_path / "stage" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    done = stage("join")
+    assert done.returncode == 0 and joined.read_bytes() == gguf.read_bytes(), done.stderr
+    record = tmp_path / "c2" / "gguf.sha256"
+    sha, size, name = record.read_text().split()
+    record.write_text(f"{'0' * 64} {size} {name}\n")
+    refused = stage("join")
+    assert refused.returncode == 1 and "differs" in refused.stderr and not joined.exists()
+    record.write_text(f"{sha} {size} {name}\n")
+    (tmp_path / "stage" / "smollm.gguf.xz.part2").write_bytes(b"not the second half")
+    refused = stage("join")
+    assert refused.returncode == 1 and "do not decompress" in refused.stderr and not joined.exists()

@@ -258,3 +258,39 @@ def test_the_held_out_split_is_fixed_whatever_the_run_seed():
     train, held = data.split(records, 0.1)
     assert len(held) == 5 and not {r["text"] for r in train} & {r["text"] for r in held}
     assert data.split(records, 0.1) == (train, held) and held != records[-5:]  # (shuffled, by SPLIT_SEED only)
+
+
+def test_pool_retries_a_job_that_ran_out_of_memory_with_fewer_at_once(tmp_path):
+    """run_jobs with an injected runner: a job whose log shows CUDA out-of-memory runs again (at most twice more),
+    and after it the pool runs fewer at once; a job that fails otherwise is not retried."""
+    import threading
+    import time
+
+    from sdsopt.lab.workers import Job, died_of_oom, read_peak, run_jobs
+
+    jobs = [Job(f"j{i}", (), tmp_path / f"j{i}.log") for i in range(6)]
+    lock, running, starts, calls, first_oom = threading.Lock(), [0], [], [], []
+
+    def runner(job: Job) -> int:
+        with lock:
+            running[0] += 1
+            calls.append(job.name)
+            starts.append((running[0], bool(first_oom)))  # (at once, after an out-of-memory)
+            oom = (job.name == "j1" and calls.count("j1") == 1) or job.name == "j4"
+        time.sleep(0.01 if oom else 0.2)
+        job.log.write_text("torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 1 GiB\n" if oom else
+                            "ValueError: bad\n" if job.name == "j5" else "ok\n")
+        with lock:
+            running[0] -= 1
+            first_oom.extend([True] if oom else [])
+        return 1 if oom else 2 if job.name == "j5" else 0
+
+    lines: list[str] = []
+    status = run_jobs(jobs, 3, runner=runner, report=lines.append)
+    assert status == {"j0": 0, "j1": 0, "j2": 0, "j3": 0, "j4": 1, "j5": 2}
+    assert calls.count("j1") == 2 and calls.count("j4") == 3 and calls.count("j5") == 1
+    assert max(n for n, _ in starts) == 3 and max(n for n, after in starts if after) <= 2
+    assert sum("out of memory" in line for line in lines) == 3 and "now 2 at once" in lines[0]
+    assert died_of_oom(jobs[4].log) and not died_of_oom(jobs[5].log) and read_peak(jobs[0].log) is None
+    jobs[0].log.write_text("ok\nsdsopt.lab.workers: cuda peak allocated 123 reserved 4567 bytes\n")
+    assert read_peak(jobs[0].log) == 4567

@@ -116,6 +116,8 @@ def test_eval_loss_is_the_token_average_on_targets(tiny_llama):
                 total -= float(logp[t - 1, ids[t]])
                 count += 1
     assert task.eval_loss(model, batch_size=2) == pytest.approx(total / count, rel=1e-5)
+    # the held-out set in chunks or in one batch: the same loss (only the batching differs)
+    assert task.eval_loss(model, batch_size=64) == pytest.approx(task.eval_loss(model, batch_size=2), rel=1e-6)
 
 
 @pytest.mark.parametrize("task_name", ["smollm_math", "smollm_code"])
@@ -159,8 +161,8 @@ def test_opt_values_are_read_as_literals():
 
 
 def test_llm_sweep_runs_and_merges(tiny_llama, tmp_path):
-    """benchmarks/llm_sweep.py at toy size: two jobs (lora at two lrs) run, a third is already done and skipped,
-    the merge writes the tables."""
+    """benchmarks/llm_sweep.py at toy size with ``--workers auto``: two jobs (lora at two lrs) run, run again they
+    are done and skipped, the merge writes the tables."""
     import subprocess
     import sys
     from pathlib import Path
@@ -169,9 +171,9 @@ def test_llm_sweep_runs_and_merges(tiny_llama, tmp_path):
     out = tmp_path / "runs"
     common = ["--", "--model-dir", str(tiny_llama), "--max-len", "200", "--eval-examples", "2", "--rank", "2"]
     run = [sys.executable, str(script), "run", "--steps", "2", "--seeds", "1", "--tasks", "math", "--scales",
-           "peft_r8", "--modes", "lora", "--workers", "2", "--out", str(out)]
+           "peft_r8", "--modes", "lora", "--out", str(out)]  # (--workers auto: on the CPU half the cores)
     first = subprocess.run([*run, "--limit", "2", *common], capture_output=True, text=True, check=True)
-    assert first.stdout.count("rc=0") == 2, first.stdout
+    assert first.stdout.count("rc=0") == 2 and "workers auto: " in first.stdout, first.stdout
     again = subprocess.run([*run, "--limit", "2", *common], capture_output=True, text=True, check=True)
     assert again.stdout.count("done before") == 2
     subprocess.run([sys.executable, str(script), "merge", str(out), "--out", str(tmp_path / "merged")], check=True,
@@ -243,3 +245,28 @@ def test_llm_sweep_extends_a_grid_whose_best_lies_on_an_edge(tmp_path):
     argv = extra["math-peft_r8-lora-s1-lr9e-3"]
     assert argv[argv.index("--lrs") + 1] == "9e-3" and argv[argv.index("--first-seed") + 1] == "1"
     assert sweep.lr_name(0.003) == "3e-3" and sweep.lr_name(1e-2) == "1e-2" and sweep.lr_name(3e-3 / 3) == "1e-3"
+
+
+def test_llm_sweep_sizes_its_pool_from_free_memory(tmp_path):
+    """``auto_workers``: on CUDA, free memory over the task's estimated footprint, or over the largest peak the
+    logs report (x 1.1 + the CUDA context), or over ``--peak-gb``; capped at the cores but one; on a CPU half the
+    cores."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "llm_sweep.py"
+    spec = importlib.util.spec_from_file_location("llm_sweep", path)
+    sweep = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sweep)
+    free = int(80e9)
+    assert sweep.auto_workers(["math"], tmp_path, "cuda", free, 16)[0] == int(80 // sweep.PEAK_GB["math"])
+    assert sweep.auto_workers(["math", "code"], tmp_path, "cuda", free, 16)[0] == int(80 // sweep.PEAK_GB["code"])
+    assert sweep.auto_workers(["math"], tmp_path, "cuda", free, 16, peak_gb=40.0)[0] == 2
+    (tmp_path / "a.log").write_text("sdsopt.lab.workers: cuda peak allocated 1 reserved 9000000000 bytes\n")
+    (tmp_path / "b.log").write_text("sdsopt.lab.workers: cuda peak allocated 1 reserved 4000000000 bytes\n")
+    n, why = sweep.auto_workers(["math"], tmp_path, "cuda", free, 16)
+    assert n == int(80 // (9 * 1.1 + sweep.CONTEXT_GB)) and "measured" in why
+    assert sweep.auto_workers(["math"], tmp_path, "cuda", int(1e12), 16)[0] == 15  # (the cores but one)
+    assert sweep.auto_workers(["math"], tmp_path, "cuda", int(1e9), 16)[0] == 1
+    assert sweep.auto_workers(["math"], tmp_path, "cpu", None, 2)[0] == 1
+    assert sweep.auto_workers(["math"], tmp_path, "cuda", None, 8)[0] == 4  # (no CUDA after all)

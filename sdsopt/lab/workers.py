@@ -3,7 +3,9 @@
 ``python -m sdsopt.lab ... --workers N`` splits its grid into N shards (every N-th run, :func:`shard_jobs`), runs
 them as N processes that fill one :class:`~sdsopt.lab.store.RunStore` (each process one model copy on the
 device), then reads the store back and writes the tables as a single process would.  :func:`run_jobs` is the
-pool itself: ``benchmarks/llm_sweep.py`` gives it one job per run, with a deadline and a time budget.
+pool itself: ``benchmarks/llm_sweep.py`` gives it one job per run, with a deadline and a time budget; a job that
+died of CUDA out-of-memory is run again with fewer at once, and each process's CUDA memory peak ends its log
+(:func:`report_peak`, :func:`read_peak`), which is how the sweep sizes its pool from free GPU memory.
 """
 
 from __future__ import annotations
@@ -12,12 +14,14 @@ import os
 import subprocess
 import sys
 import time
+from collections import defaultdict, deque
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["Job", "WorkerFailed", "run_jobs", "run_shards", "shard_jobs"]
+__all__ = ["OOM_MARKERS", "Job", "WorkerFailed", "died_of_oom", "read_peak", "report_peak", "run_jobs", "run_lab",
+           "run_shards", "shard_jobs"]
 
 
 @dataclass(frozen=True)
@@ -33,37 +37,103 @@ class WorkerFailed(RuntimeError):
     """A worker process ended with a non-zero status; the message holds the end of its log."""
 
 
+OOM_MARKERS = ("torch.OutOfMemoryError", "CUDA out of memory")
+PEAK_MARK = "sdsopt.lab.workers: cuda peak"
+
+
+# what each pool process runs: ``python -m sdsopt.lab`` with the job's arguments, then :func:`report_peak`
+LAB_COMMAND = ("import runpy\ntry:\n    runpy.run_module('sdsopt.lab', run_name='__main__')\n"
+               "finally:\n    from sdsopt.lab.workers import report_peak\n    report_peak()")
+
+
+def report_peak() -> None:
+    """When this process used CUDA, one line ``sdsopt.lab.workers: cuda peak allocated A reserved R bytes`` on
+    stdout (``torch.cuda.max_memory_allocated`` and ``max_memory_reserved``), which :func:`read_peak` reads back
+    from a job's log; nothing otherwise."""
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_initialized():
+        print(f"{PEAK_MARK} allocated {torch.cuda.max_memory_allocated()} reserved "
+              f"{torch.cuda.max_memory_reserved()} bytes", flush=True)
+
+
+def read_peak(log: Path) -> int | None:
+    """The peak reserved CUDA memory in bytes that :func:`report_peak` wrote into ``log`` (None: none there)."""
+    if not log.exists():
+        return None
+    for line in reversed(log.read_text(errors="replace").splitlines()):
+        if line.startswith(PEAK_MARK):
+            return int(line.split()[-2])
+    return None
+
+
+def died_of_oom(log: Path) -> bool:
+    """Whether the job's ``log`` shows a CUDA out-of-memory error (:data:`OOM_MARKERS`)."""
+    if not log.exists():
+        return False
+    text = log.read_text(errors="replace")
+    return any(marker in text for marker in OOM_MARKERS)
+
+
+def run_lab(job: Job) -> int:
+    """The pool's default runner: ``python -m sdsopt.lab`` on ``job.argv`` in a new process, then its CUDA peak
+    (:data:`LAB_COMMAND`), stdout and stderr into ``job.log``; returns the exit status."""
+    job.log.parent.mkdir(parents=True, exist_ok=True)
+    with open(job.log, "w") as log:
+        return subprocess.call([sys.executable, "-c", LAB_COMMAND, *job.argv], stdout=log, stderr=subprocess.STDOUT,
+                               env=os.environ)
+
+
 def run_jobs(jobs: Sequence[Job], workers: int, *, deadline: float = float("inf"), budget: float = 0.0,
              done: Callable[[Job], bool] = lambda job: False, start: float | None = None,
-             longest: list[float] | None = None, report: Callable[[str], None] | None = None) -> dict[str, int]:
+             longest: list[float] | None = None, report: Callable[[str], None] | None = None,
+             retries: int = 2, runner: Callable[[Job], int] = run_lab) -> dict[str, int]:
     """Run ``jobs`` ``workers`` at a time, in order, and return each started job's exit status by name.
 
     A job for which ``done(job)`` holds is skipped; none starts after ``deadline`` seconds, nor, with ``budget``,
     one that would end after ``budget`` seconds if it took as long as the longest job finished so far (``start``:
     the clock's zero, default now; ``longest``: a one-element list that carries that time from one call to the
-    next).  ``report`` gets one line per job (skipped, or its status and time)."""
+    next).  A job that fails with a CUDA out-of-memory error in its log (:func:`died_of_oom`) goes back to the
+    head of the queue, at most ``retries`` times, and the pool then runs at most one job fewer than were running
+    when it died (never fewer than one).  ``runner`` runs one job and returns its exit status (default
+    :func:`run_lab`).  ``report`` gets one line per job as it ends (skipped, retried, or its status and time)."""
     start = time.time() if start is None else start
     longest = [0.0] if longest is None else longest
     status: dict[str, int] = {}
+    queue, running = deque(jobs), {}
+    tries: dict[str, int] = defaultdict(int)
+    limit = max(1, workers)
+    say = report or (lambda line: None)
 
-    def one(job: Job) -> str:
-        if done(job):
-            return f"{job.name}: done before"
-        elapsed = time.time() - start
-        if elapsed > deadline or (budget and elapsed + longest[0] > budget):
-            return f"{job.name}: skipped (deadline)"
+    def timed(job: Job) -> tuple[int, float]:
         t0 = time.time()
-        job.log.parent.mkdir(parents=True, exist_ok=True)
-        with open(job.log, "w") as log:
-            status[job.name] = subprocess.call([sys.executable, "-m", "sdsopt.lab", *job.argv], stdout=log,
-                                               stderr=subprocess.STDOUT, env=os.environ)
-        longest[0] = max(longest[0], time.time() - t0)
-        return f"{job.name}: rc={status[job.name]} in {time.time() - t0:.0f}s (at {time.time() - start:.0f}s)"
+        return runner(job), time.time() - t0
 
-    with ThreadPoolExecutor(workers) as pool:
-        for line in pool.map(one, jobs):
-            if report is not None:
-                report(line)
+    with ThreadPoolExecutor(limit) as pool:
+        while queue or running:
+            while queue and len(running) < limit:
+                job = queue.popleft()
+                elapsed = time.time() - start
+                if done(job):
+                    say(f"{job.name}: done before")
+                elif elapsed > deadline or (budget and elapsed + longest[0] > budget):
+                    say(f"{job.name}: skipped (deadline)")
+                else:
+                    running[pool.submit(timed, job)] = job
+            if not running:
+                break
+            for future in wait(running, return_when=FIRST_COMPLETED).done:
+                job = running.pop(future)
+                rc, seconds = future.result()
+                longest[0] = max(longest[0], seconds)
+                if rc != 0 and tries[job.name] < retries and died_of_oom(job.log):
+                    tries[job.name] += 1
+                    limit = max(1, min(limit, len(running) + 1) - 1)
+                    queue.appendleft(job)
+                    say(f"{job.name}: out of memory after {seconds:.0f}s; retry {tries[job.name]}/{retries}, "
+                        f"now {limit} at once")
+                    continue
+                status[job.name] = rc
+                say(f"{job.name}: rc={rc} in {seconds:.0f}s (at {time.time() - start:.0f}s)")
     return status
 
 

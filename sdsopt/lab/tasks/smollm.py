@@ -148,14 +148,17 @@ class SmolLMTask:
             yield self._collate([train[i] for i in idx.tolist()])
 
     # -- models --------------------------------------------------------------------------------------------
-    def full_model(self, seed: int) -> nn.Module:
+    def base(self) -> nn.Module:
+        """The pretrained model on the host, loaded once (each run copies it)."""
         if self._base is None:
             self._base = load_pretrained(self.model_dir, self.gguf_file)[0]
-        return copy.deepcopy(self._base).to(self.device)
+        return self._base
+
+    def full_model(self, seed: int) -> nn.Module:
+        return copy.deepcopy(self.base()).to(self.device)
 
     def lora_model(self, seed: int) -> nn.Module:
-        self.full_model(seed)  # (loads the base once)
-        return peft_lora(self._base, seed, self.rank, self.alpha, LLAMA_TARGETS, self.rslora).to(self.device)
+        return peft_lora(self.base(), seed, self.rank, self.alpha, LLAMA_TARGETS, self.rslora).to(self.device)
 
     # -- loss and metrics ----------------------------------------------------------------------------------
     @staticmethod
