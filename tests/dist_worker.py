@@ -45,6 +45,7 @@ CASES: list[tuple[str, dict[str, Any]]] = [
     ("sds_polar_newton_schulz", {"mode": "sds_polar", "route": "newton_schulz"}),
     ("scaled", {"mode": "scaled", "damping": 1e-3}),
     ("lora", {"mode": "lora"}),
+    ("sds_muon", {"mode": "sds_muon", "b_lr_ratio": 2.0}),
 ]
 
 

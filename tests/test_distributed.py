@@ -39,7 +39,9 @@ if worker.DEVICE == "cuda" and torch.cuda.device_count() < 2:  # SDSOPT_DIST_DEV
 WORLD = 2
 TIMEOUT_S = 240
 DEFAULT_TOL = 1e-9 if worker.DEVICE == "cuda" else 1e-12  # on CUDA sds_polar's route "auto" is Newton–Schulz
-TOL = {"sds_polar_newton_schulz": 1e-9}
+# sds_muon: its last layer has r = 3 > min(m, n) = 1, where the matrix sign of the A path's momentum (rank 1 plus
+# rounding) amplifies a 1e-15 relative change of the gradients (DDP's other summation order) ~1e3-fold (measured)
+TOL = {"sds_polar_newton_schulz": 1e-9, "sds_muon": 1e-10}
 
 
 def _free_port() -> int:
@@ -150,6 +152,8 @@ def _check_fsdp_extras(results: dict) -> None:
         expected = [] if options.get("mode") == "lora" else [("c10d.allreduce_.default", gram_bytes)]
         if options.get("decouple_sigma"):
             expected = expected * 2  # + the stacked r×r G̃Xᵀ of both factors of every pair
+        if options.get("mode") == "sds_muon":
+            expected = expected * 3  # + the transport's cross-Grams and the momenta's Grams (docs/math.md (8.1), (8.3))
         # sds's last warm-up step reduces only the Grams of the pairs it re-splits (r ≤ min(m, n))
         resplit_bytes = sum(2 * r * r * 8 for (i, o), r in zip(worker.LAYERS, worker.RANKS) if r <= min(i, o))
         warmup = options.get("warmup_steps", 0)

@@ -21,6 +21,7 @@ Choices the maths leaves open, made here:
 * **Step damping** ``μ_s = step_damping·lr·√(m/n)`` (2.6): the frame's shift at the size of this mode's step.
 * **Scale** ``√(m/n)`` for both paths (8.4): both change the same ``m × n`` weight.  Not Muon's Adam-matched
   ``0.2·√max(m, n)``: that ties the lr to the layer's shape, this one makes it transfer across shapes.
+* FSDP2: three all-reduces of r×r partial sums per step (the Grams, the transport's cross-Grams, the momenta's Grams).
 * The step's decisions are read on the host: with ``skip_nonfinite`` the flag is read every step (one
   synchronisation), and ``fused=True`` steps the pairs by these torch ops (no kernel: see benchmarks/RESULTS.md).
 """
@@ -35,7 +36,7 @@ from torch import Tensor
 
 from ..adam import side_lr
 from ..buckets import Bucket, drop_positions, stacked
-from ..distributed import all_reduce_coalesced, local, process_group
+from ..distributed import local, process_group, reduce_parts
 from ..linalg import gram
 from ..muon import factor_units, momentum, msign, spectral_scale, transport
 from .base import StepContext
@@ -56,9 +57,9 @@ def spectral_shift(group: dict[str, Any], bucket: Bucket) -> float:
 
 
 def _rows(X: Tensor, side: str, k: int, shape: tuple[int, ...]) -> Tensor:
-    """Tensors of a factor kind (natural layout, stacked ``[k, …]``) in row form: ``A`` ``[k, r, n]``, ``Bᵀ``
-    ``[k, r, m]``."""
-    return X.reshape(k, shape[0], -1) if side == "A" else X.reshape(k, shape[0], shape[1]).mT
+    """Tensors of a factor kind (natural layout, stacked ``[k, …]``; local shards under FSDP2, so only ``r`` is
+    taken from the whole ``shape``) in row form: ``A`` ``[k, r, n]``, ``Bᵀ`` ``[k, r, m]``."""
+    return X.reshape(k, shape[0], -1) if side == "A" else X.reshape(k, -1, shape[1]).mT
 
 
 def _previous(state: MutableMapping[Tensor, dict[str, Any]], group: dict[str, Any], ids: list[int], side: str,
@@ -74,58 +75,71 @@ def _previous(state: MutableMapping[Tensor, dict[str, Any]], group: dict[str, An
     return _rows(X, side, len(ids), shape)
 
 
+def _summed(parts: dict[Any, Tensor], owner: dict[Any, Tensor]) -> dict[Any, Tensor]:
+    """``parts`` (partial r×r sums under FSDP2) summed over the process group of ``owner[key]``'s shards: one
+    all-reduce per group and dtype for the whole step (:func:`sdsopt.distributed.reduce_parts`)."""
+    return reduce_parts(parts, lambda key: (process_group(owner[key]), parts[key].dtype, parts[key].device))
+
+
 def step_muon(ctx: StepContext, buckets: list[Bucket], plan: Plan) -> set[int]:
-    """Mode ``sds_muon``'s step (docs/math.md (8.1)–(8.4), map back (2.6)) of the pairs of ``buckets``, chunk by
-    chunk, torch ops on stacks; returns the positions stepped (to be taken out of ``ctx.lists``)."""
+    """Mode ``sds_muon``'s step (docs/math.md (8.1)–(8.4), map back (2.6)) of the pairs of ``buckets``, torch ops
+    on stacks; returns the positions stepped (to be taken out of ``ctx.lists``).  Under FSDP2 the step reduces
+    three batches of r×r partial sums: the Grams (frames), the cross-Grams of the transport (8.1) and the
+    momenta's Grams (8.3)."""
     group, lists, state = ctx.group, ctx.lists, ctx.state
     params: list[Tensor] = group["params"]
     beta, sign = group["betas"][0], (-1.0 if group["maximize"] else 1.0)
-    decay = decoupled_decay(ctx)
-    done: set[int] = set()
     pieces = parts(group, buckets, whole=False, shift=spectral_shift)
-    for part, steps in zip(pieces, side_steps(ctx, pieces, plan, stack_grams)):
-        b, dt, tol = part.bucket, part.dt, part.key[0]
-        k, ids = len(b.a), {"A": b.a, "B": b.b}
-        shapes = {"A": tuple(b.a_shape), "B": tuple(b.b_shape)}
+    work, cross, owner = [], {}, {}
+    for j, (part, steps) in enumerate(zip(pieces, side_steps(ctx, pieces, plan, stack_grams))):
+        b, dt = part.bucket, part.dt
+        ids, shapes = {"A": b.a, "B": b.b}, {"A": tuple(b.a_shape), "B": tuple(b.b_shape)}
         now = {"A": stacked(group, b.a, "A", dt), "B": stacked(group, b.b, "B", dt).mT}
-        before = {side: _previous(state, group, ids[side], side, now[side]) for side in "AB"}
-        scale = spectral_scale(*_shape_mn(b))
-        moves = []
         for s in steps:
             partner = "B" if s.side == "A" else "A"
             pos = [ctx.position[i] for i in s.ids]
-            g = _rows(torch.stack([lists["grads"][q] for q in pos]).to(dt), s.side, k, shapes[s.side])
-            N = _rows(torch.stack([lists["exp_avgs"][q] for q in pos]).to(dt), s.side, k, shapes[s.side])
-            cross, = all_reduce_coalesced([now[partner] @ before[partner].mT], process_group(params[ids[partner][0]]))
-            M, Y = momentum(transport(s.frame.L_inv, cross, N), s.frame.L_inv @ g * sign, beta)
-            S, = all_reduce_coalesced([gram(Y)], process_group(params[s.ids[0]]))
-            stored = factor_units(s.frame.L_inv, M)
-            stored = stored if s.side == "A" else stored.mT
-            torch._foreach_copy_([lists["exp_avgs"][q] for q in pos], [t.view(lists["exp_avgs"][q].shape)
-                                 for t, q in zip(stored.contiguous().unbind(0), pos)])
-            moves.append((s, pos, msign(Y, S, tol) * (-scale)))
-        for s, pos, _ in moves:  # (8.1): the factor as the partner's next momentum transport will need it
-            for i in s.ids:
-                pstate = state[params[i]]
-                if "muon_prev" not in pstate:
-                    pstate["muon_prev"] = torch.empty_like(params[i], memory_format=torch.preserve_format)
-            torch._foreach_copy_([local(state[params[i]]["muon_prev"]) for i in s.ids],
-                                 [local(params[i]) for i in s.ids])
-        for s, pos, u in moves:
-            keep, gain = keep_gain(side_lr(group, s.side, decay), s.scale, s.ramp)
-            M_map = s.frame.M * (gain * side_lr(group, s.side))
-            X = now["A"] if s.side == "A" else now["B"].mT.contiguous()
-            if isinstance(keep, Tensor):
-                X.mul_(keep)
-                keep = 1.0
-            if s.side == "A":
-                X.baddbmm_(M_map, u, beta=keep)
-            else:
-                X.baddbmm_(u.mT, M_map.mT, beta=keep)
-            targets = [lists["params"][q] for q in pos]
-            torch._foreach_copy_(targets, [t.view(targets[0].shape) for t in X.to(targets[0].dtype).unbind(0)])
-            torch._foreach_add_([lists["state_steps"][q] for q in pos], 1.0)
-            done.update(pos)
+            before = _previous(state, group, ids[partner], partner, now[partner])
+            cross[(j, s.side)] = now[partner] @ before.mT
+            owner[(j, s.side)] = params[ids[partner][0]]
+            work.append((j, part, s, pos, now, shapes[s.side]))
+    cross = _summed(cross, owner)
+    grams, moved = {}, []
+    for j, part, s, pos, now, shape in work:  # (8.1), (8.2), the stored momentum
+        k, L_inv = len(pos), s.frame.L_inv
+        g = _rows(torch.stack([lists["grads"][q] for q in pos]).to(part.dt), s.side, k, shape)
+        N = _rows(torch.stack([lists["exp_avgs"][q] for q in pos]).to(part.dt), s.side, k, shape)
+        M, Y = momentum(transport(L_inv, cross[(j, s.side)], N), L_inv @ g * sign, beta)
+        stored = factor_units(L_inv, M)
+        stored = (stored if s.side == "A" else stored.mT).contiguous()
+        targets = [lists["exp_avgs"][q] for q in pos]
+        torch._foreach_copy_(targets, [t.view(targets[0].shape) for t in stored.unbind(0)])
+        grams[(j, s.side)], owner[(j, s.side)] = gram(Y), params[s.ids[0]]
+        moved.append((Y, j, part, s, pos, now))
+    grams = _summed(grams, owner)
+    for _, _, _, s, _, _ in moved:  # (8.1): the factor as the partner's next transport needs it
+        for i in s.ids:
+            pstate = state[params[i]]
+            if "muon_prev" not in pstate:
+                pstate["muon_prev"] = torch.empty_like(params[i], memory_format=torch.preserve_format)
+        torch._foreach_copy_([local(state[params[i]]["muon_prev"]) for i in s.ids], [local(params[i]) for i in s.ids])
+    decay = decoupled_decay(ctx)
+    done: set[int] = set()
+    for Y, j, part, s, pos, now in moved:  # (8.3), (8.4), the map back (2.6)
+        u = msign(Y, grams[(j, s.side)], part.key[0]) * -spectral_scale(*_shape_mn(part.bucket))
+        keep, gain = keep_gain(side_lr(group, s.side, decay), s.scale, s.ramp)
+        M_map = s.frame.M * (gain * side_lr(group, s.side))
+        X = now["A"] if s.side == "A" else now["B"].mT
+        if isinstance(keep, Tensor):
+            X.mul_(keep)
+            keep = 1.0
+        if s.side == "A":
+            X.baddbmm_(M_map, u, beta=keep)
+        else:
+            X.baddbmm_(u.mT, M_map.mT, beta=keep)
+        targets = [lists["params"][q] for q in pos]
+        torch._foreach_copy_(targets, [t.view(targets[0].shape) for t in X.to(targets[0].dtype).unbind(0)])
+        torch._foreach_add_([lists["state_steps"][q] for q in pos], 1.0)
+        done.update(pos)
     return done
 
 
