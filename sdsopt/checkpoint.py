@@ -49,6 +49,13 @@ def check_state_dict(where: str, state_dict: Any, param_groups: list[dict[str, A
                 f"but this optimizer has {ours[:3]}...; build the optimizer from the same model and "
                 "parameter order (and pairing rule) as the one that was saved."
             )
+        ours, other = ([(a, b, tuple(rows)) for a, b, rows in g.get("lora_blocks", ())] for g in (mine, theirs))
+        if ours != other:
+            raise ValueError(
+                f"{where}: param group {gi} of the checkpoint has stacked LoRA factors {other[:3]} (index of A, "
+                f"of B, rows of B per block) but this optimizer has {ours[:3]}; build the optimizer from the same "
+                "model (LoRA layers and rank) as the one that was saved."
+            )
         if len(theirs["params"]) != len(mine["params"]):
             raise ValueError(f"{where}: param group {gi} of the checkpoint holds {len(theirs['params'])} "
                              f"parameters, this optimizer's {len(mine['params'])}; build the optimizer from the "

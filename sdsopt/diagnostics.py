@@ -47,6 +47,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from .blocks import block_pairs
 from .distributed import is_dtensor
 from .modes.sds import SDS
 from .pairing import LoraPair, a_rows, b_matrix
@@ -81,8 +82,10 @@ def range_condition(s: Tensor, tol: float) -> Tensor:
 
 
 def factor_pairs(param_groups: Sequence[dict[str, Any]]) -> list[Factors]:
-    """The ``(A, B)`` tensors of every resolved LoRA pair, in :attr:`sdsopt.SDSAdamW.lora_pairs`'s order."""
-    return [(g["params"][ia], g["params"][ib]) for g in param_groups for ia, ib in g["lora_pairs"]]
+    """The ``(A, B)`` tensors of every resolved LoRA pair, in :attr:`sdsopt.SDSAdamW.lora_pairs`'s order (a block of
+    stacked factors as row views: :func:`sdsopt.blocks.block_pairs`)."""
+    return [pair for g in param_groups
+            for pair in [*((g["params"][ia], g["params"][ib]) for ia, ib in g["lora_pairs"]), *block_pairs(g)]]
 
 
 def snapshot(param_groups: Sequence[dict[str, Any]]) -> list[Factors]:
@@ -203,7 +206,8 @@ def summarise(rows: Iterable[dict[str, Any]]) -> dict[str, float]:
 def report(param_groups: Sequence[dict[str, Any]], state: MutableMapping[Tensor, dict[str, Any]],
            pairs: Sequence[LoraPair], before: list[Factors] | None = None) -> dict[str, Any]:
     """``{"pairs": [row, …], "summary": {…}}``: one row per pair of ``pairs`` (the optimizer's
-    :attr:`~sdsopt.SDSAdamW.lora_pairs`, whose order :func:`factor_pairs` follows) with its ``name`` (A's), ``phase``
+    :attr:`~sdsopt.SDSAdamW.lora_pairs`, whose order :func:`factor_pairs` follows; ``param_groups``: the groups
+    the step runs on, their blocks of stacked factors as pairs of views, :class:`sdsopt.blocks.BlockViews`) with its ``name`` (A's), ``phase``
     and the numbers of the module docstring as Python floats, the step's only where ``before`` (:func:`snapshot`
     taken before the last step) holds the pair at the shape it has now; ``summary`` is :func:`summarise`'s.
 
@@ -220,10 +224,8 @@ def report(param_groups: Sequence[dict[str, Any]], state: MutableMapping[Tensor,
             old = None
         items.append((i, (A, B), old))
     stats = _batched(items)
-    rows = []
-    for i, pair in enumerate(pairs):
-        group = param_groups[pair.group]
-        rows.append({"name": pair.name_a, "phase": phase(group, state, pair.index_a), **stats[i]})
+    phases = [phase(g, state, ia) for g in param_groups for ia, _ in g["lora_pairs"]]
+    rows = [{"name": pair.name_a, "phase": phases[i], **stats[i]} for i, pair in enumerate(pairs)]
     return {"pairs": rows, "summary": summarise(rows)}
 
 

@@ -19,6 +19,7 @@ from torch.optim.optimizer import Optimizer
 from . import compiled, modes, naming
 from . import pairing as _pairing
 from .adam import StepLists, adamw_sides
+from .blocks import BlockViews
 from .capture import LoraCapture
 from .checkpoint import checked_sds
 from .diagnostics import StepTracker, factor_pairs, report
@@ -128,9 +129,10 @@ class SDSAdamW(Optimizer):
             Otherwise (CPU, foreach, those cases) the flag is read on the host.  Under FSDP2 the flag is summed over
             each shard group (one all-reduce of one number per group and step while the guard is on), so all ranks skip
             together.
-        pairing: how names become pairs: ``None`` (PEFT/loralib ``lora_A``/``lora_B``, torchtune ``lora_a``/``lora_b``,
-            kohya/LyCORIS ``lora_down``/``lora_up``), a regex with a named group ``factor`` listing two values, A's
-            first (``r"\.lora_(?P<factor>down|up)\."``; see :func:`sdsopt.pairing.regex_pairing`), or a function
+        pairing: how names become pairs: ``None`` (PEFT/loralib/LitGPT ``lora_A``/``lora_B``, torchtune ``lora_a``/
+            ``lora_b``, kohya/LyCORIS ``lora_down``/``lora_up``; LitGPT's ``LoRAQKVLinear`` and loralib's
+            ``MergedLinear`` one pair per q/k/v block: :mod:`sdsopt.blocks`), a regex with a named group ``factor``
+            listing two values, A's first (``r"\.lora_(?P<factor>down|up)\."``; see :func:`sdsopt.pairing.regex_pairing`), or a function
             ``names -> [(name_A, name_B), ...]``.
         infer_names: parameters given without names (``model.parameters()``, unnamed param groups) are named as their
             outermost live ``nn.Module`` names them (:mod:`sdsopt.naming`), so they pair as ``named_parameters()``
@@ -139,12 +141,10 @@ class SDSAdamW(Optimizer):
 
     Distributed: under DDP nothing changes.  Under FSDP2 (or HSDP) the factors are DTensor shards (``A`` along n, ``B``
     along m: :func:`sdsopt.distributed.lora_shard_placement_fn`); the step all-reduces the stacked r×r Grams once and
-    runs the rewrite and Adam on the local shards (``torch.optim.AdamW``'s result bit for bit).  DeepSpeed ZeRO is
-    refused (it flattens the parameters, so pairs do not survive).
+    runs the rewrite and Adam on the local shards.  DeepSpeed ZeRO is refused (it flattens the parameters).
 
-    Non-finite gradients, ``skip_nonfinite=False`` (default): as in AdamW, nothing is skipped and nothing raises; the
-    non-finite values reach the parameters, and because a rewrite mixes the r entries of a row of ``B`` (a column of
-    ``A``), one non-finite entry spreads along that row (column).
+    Non-finite gradients, ``skip_nonfinite=False`` (default): as in AdamW, nothing is skipped or raised; a rewrite mixes
+    the r entries of a row of ``B`` (column of ``A``), so one non-finite entry spreads along that row (column).
     """
 
     _watch_frozen = False  # (copies and unpickled optimizers do not repeat the first step's check)
@@ -215,11 +215,11 @@ class SDSAdamW(Optimizer):
             self.attach(roots)  # (2.8): the optimizer records the first batch itself
 
     def _fresh_caches(self) -> None:
-        """The per-instance caches, rebuilt lazily (they hold data pointers, lists and device tables of this
-        instance's tensors), and the handle of the compiled step: new for every instance, copies included."""
+        """The caches of this instance's tensors (rebuilt lazily) and the compiled step's handle: new for every copy."""
         self._modes: dict[str, Mode] = {}  # the mode objects (their caches) of this optimizer
         self._tables = Tables()  # the fused kernels' entry tables (sdsopt.fused)
         self._lists = StepLists()
+        self._blocks = BlockViews()  # the step's groups: stacked factors (LitGPT, loralib MergedLinear) per block
         self.compile_handle = compiled.register(self)  # the traced step's reference to this optimizer
 
     def __getstate__(self) -> dict[str, Any]:
@@ -248,12 +248,9 @@ class SDSAdamW(Optimizer):
         return self.param_groups[gi].get("param_names") or self._names.get(gi)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """As ``Optimizer.add_param_group``; also resolves the group's LoRA pairs.
-
-        Pairs come from the group's explicit ``lora_pairs`` (tensors ``(A, B)``) and from the
-        pairing rule applied to its parameter names.  Raises ``ValueError`` for a pair split
-        across groups, a parameter in two pairs, or shapes that do not chain.
-        """
+        """As ``Optimizer.add_param_group``; also resolves the group's LoRA pairs: its explicit ``lora_pairs`` (tensors
+        ``(A, B)``) and the pairing rule on its names (:func:`sdsopt.pair_groups.resolve_group_pairs` raises
+        ``ValueError`` for a pair split across groups, a parameter in two pairs, or shapes that do not chain)."""
         param_group = dict(param_group)
         explicit = param_group.pop("lora_pairs", None) or []
         self._starts_done = False  # (a new group may hold pairs still to start)
@@ -352,26 +349,28 @@ class SDSAdamW(Optimizer):
         starting = starts_pending(self.param_groups, self._starts_done)
         waiting = waiting_pairs(self.param_groups, self.state) if starting else []
         check_groups_intact(self.param_groups, self._group_sizes)
-        prepared = [(gi, group, *self._lists(group, gi, self.state)) for gi, group in enumerate(self.param_groups)]
+        groups, state = self._blocks.prepare(self.param_groups, self._group_names, self.state)  # (sdsopt.blocks)
+        prepared = [(gi, group, *self._lists(group, gi, state)) for gi, group in enumerate(groups)]
         skip, found_inf = False, None
         if self.skip_nonfinite:  # (the start needs the decision on the host)
-            host = bool(waiting) or any(not group["fused"] or self._mode(group).host_decision(group, self.state)
+            host = bool(waiting) or any(not group["fused"] or self._mode(group).host_decision(group, state)
                                         for _, group, _, lists, _ in prepared if lists["params"])
-            skip, found_inf = guard_step(prepared, self.param_groups, host, self._skips)
+            skip, found_inf = guard_step(prepared, groups, host, self._skips)
         with float32_matmul():  # the factors' algebra at float32 accuracy, whatever the user's TF32 flag
             if skip:  # (2.8): the pairs still to start keep no state (this step made it), to start at the next step
-                self._lists.forget(self.state, [p for *_, A, B in waiting for p in (A, B)])
+                self._lists.forget(state, [p for *_, A, B in waiting for p in (A, B)])
             elif waiting:  # (2.8), first steps only: A from G, B's gradient at the new A
                 start_pairs(self.param_groups, waiting, self._capture, self._group_names)
             for gi, group, position, lists, has_complex in ([] if skip else prepared):
                 if not lists["params"]:
                     continue
                 b_factors = {id(lists["params"][position[ib]]) for _, ib in group["lora_pairs"] if ib in position}
-                ctx = StepContext(gi, group, position, lists, self.state, self._tables, found_inf, self._capture)
+                ctx = StepContext(gi, group, position, lists, state, self._tables, found_inf, self._capture)
                 map_back = self._mode(group).transform(ctx)
                 if lists["params"]:  # (a mode may have stepped every parameter itself)
                     adamw_sides(group, lists, b_factors, has_complex=has_complex, found_inf=found_inf)
                 map_back()
+        self._blocks.release_grads()
         if self._capture is not None:
             self._capture.clear()
         if starting and not skip and not waiting_pairs(self.param_groups, self.state):
@@ -387,7 +386,8 @@ class SDSAdamW(Optimizer):
         relative size and B-side share if :meth:`track_step` was called before it (:func:`sdsopt.diagnostics.report`).
         Python floats: reads the device once per rank; costs nothing when not called."""
         tracker = self.__dict__.get("_step_tracker")
-        return report(self.param_groups, self.state, self.lora_pairs, tracker.before if tracker else None)
+        return report(*self._blocks.view(self.param_groups, self._group_names, self.state), self.lora_pairs,
+                      tracker.before if tracker else None)
 
     def track_step(self) -> None:
         """Copy the LoRA factors at the start of the next :meth:`step` (that step only), so that :meth:`diagnostics`

@@ -4,8 +4,9 @@ paired, and the first step's check that the parameters were not all frozen since
 model was wrapped).
 
 One message per cause, each naming the cause and the fix, and none followed by a second that contradicts it:
-every parameter frozen (nothing will train); factors without their partner; loralib ``MergedLinear`` factors
-(warned where found); rank-0 pairs (no elements: left unpaired, they step as AdamW); every pair frozen; names found
+every parameter frozen (nothing will train); factors without their partner; stacked factors of a layer that
+:mod:`sdsopt.blocks` does not know (warned where found: LitGPT's ``LoRAQKVLinear`` and loralib's ``MergedLinear``
+are paired per block); rank-0 pairs (no elements: left unpaired, they step as AdamW); every pair frozen; names found
 for unnamed parameters (:class:`PairingNotice`: the trainable pairs found by name, those given in ``lora_pairs``,
 the frozen ones not counted); and no LoRA factor at all (the optimizer is AdamW: full fine-tuning, custom names, or
 built before ``get_peft_model``).
@@ -25,7 +26,8 @@ from torch import Tensor
 
 from . import naming
 from . import pairing as _pairing
-from .distributed import check_not_deepspeed, check_pair_layout
+from .blocks import Block, block_rows, block_spans, direct_owners
+from .distributed import check_not_deepspeed, check_pair_layout, is_dtensor
 from .pairing import LoraPair, PairingFn, a_rows, check_pair_shapes, param_label
 
 __all__ = ["PairingLog", "PairingNotice", "check_groups_intact", "check_still_trainable", "lora_pairs",
@@ -48,8 +50,8 @@ class PairingNotice(UserWarning):
 class PairingLog:
     """What resolving the groups' pairs leaves for the construction's message (:func:`report_pairing`).
 
-    ``left_out``: names of factors the rule paired but that get plain AdamW (loralib ``MergedLinear``, warned
-    where found; rank 0), so that they are not reported as factors without a partner; ``rank_zero``: labels
+    ``left_out``: names of factors the rule paired but that get plain AdamW (stacked factors of an unknown layer,
+    warned where found; rank 0), so that they are not reported as factors without a partner; ``rank_zero``: labels
     ``'A' / 'B'`` of the rank-0 pairs; ``explicit``: ``(group, index_A, index_B)`` of the pairs given in
     ``lora_pairs`` (not reported as found by name)."""
 
@@ -63,10 +65,13 @@ def resolve_group_pairs(gi: int, group: dict[str, Any], explicit: Sequence[Any],
                         rule: PairingFn, earlier: Sequence[tuple[list[Tensor], list[str] | None]],
                         log: PairingLog) -> list[tuple[int, int]]:
     """The pairs ``(index_A, index_B)`` of group ``gi`` (``names``: its parameters' names, if any; ``earlier``: the
-    params and names of the groups before it), recorded in ``log`` as :class:`PairingLog` says.  Left out, so
-    that they get plain AdamW: factors with loralib MergedLinear's layout (with a warning here), and rank-0 pairs
-    (``r = 0``: no elements, nothing to rewrite; reported by :func:`report_pairing`).  Raises ``ValueError`` for a
-    pair split across groups, a parameter in two pairs, or shapes that do not chain."""
+    params and names of the groups before it), recorded in ``log`` as :class:`PairingLog` says; its stacked factors
+    are paired per block and recorded as ``group["lora_blocks"]`` (:mod:`sdsopt.blocks`: ``(index_A, index_B, rows
+    of B per block)``; the key only where there are some, so that other groups' state dicts stay as they were).  Left out, so
+    that they get plain AdamW: stacked factors of a layer :func:`sdsopt.blocks.block_rows` does not know (with a
+    warning here), and rank-0 pairs (``r = 0``: no elements, nothing to rewrite; reported by
+    :func:`report_pairing`).  Raises ``ValueError`` for a pair split across groups, a parameter in two pairs, shapes
+    that do not chain, or stacked factors that a group's options cannot pair per block."""
     params: list[Tensor] = group["params"]
     for i, p in enumerate(params):
         check_not_deepspeed(p, param_label(group, i, gi))
@@ -83,11 +88,20 @@ def resolve_group_pairs(gi: int, group: dict[str, Any], explicit: Sequence[Any],
                 raise ValueError(f"param group {gi}: factor {role} of lora_pairs[{k}] is not in this group's params; {hint}.")
         pairs.append((where[id(pair[0])], where[id(pair[1])]))
 
+    blocks: list[Block] = []
     if names:
         index = {n: i for i, n in enumerate(names)}
         explicit_pairs = set(pairs)  # a pair given explicitly and found by name again counts once
+        owners: dict[int, torch.nn.Module] | None = None  # (looked up at the first stacked pair)
         for a, b in rule(names):
-            if _merged(params[index[a]], params[index[b]], a, b):
+            A, B = params[index[a]], params[index[b]]
+            if _pairing.stacked_count(A, B) is not None:
+                owners = direct_owners(params) if owners is None else owners
+                if (rows := block_rows(owners.get(id(A)), A, B)) is not None:
+                    _check_blocks(gi, group, A, B, repr(a), repr(b), rows)
+                    blocks.append((index[a], index[b], rows))
+                    continue
+            if _merged(A, B, a, b):
                 log.left_out.update((a, b))
                 log.merged = True
             elif (index[a], index[b]) not in explicit_pairs:
@@ -122,19 +136,40 @@ def resolve_group_pairs(gi: int, group: dict[str, Any], explicit: Sequence[Any],
                 f"SDSAdamW: LoRA pair {label(ia)} / {label(ib)} has rank r={r} above both its dimensions "
                 f"(m={m}, n={n}): A and B may be swapped (A is r×n, the input side; B is m×r). Pass pairs "
                 "as (A, B), or fix the pairing rule's order of values (A's first).", UserWarning, stacklevel=4)
+    if blocks:
+        group["lora_blocks"] = blocks
     return kept
 
 
+def _check_blocks(gi: int, group: dict[str, Any], A: Tensor, B: Tensor, name_a: str, name_b: str,
+                  rows: tuple[int, ...]) -> None:
+    """Refuse stacked factors that group ``gi``'s options cannot step per block, naming the fix; check each
+    block's views as any pair (:func:`sdsopt.pairing.check_pair_shapes`)."""
+    what = f"param group {gi}: {name_a} / {name_b} stack {len(rows)} LoRA pairs (LitGPT LoRAQKVLinear / loralib " \
+           "MergedLinear), which SDSAdamW steps per block"
+    if is_dtensor(A) or is_dtensor(B):
+        raise ValueError(f"{what}, on whole tensors: not as FSDP2 shards. Train this model with DDP, or leave "
+                         "this layer out of fully_shard.")
+    if group["mode"] == "svd_oracle" or group["gradient_start"]:
+        option = "mode='svd_oracle'" if group["mode"] == "svd_oracle" else "gradient_start=True"
+        raise ValueError(f"{what}; {option} needs each pair's own layer inputs, which the blocks share in one "
+                         "grouped convolution. Use another mode / gradient_start=False for this model.")
+    for (a0, a1), (b0, b1) in block_spans(A, rows):
+        check_pair_shapes(A[a0:a1], B[b0:b1], f"{name_a}[{a0}:{a1}]", f"{name_b}[{b0}:{b1}]")
+
+
 def _merged(A: Tensor, B: Tensor, name_a: str, name_b: str) -> bool:
-    """Whether a named pair has loralib ``MergedLinear``'s layout (k pairs stacked in each tensor): such a
-    pair is left to plain AdamW, with a warning that says so and how to get SDS for it."""
+    """Whether a named pair has the layout of k equal pairs stacked in each tensor (loralib ``MergedLinear``'s)
+    in a layer :func:`sdsopt.blocks.block_rows` does not know: such a pair is left to plain AdamW, with a
+    warning that says so and how to get SDS for it."""
     k = _pairing.merged_layout(A, B)
     if k is not None:
         warnings.warn(
-            f"SDSAdamW: {name_a!r} / {name_b!r} have loralib MergedLinear's layout ({k} LoRA pairs of rank "
-            f"{B.shape[1]} stacked in each tensor, applied as a grouped convolution); SDSAdamW steps whole "
-            "tensors as pairs, so these get plain AdamW. For SDS on them, adapt each projection with its own "
-            "loralib.Linear (or PEFT LoRA).", UserWarning, stacklevel=5)
+            f"SDSAdamW: {name_a!r} / {name_b!r} have the layout of {k} LoRA pairs of rank {B.shape[1]} stacked in "
+            "each tensor (as loralib's MergedLinear and LitGPT's LoRAQKVLinear hold them), but the layer that holds "
+            "them is neither (SDSAdamW pairs those per block), so these get plain AdamW. For SDS on them, give the "
+            "optimizer the model that holds them, or adapt each projection with its own LoRA layer.",
+            UserWarning, stacklevel=5)
     return k is not None
 
 
@@ -164,6 +199,8 @@ def report_pairing(param_groups: list[dict[str, Any]], group_names: list[list[st
     params = [p for g in param_groups for p in g["params"]]
     names = [n for ns in group_names for n in ns or []]
     pairs = [(gi, ia, ib) for gi, g in enumerate(param_groups) for ia, ib in g["lora_pairs"]]
+    pairs += [(gi, ia, ib) for gi, g in enumerate(param_groups) for ia, ib, rows in g.get("lora_blocks", ())
+              for _ in rows]  # (a block is a pair)
 
     def label(gi: int, i: int) -> str:
         return _label(param_groups, group_names, gi, i)
@@ -222,8 +259,9 @@ def _label(param_groups: list[dict[str, Any]], group_names: list[list[str] | Non
 
 
 def _pair_names(param_groups: list[dict[str, Any]], group_names: list[list[str] | None]) -> list[tuple[str, str]]:
-    """The names ``(A, B)`` of every pair of the named groups."""
-    return [(ns[ia], ns[ib]) for g, ns in zip(param_groups, group_names) if ns for ia, ib in g["lora_pairs"]]
+    """The names ``(A, B)`` of every pair (and stacked factors) of the named groups."""
+    return [(ns[ia], ns[ib]) for g, ns in zip(param_groups, group_names) if ns
+            for ia, ib, *_ in [*g["lora_pairs"], *g.get("lora_blocks", ())]]
 
 
 def _found_names_notice(param_groups: list[dict[str, Any]], group_names: list[list[str] | None],
@@ -268,17 +306,24 @@ def check_still_trainable(param_groups: list[dict[str, Any]]) -> None:
 
 def lora_pairs(param_groups: list[dict[str, Any]], names: Callable[[int], list[str] | None]) -> list[LoraPair]:
     """Every resolved pair of ``param_groups`` (:attr:`sdsopt.SDSAdamW.lora_pairs`), with its group, indices, names
-    (``names(gi)``: group ``gi``'s parameter names, or ``None``: ``params[i]``) and ``(m, n, r)``."""
+    (``names(gi)``: group ``gi``'s parameter names, or ``None``: ``params[i]``) and ``(m, n, r)``; per group its
+    pairs, then the blocks of its stacked factors (their rows in the names and in ``rows_a``/``rows_b``)."""
     out = []
     for gi, group in enumerate(param_groups):
         group_names = names(gi)
-        for ia, ib in group["lora_pairs"]:
+
+        def name(i: int, rows: tuple[int, int] | None) -> str:
+            return (group_names[i] if group_names else f"params[{i}]") + (f"[{rows[0]}:{rows[1]}]" if rows else "")
+
+        spans = [(ia, ib, None, None) for ia, ib in group["lora_pairs"]]
+        spans += [(ia, ib, ra, rb) for ia, ib, rows in group.get("lora_blocks", ())
+                  for ra, rb in block_spans(group["params"][ia], rows)]
+        for ia, ib, ra, rb in spans:
             A, B = group["params"][ia], group["params"][ib]
             out.append(LoraPair(
-                group=gi, index_a=ia, index_b=ib,
-                name_a=group_names[ia] if group_names else f"params[{ia}]",
-                name_b=group_names[ib] if group_names else f"params[{ib}]",
-                m=B.shape[0], n=a_rows(A).shape[1], r=A.shape[0],
+                group=gi, index_a=ia, index_b=ib, name_a=name(ia, ra), name_b=name(ib, rb),
+                m=rb[1] - rb[0] if rb else B.shape[0], n=a_rows(A).shape[1], r=ra[1] - ra[0] if ra else A.shape[0],
+                rows_a=ra, rows_b=rb,
             ))
     return out
 

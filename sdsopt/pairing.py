@@ -32,6 +32,7 @@ __all__ = [
     "TORCHTUNE_PATTERN",
     "default_pairing",
     "merged_layout",
+    "stacked_count",
     "LoraPair",
     "PairingFn",
     "a_rows",
@@ -178,18 +179,28 @@ def lone_factors(names: Sequence[str], pairs: Sequence[tuple[str, str]],
             and any((m := regex.search(n)) and m.group("factor") in values for regex, values in regexes)]
 
 
-def merged_layout(A: Tensor, B: Tensor) -> int | None:
-    """``k`` when ``(A, B)`` has loralib ``MergedLinear``'s layout (``A``: ``k·r × n``, ``B``: ``k·m′ × r``, k > 1:
-    k pairs stacked in one tensor each, applied as a grouped convolution), else ``None``."""
+def stacked_count(A: Tensor, B: Tensor) -> int | None:
+    """``k`` when ``(A, B)`` may be k > 1 stacked LoRA pairs (2-D, ``A`` with ``k·r`` rows for ``B``'s r columns: LitGPT's
+    ``LoRAQKVLinear``, loralib's ``MergedLinear``; :mod:`sdsopt.blocks`), else ``None``."""
     if A.dim() != 2 or B.dim() != 2 or B.shape[1] == 0 or A.shape[0] == B.shape[1]:
         return None
     k, rest = divmod(A.shape[0], B.shape[1])
-    return k if rest == 0 and k > 1 and B.shape[0] % k == 0 else None
+    return k if rest == 0 and k > 1 else None
+
+
+def merged_layout(A: Tensor, B: Tensor) -> int | None:
+    """``k`` when ``(A, B)`` has loralib ``MergedLinear``'s layout (``A``: ``k·r × n``, ``B``: ``k·m′ × r``, k > 1:
+    k pairs of equal blocks stacked in one tensor each, applied as a grouped convolution), else ``None``."""
+    k = stacked_count(A, B)
+    return k if k is not None and B.shape[0] % k == 0 else None
 
 
 @dataclass(frozen=True)
 class LoraPair:
-    """A resolved pair: indices into its param group's ``params``, names, and matrix sizes."""
+    """A resolved pair: indices into its param group's ``params``, names, and matrix sizes.  A block of stacked
+    factors (LitGPT's ``LoRAQKVLinear``, loralib's ``MergedLinear``: :mod:`sdsopt.blocks`) is the pair of rows
+    ``rows_a`` of ``params[index_a]`` and rows ``rows_b`` of ``params[index_b]`` (``(start, stop)``), and its names
+    say so (``….lora_A[0:8]``); ``None`` for a pair of whole tensors."""
 
     group: int
     index_a: int
@@ -199,6 +210,8 @@ class LoraPair:
     m: int
     n: int
     r: int
+    rows_a: tuple[int, int] | None = None
+    rows_b: tuple[int, int] | None = None
 
 
 def check_pair_shapes(A: Tensor, B: Tensor, name_a: str, name_b: str) -> tuple[int, int, int]:

@@ -1,5 +1,5 @@
 """Pairing where users train: unnamed parameters (model.parameters(), unnamed groups) named from their modules,
-the names of every common LoRA stack, loralib's MergedLinear, and clear errors for bad options and patterns."""
+the names of every common LoRA stack, stacked factors of an unknown layer, and clear errors for bad options and patterns."""
 
 from __future__ import annotations
 
@@ -140,24 +140,22 @@ def test_names_follow_the_outermost_module_and_survive_pickling():
     assert [(p.name_a, p.r) for p in clone.lora_pairs] == [("0.lora_down.weight", 3), ("2.lora_down.weight", 2)]
 
 
-def test_loralib_merged_linear_is_left_to_adamw_with_a_fix():
-    loralib = pytest.importorskip("loralib")
+def test_stacked_factors_of_an_unknown_layer_are_left_to_adamw_with_a_fix():
+    """Stacked factors (k equal blocks of r rows) in a layer that is neither LitGPT's LoRAQKVLinear nor loralib's
+    MergedLinear (those pair per block: tests/test_blocks.py): plain AdamW, and the warning says how to get SDS."""
     torch.manual_seed(0)
-    model = nn.Sequential(loralib.MergedLinear(12, 24, r=2, enable_lora=[True, False, True]),
-                          loralib.Linear(24, 6, r=2))
-    loralib.mark_only_lora_as_trainable(model)
-    with pytest.warns(UserWarning, match=r"MergedLinear's layout \(2 LoRA pairs of rank 2.*loralib.Linear"):
-        opt = SDSAdamW(model.parameters(), lr=1e-2)
-    assert [p.name_a for p in opt.lora_pairs] == ["1.lora_A"]
-    x = torch.randn(16, 12)
-    losses = []
-    for _ in range(12):
-        opt.zero_grad()
-        loss = model(x).pow(2).mean()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    assert losses[-1] < losses[0] and all(math.isfinite(v) for v in losses)
+    layer = nn.Module()
+    layer.lora_A, layer.lora_B = nn.Parameter(torch.randn(4, 12)), nn.Parameter(torch.randn(24, 2))
+    with pytest.warns(UserWarning, match=r"layout of 2 LoRA pairs of rank 2 stacked .* plain AdamW"):
+        opt = SDSAdamW(layer.named_parameters(), lr=1e-2)
+    assert opt.lora_pairs == []
+    layer.lora_A.grad, layer.lora_B.grad = torch.ones(4, 12), torch.ones(24, 2)
+    twin = [p.detach().clone().requires_grad_() for p in (layer.lora_A, layer.lora_B)]
+    for p, q in zip(twin, (layer.lora_A, layer.lora_B)):
+        p.grad = q.grad.clone()
+    opt.step()
+    torch.optim.AdamW(twin, lr=1e-2).step()
+    assert all(torch.equal(p, q) for p, q in zip(twin, (layer.lora_A, layer.lora_B)))
 
 
 @pytest.mark.parametrize("pattern,a", [(r"(?:^|\.)lora_(?P<factor>down|up)\.", "down"),

@@ -104,12 +104,14 @@ def test_only_lora_b_gets_one_message_without_the_misleading_no_pairs():
     assert "pairing=" not in said[0]
 
 
-def test_merged_linear_alone_gets_its_own_message_only():
+def test_merged_linear_alone_is_paired_per_block_without_a_warning():
+    """loralib's MergedLinear (q and v of one layer): two pairs, one per block, and no warning (issue 45)."""
     loralib = pytest.importorskip("loralib")
     model = nn.Sequential(loralib.MergedLinear(12, 24, r=2, enable_lora=[True, False, True]))
     loralib.mark_only_lora_as_trainable(model)
     opt, said = build(model.parameters(), lr=1e-2)
-    assert opt.lora_pairs == [] and len(said) == 1 and "MergedLinear's layout" in said[0]
+    assert [p.name_a for p in opt.lora_pairs] == ["0.lora_A[0:2]", "0.lora_A[2:4]"]
+    assert len(said) == 1 and said[0].startswith("SDSAdamW: the parameters came without names") and "2 LoRA pair(s)" in said[0]
 
 
 # ----------------------------------------------------------------------------- rank 0
