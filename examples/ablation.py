@@ -3,6 +3,8 @@ the reference, through the lab's typed recipe (:class:`sdsopt.lab.TaskConfig`, :
 
     python examples/ablation.py [--steps 200]
     (the CLI equivalent: python -m sdsopt.lab --task linear --modes full lora sds scaled --steps 200 ...)
+
+Needs the extra ``ablate`` (the lab's tqdm, matplotlib): ``pip install ".[ablate]"`` in the checkout.
 """
 
 from __future__ import annotations
@@ -10,10 +12,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from sdsopt.lab.extras import exit_if_missing
 from sdsopt.lab import RunConfig, TaskConfig, format_table, make_task, run_grid, summarise, write_outputs
 
 
 def main(argv=None):
+    exit_if_missing(["tqdm", "matplotlib"], "examples/ablation.py")
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--out", default="runs/example_ablation")

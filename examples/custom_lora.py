@@ -1,6 +1,8 @@
 """A hand-written LoRA module with its own parameter names, paired explicitly (or by a custom pattern).
 
     python examples/custom_lora.py [--steps 200]
+
+Needs no extra: the user install (``pip install .``) runs it.
 """
 
 from __future__ import annotations

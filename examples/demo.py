@@ -6,6 +6,8 @@ LoRA initialisation and with the same batches: once with torch.optim.AdamW, once
 
     python examples/demo.py            # ~1 min on 2 CPU cores
     python examples/demo.py --help
+
+Needs the extra ``hf`` (transformers, PEFT): ``pip install ".[hf]"`` in the checkout.
 """
 
 from __future__ import annotations

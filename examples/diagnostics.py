@@ -3,6 +3,8 @@ and a plot of κ(A), κ(B), ‖B‖/‖A‖ and the step's effective rank agains
 
     python examples/diagnostics.py [--steps 120] [--every 5] [--out runs/diagnostics]
 
+Needs the extras ``ablate`` and ``hf`` (matplotlib, PEFT): ``pip install ".[ablate,hf]"`` in the checkout.
+
 ``opt.track_step()`` before a logged step keeps that step's factors for ``opt.diagnostics()`` (nothing is kept on
 the other steps).  With transformers or Lightning, the callbacks of :mod:`sdsopt.integrations` do the same.
 """
@@ -18,6 +20,7 @@ import torch
 from torch import nn
 
 from sdsopt import SDSAdamW
+from sdsopt.lab.extras import exit_if_missing
 
 PANELS = (("kappa_A_max", "κ(A), largest over pairs"), ("kappa_B_max", "κ(B), largest over pairs"),
           ("norm_ratio_mean", "‖B‖/‖A‖, mean over pairs"), ("step_effective_rank_mean", "effective rank of ΔW, mean"))
@@ -61,6 +64,7 @@ def plot(history: list[dict], out: Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
+    exit_if_missing(["peft", "matplotlib"], "examples/diagnostics.py")
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=120)
     ap.add_argument("--every", type=int, default=5)

@@ -9,6 +9,8 @@ batches.  Under FSDP2 the optimizer reduces only the r×r Grams of the factors (
 the run ends with a ``torch.distributed.checkpoint`` save of model and optimizer when ``--checkpoint``
 is given.  ``--optimizer psi`` trains with :class:`sdsopt.PSILoRA` instead (DDP only: it replaces whole
 factors, so FSDP2 shards are refused); its step equals one process's on the global batch.
+
+Needs the extra ``hf`` (transformers, PEFT): ``pip install ".[hf]"`` in the checkout.
 """
 
 from __future__ import annotations
@@ -21,13 +23,15 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
-from peft import LoraConfig, get_peft_model
 
 from sdsopt import PSILoRA, SDSAdamW
+from sdsopt.lab.extras import exit_if_missing
 from sdsopt.lab.tasks.text import batch_iterator, lm_loss, load_corpus, tiny_gpt2
 
 
 def lora_gpt2(width: int, layers: int, block: int, rank: int) -> torch.nn.Module:
+    from peft import LoraConfig, get_peft_model
+
     model = tiny_gpt2(layers=layers, width=width, heads=4, block=block, seed=0)  # same weights on every rank
     config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=["c_attn", "c_proj", "c_fc"], fan_in_fan_out=True)
     with warnings.catch_warnings():
@@ -36,6 +40,7 @@ def lora_gpt2(width: int, layers: int, block: int, rank: int) -> torch.nn.Module
 
 
 def main(argv=None) -> float:
+    exit_if_missing(["transformers", "peft"], "examples/distributed.py")
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--strategy", choices=["ddp", "fsdp"], default="fsdp")
     ap.add_argument("--optimizer", choices=["sds", "psi"], default="sds", help="SDSAdamW or PSILoRA (DDP only)")

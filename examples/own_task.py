@@ -4,6 +4,8 @@ A frozen random linear map is LoRA-adapted to a rank-2 change of itself; ``run_g
 same adapter and batches per seed and prints the lab's tables (best lr, paired difference to the first mode).
 
     python examples/own_task.py [--steps 200] [--seeds 3] [--out runs/own_task]
+
+Needs the extra ``ablate`` (the lab's tqdm, matplotlib): ``pip install ".[ablate]"`` in the checkout.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from sdsopt.lab.extras import exit_if_missing
 from sdsopt.lab import RunConfig, format_tables, run_grid, summarise, write_outputs
 from sdsopt.lab.tasks.lora import LoraLinear
 
@@ -58,6 +61,7 @@ class LowRankShift:
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
+    exit_if_missing(["tqdm", "matplotlib"], "examples/own_task.py")
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--seeds", type=int, default=3)

@@ -4,6 +4,8 @@
 
 The Trainer builds the optimizer itself: `optimizer_cls_and_kwargs=(SDSAdamW, {"model": model, ...})`
 makes it call `SDSAdamW(model, ...)`, which pairs the LoRA factors by name.
+
+Needs the extra ``hf`` (transformers, PEFT, accelerate): ``pip install ".[hf]"`` in the checkout.
 """
 
 from __future__ import annotations

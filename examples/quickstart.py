@@ -1,6 +1,8 @@
 """Quickstart: a plain PyTorch loop with a hand-written LoRA layer; the one-line swap AdamW -> SDSAdamW.
 
     python examples/quickstart.py [--steps 200]
+
+Needs no extra: the user install (``pip install .``) runs it.
 """
 
 from __future__ import annotations

@@ -7,6 +7,9 @@ reads the losses from the Trainer's logs and writes its tables.  Here: PEFT LoRA
 a config (no download), adapted to Python's reference docs.
 
     python examples/trainer_ab.py [--steps 60] [--seeds 2] [--out runs/trainer_ab]
+
+Needs the extras ``ablate`` and ``hf`` (the lab's tqdm, matplotlib; transformers, PEFT, accelerate):
+``pip install ".[ablate,hf]"`` in the checkout.
 """
 
 from __future__ import annotations

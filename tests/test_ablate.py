@@ -130,3 +130,20 @@ def test_gradient_started_modes_run_through_the_harness(tmp_path):
                   "--out", str(tmp_path), "--quiet"])
     assert set(table) == {"sds", "sds_gs", "loraplus4_gs"}
     assert table["sds_gs"]["eval"] != table["sds"]["eval"]
+
+
+@pytest.mark.parametrize("steps, said", [(10, "never leaves its warm-up here: its first 10 steps are plain AdamW"),
+                                         (15, "spends 10 of its 15 steps in its warm-up"), (40, None)])
+def test_a_run_inside_the_warm_up_says_so(tmp_path, capsys, steps, said):
+    """sds's first warmup_steps (10) are lora's AdamW: an A/B that never leaves them (or mostly stays) says so in one
+    line before it trains and in the tables (issue 45: `+0 ± 0 (0/2)` and nothing else)."""
+    main(["--task", "linear", "--modes", "lora", "sds", "--lrs", "1e-2", "--steps", str(steps), "--metrics-every",
+          "0", "--out", str(tmp_path), "--quiet"])
+    out = capsys.readouterr().out
+    tables = (tmp_path / "tables.md").read_text()
+    if said is None:
+        assert "note: mode" not in out and "note: mode" not in tables
+    else:
+        line = f"note: mode sds {said}"
+        assert out.count(line) == 2 and tables.count(line) == 1  # (before training, and in the printed tables)
+        assert "--opt warmup_steps=0" in next(x for x in out.splitlines() if x.startswith(line))

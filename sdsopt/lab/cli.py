@@ -24,11 +24,11 @@ import shlex
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from .data import InputError
 from .extras import MissingExtra, require_all
-from .optimizers import ABLATION_MODES, DEFAULT_MODES, is_mode
+from .optimizers import ABLATION_MODES, DEFAULT_MODES, is_mode, sds_warmup, warmup_note
 from .report import format_tables, summarise, write_outputs
 from .runs import AUTOCAST, SCHEDULES, RunConfig, run_grid
 from .store import RunStore
@@ -85,7 +85,8 @@ def parse_option(text: str) -> tuple[str, Any]:
 def _add_run_options(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--task", choices=TASKS, default=None, help="a built-in task (default linear)")
     ap.add_argument("--modes", nargs="+", type=mode_name, default=None, metavar="MODE",
-                    help=f"from {', '.join(ABLATION_MODES)}, or loraplus<λ> (default: {' '.join(DEFAULT_MODES)}; "
+                    help=f"from {', '.join(ABLATION_MODES)}, loraplus<λ> (e.g. loraplus8) or sdsplus<λ> (sds with "
+                    f"b_lr_ratio=λ) (default: {' '.join(DEFAULT_MODES)}; "
                     f"with --model: {' '.join(MODEL_MODES)}); the first is the A/B's reference")
     ap.add_argument("--loraplus-ratio", type=float, default=16.0, help="λ = lr_B / lr_A of mode loraplus")
     ap.add_argument("--lrs", type=learning_rate, nargs="+", default=None, help="≥ 3 per mode recommended")
@@ -162,9 +163,16 @@ def _add_psi_options(ap: argparse.ArgumentParser) -> None:
                    help="AdamW lr of the parameters that are not LoRA factors (a head; default: --lrs' value)")
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose errors are one line, the message and where ``--help`` is, without the ~30-line usage."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (every option: {self.prog} --help)\n")
+
+
 def parser() -> argparse.ArgumentParser:
     """The command line of the harness."""
-    ap = argparse.ArgumentParser(prog="python -m sdsopt.lab", description=__doc__.splitlines()[0])
+    ap = OneLineParser(prog="python -m sdsopt.lab", description=__doc__.splitlines()[0])
     _add_run_options(ap)
     _add_model_options(ap)
     _add_task_options(ap)
@@ -185,6 +193,25 @@ def _configs(args: argparse.Namespace) -> tuple[TaskConfig, RunConfig]:
                     loraplus_ratio=args.loraplus_ratio, psi_iters=args.psi_iters, psi_momentum=args.psi_momentum,
                     psi_dampening=args.psi_dampening, psi_lmbd=args.psi_lmbd, psi_adam_lr=args.psi_adam_lr)
     return task, run
+
+
+def _check_negative_lrs(ap: argparse.ArgumentParser, argv: list[str]) -> None:
+    """``--lrs -1e-3``: argparse reads a negative number in exponent notation as an option (and says "expected at
+    least one argument"); give it the lab's message, as ``--lrs=-1e-3`` gets."""
+    inside = False
+    for token in argv:
+        if token == "--lrs":
+            inside = True
+        elif inside and token.startswith("-"):
+            try:
+                float(token)
+            except ValueError:
+                inside = False  # (the next option)
+                continue
+            try:
+                learning_rate(token)
+            except argparse.ArgumentTypeError as err:
+                ap.error(f"argument --lrs: {err}")
 
 
 def _resolve(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -243,6 +270,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, Any]]:
     ends the command with a one-line message (argparse's exit status 2) before anything trains."""
     ap = parser()
     argv = sys.argv[1:] if argv is None else list(argv)
+    _check_negative_lrs(ap, argv)
     args = ap.parse_args(argv)
     _resolve(ap, args)
     try:
@@ -258,6 +286,9 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, Any]]:
         ap.error(str(err))
     grid = dict(modes=args.modes, lrs=args.lrs, seeds=args.seeds, config=config, first_seed=args.first_seed,
                 store=store)
+    if args.shard is None:  # (said before anything trains; the tables say it again)
+        for note in filter(None, (warmup_note(m, sds_warmup(m, config.opt), config.steps) for m in args.modes)):
+            print(note)
     if args.shard is not None:
         run_grid(task, **grid, quiet=True, shard=args.shard)
         return {}

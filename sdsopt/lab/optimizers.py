@@ -23,9 +23,11 @@ from torch import nn
 
 from ..optim import SDSAdamW
 from ..psi import PSILoRA
+from ..validation import DEFAULT_WARMUP_STEPS
 from .peers import Chained, is_peer, make_peer
 
-__all__ = ["ABLATION_MODES", "DEFAULT_MODES", "is_mode", "make_optimizer", "needs_capture", "sdsadamw_kwargs"]
+__all__ = ["ABLATION_MODES", "DEFAULT_MODES", "is_mode", "make_optimizer", "needs_capture", "sds_warmup",
+           "sdsadamw_kwargs", "warmup_note"]
 
 DEFAULT_MODES = ("full", "lora", "sds", "sds_undamped", "sds_polar", "sds_sigma", "scaled", "sds_layer", "psi",
                  "psi_scaled", "svd_oracle")
@@ -66,6 +68,29 @@ def sdsadamw_kwargs(mode: str, options: dict[str, Any] | None = None) -> dict[st
     if mode != "lora":
         kw.update(options or {})
     return kw
+
+
+def sds_warmup(mode: str, options: dict[str, Any] | None = None) -> int | None:
+    """The plain-AdamW steps a run of ``mode`` takes before its coordinate steps (mode ``sds`` and its variants:
+    ``warmup_steps``, or SDSAdamW's default), ``None`` for a mode without a warm-up."""
+    kw = sdsadamw_kwargs(mode, options)
+    if not kw or kw.get("mode") != "sds":
+        return None
+    warm = kw.get("warmup_steps")
+    return (0 if kw.get("gradient_start") else DEFAULT_WARMUP_STEPS) if warm is None else int(warm)
+
+
+def warmup_note(mode: str, warmup: int | None, steps: int) -> str | None:
+    """One line when a run of ``mode`` (``warmup`` steps of plain AdamW, :func:`sds_warmup`) spends all or most of
+    its ``steps`` in its warm-up, where it is mode ``lora``'s AdamW: an A/B there compares AdamW with itself."""
+    if not warmup or 2 * warmup < steps:
+        return None
+    fix = f"run more steps (e.g. --steps {max(100, 10 * warmup)}) or --opt warmup_steps=0"
+    if warmup >= steps:
+        return (f"note: mode {mode} never leaves its warm-up here: its first {warmup} steps are plain AdamW (as "
+                f"mode lora's) and the run has {steps}, so it compares AdamW with itself; {fix}")
+    return (f"note: mode {mode} spends {warmup} of its {steps} steps in its warm-up (plain AdamW, as mode lora's): "
+            f"most of the run compares AdamW with itself; {fix}")
 
 
 def make_optimizer(mode: str, model: nn.Module, lr: float, betas: tuple[float, float], weight_decay: float,

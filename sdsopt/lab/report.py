@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from .extras import require
-from .optimizers import ABLATION_MODES
+from .optimizers import ABLATION_MODES, warmup_note
 from .paired import ab_rows, format_ab, sd
 
 __all__ = ["format_table", "format_tables", "plot", "summarise", "write_outputs"]
@@ -63,10 +63,19 @@ def _modes_in_order(runs: list[dict]) -> list[str]:
     return list(dict.fromkeys(r["mode"] for r in runs))
 
 
+def warmup_notes(runs: list[dict]) -> list[str]:
+    """:func:`sdsopt.lab.optimizers.warmup_note` of each mode of ``runs`` that spends all or most of its steps in
+    its warm-up (runs recorded before the key: none)."""
+    notes = {r["mode"]: warmup_note(r["mode"], r.get("sds_warmup"), len(r["curve"])) for r in runs}
+    return [note for note in notes.values() if note]
+
+
 def format_tables(task_name: str, runs: list[dict], table: dict) -> str:
-    """``tables.md``: the summary table (:func:`format_table`) and the paired A/B table
-    (:func:`sdsopt.lab.paired.format_ab`, the first mode run as reference)."""
-    return format_table(task_name, table) + "\n\n" + format_ab(task_name, ab_rows(runs, _modes_in_order(runs))) + "\n"
+    """``tables.md``: the warm-up notes (:func:`warmup_notes`), the summary table (:func:`format_table`) and the
+    paired A/B table (:func:`sdsopt.lab.paired.format_ab`, the first mode run as reference)."""
+    notes = "".join(f"{note}\n\n" for note in warmup_notes(runs))
+    return (notes + format_table(task_name, table) + "\n\n" + format_ab(task_name, ab_rows(runs, _modes_in_order(runs)))
+            + "\n")
 
 
 def _write_records(task_name: str, runs: list[dict], field: str, path: Path) -> None:

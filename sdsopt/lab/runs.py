@@ -23,7 +23,7 @@ from ..pairing import a_rows, b_matrix
 from ..reference import PaperSDSLayers
 from .extras import require
 from .metrics import pair_metrics
-from .optimizers import make_optimizer, needs_capture
+from .optimizers import make_optimizer, needs_capture, sds_warmup
 from .peers import is_peer
 from .store import RunStore
 
@@ -207,7 +207,7 @@ def run_one(task: Any, mode: str, lr: float, seed: int, config: RunConfig, progr
     if config.eval_every:
         eval_curve.append({"step": config.steps, **held_out})
     return {"mode": mode, "lr": lr, "seed": seed, "schedule": config.schedule, "warmup_ratio": config.warmup_ratio,
-            "curve": curve, "metrics": metrics, "final_train": statistics.fmean(curve[-max(1, config.steps // 20):]),
+            "sds_warmup": sds_warmup(mode, config.opt), "curve": curve, "metrics": metrics, "final_train": statistics.fmean(curve[-max(1, config.steps // 20):]),
             **held_out, **({"eval_curve": eval_curve} if config.eval_every else {})}
 
 
