@@ -95,7 +95,8 @@ def test_each_block_is_a_pair_and_nothing_is_left_to_adamw(kind):
 @pytest.mark.parametrize("kind", sorted(LAYERS))
 @pytest.mark.parametrize("options", [{"mode": "sds", "warmup_steps": 2}, {"mode": "sds", "warmup_steps": 0},
                                      {"mode": "sds_polar"}, {"mode": "scaled"}, {"mode": "lorapro"},
-                                     {"mode": "lora", "b_lr_ratio": 4.0}], ids=str)
+                                     {"mode": "lora", "b_lr_ratio": 4.0}, {"mode": "sds_muon", "warmup_steps": 0}],
+                         ids=str)
 def test_training_matches_the_blocks_as_explicit_pairs(kind, options):
     """Every step (the warm-up, its re-split, the coordinate steps) equals SDSAdamW's on the blocks given as
     separate tensors: the views step as any pair, their writes land in the parameters."""
