@@ -147,3 +147,6 @@ def test_a_run_inside_the_warm_up_says_so(tmp_path, capsys, steps, said):
         line = f"note: mode sds {said}"
         assert out.count(line) == 2 and tables.count(line) == 1  # (before training, and in the printed tables)
         assert "--opt warmup_steps=0" in next(x for x in out.splitlines() if x.startswith(line))
+    # without a full run the table has no "gap to full closed" column, and with metrics off no metrics.csv
+    assert "gap to full closed" not in tables and "| mode | best lr | held-out loss | final train loss |\n" in tables
+    assert not (tmp_path / "metrics.csv").exists() and (tmp_path / "curves.csv").exists()

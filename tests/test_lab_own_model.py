@@ -302,3 +302,10 @@ def test_pool_retries_a_job_that_ran_out_of_memory_with_fewer_at_once(tmp_path):
     assert died_of_oom(jobs[4].log) and not died_of_oom(jobs[5].log) and read_peak(jobs[0].log) is None
     jobs[0].log.write_text("ok\nsdsopt.lab.workers: cuda peak allocated 123 reserved 4567 bytes\n")
     assert read_peak(jobs[0].log) == 4567
+
+
+def test_a_json_error_says_where_on_the_line(tmp_path):
+    """json's message for a raw control character ends in "at": the position follows (it was cut off)."""
+    (tmp_path / "tab.jsonl").write_text('{"text": "a\tb"}\n')
+    with pytest.raises(data.InputError, match=r"line 1 is not JSON \(Invalid control character at column 12\)"):
+        data.load_records(tmp_path / "tab.jsonl")

@@ -59,7 +59,8 @@ def load_records(path: str | Path, option: str = "--data") -> list[dict[str, Any
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as err:
-                raise InputError(f"{option} {path}: line {number} is not JSON ({err.msg}); the file must be "
+                where = f"{err.msg.removesuffix(' at')} at column {err.colno}"  # (json's "…character at" ends there)
+                raise InputError(f"{option} {path}: line {number} is not JSON ({where}); the file must be "
                                  "JSON Lines, one object per line") from None
             if not isinstance(record, dict):
                 raise InputError(f"{option} {path}: line {number} is a JSON {type(record).__name__}, not an "

@@ -99,7 +99,8 @@ def write_outputs(task_name: str, runs: list[dict], table: dict, out: Path,
         w.writerow(["task", "mode", "lr", "seed", "step", "loss"])
         for r in runs:
             w.writerows([task_name, r["mode"], r["lr"], r["seed"], i + 1, v] for i, v in enumerate(r["curve"]))
-    _write_records(task_name, runs, "metrics", out / "metrics.csv")
+    if any(r.get("metrics") for r in runs):  # (metrics off: no file of a header alone)
+        _write_records(task_name, runs, "metrics", out / "metrics.csv")
     if any(r.get("eval_curve") for r in runs):
         _write_records(task_name, runs, "eval_curve", out / "eval_curves.csv")
     ab = ab_rows(runs, _modes_in_order(runs)) if runs else []
@@ -205,15 +206,17 @@ def plot(task_name: str, runs: list[dict], table: dict, out: Path) -> None:
 
 
 def format_table(task_name: str, table: dict) -> str:
-    """The summary as a markdown table, modes in :data:`~sdsopt.lab.optimizers.ABLATION_MODES`' order first."""
+    """The summary as a markdown table, modes in :data:`~sdsopt.lab.optimizers.ABLATION_MODES`' order first; the
+    column "gap to full closed" only where a ``full`` run gives it."""
+    gaps = "full" in table
     lines = [f"{task_name}: best lr per mode (held-out loss, mean over seeds)",
-             "| mode | best lr | held-out loss | final train loss | gap to full closed |",
-             "|---|---|---|---|---|"]
+             "| mode | best lr | held-out loss | final train loss |" + (" gap to full closed |" if gaps else ""),
+             "|---|---|---|---|" + ("---|" if gaps else "")]
     for mode in [*[m for m in ABLATION_MODES if m in table], *sorted(m for m in table if m not in ABLATION_MODES)]:
         e = table[mode]
         gap = e.get("gap_closed")
         std = f" ± {e['eval_std']:.2g}" if e["eval_std"] else ""
         accuracy = f" (accuracy {e['accuracy']:.3f} ± {e['accuracy_std']:.2g})" if "accuracy" in e else ""
-        lines.append(f"| {mode} | {e['lr']:g} | {e['eval']:.4g}{std}{accuracy} | {e['final_train']:.4g} | "
-                     + (f"{gap:.2f} |" if gap is not None and math.isfinite(gap) else "– |"))
+        lines.append(f"| {mode} | {e['lr']:g} | {e['eval']:.4g}{std}{accuracy} | {e['final_train']:.4g} |"
+                     + ((f" {gap:.2f} |" if gap is not None and math.isfinite(gap) else " – |") if gaps else ""))
     return "\n".join(lines)
