@@ -9,7 +9,8 @@
 # MODES (space-separated) replaces the mode list; GRIDS (space-separated MODE=LR,LR,...) sets those modes' grids, the
 # others keep theirs below (a mode without any grid gets llm_sweep.py's default).  WORKERS: jobs at once (default
 # auto: from the GPU's free memory, llm_sweep.py's auto_workers); PEAK_GB: one run's GPU footprint for auto (default
-# measured in runs/llm's logs, else the per-task estimate); OUT: the runs' folder (runs/llm).  CUDA's allocator runs
+# measured in runs/llm's logs, else the per-task estimate); RUNS: the runs' folder (runs/llm; not OUT, which the
+# device machines set to the folder whose files come back, and a sweep's ~100 files there do not).  CUDA's allocator runs
 # with expandable segments (PYTORCH_CUDA_ALLOC_CONF, unless set): padded batches of varying lengths then leave little
 # reserved-but-unused memory per process.
 #
@@ -34,6 +35,6 @@ for g in "${grids[@]}"; do args+=(--grid "$g"); done
 export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
 python3 benchmarks/llm_sweep.py run --workers "${WORKERS:-auto}" ${PEAK_GB:+--peak-gb "$PEAK_GB"} --budget "$budget" \
   --deadline "$budget" --extend 3 --seeds 3 --tasks "$task" --scales peft_r8 --steps 300 --modes "${modes[@]}" \
-  "${args[@]}" --out "${OUT:-runs/llm}" \
+  "${args[@]}" --out "${RUNS:-runs/llm}" \
   -- --device cuda --autocast bf16 --batch 16 --schedule cosine --warmup-ratio 0.1 --model-dir "$model" \
   --no-accuracy --opt fused=True ${GGUF_FILE:+--gguf-file "$GGUF_FILE"}

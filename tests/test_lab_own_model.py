@@ -300,6 +300,9 @@ def test_pool_retries_a_job_that_ran_out_of_memory_with_fewer_at_once(tmp_path):
     assert max(n for n, _ in starts) == 3 and max(n for n, after in starts if after) <= 2
     assert sum("out of memory" in line for line in lines) == 3 and "now 2 at once" in lines[0]
     assert died_of_oom(jobs[4].log) and not died_of_oom(jobs[5].log) and read_peak(jobs[0].log) is None
+    jobs[5].log.write_text("RuntimeError: Expected mha_graph.execute(handle, variant_pack, workspace_ptr.get())"
+                           ".is_good() to be true, but got false.\n")  # (cuDNN attention short of memory)
+    assert died_of_oom(jobs[5].log)
     jobs[0].log.write_text("ok\nsdsopt.lab.workers: cuda peak allocated 123 reserved 4567 bytes\n")
     assert read_peak(jobs[0].log) == 4567
 

@@ -37,7 +37,10 @@ class WorkerFailed(RuntimeError):
     """A worker process ended with a non-zero status; the message holds the end of its log."""
 
 
-OOM_MARKERS = ("torch.OutOfMemoryError", "CUDA out of memory")
+OOM_MARKERS = ("torch.OutOfMemoryError", "CUDA out of memory", "mha_graph.execute(handle, variant_pack, workspace_ptr")
+"""What a job that died for want of device memory leaves in its log: the allocator's errors, and cuDNN's attention
+backward failing to run (seen on an H100, 2026-12-07: all 11 of a first wave of 12 SmolLM2 jobs started at once
+died so at 69 s; the next waves, started apart, ran)."""
 PEAK_MARK = "sdsopt.lab.workers: cuda peak"
 
 
@@ -67,7 +70,7 @@ def read_peak(log: Path) -> int | None:
 
 
 def died_of_oom(log: Path) -> bool:
-    """Whether the job's ``log`` shows a CUDA out-of-memory error (:data:`OOM_MARKERS`)."""
+    """Whether the job's ``log`` shows a CUDA out-of-memory error, cuDNN's included (:data:`OOM_MARKERS`)."""
     if not log.exists():
         return False
     text = log.read_text(errors="replace")
