@@ -76,10 +76,10 @@ def _previous(state: MutableMapping[Tensor, dict[str, Any]], group: dict[str, An
     return _rows(X, side, len(ids), shape)
 
 
-def _summed(parts: dict[Any, Tensor], owner: dict[Any, Tensor]) -> dict[Any, Tensor]:
-    """``parts`` (partial r×r sums under FSDP2) summed over the process group of ``owner[key]``'s shards: one
-    all-reduce per group and dtype for the whole step (:func:`sdsopt.distributed.reduce_parts`)."""
-    return reduce_parts(parts, lambda key: (process_group(owner[key]), parts[key].dtype, parts[key].device))
+def _summed(partial: dict[Any, Tensor], owner: dict[Any, Tensor]) -> dict[Any, Tensor]:
+    """``partial`` (r×r sums over local shards under FSDP2) summed over the process group of ``owner[key]``'s
+    shards: one all-reduce per group and dtype for the whole step (:func:`sdsopt.distributed.reduce_parts`)."""
+    return reduce_parts(partial, lambda key: (process_group(owner[key]), partial[key].dtype, partial[key].device))
 
 
 def step_muon(ctx: StepContext, buckets: list[Bucket], plan: Plan) -> set[int]:
