@@ -150,7 +150,6 @@ class SDSMuon(SDS):
 
     name = "sds_muon"
     state_keys = ("sds_warmup", "muon_prev")
-    sigma_note = " (its singular values live in the r×r core R_B·R_Aᵀ and move through both coordinates)"
     coordinates_at_once = True
 
     @classmethod
