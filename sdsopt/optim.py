@@ -63,9 +63,9 @@ class SDSAdamW(Optimizer):
             plain AdamW on the factors), ``"scaled"`` (``gB (K_A + δI)^{-1}``, ``(K_B + δI)^{-1} gA``; Zhang & Pilanci
             2024), ``"svd_oracle"`` (Adam on the full ``W = BA`` with the true ``G``, then the best rank-r
             re-factorisation; needs ``m·n ≤ oracle_max_numel`` and the layers' inputs: call :meth:`attach` with the
-            model once) or ``"lorapro"`` (LoRA-Pro's efficient mode, a peer: Adam on gradients whose weight-space step
-            is the tangent projection of ``G``, docs/math.md (7.1)).  LoRSum / PSI-LoRA, 0.2's ``"lorsum"``, is the
-            optimizer :class:`sdsopt.PSILoRA`.
+            model once), ``"lorapro"`` (LoRA-Pro's efficient mode, a peer, docs/math.md (7.1)) or ``"sds_muon"`` (the
+            ``sds`` coordinates stepped by the matrix sign of their momentum, docs/math.md §8; no warm-up).  LoRSum /
+            PSI-LoRA, 0.2's ``"lorsum"``, is the optimizer :class:`sdsopt.PSILoRA`.
         b_lr_ratio: the step size of every pair's B factor is ``b_lr_ratio·lr`` (A's is ``lr``), its decoupled weight
             decay included (docs/math.md (2.7)).  In mode ``"lora"`` this is LoRA+ (Hayou et al. 2024) exactly as
             PEFT's ``create_loraplus_optimizer(..., loraplus_lr_ratio=b_lr_ratio)`` builds it for the LoRA factors

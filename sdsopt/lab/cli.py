@@ -42,13 +42,15 @@ MODEL_LRS = [1e-4, 3e-4, 1e-3]  # --model's default lr grid
 HF_TASKS = ("textlm", "minilm", "smollm_math", "smollm_code")
 
 
+RATIO_MODES = "loraplus<λ> (e.g. loraplus8), sdsplus<λ> or sds_muonplus<λ> (sds, sds_muon with b_lr_ratio=λ)"
+"""The modes with LoRA+'s ratio in their name, as the help and the unknown-mode message list them."""
+
+
 def mode_name(text: str) -> str:
-    """A ``--modes`` entry: one of :data:`~sdsopt.lab.optimizers.ABLATION_MODES`, ``loraplus<λ>`` (e.g.
-    ``loraplus8``) or ``sdsplus<λ>`` (``sds`` with ``b_lr_ratio=λ``)."""
+    """A ``--modes`` entry: one of :data:`~sdsopt.lab.optimizers.ABLATION_MODES` or :data:`RATIO_MODES`."""
     if is_mode(text):
         return text
-    raise argparse.ArgumentTypeError(f"unknown mode {text!r}; choose from {', '.join(ABLATION_MODES)}, "
-                                     "loraplus<λ> (e.g. loraplus8) or sdsplus<λ> (sds with b_lr_ratio=λ)")
+    raise argparse.ArgumentTypeError(f"unknown mode {text!r}; choose from {', '.join(ABLATION_MODES)}, {RATIO_MODES}")
 
 
 def learning_rate(text: str) -> float:
@@ -85,8 +87,7 @@ def parse_option(text: str) -> tuple[str, Any]:
 def _add_run_options(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--task", choices=TASKS, default=None, help="a built-in task (default linear)")
     ap.add_argument("--modes", nargs="+", type=mode_name, default=None, metavar="MODE",
-                    help=f"from {', '.join(ABLATION_MODES)}, loraplus<λ> (e.g. loraplus8) or sdsplus<λ> (sds with "
-                    f"b_lr_ratio=λ) (default: {' '.join(DEFAULT_MODES)}; "
+                    help=f"from {', '.join(ABLATION_MODES)}, {RATIO_MODES} (default: {' '.join(DEFAULT_MODES)}; "
                     f"with --model: {' '.join(MODEL_MODES)}); the first is the A/B's reference")
     ap.add_argument("--loraplus-ratio", type=float, default=16.0, help="λ = lr_B / lr_A of mode loraplus")
     ap.add_argument("--lrs", type=learning_rate, nargs="+", default=None, help="≥ 3 per mode recommended")

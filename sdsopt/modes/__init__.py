@@ -6,6 +6,7 @@ mode                    what Adam sees                                          
 ======================  =====================================================================  ================
 ``lora``                the factors' own gradients (plain AdamW)                               ``lora``
 ``sds`` (default)       the coordinates of the factors in their orthonormal bases (§2)         ``sds``
+``sds_muon``            their coordinates, stepped by the matrix sign of their momentum (§8)   ``sds_muon``
 ``sds_polar``           the gradients rewritten by ``K^{-1/2}`` of the partner (3.1)           ``sds_polar``
 ``scaled``              the gradients rewritten by ``(K + δI)^{-1}`` of the partner (3.1)      ``scaled``
 ``svd_oracle``          the full product ``BA`` with the true gradient (3.4)                   ``svd_oracle``
@@ -34,7 +35,8 @@ from .svd_oracle import SVDOracle
 __all__ = ["MODES", "MODE_CLASSES", "ROUTES", "MapBack", "Mode", "StepContext", "create", "modes_where", "resolve_route",
            "validate"]
 
-MODE_CLASSES: dict[str, type[Mode]] = {cls.name: cls for cls in (LoRA, SDS, SDSMuon, SDSPolar, Scaled, SVDOracle, LoRAPro)}
+MODE_CLASSES: dict[str, type[Mode]] = {cls.name: cls for cls in (LoRA, SDS, SDSMuon, SDSPolar, Scaled, SVDOracle,
+                                                                  LoRAPro)}
 MODES = tuple(MODE_CLASSES)
 ROUTES = ("auto", *dict.fromkeys(route for cls in MODE_CLASSES.values() for route in cls.routes))
 

@@ -24,7 +24,7 @@ Choices the maths leaves open, made here:
 * FSDP2: three all-reduces of r×r partial sums per step (the Grams, the transport's cross-Grams, the momenta's Grams).
 * The step's decisions are read on the host: with ``skip_nonfinite`` the flag is read every step (one
   synchronisation), and ``fused=True`` steps the pairs by these torch ops: no kernel (at r = 8 the mode cost an
-  LLM run ~2-3 %, benchmarks/RESULTS.md §9).
+  LLM run ~2-3 %: benchmarks/RESULTS.md, section 9).
 """
 
 from __future__ import annotations
