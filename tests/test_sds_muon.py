@@ -206,3 +206,17 @@ def test_finite_input_never_gives_nonfinite_steps():
 def test_options_that_do_not_apply_are_refused_with_the_fix(option, value, words):
     with pytest.raises(ValueError, match=words):
         SDSAdamW(fresh().named_parameters(), mode="sds_muon", **{option: value})
+
+
+def test_diagnostics_report_the_mode_and_the_rebalanced_norms():
+    """opt.diagnostics() names the mode as the phase; the re-balance (on by default, from each step's Grams)
+    keeps ‖B‖/‖A‖ near 1, where without it B, started at 0, stays far smaller than A."""
+    ratios = {}
+    for rebalance in (True, False):
+        model = fresh()
+        opt = SDSAdamW(model.named_parameters(), lr=0.02, mode="sds_muon", rebalance=rebalance)
+        train(model, opt, steps=3)
+        pairs = opt.diagnostics()["pairs"]
+        assert {p["phase"] for p in pairs} == {"sds_muon"}
+        ratios[rebalance] = [p["norm_ratio"] for p in pairs]
+    assert all(0.8 < r < 1.25 for r in ratios[True]) and all(r < 0.3 for r in ratios[False])
