@@ -37,6 +37,12 @@ class Bucket:
     a: list[int] = field(default_factory=list)  # indices of the A factors in the group's params
     b: list[int] = field(default_factory=list)
 
+    @property
+    def layer(self) -> tuple[int, int]:
+        """``(m, n)``: the outputs and inputs of the pairs' layer, from the whole factors' shapes (also under FSDP2,
+        where the factors are local shards and every rank must take the same step)."""
+        return self.b_shape[0], math.prod(self.a_shape[1:])
+
 
 class Bucketing:
     """One mode's buckets and fused families per param group, cached while the pairs with gradients and their

@@ -91,7 +91,7 @@ def families(group: dict[str, Any], buckets: Sequence[Any]) -> list[Family]:
         fam.pairs += list(zip(bucket.a, bucket.b))
         fam.has_a += [bucket.has_a] * len(bucket.a)
         fam.has_b += [bucket.has_b] * len(bucket.a)
-        fam.roots += [math.sqrt(min(bucket.b_shape[0], math.prod(bucket.a_shape[1:])))] * len(bucket.a)
+        fam.roots += [math.sqrt(min(bucket.layer))] * len(bucket.a)
     return list(out.values())
 
 

@@ -23,7 +23,7 @@ from torch import nn
 
 from ..optim import SDSAdamW
 from ..psi import PSILoRA
-from ..validation import DEFAULT_WARMUP_STEPS
+from ..validation import resolve_warmup
 from .peers import Chained, is_peer, make_peer
 
 __all__ = ["ABLATION_MODES", "DEFAULT_MODES", "is_mode", "make_optimizer", "needs_capture", "sds_warmup",
@@ -76,8 +76,7 @@ def sds_warmup(mode: str, options: dict[str, Any] | None = None) -> int | None:
     kw = sdsadamw_kwargs(mode, options)
     if not kw or kw.get("mode") != "sds":
         return None
-    warm = kw.get("warmup_steps")
-    return (0 if kw.get("gradient_start") else DEFAULT_WARMUP_STEPS) if warm is None else int(warm)
+    return int(resolve_warmup({"warmup_steps": None, **kw})["warmup_steps"])
 
 
 def warmup_note(mode: str, warmup: int | None, steps: int) -> str | None:

@@ -37,7 +37,8 @@ class WorkerFailed(RuntimeError):
     """A worker process ended with a non-zero status; the message holds the end of its log."""
 
 
-OOM_MARKERS = ("torch.OutOfMemoryError", "CUDA out of memory", "mha_graph.execute(handle, variant_pack, workspace_ptr")
+OOM_MARKERS = (
+    "torch.OutOfMemoryError", "CUDA out of memory", "mha_graph.execute(handle, variant_pack, workspace_ptr")
 """What a job that died for want of device memory leaves in its log: the allocator's errors, and cuDNN's attention
 backward failing to run (seen on an H100, 2026-12-07: all 11 of a first wave of 12 SmolLM2 jobs started at once
 died so at 69 s; the next waves, started apart, ran)."""

@@ -47,14 +47,9 @@ from .sds_steps import Plan, decoupled_decay, keep_gain, parts, side_steps, stac
 __all__ = ["SDSMuon", "step_muon"]
 
 
-def _shape_mn(bucket: Bucket) -> tuple[int, int]:
-    """``(m, n)`` of a bucket's layer (whole shapes, also under FSDP2)."""
-    return bucket.b_shape[0], int(torch.Size(bucket.a_shape[1:]).numel())
-
-
 def spectral_shift(group: dict[str, Any], bucket: Bucket) -> float:
     """The step damping of mode ``sds_muon``, ``μ_s = γ·lr·√(m/n)`` (docs/math.md (8.4), (2.6))."""
-    return group["step_damping"] * group["lr"] * spectral_scale(*_shape_mn(bucket))
+    return group["step_damping"] * group["lr"] * spectral_scale(*bucket.layer)
 
 
 def _rows(X: Tensor, side: str, k: int, shape: tuple[int, ...]) -> Tensor:
@@ -126,7 +121,7 @@ def step_muon(ctx: StepContext, buckets: list[Bucket], plan: Plan) -> set[int]:
     decay = decoupled_decay(ctx)
     done: set[int] = set()
     for Y, j, part, s, pos, now in moved:  # (8.3), (8.4), the map back (2.6)
-        u = msign(Y, grams[(j, s.side)], part.key[0]) * -spectral_scale(*_shape_mn(part.bucket))
+        u = msign(Y, grams[(j, s.side)], part.key[0]) * -spectral_scale(*part.bucket.layer)
         keep, gain = keep_gain(side_lr(group, s.side, decay), s.scale, s.ramp)
         M_map = s.frame.M * (gain * side_lr(group, s.side))
         X = now["A"] if s.side == "A" else now["B"].mT

@@ -147,8 +147,7 @@ def decoupled_decay(ctx: StepContext) -> float | Tensor:
 def step_shift(group: dict[str, Any], bucket: Bucket) -> float:
     """The step damping ``μ_s = γ·lr·√min(m, n)`` (docs/math.md (2.6)), from the whole factors' shapes: under
     FSDP2 A and B are local shards, and every rank must take the same step."""
-    m, n = bucket.b_shape[0], math.prod(bucket.a_shape[1:])
-    return group["step_damping"] * group["lr"] * math.sqrt(min(m, n))
+    return group["step_damping"] * group["lr"] * math.sqrt(min(bucket.layer))
 
 
 def parts(group: dict[str, Any], buckets: list[Bucket], *, whole: bool,
