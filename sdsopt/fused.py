@@ -37,6 +37,9 @@ import torch
 from torch import Tensor
 
 from .adam import side_lr
+from .coordinates import balance_scales, factor_map, lower_inverse
+from .linalg import cholesky_lower, finite_or_zero
+from .spectral import damped_inverse, preconditioner
 
 try:
     import triton
@@ -46,7 +49,7 @@ try:
 except ImportError:  # CPU-only installs: the step keeps its torch path
     triton = None
 
-__all__ = ["MAX_RANK", "Family", "Launch", "Tables", "adam", "available", "families", "frames", "grams", "inverses",
+__all__ = ["HELD_RANK", "MAX_RANK", "Family", "Launch", "Tables", "adam", "available", "families", "frames", "grams", "inverses",
            "launch", "supported", "vector_width"]
 
 GRAM_CHUNK = 2048
@@ -96,9 +99,14 @@ def families(group: dict[str, Any], buckets: Sequence[Any]) -> list[Family]:
 
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-MAX_RANK = 64
-"""Largest rank the kernels take: a program holds three r×r float32 maps on chip (plus their TF32 splits); at
-r = 128 that asks for 400 KB of shared memory, beyond an H100's 227 KB, so larger ranks keep the torch path."""
+MAX_RANK = 256
+"""Largest rank the kernels take.  Up to :data:`HELD_RANK` an Adam program holds the r×r maps in registers; above
+it (three r×r float32 maps and their TF32 splits would ask for 400 KB of on-chip memory at r = 128, beyond an
+H100's 227 KB) :func:`sdsopt.kernels.adam_tiled_kernel` reads them in row tiles from the cache, the Grams are
+computed in tiles and the frames by batched torch calls (:func:`frames`).  Above 256 the gradient's and the step's
+``[r, BLOCK_P]`` tiles no longer fit a program's registers: the torch path."""
+HELD_RANK = 64
+"""Largest rank whose r×r maps a program holds (:func:`sdsopt.kernels.adam_kernel`, :func:`sdsopt.kernels.frames_kernel`)."""
 
 
 def supported(dtype: torch.dtype, r: int) -> bool:
@@ -171,6 +179,13 @@ class Launch:
     gram_stages: int
     precision: str  # the Adam kernel's products with the r×r maps (g̃ = G g and the map back)
     gram_precision: str
+    gram_tile: int  # rows and columns of the Gram tile a program computes (= rp up to HELD_RANK)
+    adam_kt: int  # rows of the maps a tiled Adam program multiplies at once (= rp up to HELD_RANK: held whole)
+
+    @property
+    def tiled(self) -> bool:
+        """Does the Adam step read its maps in row tiles (:func:`sdsopt.kernels.adam_tiled_kernel`)?"""
+        return self.adam_kt < self.rp
 
 
 def _padded(r: int) -> int:
@@ -189,6 +204,10 @@ def launch(r: int, device: torch.device, dtype: torch.dtype = torch.float32) -> 
     * the Grams: float32 factors ``tf32x3``; 16-bit factors ``native`` (16-bit operands: the products of their
       values are exact in float32; float32 accumulation);
     * on the CPU (Triton's interpreter, the tests): ``ieee`` (float32 FMAs) throughout.
+
+    Above :data:`HELD_RANK` (r = 65–256) the Gram is computed in 64 × 64 tiles (those on and above the diagonal:
+    the r ≤ 64 kernel's register budget per program) and the Adam step reads its maps 32 rows at a time, with
+    column blocks of 32 and 8 warps (``benchmarks/kernel_blocks.py --shape e2e --ranks 128 256``).
     """
     rp = _padded(r)
     if device.type != "cuda":
@@ -196,8 +215,11 @@ def launch(r: int, device: torch.device, dtype: torch.dtype = torch.float32) -> 
     else:
         products = "tf32x3"
         gram = "tf32x3" if dtype == torch.float32 else "native"
-    return Launch(rp=rp, adam_bp=max(16, min(64, 2048 // rp)), adam_warps=4, adam_stages=1,
-                  gram_bp=64, gram_warps=4, gram_stages=2, precision=products, gram_precision=gram)
+    if rp <= HELD_RANK:
+        return Launch(rp=rp, adam_bp=max(16, min(64, 2048 // rp)), adam_warps=4, adam_stages=1, gram_bp=64,
+                      gram_warps=4, gram_stages=2, precision=products, gram_precision=gram, gram_tile=rp, adam_kt=rp)
+    return Launch(rp=rp, adam_bp=32, adam_warps=8, adam_stages=1, gram_bp=64, gram_warps=4, gram_stages=2,
+                  precision=products, gram_precision=gram, gram_tile=64, adam_kt=32)
 
 
 def vector_width(tensors: list[Tensor], lengths: list[int], r: int, trans: bool) -> int:
@@ -222,7 +244,8 @@ def _chunks(lengths: list[int], chunk: int) -> tuple[list[tuple[int, int]], list
 
 def grams(tables: Tables, key: Any, group: dict[str, Any], fam: Family) -> Tensor:
     """``K = [K_A; K_B]`` ``[2k, r, r]`` float32 for the family's pairs: per factor kind one launch over work
-    items of :data:`GRAM_CHUNK` columns, then one launch that adds each factor's partial sums."""
+    items of :data:`GRAM_CHUNK` columns and the Gram's tiles (:attr:`Launch.gram_tile`; one up to
+    :data:`HELD_RANK`), then one launch that adds each factor's partial sums, tile by tile."""
     params: list[Tensor] = group["params"]
     device = params[fam.pairs[0][0]].device
     K = torch.empty(2 * fam.k, fam.r, fam.r, dtype=torch.float32, device=device)
@@ -239,12 +262,13 @@ def grams(tables: Tables, key: Any, group: dict[str, Any], fam: Family) -> Tenso
             return rows, items, vector_width(factors, lengths, fam.r, trans)
 
         table, items, n, vec = tables.get((key, "gram", side), ptrs, [], build, device)
-        ws = torch.empty(n, fam.r, fam.r, dtype=torch.float32, device=device)
-        kernels.gram_kernel[(n,)](table, items, ws, fam.r, TRANS=trans, RP=cfg.rp, BP=cfg.gram_bp,
-                                  DT=_tl_dtype(fam.dtype), PREC=cfg.gram_precision, VEC=vec,
-                                  num_warps=cfg.gram_warps,
-                                  num_stages=cfg.gram_stages)
-        kernels.gram_sum_kernel[(fam.k,)](table, ws, K[side * fam.k:], fam.r, RP=cfg.rp, num_warps=4)
+        tm = cfg.gram_tile
+        nt = -(-fam.r // tm)
+        ws = torch.empty(n, nt, nt, tm, tm, dtype=torch.float32, device=device)
+        kernels.gram_kernel[(n, nt, nt)](table, items, ws, fam.r, NT=nt, TRANS=trans, TM=tm, BP=cfg.gram_bp,
+                                         DT=_tl_dtype(fam.dtype), PREC=cfg.gram_precision, VEC=vec,
+                                         num_warps=cfg.gram_warps, num_stages=cfg.gram_stages)
+        kernels.gram_sum_kernel[(fam.k, nt, nt)](table, ws, K[side * fam.k:], fam.r, NT=nt, TM=tm, num_warps=4)
         del ws
     return K
 
@@ -254,18 +278,38 @@ def frames(K: Tensor, k: int, tol: float, shifts: Tensor | None, both: Tensor | 
     """Mode ``sds``'s maps for ``K = [K_A; K_B]`` (``[2k, r, r]`` float32): ``(G, M, scales)`` with ``G = L^{-1}``
     and the map back ``M`` of :func:`sdsopt.kernels.frames_kernel` (``L Lᵀ = K + (τ·trace K + μ_s)·I``,
     ``shifts``: ``μ_s`` per pair or ``None``), and the re-balancing scales ``[2k]`` of the pairs marked in
-    ``both`` (``None``: none).  One launch, one program per Gram (the torch ops it replaces cost ~40 launches of
-    host time per step)."""
+    ``both`` (``None``: none).  Up to :data:`HELD_RANK` one launch, one program per Gram (the torch ops it
+    replaces cost ~40 launches of host time per step); above, where a program cannot hold an r×r matrix, the
+    torch path's batched calls on the whole family at once (:func:`_frames_batched`: ~20 launches)."""
+    if _padded(K.shape[-1]) > HELD_RANK:
+        return _frames_batched(K, k, tol, shifts, both)
     G, M = torch.empty_like(K), torch.empty_like(K)
     scales = torch.empty(2 * k, dtype=K.dtype, device=K.device) if both is not None else None
     _frames(K, G, M, k, tol, 0.0, shifts, both, scales, inverse=False)
     return G, M, scales
 
 
+def _frames_batched(K: Tensor, k: int, tol: float, shifts: Tensor | None, both: Tensor | None
+                    ) -> tuple[Tensor, Tensor, Tensor | None]:
+    """:func:`frames` by :func:`sdsopt.linalg.cholesky_lower`, :func:`sdsopt.coordinates.lower_inverse`,
+    :func:`sdsopt.coordinates.factor_map` and :func:`sdsopt.coordinates.balance_scales`, batched over the
+    ``2k`` Grams (nothing read on the host)."""
+    shift: Tensor | float = 0.0 if shifts is None else shifts.repeat(2).view(-1, 1, 1)
+    G = lower_inverse(cholesky_lower(K, tol, shift=shift))
+    M = factor_map(K, G, shift)
+    if both is None:
+        return G, M, None
+    c, _ = balance_scales(K[:k], K[k:])
+    c = torch.where(both.view(-1, 1, 1) != 0, c, 1.0).view(-1)
+    return G, M, torch.cat([1.0 / c, c])
+
+
 def inverses(K: Tensor, k: int, tol: float, damping: float) -> Tensor:
     """Mode ``scaled``'s preconditioners ``P = (K + (τ·trace K + δ)·I)^{-1}`` for ``K = [K_A; K_B]``, as
     :func:`sdsopt.spectral.preconditioner`'s Cholesky route computes them (``K = 0`` gives ``δ^{-1}·I``), in one
-    launch."""
+    launch (above :data:`HELD_RANK`: by that route's batched calls)."""
+    if _padded(K.shape[-1]) > HELD_RANK:
+        return preconditioner(finite_or_zero(K), f=damped_inverse, route="cholesky", rank_tol=tol, damping=damping)
     P = torch.empty_like(K)
     _frames(K, P, P, k, tol, damping, None, None, None, inverse=True)
     return P
@@ -368,7 +412,8 @@ def adam(tables: Tables, key: Any, group: dict[str, Any], fam: Family, lists: di
         lr = lr.to(device=device, dtype=torch.float32, non_blocking=True).reshape(())
     for side, trans, table, items, n, vec in launches:
         lr_side = side_lr(group, "AB"[side], lr)
-        kernels.adam_kernel[(n,)](
+        kernel, tiles = (kernels.adam_tiled_kernel, {"KT": cfg.adam_kt}) if cfg.tiled else (kernels.adam_kernel, {})
+        kernel[(n,)](
             table, items, gmaps[(1 - side) * fam.k:], gmaps if mmaps is None else mmaps[(1 - side) * fam.k:],
             gmaps if scales is None else scales[(1 - side) * fam.k:], gmaps if ramps is None else ramps,
             lr_side if isinstance(lr_side, Tensor) else gmaps, gmaps if found_inf is None else found_inf,
@@ -377,7 +422,7 @@ def adam(tables: Tables, key: Any, group: dict[str, Any], fam: Family, lists: di
             TRANS=trans, COORD=mmaps is not None, HAS_SCALE=scales is not None, HAS_RAMP=ramps is not None,
             HAS_FOUND_INF=found_inf is not None, LR_TENSOR=isinstance(lr, Tensor), AMSGRAD=amsgrad,
             MAXIMIZE=group["maximize"], RP=cfg.rp, BP=cfg.adam_bp, DT=_tl_dtype(fam.dtype),
-            PREC=cfg.precision, VEC=vec,
+            PREC=cfg.precision, VEC=vec, **tiles,
             num_warps=cfg.adam_warps, num_stages=cfg.adam_stages)
     if found_inf is not None:
         torch._foreach_sub_(steps, [found_inf] * len(steps))

@@ -44,7 +44,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-__all__ = ["FIELDS", "adam_kernel", "frames_kernel", "gram_kernel", "gram_sum_kernel"]
+__all__ = ["FIELDS", "adam_kernel", "adam_tiled_kernel", "frames_kernel", "gram_kernel", "gram_sum_kernel"]
 
 FIELDS = 8
 """Entry-table columns: parameter, gradient, exp_avg, exp_avg_sq, max_exp_avg_sq, step (data pointers; the Gram
@@ -53,22 +53,23 @@ table keeps its first work item and their count in the gradient's and exp_avg's 
 
 
 @triton.jit
-def _block(start, stop, p, r: tl.constexpr, TRANS: tl.constexpr, RP: tl.constexpr, BP: tl.constexpr):
-    """Offsets and mask of columns ``start … min(start+BP, stop)`` of a row-form ``r × p`` factor: ``[RP, BP]`` for
-    ``A``, ``[BP, RP]`` (rows of ``B``) for ``TRANS``.  (``r`` is a compile-time constant: at ``r = RP`` the mask
-    is constant along the rank axis, so that ``B``'s rows load as vectors.)"""
-    i = tl.arange(0, RP)
+def _block(start, stop, p, row0, r: tl.constexpr, TRANS: tl.constexpr, RT: tl.constexpr, BP: tl.constexpr):
+    """Offsets and mask of rows ``row0 … row0+RT`` and columns ``start … min(start+BP, stop)`` of a row-form
+    ``r × p`` factor: ``[RT, BP]`` for ``A``, ``[BP, RT]`` (rows of ``B``) for ``TRANS``.  Where ``RT`` divides
+    ``r`` (a compile-time fact; callers then visit no rows past ``r``) the mask is constant along the rank axis,
+    so that ``B``'s rows load as vectors."""
+    i = row0 + tl.arange(0, RT)
     c = start + tl.arange(0, BP)
     if TRANS:
         offs = c[:, None] * r + i[None, :]
-        if r == RP:
-            mask = tl.broadcast_to(c[:, None] < stop, (BP, RP))
+        if r % RT == 0:
+            mask = tl.broadcast_to(c[:, None] < stop, (BP, RT))
         else:
             mask = (c[:, None] < stop) & (i[None, :] < r)
     else:
         offs = i[:, None] * p + c[None, :]
-        if r == RP:
-            mask = tl.broadcast_to(c[None, :] < stop, (RP, BP))
+        if r % RT == 0:
+            mask = tl.broadcast_to(c[None, :] < stop, (RT, BP))
         else:
             mask = (i[:, None] < r) & (c[None, :] < stop)
     return offs, mask
@@ -111,23 +112,27 @@ def _mm(a, b, DT: tl.constexpr, PREC: tl.constexpr):
 
 
 @triton.jit
-def gram_kernel(table, items, ws, r: tl.constexpr, TRANS: tl.constexpr, RP: tl.constexpr, BP: tl.constexpr,
-                DT: tl.constexpr, PREC: tl.constexpr, VEC: tl.constexpr):
-    """``ws[w] = X[:, c0:c1] X[:, c0:c1]ᵀ`` (``r × r`` float32) for work item ``w`` (program ``w``).
+def _rows(x_ptr, start, stop, p, row0, r: tl.constexpr, TRANS: tl.constexpr, RT: tl.constexpr, BP: tl.constexpr):
+    """Rows ``row0 … row0+RT`` of the row-form factor at columns ``start …`` as a float32 ``[RT, BP]`` tile."""
+    offs, mask = _block(start, stop, p, row0, r, TRANS, RT, BP)
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if TRANS:
+        x = tl.trans(x)
+    return x
 
-    At ``tf32x3`` the symmetric product takes two tensor-core passes, not three: with ``X = H + L`` (``H`` the
-    TF32 part, ``L = X − H`` exactly), ``X Xᵀ ≈ H Hᵀ + C + Cᵀ``, ``C = H Lᵀ`` (tf32x3's own three terms, its
-    ``L Hᵀ`` being ``Cᵀ``), so ``C`` is summed over the blocks and transposed once."""
-    w = tl.program_id(0)
-    _, c0, c1, p, x_ptr = _entry(table, items, w, DT, VEC)
-    acc = tl.zeros((RP, RP), dtype=tl.float32)
+
+@triton.jit
+def _gram_diagonal(x_ptr, c0, c1, p, row0, r: tl.constexpr, TRANS: tl.constexpr, TM: tl.constexpr,
+                   BP: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr):
+    """``X_i X_iᵀ`` of rows ``row0 … row0+TM`` over columns ``c0 … c1``.  At ``tf32x3`` the symmetric product takes
+    two tensor-core passes, not three: with ``X = H + L`` (``H`` the TF32 part, ``L = X − H`` exactly),
+    ``X Xᵀ ≈ H Hᵀ + C + Cᵀ``, ``C = H Lᵀ`` (tf32x3's own three terms, its ``L Hᵀ`` being ``Cᵀ``), so ``C`` is summed
+    over the blocks and transposed once."""
+    acc = tl.zeros((TM, TM), dtype=tl.float32)
     if PREC == "tf32x3":
-        cross = tl.zeros((RP, RP), dtype=tl.float32)
+        cross = tl.zeros((TM, TM), dtype=tl.float32)
     for start in range(c0, c1, BP):
-        offs, mask = _block(start, c1, p, r, TRANS, RP, BP)
-        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        if TRANS:
-            x = tl.trans(x)  # [RP, BP]
+        x = _rows(x_ptr, start, c1, p, row0, r, TRANS, TM, BP)
         if PREC == "tf32x3":
             hi = (x.to(tl.int32, bitcast=True) & -8192).to(tl.float32, bitcast=True)  # the 10 leading mantissa bits
             acc += tl.dot(hi, tl.trans(hi), input_precision="tf32")
@@ -136,23 +141,113 @@ def gram_kernel(table, items, ws, r: tl.constexpr, TRANS: tl.constexpr, RP: tl.c
             acc += _mm(x, tl.trans(x), DT, PREC)
     if PREC == "tf32x3":
         acc += cross + tl.trans(cross)
-    i = tl.arange(0, RP)
-    tl.store(ws + w.to(tl.int64) * r * r + i[:, None] * r + i[None, :], acc, mask=(i[:, None] < r) & (i[None, :] < r))
+    return acc
 
 
 @triton.jit
-def gram_sum_kernel(table, ws, out, r: tl.constexpr, RP: tl.constexpr):
-    """``out[j] = Σ ws[w]`` over entry ``j``'s work items, in order (program ``j``)."""
+def gram_kernel(table, items, ws, r: tl.constexpr, NT: tl.constexpr, TRANS: tl.constexpr, TM: tl.constexpr,
+                BP: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr, VEC: tl.constexpr):
+    """``ws[w, ti, tj] = X_i X_jᵀ`` (``TM × TM`` float32; ``X_i``: rows ``ti·TM …`` of the factor) over work item
+    ``w``'s columns, program ``(w, ti, tj)``: the Gram in ``NT × NT`` tiles (one where ``r ≤ TM``), of which the
+    programs on and above the diagonal compute theirs (:func:`_gram_diagonal`; off the diagonal tf32x3's three
+    passes) and the others return."""
+    w = tl.program_id(0)
+    ti = tl.program_id(1)
+    tj = tl.program_id(2)
+    _, c0, c1, p, x_ptr = _entry(table, items, w, DT, VEC)
+    if NT == 1:
+        acc = _gram_diagonal(x_ptr, c0, c1, p, 0, r, TRANS, TM, BP, DT, PREC)
+    else:
+        if ti > tj:
+            return
+        if ti == tj:
+            acc = _gram_diagonal(x_ptr, c0, c1, p, ti * TM, r, TRANS, TM, BP, DT, PREC)
+        else:
+            acc = tl.zeros((TM, TM), dtype=tl.float32)
+            for start in range(c0, c1, BP):
+                xi = _rows(x_ptr, start, c1, p, ti * TM, r, TRANS, TM, BP)
+                xj = _rows(x_ptr, start, c1, p, tj * TM, r, TRANS, TM, BP)
+                acc += _mm(xi, tl.trans(xj), DT, PREC)
+    a = tl.arange(0, TM)
+    tl.store(ws + ((w.to(tl.int64) * NT + ti) * NT + tj) * TM * TM + a[:, None] * TM + a[None, :], acc)
+
+
+@triton.jit
+def gram_sum_kernel(table, ws, out, r: tl.constexpr, NT: tl.constexpr, TM: tl.constexpr):
+    """Tile ``(ti, tj)`` of ``out[j]`` (and, off the diagonal, its mirror ``(tj, ti)``) ``= Σ ws[w, ti, tj]`` over
+    entry ``j``'s work items, in order (program ``(j, ti, tj)``, ``ti ≤ tj``; deterministic: no atomics)."""
     j = tl.program_id(0)
+    ti = tl.program_id(1)
+    tj = tl.program_id(2)
+    if ti > tj:
+        return
     first = tl.load(table + j * 8 + 1)
     count = tl.load(table + j * 8 + 2)
-    i = tl.arange(0, RP)
-    offs = i[:, None] * r + i[None, :]
-    mask = (i[:, None] < r) & (i[None, :] < r)
-    acc = tl.zeros((RP, RP), dtype=tl.float32)
+    a = tl.arange(0, TM)
+    tile = (ti * NT + tj) * TM * TM + a[:, None] * TM + a[None, :]
+    acc = tl.zeros((TM, TM), dtype=tl.float32)
     for t in range(count):
-        acc += tl.load(ws + (first + t) * r * r + offs, mask=mask, other=0.0)
-    tl.store(out + j.to(tl.int64) * r * r + offs, acc, mask=mask)
+        acc += tl.load(ws + (first + t) * NT * NT * TM * TM + tile)
+    rows = ti * TM + a
+    cols = tj * TM + a
+    inside = (rows[:, None] < r) & (cols[None, :] < r)
+    base = out + j.to(tl.int64) * r * r
+    tl.store(base + rows[:, None] * r + cols[None, :], acc, mask=inside)
+    if ti != tj:
+        tl.store(base + cols[None, :] * r + rows[:, None], acc, mask=inside)
+
+
+@triton.jit
+def _setup(table, items, w, gmaps, scales, ramps, lr_ptr, r: tl.constexpr, lr, beta1, beta2, HAS_SCALE: tl.constexpr,
+           HAS_RAMP: tl.constexpr, LR_TENSOR: tl.constexpr, DT: tl.constexpr, VEC: tl.constexpr):
+    """What an Adam program needs before its columns: the work item's columns, ``p``, the data pointers (parameter,
+    gradient, moments, amsgrad's maximum), its maps' base offset ``q·r²``, the bias corrections ``1 − β₁ᵗ`` and
+    ``√(1 − β₂ᵗ)``, the gain ``−η·ρ`` and the re-balancing scale ``c`` (1 without one)."""
+    row, c0, c1, p, x_base = _entry(table, items, w, DT, VEC)
+    g_base = _pointer(row, 1, DT, VEC)
+    m_base = _pointer(row, 2, DT, VEC)
+    v_base = _pointer(row, 3, DT, VEC)
+    w_base = _pointer(row, 4, DT, VEC)
+    step = tl.load(tl.load(row + 5).to(tl.pointer_type(tl.float32)))
+    q = tl.load(row + 7)
+    bias1 = 1.0 - tl.exp2(step * tl.log2(beta1))
+    root2 = tl.sqrt(1.0 - tl.exp2(step * tl.log2(beta2)))
+    if LR_TENSOR:
+        lr = tl.load(lr_ptr)
+    gain = -lr
+    if HAS_RAMP:
+        gain = gain * tl.load(ramps + q)
+    scale = gain * 0.0 + 1.0
+    if HAS_SCALE:
+        scale = tl.load(scales + q)
+        if LR_TENSOR:  # lr = 0 moves nothing, not even the balance (a float lr decides this on the host)
+            scale = tl.where(lr > 0, scale, 1.0)
+    return c0, c1, p, x_base, g_base, m_base, v_base, w_base, q * r * r, bias1, root2, gain, scale
+
+
+@triton.jit
+def _direction(g, m, v, m_ptr, v_ptr, w_ptr, offs, mask, beta1, beta2, bias1, root2, eps, AMSGRAD: tl.constexpr,
+               DT: tl.constexpr):
+    """Adam on the coordinate gradient ``g`` (float32) with the loaded moments ``m``, ``v``: the new moments (and
+    amsgrad's maximum) stored in place, the direction ``û = m̂ / (√v̂ + ε)`` returned."""
+    m = beta1 * m.to(tl.float32) + (1.0 - beta1) * g
+    v = beta2 * v.to(tl.float32) + (1.0 - beta2) * g * g
+    tl.store(m_ptr + offs, m.to(DT), mask=mask)
+    tl.store(v_ptr + offs, v.to(DT), mask=mask)
+    if AMSGRAD:
+        v = tl.maximum(tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32), v)
+        tl.store(w_ptr + offs, v.to(DT), mask=mask)
+    return (m / bias1) / (tl.sqrt(v) / root2 + eps)
+
+
+@triton.jit
+def _update(x, d, gain, weight_decay, scale, HAS_SCALE: tl.constexpr):
+    """``c·(X + ρ·(−η)(d + λX))``: the step ``d`` (``M û`` or ``û``) with decoupled decay, float32."""
+    x = x.to(tl.float32)
+    x = x + gain * (d + weight_decay * x)
+    if HAS_SCALE:
+        x = x * scale
+    return x
 
 
 @triton.jit
@@ -161,37 +256,21 @@ def adam_kernel(table, items, gmaps, mmaps, scales, ramps, lr_ptr, found_inf, r:
                 HAS_RAMP: tl.constexpr, HAS_FOUND_INF: tl.constexpr, LR_TENSOR: tl.constexpr,
                 AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr, RP: tl.constexpr, BP: tl.constexpr,
                 DT: tl.constexpr, PREC: tl.constexpr, VEC: tl.constexpr):
-    """Work item ``w`` (program ``w``): the update of the module docstring on its columns, ``BP`` at a time."""
+    """Work item ``w`` (program ``w``): the update of the module docstring on its columns, ``BP`` at a time, the
+    r×r maps held in registers (``r ≤ 64``)."""
     w = tl.program_id(0)
     if HAS_FOUND_INF:
         if tl.load(found_inf) > 0:  # torch's fused AdamW: a step with non-finite gradients changes nothing
             return
-    row, c0, c1, p, x_base = _entry(table, items, w, DT, VEC)
-    g_base = _pointer(row, 1, DT, VEC)
-    m_base = _pointer(row, 2, DT, VEC)
-    v_base = _pointer(row, 3, DT, VEC)
-    w_base = _pointer(row, 4, DT, VEC)
-    step = tl.load(tl.load(row + 5).to(tl.pointer_type(tl.float32)))
-    q = tl.load(row + 7)
-    base = q * r * r
+    c0, c1, p, x_base, g_base, m_base, v_base, w_base, base, bias1, root2, gain, scale = _setup(
+        table, items, w, gmaps, scales, ramps, lr_ptr, r, lr, beta1, beta2, HAS_SCALE, HAS_RAMP, LR_TENSOR, DT, VEC)
     i = tl.arange(0, RP)
     r_mask = (i[:, None] < r) & (i[None, :] < r)
     G = tl.load(gmaps + base + i[:, None] * r + i[None, :], mask=r_mask, other=0.0)
     if COORD:
         M = tl.load(mmaps + base + i[:, None] * r + i[None, :], mask=r_mask, other=0.0)
-    bias1 = 1.0 - tl.exp2(step * tl.log2(beta1))
-    root2 = tl.sqrt(1.0 - tl.exp2(step * tl.log2(beta2)))
-    if LR_TENSOR:
-        lr = tl.load(lr_ptr)
-    gain = -lr
-    if HAS_RAMP:
-        gain = gain * tl.load(ramps + q)
-    if HAS_SCALE:
-        scale = tl.load(scales + q)
-        if LR_TENSOR:  # lr = 0 moves nothing, not even the balance (a float lr decides this on the host)
-            scale = tl.where(lr > 0, scale, 1.0)
     for start in range(c0, c1, BP):
-        offs, mask = _block(start, c1, p, r, TRANS, RP, BP)
+        offs, mask = _block(start, c1, p, 0, r, TRANS, RP, BP)
         g = tl.load(g_base + offs, mask=mask, other=0.0)
         m = tl.load(m_base + offs, mask=mask, other=0.0)
         v = tl.load(v_base + offs, mask=mask, other=0.0)
@@ -203,25 +282,70 @@ def adam_kernel(table, items, gmaps, mmaps, scales, ramps, lr_ptr, found_inf, r:
             g = _mm(g, tl.trans(G), DT, PREC)
         else:
             g = _mm(G, g, DT, PREC)
-        m = beta1 * m.to(tl.float32) + (1.0 - beta1) * g
-        v = beta2 * v.to(tl.float32) + (1.0 - beta2) * g * g
-        tl.store(m_base + offs, m.to(DT), mask=mask)
-        tl.store(v_base + offs, v.to(DT), mask=mask)
-        if AMSGRAD:
-            v = tl.maximum(tl.load(w_base + offs, mask=mask, other=0.0).to(tl.float32), v)
-            tl.store(w_base + offs, v.to(DT), mask=mask)
-        u = (m / bias1) / (tl.sqrt(v) / root2 + eps)
-        x = x.to(tl.float32)
+        u = _direction(g, m, v, m_base, v_base, w_base, offs, mask, beta1, beta2, bias1, root2, eps, AMSGRAD, DT)
         if COORD:  # the map back M û (B's rows: û Mᵀ)
             if TRANS:
                 u = _mm(u, tl.trans(M), DT, PREC)
             else:
                 u = _mm(M, u, DT, PREC)
-        d = u + weight_decay * x
-        x = x + gain * d
-        if HAS_SCALE:
-            x = x * scale
-        tl.store(x_base + offs, x.to(DT), mask=mask)
+        tl.store(x_base + offs, _update(x, u, gain, weight_decay, scale, HAS_SCALE).to(DT), mask=mask)
+
+
+@triton.jit
+def adam_tiled_kernel(table, items, gmaps, mmaps, scales, ramps, lr_ptr, found_inf, r: tl.constexpr, lr, beta1,
+                      beta2, eps, weight_decay, TRANS: tl.constexpr, COORD: tl.constexpr, HAS_SCALE: tl.constexpr,
+                      HAS_RAMP: tl.constexpr, HAS_FOUND_INF: tl.constexpr, LR_TENSOR: tl.constexpr,
+                      AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr, RP: tl.constexpr, BP: tl.constexpr,
+                      KT: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr, VEC: tl.constexpr):
+    """:func:`adam_kernel` for ranks whose r×r maps do not fit in registers (``r > 64``): per column block the
+    gradient's ``[RP, BP]`` tile is held, and the maps are read ``KT`` rows (``G``) and columns (``M``) at a time
+    from the cache: ``g̃_k = G[k, :] g`` gives Adam rows ``k`` of the coordinates, whose direction ``û_k`` adds
+    ``M[:, k] û_k`` to the step (``ΔX = M û = Σ_k M[:, k] û_k``), so that the factor's tile is read and written
+    once.  Without ``COORD`` (no map back) rows ``k`` of the factor step at once."""
+    w = tl.program_id(0)
+    if HAS_FOUND_INF:
+        if tl.load(found_inf) > 0:  # torch's fused AdamW: a step with non-finite gradients changes nothing
+            return
+    c0, c1, p, x_base, g_base, m_base, v_base, w_base, base, bias1, root2, gain, scale = _setup(
+        table, items, w, gmaps, scales, ramps, lr_ptr, r, lr, beta1, beta2, HAS_SCALE, HAS_RAMP, LR_TENSOR, DT, VEC)
+    i = tl.arange(0, RP)
+    kt = tl.arange(0, KT)
+    for start in range(c0, c1, BP):
+        offs, mask = _block(start, c1, p, 0, r, TRANS, RP, BP)
+        g = tl.load(g_base + offs, mask=mask, other=0.0).to(tl.float32)
+        if MAXIMIZE:
+            g = -g
+        if COORD:
+            if TRANS:
+                d = tl.zeros((BP, RP), dtype=tl.float32)
+            else:
+                d = tl.zeros((RP, BP), dtype=tl.float32)
+        for k0 in tl.static_range(0, r, KT):
+            k = k0 + kt
+            koffs, kmask = _block(start, c1, p, k0, r, TRANS, KT, BP)
+            m = tl.load(m_base + koffs, mask=kmask, other=0.0)
+            v = tl.load(v_base + koffs, mask=kmask, other=0.0)
+            Gk = tl.load(gmaps + base + k[:, None] * r + i[None, :], mask=(k[:, None] < r) & (i[None, :] < r),
+                         other=0.0)  # [KT, RP]: rows k of G
+            if TRANS:
+                gk = _mm(g, tl.trans(Gk), DT, PREC)  # [BP, KT]
+            else:
+                gk = _mm(Gk, g, DT, PREC)  # [KT, BP]
+            u = _direction(gk, m, v, m_base, v_base, w_base, koffs, kmask, beta1, beta2, bias1, root2, eps, AMSGRAD,
+                           DT)
+            if COORD:
+                Mk = tl.load(mmaps + base + i[:, None] * r + k[None, :], mask=(i[:, None] < r) & (k[None, :] < r),
+                             other=0.0)  # [RP, KT]: columns k of M
+                if TRANS:
+                    d += _mm(u, tl.trans(Mk), DT, PREC)
+                else:
+                    d += _mm(Mk, u, DT, PREC)
+            else:
+                x = tl.load(x_base + koffs, mask=kmask, other=0.0)
+                tl.store(x_base + koffs, _update(x, u, gain, weight_decay, scale, HAS_SCALE).to(DT), mask=kmask)
+        if COORD:
+            x = tl.load(x_base + offs, mask=mask, other=0.0)
+            tl.store(x_base + offs, _update(x, d, gain, weight_decay, scale, HAS_SCALE).to(DT), mask=mask)
 
 
 @triton.jit

@@ -3,8 +3,9 @@
 On CUDA with Triton the kernels run on the GPU; without CUDA ``tests/conftest.py`` turns on Triton's interpreter
 (``TRITON_INTERPRET=1``) so the same kernels run on the CPU; without Triton every test here skips.
 
-Ranks up to 128 are drawn: above :data:`sdsopt.fused.MAX_RANK` (64) the step keeps the torch path, which must
-then agree as well.  Stated tolerance (parameters and Adam moments after three steps, max |Δ| / max |reference|):
+Ranks up to 256 (:data:`sdsopt.fused.MAX_RANK`) are drawn: above :data:`sdsopt.fused.HELD_RANK` (64) the Grams are
+computed in tiles, the frames by batched torch calls and the Adam step by the tiled kernel (maps read in row tiles),
+whose padding (r = 100, 192) and tile edges must agree as well.  Stated tolerance (parameters and Adam moments after three steps, max |Δ| / max |reference|):
 float32 factors 2e-4, bf16 factors three bf16 ulps (3·2⁻⁷; their moments after one step, as later ones can cancel
 to near zero), or 4× the error of the torch path in the same dtype where that is larger (rank-deficient pairs,
 ``r > min(m, n)``, amplify the rounding of both paths by their frames' conditioning).
@@ -63,7 +64,7 @@ def _err(got, ref):
 @pytest.mark.slow  # long: outside the inner loop (pytest -m "not slow")
 @settings(max_examples=EXAMPLES, deadline=None)
 @given(
-    r=st.sampled_from([1, 2, 5, 16, 33, 64, 128]),
+    r=st.sampled_from([1, 2, 5, 16, 33, 64, 100, 128, 256]),
     shapes=st.lists(st.tuples(st.integers(1, 80), st.integers(1, 80)), min_size=1, max_size=3),
     mode=st.sampled_from(["sds", "scaled", "sds_polar"]),
     dtype=st.sampled_from([torch.float32, torch.bfloat16]),
@@ -75,6 +76,9 @@ def _err(got, ref):
 @example(r=128, shapes=[(150, 70)], mode="sds", dtype=torch.float32, wd=0.1, amsgrad=False, maximize=False, seed=1)
 @example(r=100, shapes=[(40, 130)], mode="scaled", dtype=torch.bfloat16, wd=0.0, amsgrad=True, maximize=True, seed=2)
 @example(r=5, shapes=[(4, 77)], mode="sds", dtype=torch.bfloat16, wd=0.0, amsgrad=False, maximize=False, seed=0)
+@example(r=256, shapes=[(300, 96), (64, 280)], mode="sds", dtype=torch.float32, wd=0.1, amsgrad=False, maximize=True,
+         seed=3)
+@example(r=192, shapes=[(260, 230)], mode="sds", dtype=torch.bfloat16, wd=0.0, amsgrad=True, maximize=False, seed=4)
 def test_fused_step_matches_the_float64_torch_step(r, shapes, mode, dtype, wd, amsgrad, maximize, seed):
     """Random shapes (uneven, r up to 128, rank-deficient where r > min(m, n)), the three modes the kernels serve,
     bf16, weight decay, amsgrad, maximize: the kernels' parameters and moments equal the float64 torch path's
@@ -107,12 +111,14 @@ def _table_pair(r, m, n, dtype, seed=0):
     return A, B
 
 
-@pytest.mark.parametrize("r,m,n", [(1, 3, 70), (7, 33, 5), (64, 65, 129), (128, 40, 200)])
+@pytest.mark.parametrize("r,m,n", [(1, 3, 70), (7, 33, 5), (64, 65, 129), (100, 40, 200), (128, 150, 70),
+                                   pytest.param(256, 300, 270, marks=pytest.mark.slow)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("split", [False, True])
 def test_grams(r, m, n, dtype, split, monkeypatch):
-    """The Gram kernel: ``[K_A; K_B]`` of a family equals the float64 product (uneven p, r > min(m, n)); ``split``:
-    at ``tf32x3`` (the GPU's float32 precision; its two-pass symmetric split also checked under the interpreter)."""
+    """The Gram kernel: ``[K_A; K_B]`` of a family equals the float64 product (uneven p, r > min(m, n); above
+    r = 64 in 64 × 64 tiles, mirrored, the last one cut at r = 100); ``split``: at ``tf32x3`` (the GPU's float32
+    precision: the diagonal tiles' two-pass symmetric split, the others' three passes, under the interpreter)."""
     if split:
         default = fused.launch
         monkeypatch.setattr(fused, "launch", lambda *a, **k: dataclasses.replace(default(*a, **k),
@@ -149,14 +155,16 @@ def test_a_step_with_nonfinite_gradients_changes_nothing():
     assert all(float(t) == 4.0 for t in lists["state_steps"])
 
 
-def _model(dtype, seed=0):
+def _model(dtype, seed=0, scale=1):
+    """Three LoRA pairs (ranks 4, 4, 8: two families) and a head; ``scale`` multiplies every size (32: ranks 128
+    and 256, the tiled kernels)."""
     torch.manual_seed(seed)
     def pair(n, r, m):
-        return torch.nn.ModuleDict({"lora_A": torch.nn.Linear(n, r, bias=False),
-                                    "lora_B": torch.nn.Linear(r, m, bias=False)})
+        return torch.nn.ModuleDict({"lora_A": torch.nn.Linear(n * scale, r * scale, bias=False),
+                                    "lora_B": torch.nn.Linear(r * scale, m * scale, bias=False)})
 
     model = torch.nn.ModuleDict({"a": pair(24, 4, 18), "b": pair(18, 4, 24), "c": pair(24, 8, 24),
-                                 "head": torch.nn.Linear(24, 3)})
+                                 "head": torch.nn.Linear(24 * scale, 3)})
     return model.to(dtype).to(DEVICE)
 
 
@@ -196,7 +204,7 @@ def test_mixed_phases_and_checkpoints_resume_bit_exactly():
 
 
 def test_float64_factors_and_large_ranks_keep_the_torch_path():
-    """The kernels take float32/bf16/fp16 factors of rank ≤ 64 with float32 algebra; float64 factors,
+    """The kernels take float32/bf16/fp16 factors of rank ≤ 256 with float32 algebra; float64 factors,
     ``linalg_dtype=float64`` or a larger rank keep the torch path (whose algebra is float64 for float64)."""
     assert fused.supported(torch.bfloat16, fused.MAX_RANK) and not fused.supported(torch.float32, fused.MAX_RANK + 1)
     assert not fused.supported(torch.float64, 8)
@@ -260,13 +268,15 @@ def test_a_tensor_lr_steps_as_the_float_lr(mode):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need CUDA")
-@pytest.mark.parametrize("mode,tensor_lr", [("sds", False), ("scaled", False), ("sds", True)])
-def test_the_step_is_captured_in_a_cuda_graph(mode, tensor_lr):
+@pytest.mark.parametrize("mode,tensor_lr,scale", [("sds", False, 1), ("scaled", False, 1), ("sds", True, 1),
+                                                  ("sds", False, 32), ("scaled", True, 32)])
+def test_the_step_is_captured_in_a_cuda_graph(mode, tensor_lr, scale):
     """Past the warm-up and ramp, ``opt.step()`` with ``fused=True`` reads nothing on the host: it can be
     captured in a CUDA graph, and replaying the graph steps as the eager step does (bit for bit); with a Tensor
-    lr on the device a schedule reaches the replays (``fill_`` between them)."""
+    lr on the device a schedule reaches the replays (``fill_`` between them).  ``scale`` 32: ranks 128 and 256
+    (tiled kernels, the frames by batched torch calls)."""
     kw = dict(mode=mode, fused=True, **({"warmup_steps": 1} if mode == "sds" else {}))
-    eager, graphed = _model(torch.float32), _model(torch.float32)
+    eager, graphed = _model(torch.float32, scale=scale), _model(torch.float32, scale=scale)
     opt_e = SDSAdamW(eager.named_parameters(), lr=1e-2, **kw)
     lr = torch.tensor(1e-2, device=DEVICE) if tensor_lr else 1e-2
     opt_g = SDSAdamW(graphed.named_parameters(), lr=lr, **kw)
@@ -304,13 +314,14 @@ def test_the_step_is_captured_in_a_cuda_graph(mode, tensor_lr):
         assert torch.equal(p, q) if not tensor_lr else torch.allclose(p, q, rtol=1e-6, atol=1e-8)
 
 
-@pytest.mark.parametrize("r", [1, 3, 16, *(pytest.param(r, marks=pytest.mark.slow) for r in (40, 64))])
+@pytest.mark.parametrize("r", [1, 3, 16, 100, *(pytest.param(r, marks=pytest.mark.slow) for r in (40, 64))])
 def test_frames_kernel_matches_the_torch_frames(r):
     """:func:`sdsopt.fused.frames` (one Triton program per pair: Cholesky, inverse, map back, scales) against the
     torch path's :func:`cholesky_lower`, :func:`lower_inverse`, :func:`factor_map` and :func:`balance_scales` in
     float64: full-rank, rank-deficient, zero and non-finite Grams, with and without a step shift, to 3e-5 or 8× the
     float32 torch path's own error (ill-conditioned Grams: an unblocked Cholesky rounds more than LAPACK's); and
-    mode ``scaled``'s inverses (:func:`sdsopt.fused.inverses`) against :func:`preconditioner`'s Cholesky route."""
+    mode ``scaled``'s inverses (:func:`sdsopt.fused.inverses`) against :func:`preconditioner`'s Cholesky route.
+    r = 100 (above :data:`sdsopt.fused.HELD_RANK`): the batched torch calls, per-pair shifts and scales included."""
     from sdsopt.coordinates import balance_scales, factor_map, lower_inverse
     from sdsopt.linalg import cholesky_lower, finite_or_zero
     from sdsopt.spectral import damped_inverse, preconditioner
@@ -370,3 +381,21 @@ def test_16_bit_factors_step_at_float32_accuracy(dtype, monkeypatch):
     got = _run(named, dtype, DEVICE, 3, 0, fused=True, **kw)
     base = _run(named, dtype, DEVICE, 3, 0, **kw)
     assert _err(got[0], ref[0]) <= max(TOLERANCE[torch.bfloat16], 4 * _err(base[0], ref[0]))
+
+
+@pytest.mark.parametrize("mode,dtype", [("sds", torch.float32), ("scaled", torch.bfloat16)])
+def test_the_tiled_adam_kernel_steps_as_the_held_maps(mode, dtype, monkeypatch):
+    """:func:`sdsopt.kernels.adam_tiled_kernel` (the maps read ``KT`` rows at a time, as above r = 64) forced on a
+    rank the held-maps kernel also takes (r = 40: tiles of 16, the last one cut; one pair's ``A`` wider than a
+    work item): parameters and moments after three steps equal the held kernel's to float32 rounding (1e-5),
+    with the map back (``sds``) and without (``scaled``, amsgrad)."""
+    named = _pairs([(90, 300), (33, 50)], 40, seed=6)
+    kw = dict(lr=1e-2, mode=mode, weight_decay=0.1, amsgrad=mode == "scaled", fused=True,
+              **({"warmup_steps": 0, "coordinate_ramp": 2} if mode == "sds" else {}))
+    held = _run(named, dtype, DEVICE, 3, 6, **kw)
+    default = fused.launch
+    monkeypatch.setattr(fused, "launch", lambda *a, **k: dataclasses.replace(default(*a, **k), adam_kt=16))
+    assert fused.launch(40, DEVICE, dtype).tiled
+    tiled = _run(named, dtype, DEVICE, 3, 6, **kw)
+    tol = 1e-5 if dtype == torch.float32 else 2**-7
+    assert _err(tiled[0], held[0]) <= tol and _err(tiled[1], held[1]) <= tol
