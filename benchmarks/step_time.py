@@ -34,6 +34,10 @@ SHAPES = {
     "small": dict(layers=4, width=1024, ffn=2752),
     # llama7b's structure (224 pairs in 3 shape buckets) with tiny matrices: the step is all host overhead
     "host": dict(layers=32, width=64, ffn=172),
+    # benchmarks/e2e_step.py's model at issue 40/46's size (--layers 4 --hidden 4096): 28 pairs in 3 shape buckets
+    "e2e": dict(layers=4, width=4096, ffn=11008),
+    # one layer of toy matrices: plumbing checks (kernel_blocks.py --device cpu under TRITON_INTERPRET=1)
+    "tiny": dict(layers=1, width=64, ffn=172),
 }
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
