@@ -10,10 +10,11 @@
 # exit status and wall time); at the end it is packed into "$OUT/highrank_<subcommand>.tgz" and steps.log copied to
 # "$OUT/highrank_<subcommand>_steps.txt" (two files: the device returns at most 8).  $OUT defaults to /tmp/highrank_out.
 #
-# Time: every sub-step runs under `timeout`, its limit the smaller of its own cap and what is left of BUDGET (default
-# 520 s: with `timeout -k 10` and the tar, the command ends by ~535 s, inside the device's 600 s), keeping back what the later sub-steps need (a sub-step left with
-# < 20 s is skipped, named SKIPPED).  A failing or timed-out sub-step prints FAILED and the rest go on.  The e2e runs
-# write their JSON after every batch size, and the sweep prints a line per candidate, so a cut run keeps what it did.
+# Time: every sub-step runs under `timeout`, its limit the smaller of its own cap and what is left of BUDGET
+# (default 520 s: with `timeout -k 10` and the tar, the command ends by ~535 s, inside the device's 600 s), keeping
+# back what the later sub-steps need (a sub-step left with < 20 s is skipped, named SKIPPED).  A failing or
+# timed-out sub-step prints FAILED and the rest go on.  The e2e runs write their JSON after every batch size, and
+# the sweep prints a line per candidate, so a cut run keeps what it did.
 #
 # profile (estimated ~420-520 s on an H100):
 #   a. pytest tests/test_fused.py on CUDA (the kernels at every rank, r > 64 too)    ~60-200 s, capped at 200 s
