@@ -16,22 +16,18 @@
 # timed-out sub-step prints FAILED and the rest go on.  The e2e runs write their JSON after every batch size, and
 # the sweep prints a line per candidate, so a cut run keeps what it did.
 #
-# profile (estimated ~420-520 s on an H100):
-#   a. pytest tests/test_fused.py on CUDA (the kernels at every rank, r > 64 too)    ~60-200 s, capped at 200 s
-#   b. kernel_blocks.py: launch candidates at r = 128, 256, fp32 and bf16, e2e shapes (28 pairs; the default and 13
-#      candidates each, ~2-3 s of Triton compilation apiece)                       ~150 s, capped at 220 s
-#   c. e2e_profile.py: the step's device/host split, r = 128, 256, batch 1, 8 (8 model builds of ~10 s, the
-#      torch.profiler tables)                                                         ~110-150 s, the rest
-# measure (estimated ~450-520 s on an H100):
-#   a. e2e_step.py, r = 128 and 256, batch 1 and 8, variants adamw sds sds_torch scaled (VARIANTS=...), 20 steps x 3
-#      interleaved rounds: per rank 4 builds (~40 s), 4 x (15 + 20 + 2 x 23) steps of ~25 ms (1x1024) and
-#      ~105 ms (8x1024) (~45 s), start-up and compilation (~30 s)                    ~120 s per rank, capped at 180 s
+# profile (estimated ~450-520 s on an H100):
+#   a. pytest -m "not slow" tests/test_fused.py on CUDA (graph capture at r = 128/256, tiles, frames)  ~60-100 s
+#   b. kernel_blocks.py: the tiled candidates at r = 128, 256, fp32, e2e shapes (28 pairs); the fastest Adam and Gram
+#      changes combined to best.json (also /tmp/highrank_best.json for measure)  ~150 s, capped at 170 s
+#   c. e2e_step.py, r = 128 and 256, batch 8 and 1, adamw sds sds_torch with best.json, 15 steps x 2 rounds  ~110 s each
+# measure (estimated ~480-520 s on an H100; uses /tmp/highrank_best.json when profile ran on the same machine):
+#   0. e2e_profile.py: the step's device/host split, r = 128, 256, batch 1, 8                   ~110-150 s
+#   a. e2e_step.py, r = 128 and 256, batch 1 and 8, variants adamw sds sds_torch scaled, 20 steps x 3 rounds  ~120 s each
 #   b. the split-K Grams (benchmarks/gram_split.patch) applied to a copy of sdsopt/ and tests/ in $WORK/patched (the
-#      tree itself is never modified, so nothing is left to revert if the command is cut): pytest
-#      tests/test_geometry.py there (~20 s, capped at 90 s); e2e_step.py on the patched copy, variants adamw sds_torch
-#      sds_torch_unsplit (the same process with the split switched off: the in-process control), r = 128 and 256,
-#      batch 8 and 1, 15 steps x 3 rounds (~75 s per rank, capped at 120 s).  Unpatched sds_torch: step a.
-#   c. pytest tests/test_fused.py again, with what is left (capped at 200 s)
+#      tree itself is never modified): pytest tests/test_geometry.py there; e2e_step.py on the patched copy, variants
+#      adamw sds_torch sds_torch_unsplit (the split switched off in the same process: the control), with what is left
+#   c. pytest tests/test_fused.py (the hypothesis run too), with what is left
 #
 # Environment: PYTHON (default python3: the device's interpreter with torch), OUT, WORK, BUDGET, VARIANTS (measure
 # a's variants), SMOKE=1 (CPU, toy sizes: e2e_step at hidden 64, pytest --collect-only for test_fused, --help for
@@ -128,25 +124,54 @@ profile() {
     step e2e_profile 300 0 "$PY" benchmarks/e2e_profile.py --help
     return
   fi
-  # a. ~60-120 s: the quick tests first (graph capture at r = 128/256, tiles, frames), the hypothesis run in measure
-  step test_fused 150 300 "$PY" -m pytest -q tests/test_fused.py -p no:cacheprovider -m "not slow"
-  # b. ~150 s: 4 (rank, dtype) x (AdamW + default + 13 candidates)
-  step kernel_blocks 220 150 "$PY" benchmarks/kernel_blocks.py --shape e2e --ranks 128 256 --dtypes fp32 bf16 \
-    --modes sds --steps 10 --sweep adam gram
-  # c. ~110-150 s
-  step e2e_profile 300 0 "$PY" benchmarks/e2e_profile.py --layers 4 --hidden 4096 --heads 32 --ranks 128 256 \
-    --batch 1 8 --steps 6 --out "$WORK/e2e_profile"
+  # a. ~60-100 s: the quick tests (graph capture at r = 128/256, tiles, frames); the hypothesis run is in measure
+  step test_fused 120 380 "$PY" -m pytest -q tests/test_fused.py -p no:cacheprovider -m "not slow"
+  # b. ~150 s: fp32 (the e2e model's adapters) at r = 128, 256, e2e shapes, the tiled candidates; the best to JSON
+  step kernel_blocks 170 250 "$PY" benchmarks/kernel_blocks.py --shape e2e --ranks 128 256 --dtypes fp32 \
+    --modes sds --steps 10 --sweep adam gram --best "$WORK/best.json"
+  cp "$WORK/best.json" /tmp/highrank_best.json 2>/dev/null  # for measure on the same (warm) machine
+  # c. ~110 s per rank: the whole step with the sweep's best settings: AdamW, the kernels, the torch path
+  local launch=() r reserve=120
+  [[ -s $WORK/best.json ]] && launch=(--launch "$WORK/best.json")
+  for r in "${RANKS[@]}"; do
+    step "e2e_r$r" 130 "$reserve" "$PY" benchmarks/e2e_step.py "${MODEL[@]}" --rank "$r" --batch 8 1 --steps 15 \
+      --rounds 2 --variants adamw sds sds_torch "${launch[@]}" --json "$WORK/e2e_r$r.json"
+    reserve=0
+  done
+  summary
+}
+
+summary() {  # every e2e JSON of this call, a line per (batch, variant)
+  "$PY" - "$WORK" <<'EOF' | tee "$WORK/summary.txt" | tee -a "$LOG"
+import json, sys
+from pathlib import Path
+for path in sorted(Path(sys.argv[1]).glob("e2e_*.json")):
+    d = json.loads(path.read_text())
+    for batch, rows in d["batches"].items():
+        for key, row in rows.items():
+            if "failed" in row:
+                print(f"{path.stem:<14} b{batch} {key:<18} failed: {row['failed'][:100]}")
+                continue
+            ov = "" if row["overhead_pct"] is None else f"{row['overhead_pct']:+6.1f}%"
+            print(f"{path.stem:<14} b{batch} {key:<18} {row['median_ms']:8.2f} ms {ov}  rounds "
+                  + " ".join(f"{m:.2f}" for m in row["round_medians_ms"]))
+EOF
 }
 
 measure() {
   env_info
   local variants r reserve
   read -r -a variants <<< "${VARIANTS:-adamw sds sds_torch scaled}"
-  # a. ~120 s per rank; r = 128 keeps ~300 s back for r = 256 and the split-K A/B
-  reserve=300
+  local launch=()  # the settings profile's sweep chose, on the same (warm) machine
+  [[ -s /tmp/highrank_best.json ]] && launch=(--launch /tmp/highrank_best.json)
+  # 0. ~110-150 s: where the step's time goes (device / host split of the optimizer step, fwd+bwd)
+  step e2e_profile 150 330 "$PY" benchmarks/e2e_profile.py --layers 4 --hidden 4096 --heads 32 --ranks 128 256 \
+    --batch 1 8 --steps 6 --out "$WORK/e2e_profile"
+  # a. ~120 s per rank; r = 128 keeps ~200 s back for r = 256 and the split-K A/B
+  reserve=200
   for r in "${RANKS[@]}"; do
     step "e2e_r$r" 180 "$reserve" "$PY" benchmarks/e2e_step.py "${MODEL[@]}" --rank "$r" --batch 1 8 "${STEPS[@]}" \
-      --variants "${variants[@]}" --json "$WORK/e2e_r$r.json"
+      --variants "${variants[@]}" "${launch[@]}" --json "$WORK/e2e_r$r.json"
     reserve=170
   done
   # b. the split-K Grams on a patched copy of the library and its tests
@@ -175,20 +200,8 @@ measure() {
   else
     step test_fused 200 0 "$PY" -m pytest -q tests/test_fused.py -p no:cacheprovider
   fi
-  "$PY" - "$WORK" <<'EOF' | tee "$WORK/summary.txt" | tee -a "$LOG"
-import json, sys
-from pathlib import Path
-for path in sorted(Path(sys.argv[1]).glob("e2e_*.json")):
-    d = json.loads(path.read_text())
-    for batch, rows in d["batches"].items():
-        for key, row in rows.items():
-            if "failed" in row:
-                print(f"{path.stem:<14} b{batch} {key:<18} failed: {row['failed'][:100]}")
-                continue
-            ov = "" if row["overhead_pct"] is None else f"{row['overhead_pct']:+6.1f}%"
-            print(f"{path.stem:<14} b{batch} {key:<18} {row['median_ms']:8.2f} ms {ov}  rounds "
-                  + " ".join(f"{m:.2f}" for m in row["round_medians_ms"]))
-EOF
+  summary
 }
+
 
 "$cmd"

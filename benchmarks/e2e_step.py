@@ -155,6 +155,20 @@ def source_ids() -> dict[str, str]:
     return out
 
 
+def use_launch(choices: dict[str, dict]) -> None:
+    """``sdsopt.fused.launch`` with ``choices`` (per ``"r/dtype"``) applied over its defaults, printed."""
+    from dataclasses import replace
+
+    default = fused.launch
+    names = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+    def launch(r, device, dtype=torch.float32):
+        return replace(default(r, device, dtype), **choices.get(f"{r}/{names.get(dtype)}", {}))
+
+    fused.launch = launch
+    print(f"kernel settings from --launch: {choices}", flush=True)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -177,7 +191,12 @@ def main(argv=None):
     ap.add_argument("--rebuild", action="store_true",
                     help="build every variant again for each batch size (default: built once, kept)")
     ap.add_argument("--json", default=None, metavar="PATH", help="write the results as JSON here")
+    ap.add_argument("--launch", default=None,
+                    help="JSON {'r/fp32': {Launch field: value}} (kernel_blocks.py --best): the kernels' settings "
+                         "for those ranks instead of sdsopt.fused.launch's defaults")
     args = ap.parse_args(argv)
+    if args.launch:
+        use_launch(json.loads(Path(args.launch).read_text()))
     if args.rounds < 1 or args.steps < 1:
         ap.error("--rounds and --steps must be at least 1")
     device = torch.device(args.device)

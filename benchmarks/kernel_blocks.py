@@ -22,6 +22,7 @@ the default (the torch path) against AdamW.  ``--device cpu`` runs the sweep und
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import time
@@ -95,7 +96,11 @@ def main(argv=None) -> None:
                     help="LoRA shapes (step_time.SHAPES): llama7b (224 pairs), e2e (e2e_step.py's 4 layers, 28 pairs)")
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
                     help="cpu: Triton's interpreter (TRITON_INTERPRET=1), a plumbing check")
+    ap.add_argument("--best", default=None,
+                    help="write a JSON {'r/dtype': {field: value}}: the fastest Adam and Gram changes of mode sds "
+                         "combined (e2e_step.py --launch reads it)")
     args = ap.parse_args(argv)
+    best: dict[str, dict] = {}
     if args.device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
         ap.error("--device cpu runs the kernels under Triton's interpreter: set TRITON_INTERPRET=1")
     device = torch.device(args.device)
@@ -114,12 +119,19 @@ def main(argv=None) -> None:
                 print(f"  note: r={r} {dname} is beyond the kernels (fused.supported; MAX_RANK "
                       f"{getattr(fused, 'MAX_RANK', '?')}): the default is the torch path, no candidates", flush=True)
 
-            def run(label: str, cfg: fused.Launch, mode: str, named=named) -> None:
+            timings: dict[str, list[tuple[float, dict]]] = {"adam": [], "gram": []}
+
+            def run(label: str, cfg: fused.Launch, mode: str, named=named, base=base, timings=timings) -> None:
                 fused.launch = lambda r, device, dtype=None: cfg
                 extra = {"warmup_steps": 0} if mode == "sds" else {}
                 try:
                     ms = timed(SDSAdamW(named, lr=1e-4, mode=mode, fused=True, **extra), args.steps, device)
                     print(f"  {mode:7s} {label}: {ms:.3f} ms = {ms / ref:.2f}x", flush=True)
+                    change = {f.name: getattr(cfg, f.name) for f in fields(cfg)
+                              if getattr(cfg, f.name) != getattr(base, f.name)}
+                    for kind in ("adam", "gram") if mode == "sds" else ():
+                        if label == "default" or label.startswith(kind):
+                            timings[kind].append((ms, change))
                 except Exception as err:  # a candidate beyond the chip's shared memory: report, go on
                     print(f"  {mode:7s} {label}: failed ({type(err).__name__}: {str(err)[:80]})", flush=True)
                 finally:
@@ -146,6 +158,14 @@ def main(argv=None) -> None:
                 for fused.ADAM_CHUNK, fused.GRAM_CHUNK in CHUNKS if "chunks" in args.sweep else []:
                     run(f"ADAM_CHUNK={fused.ADAM_CHUNK} GRAM_CHUNK={fused.GRAM_CHUNK}", base, mode)
                 fused.ADAM_CHUNK, fused.GRAM_CHUNK = chunks
+            if timings["adam"] or timings["gram"]:
+                choice = {**min(timings["adam"], key=lambda t: t[0], default=(0, {}))[1],
+                          **min(timings["gram"], key=lambda t: t[0], default=(0, {}))[1]}
+                best[f"{r}/{dname}"] = choice
+                print(f"  best of sds's sweep (Adam and Gram changes combined): {choice or 'the default'}", flush=True)
+            if args.best:
+                with open(args.best, "w") as f:
+                    json.dump(best, f, indent=1)
             del named
             if device.type == "cuda":
                 torch.cuda.empty_cache()
