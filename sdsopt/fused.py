@@ -180,12 +180,15 @@ class Launch:
     precision: str  # the Adam kernel's products with the r×r maps (g̃ = G g and the map back)
     gram_precision: str
     gram_tile: int  # rows and columns of the Gram tile a program computes (= rp up to HELD_RANK)
-    adam_kt: int  # rows of the maps a tiled Adam program multiplies at once (= rp up to HELD_RANK: held whole)
+    adam_kt: int  # rows (tiled) or columns (two passes) of the maps multiplied at once (= rp up to HELD_RANK)
+    two_pass: bool = False  # the Adam step as two matrix-product passes (coordinates_kernel, map_back_kernel)
+    adam_tm: int = 64  # two passes: rows of the factor per program
 
     @property
-    def tiled(self) -> bool:
-        """Does the Adam step read its maps in row tiles (:func:`sdsopt.kernels.adam_tiled_kernel`)?"""
-        return self.adam_kt < self.rp
+    def plan(self) -> str:
+        """The Adam step's kernels: ``"held"`` (:func:`sdsopt.kernels.adam_kernel`, the maps in registers),
+        ``"tiled"`` (:func:`sdsopt.kernels.adam_tiled_kernel`) or ``"two_pass"``."""
+        return "two_pass" if self.two_pass else "tiled" if self.adam_kt < self.rp else "held"
 
 
 def _padded(r: int) -> int:
@@ -412,7 +415,12 @@ def adam(tables: Tables, key: Any, group: dict[str, Any], fam: Family, lists: di
         lr = lr.to(device=device, dtype=torch.float32, non_blocking=True).reshape(())
     for side, trans, table, items, n, vec in launches:
         lr_side = side_lr(group, "AB"[side], lr)
-        kernel, tiles = (kernels.adam_tiled_kernel, {"KT": cfg.adam_kt}) if cfg.tiled else (kernels.adam_kernel, {})
+        if cfg.plan == "two_pass":
+            _two_pass(cfg, fam, side, trans, table, items, n, vec, gmaps, mmaps, scales, ramps, lr, lr_side,
+                      found_inf, group)
+            continue
+        kernel, tiles = (kernels.adam_tiled_kernel, {"KT": cfg.adam_kt}) if cfg.plan == "tiled" else (
+            kernels.adam_kernel, {})
         kernel[(n,)](
             table, items, gmaps[(1 - side) * fam.k:], gmaps if mmaps is None else mmaps[(1 - side) * fam.k:],
             gmaps if scales is None else scales[(1 - side) * fam.k:], gmaps if ramps is None else ramps,
@@ -427,3 +435,25 @@ def adam(tables: Tables, key: Any, group: dict[str, Any], fam: Family, lists: di
     if found_inf is not None:
         torch._foreach_sub_(steps, [found_inf] * len(steps))
     return done
+
+
+def _two_pass(cfg: Launch, fam: Family, side: int, trans: bool, table: Tensor, items: Tensor, n: int, vec: int,
+              gmaps: Tensor, mmaps: Tensor | None, scales: Tensor | None, ramps: Tensor | None, lr: Any, lr_side: Any,
+              found_inf: Tensor | None, group: dict[str, Any]) -> None:
+    """One factor kind's Adam step by :func:`sdsopt.kernels.coordinates_kernel` and (with a map back)
+    :func:`sdsopt.kernels.map_back_kernel`, each over ``(row tiles of adam_tm, work items)``."""
+    other = (1 - side) * fam.k
+    beta1, beta2 = group["betas"]
+    lr_tensor = isinstance(lr_side, Tensor)
+    common = dict(HAS_SCALE=scales is not None, HAS_RAMP=ramps is not None, HAS_FOUND_INF=found_inf is not None,
+                  LR_TENSOR=isinstance(lr, Tensor), AMSGRAD=group["amsgrad"], TM=cfg.adam_tm, BP=cfg.adam_bp,
+                  KC=cfg.adam_kt, DT=_tl_dtype(fam.dtype), PREC=cfg.precision, VEC=vec, num_warps=cfg.adam_warps,
+                  num_stages=cfg.adam_stages)
+    tail = (gmaps if scales is None else scales[other:], gmaps if ramps is None else ramps,
+            lr_side if lr_tensor else gmaps, gmaps if found_inf is None else found_inf, fam.r,
+            0.0 if lr_tensor else float(lr_side), beta1, beta2, group["eps"], group["weight_decay"])
+    grid = (-(-fam.r // cfg.adam_tm), n)
+    kernels.coordinates_kernel[grid](table, items, gmaps[other:], *tail, TRANS=trans, COORD=mmaps is not None,
+                                     MAXIMIZE=group["maximize"], **common)
+    if mmaps is not None:
+        kernels.map_back_kernel[grid](table, items, mmaps[other:], *tail, TRANS=trans, **common)
