@@ -125,10 +125,10 @@ profile() {
     return
   fi
   # a. ~60-100 s: the quick tests (graph capture at r = 128/256, tiles, frames); the hypothesis run is in measure
-  step test_fused 110 400 "$PY" -m pytest -q tests/test_fused.py -p no:cacheprovider -m "not slow"
+  step test_fused 90 380 "$PY" -m pytest -q tests/test_fused.py -p no:cacheprovider -m "not slow"
   # b. ~150 s: fp32 (the e2e model's adapters) at r = 128, 256, e2e shapes, the tiled candidates; the best to JSON
-  step kernel_blocks 210 220 "$PY" benchmarks/kernel_blocks.py --shape e2e --ranks 128 256 --dtypes fp32 \
-    --modes sds --steps 6 --sweep adam gram --best "$WORK/best.json"
+  step kernel_blocks 170 220 "$PY" benchmarks/kernel_blocks.py --shape e2e --ranks 128 256 --dtypes fp32 \
+    --modes sds --steps 5 --sweep adam gram --best "$WORK/best.json"
   cp "$WORK/best.json" /tmp/highrank_best.json 2>/dev/null  # for measure on the same (warm) machine
   # c. ~110 s per rank: the whole step with the sweep's best settings: AdamW, the kernels, the torch path
   local launch=() r reserve=110
