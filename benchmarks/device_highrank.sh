@@ -21,12 +21,11 @@
 #   b. kernel_blocks.py: the tiled candidates at r = 128, 256, fp32, e2e shapes (28 pairs); the fastest Adam and Gram
 #      changes combined to best.json (also /tmp/highrank_best.json for measure)  ~150 s, capped at 170 s
 #   c. e2e_step.py, r = 128 and 256, batch 8 and 1, adamw sds sds_torch with best.json, 15 steps x 2 rounds  ~110 s each
-# measure (estimated ~480-520 s on an H100; uses /tmp/highrank_best.json when profile ran on the same machine):
-#   0. e2e_profile.py: the step's device/host split, r = 128, 256, batch 1, 8                   ~110-150 s
-#   a. e2e_step.py, r = 128 and 256, batch 1 and 8, variants adamw sds sds_torch scaled, 20 steps x 3 rounds  ~120 s each
+# measure (BUDGET=300, right after profile on the warm machine):
+#   0. e2e_profile.py: the step's device/host split, r = 128, 256, batch 1, 8                   ~110-140 s
 #   b. the split-K Grams (benchmarks/gram_split.patch) applied to a copy of sdsopt/ and tests/ in $WORK/patched (the
-#      tree itself is never modified): pytest tests/test_geometry.py there; e2e_step.py on the patched copy, variants
-#      adamw sds_torch sds_torch_unsplit (the split switched off in the same process: the control), with what is left
+#      tree itself is never modified): pytest tests/test_geometry.py there; e2e_step.py on the patched copy at
+#      8x1024, variants adamw sds_torch sds_torch_unsplit (the split switched off in the same process: the control)
 #   c. pytest tests/test_fused.py (the hypothesis run too), with what is left
 #
 # Environment: PYTHON (default python3: the device's interpreter with torch), OUT, WORK, BUDGET, VARIANTS (measure
@@ -160,20 +159,10 @@ EOF
 
 measure() {
   env_info
-  local variants r reserve
-  read -r -a variants <<< "${VARIANTS:-adamw sds sds_torch scaled}"
-  local launch=()  # the settings profile's sweep chose, on the same (warm) machine
-  [[ -s /tmp/highrank_best.json ]] && launch=(--launch /tmp/highrank_best.json)
-  # 0. ~110-150 s: where the step's time goes (device / host split of the optimizer step, fwd+bwd)
-  step e2e_profile 150 330 "$PY" benchmarks/e2e_profile.py --layers 4 --hidden 4096 --heads 32 --ranks 128 256 \
-    --batch 1 8 --steps 6 --out "$WORK/e2e_profile"
-  # a. ~120 s per rank; r = 128 keeps ~200 s back for r = 256 and the split-K A/B
-  reserve=200
-  for r in "${RANKS[@]}"; do
-    step "e2e_r$r" 180 "$reserve" "$PY" benchmarks/e2e_step.py "${MODEL[@]}" --rank "$r" --batch 1 8 "${STEPS[@]}" \
-      --variants "${variants[@]}" "${launch[@]}" --json "$WORK/e2e_r$r.json"
-    reserve=170
-  done
+  local r reserve
+  # 0. ~110-140 s: where the step's time goes (device / host split of the optimizer step, fwd+bwd)
+  step e2e_profile 140 130 "$PY" benchmarks/e2e_profile.py --layers 4 --hidden 4096 --heads 32 --ranks 128 256 \
+    --batch 1 8 --steps 5 --out "$WORK/e2e_profile"
   # b. the split-K Grams on a patched copy of the library and its tests
   local P=$WORK/patched
   mkdir -p "$P" && cp -r sdsopt tests "$P"/ && cp pyproject.toml "$P"/ 2>/dev/null
@@ -182,12 +171,12 @@ measure() {
                    || git apply "$ROOT/benchmarks/gram_split.patch"; }) > "$WORK/patch.log" 2>&1; then
     say "=== gram_split.patch applied to $P"
     # ~20 s
-    (cd "$P" && step test_geometry_split 90 150 "$PY" -m pytest -q -p no:cacheprovider tests/test_geometry.py)
-    # ~75 s per rank (3 variants x (15 + 15 + 2 x 18) steps, 3 builds)
-    reserve=80
+    (cd "$P" && step test_geometry_split 40 110 "$PY" -m pytest -q -p no:cacheprovider tests/test_geometry.py)
+    # ~50 s per rank (3 variants x (15 + 10 + 10) steps at 8x1024, 3 builds)
+    reserve=50
     for r in "${RANKS[@]}"; do
-      PYTHONPATH="$P:$PYTHONPATH" step "e2e_split_r$r" 120 "$reserve" "$PY" benchmarks/e2e_step.py "${MODEL[@]}" \
-        --rank "$r" --batch 8 1 "${STEPS[@]}" --steps "$( ((SMOKE)) && echo 2 || echo 15)" \
+      PYTHONPATH="$P:$PYTHONPATH" step "e2e_split_r$r" 60 "$reserve" "$PY" benchmarks/e2e_step.py "${MODEL[@]}" \
+        --rank "$r" --batch 8 --rounds 2 --steps "$( ((SMOKE)) && echo 2 || echo 10)" \
         --variants adamw sds_torch sds_torch_unsplit --json "$WORK/e2e_split_r$r.json"
       reserve=0
     done
