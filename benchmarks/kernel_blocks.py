@@ -46,7 +46,7 @@ TILED_RANK = 64
 # r > 64, each a change of the default Launch (fields by name): the Adam kernel's column block, map rows per pass,
 # warps and stages one at a time, then two pairs (larger and smaller tiles together)
 ADAM_TILED = [{"adam_bp": 16}, {"adam_bp": 64}, {"adam_kt": 64}, {"adam_warps": 4},
-              # the two matrix-product passes (coordinates_kernel, map_back_kernel): rows per program, column
+              # the two matrix-product passes (sdsopt.kernels.pass_kernel): rows per program, column
               # block, the maps' slice, warps, stages
               *({"two_pass": True, "adam_tm": tm, "adam_bp": bp, "adam_kt": kc, "adam_warps": wp, "adam_stages": st}
                 for tm, bp, kc, wp, st in ((64, 64, 32, 4, 2), (128, 64, 32, 8, 2), (64, 128, 32, 8, 2),

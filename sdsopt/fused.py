@@ -181,7 +181,7 @@ class Launch:
     gram_precision: str
     gram_tile: int  # rows and columns of the Gram tile a program computes (= rp up to HELD_RANK)
     adam_kt: int  # rows (tiled) or columns (two passes) of the maps multiplied at once (= rp up to HELD_RANK)
-    two_pass: bool = False  # the Adam step as two matrix-product passes (coordinates_kernel, map_back_kernel)
+    two_pass: bool = False  # the Adam step as two matrix-product passes (sdsopt.kernels.pass_kernel)
     adam_tm: int = 64  # two passes: rows of the factor per program
 
     @property
@@ -440,20 +440,20 @@ def adam(tables: Tables, key: Any, group: dict[str, Any], fam: Family, lists: di
 def _two_pass(cfg: Launch, fam: Family, side: int, trans: bool, table: Tensor, items: Tensor, n: int, vec: int,
               gmaps: Tensor, mmaps: Tensor | None, scales: Tensor | None, ramps: Tensor | None, lr: Any, lr_side: Any,
               found_inf: Tensor | None, group: dict[str, Any]) -> None:
-    """One factor kind's Adam step by :func:`sdsopt.kernels.coordinates_kernel` and (with a map back)
-    :func:`sdsopt.kernels.map_back_kernel`, each over ``(row tiles of adam_tm, work items)``."""
+    """One factor kind's Adam step by :func:`sdsopt.kernels.pass_kernel`: the coordinates' pass, and with a map back
+    (``mmaps``) the pass back, each over ``(row tiles of adam_tm, work items)``."""
     other = (1 - side) * fam.k
     beta1, beta2 = group["betas"]
     lr_tensor = isinstance(lr_side, Tensor)
-    common = dict(HAS_SCALE=scales is not None, HAS_RAMP=ramps is not None, HAS_FOUND_INF=found_inf is not None,
-                  LR_TENSOR=isinstance(lr, Tensor), AMSGRAD=group["amsgrad"], TM=cfg.adam_tm, BP=cfg.adam_bp,
-                  KC=cfg.adam_kt, DT=_tl_dtype(fam.dtype), PREC=cfg.precision, VEC=vec, num_warps=cfg.adam_warps,
-                  num_stages=cfg.adam_stages)
     tail = (gmaps if scales is None else scales[other:], gmaps if ramps is None else ramps,
             lr_side if lr_tensor else gmaps, gmaps if found_inf is None else found_inf, fam.r,
             0.0 if lr_tensor else float(lr_side), beta1, beta2, group["eps"], group["weight_decay"])
+    flags = dict(TRANS=trans, COORD=mmaps is not None, HAS_SCALE=scales is not None, HAS_RAMP=ramps is not None,
+                 HAS_FOUND_INF=found_inf is not None, LR_TENSOR=isinstance(lr, Tensor), AMSGRAD=group["amsgrad"],
+                 MAXIMIZE=group["maximize"], TM=cfg.adam_tm, BP=cfg.adam_bp, KC=cfg.adam_kt,
+                 DT=_tl_dtype(fam.dtype), PREC=cfg.precision, VEC=vec, num_warps=cfg.adam_warps,
+                 num_stages=cfg.adam_stages)
     grid = (-(-fam.r // cfg.adam_tm), n)
-    kernels.coordinates_kernel[grid](table, items, gmaps[other:], *tail, TRANS=trans, COORD=mmaps is not None,
-                                     MAXIMIZE=group["maximize"], **common)
+    kernels.pass_kernel[grid](table, items, gmaps[other:], *tail, BACK=False, **flags)
     if mmaps is not None:
-        kernels.map_back_kernel[grid](table, items, mmaps[other:], *tail, TRANS=trans, **common)
+        kernels.pass_kernel[grid](table, items, mmaps[other:], *tail, BACK=True, **flags)

@@ -44,8 +44,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-__all__ = ["FIELDS", "adam_kernel", "adam_tiled_kernel", "coordinates_kernel", "frames_kernel", "gram_kernel",
-           "gram_sum_kernel", "map_back_kernel"]
+__all__ = ["FIELDS", "adam_kernel", "adam_tiled_kernel", "frames_kernel", "gram_kernel", "gram_sum_kernel",
+           "pass_kernel"]
 
 FIELDS = 8
 """Entry-table columns: parameter, gradient, exp_avg, exp_avg_sq, max_exp_avg_sq, step (data pointers; the Gram
@@ -350,31 +350,27 @@ def adam_tiled_kernel(table, items, gmaps, mmaps, scales, ramps, lr_ptr, found_i
 
 
 @triton.jit
-def _map_rows(maps, base, row0, k0, r: tl.constexpr, TM: tl.constexpr, KC: tl.constexpr):
-    """Rows ``row0 … row0+TM``, columns ``k0 … k0+KC`` of an r×r map (zero outside ``r``), ``[TM, KC]``."""
-    i = row0 + tl.arange(0, TM)
-    k = k0 + tl.arange(0, KC)
-    return tl.load(maps + base + i[:, None] * r + k[None, :], mask=(i[:, None] < r) & (k[None, :] < r), other=0.0)
+def pass_kernel(table, items, maps, scales, ramps, lr_ptr, found_inf, r: tl.constexpr, lr, beta1, beta2, eps,
+                weight_decay, BACK: tl.constexpr, TRANS: tl.constexpr, COORD: tl.constexpr, HAS_SCALE: tl.constexpr,
+                HAS_RAMP: tl.constexpr, HAS_FOUND_INF: tl.constexpr, LR_TENSOR: tl.constexpr, AMSGRAD: tl.constexpr,
+                MAXIMIZE: tl.constexpr, TM: tl.constexpr, BP: tl.constexpr, KC: tl.constexpr, DT: tl.constexpr,
+                PREC: tl.constexpr, VEC: tl.constexpr):
+    """One pass of the two-pass Adam step (ranks above 64), program ``(t, w)``: rows ``t·TM …`` of work item ``w``,
+    ``BP`` columns at a time, as a matrix-product tile over ``KC``-wide slices of the map (its ``[TM, BP]``
+    accumulator is all it holds).
 
-
-@triton.jit
-def coordinates_kernel(table, items, gmaps, scales, ramps, lr_ptr, found_inf, r: tl.constexpr, lr, beta1, beta2,
-                       eps, weight_decay, TRANS: tl.constexpr, COORD: tl.constexpr, HAS_SCALE: tl.constexpr,
-                       HAS_RAMP: tl.constexpr, HAS_FOUND_INF: tl.constexpr, LR_TENSOR: tl.constexpr,
-                       AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr, TM: tl.constexpr, BP: tl.constexpr,
-                       KC: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr, VEC: tl.constexpr):
-    """First pass of the two-pass Adam step (ranks above 64): program ``(t, w)`` takes rows ``t·TM …`` of work
-    item ``w``'s coordinates, ``BP`` columns at a time, as a matrix product tile: ``g̃ = G[rows, :] g`` over
-    ``KC``-wide slices of ``G`` (its ``[TM, BP]`` accumulator is all it holds), then Adam's moments of those rows in
-    place.  With ``COORD`` the direction waits for :func:`map_back_kernel`, which recomputes it from the stored
-    moments; without (no map back) the rows of the factor step here."""
+    * ``BACK=False`` (first pass, ``maps = G``): ``g̃ = G[rows, :] g``, then Adam's moments of those rows in place;
+      without ``COORD`` (no map back) the rows of the factor step here too.
+    * ``BACK=True`` (second pass, ``maps = M``): ``ΔX = M[rows, :] û``, the direction ``û = m̂ / (√v̂ + ε)``
+      recomputed from the moments the first pass stored (amsgrad: their maximum), then the update of the module
+      docstring on those rows."""
     t = tl.program_id(0)
     w = tl.program_id(1)
     if HAS_FOUND_INF:
         if tl.load(found_inf) > 0:  # torch's fused AdamW: a step with non-finite gradients changes nothing
             return
     c0, c1, p, x_base, g_base, m_base, v_base, w_base, base, bias1, root2, gain, scale = _setup(
-        table, items, w, gmaps, scales, ramps, lr_ptr, r, lr, beta1, beta2, HAS_SCALE, HAS_RAMP, LR_TENSOR, DT, VEC)
+        table, items, w, maps, scales, ramps, lr_ptr, r, lr, beta1, beta2, HAS_SCALE, HAS_RAMP, LR_TENSOR, DT, VEC)
     for start in range(c0, c1, BP):
         if TRANS:
             acc = tl.zeros((BP, TM), dtype=tl.float32)
@@ -382,58 +378,34 @@ def coordinates_kernel(table, items, gmaps, scales, ramps, lr_ptr, found_inf, r:
             acc = tl.zeros((TM, BP), dtype=tl.float32)
         for k0 in range(0, r, KC):
             koffs, kmask = _block(start, c1, p, k0, r, TRANS, KC, BP)
-            g = tl.load(g_base + koffs, mask=kmask, other=0.0).to(tl.float32)
-            if MAXIMIZE:
-                g = -g
-            Gk = _map_rows(gmaps, base, t * TM, k0, r, TM, KC)
-            if TRANS:  # row form X = Bᵀ: g̃ᵀ = gᵀ Gᵀ
-                acc += _mm(g, tl.trans(Gk), DT, PREC)
+            if BACK:
+                m = tl.load(m_base + koffs, mask=kmask, other=0.0).to(tl.float32)
+                v = tl.load((w_base if AMSGRAD else v_base) + koffs, mask=kmask, other=0.0).to(tl.float32)
+                b = (m / bias1) / (tl.sqrt(v) / root2 + eps)
             else:
-                acc += _mm(Gk, g, DT, PREC)
+                b = tl.load(g_base + koffs, mask=kmask, other=0.0).to(tl.float32)
+                if MAXIMIZE:
+                    b = -b
+            i = t * TM + tl.arange(0, TM)
+            k = k0 + tl.arange(0, KC)
+            slice = tl.load(maps + base + i[:, None] * r + k[None, :], mask=(i[:, None] < r) & (k[None, :] < r),
+                            other=0.0)  # [TM, KC]
+            if TRANS:  # row form X = Bᵀ: (S b)ᵀ = bᵀ Sᵀ
+                acc += _mm(b, tl.trans(slice), DT, PREC)
+            else:
+                acc += _mm(slice, b, DT, PREC)
         offs, mask = _block(start, c1, p, t * TM, r, TRANS, TM, BP)
-        m = tl.load(m_base + offs, mask=mask, other=0.0)
-        v = tl.load(v_base + offs, mask=mask, other=0.0)
-        u = _direction(acc, m, v, m_base, v_base, w_base, offs, mask, beta1, beta2, bias1, root2, eps, AMSGRAD, DT)
-        if not COORD:
+        if BACK:
             x = tl.load(x_base + offs, mask=mask, other=0.0)
-            tl.store(x_base + offs, _update(x, u, gain, weight_decay, scale, HAS_SCALE).to(DT), mask=mask)
-
-
-@triton.jit
-def map_back_kernel(table, items, mmaps, scales, ramps, lr_ptr, found_inf, r: tl.constexpr, lr, beta1, beta2, eps,
-                    weight_decay, TRANS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_RAMP: tl.constexpr,
-                    HAS_FOUND_INF: tl.constexpr, LR_TENSOR: tl.constexpr, AMSGRAD: tl.constexpr, TM: tl.constexpr,
-                    BP: tl.constexpr, KC: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr, VEC: tl.constexpr):
-    """Second pass (after :func:`coordinates_kernel`): program ``(t, w)`` steps rows ``t·TM …`` of the factor by
-    ``ΔX = M[rows, :] û``, the direction ``û = m̂ / (√v̂ + ε)`` recomputed from the stored moments (amsgrad: their
-    maximum), ``KC`` coordinates at a time, as a matrix product tile; then the update of the module docstring."""
-    t = tl.program_id(0)
-    w = tl.program_id(1)
-    if HAS_FOUND_INF:
-        if tl.load(found_inf) > 0:
-            return
-    c0, c1, p, x_base, g_base, m_base, v_base, w_base, base, bias1, root2, gain, scale = _setup(
-        table, items, w, mmaps, scales, ramps, lr_ptr, r, lr, beta1, beta2, HAS_SCALE, HAS_RAMP, LR_TENSOR, DT, VEC)
-    if AMSGRAD:
-        v_base = w_base
-    for start in range(c0, c1, BP):
-        if TRANS:
-            acc = tl.zeros((BP, TM), dtype=tl.float32)
+            tl.store(x_base + offs, _update(x, acc, gain, weight_decay, scale, HAS_SCALE).to(DT), mask=mask)
         else:
-            acc = tl.zeros((TM, BP), dtype=tl.float32)
-        for k0 in range(0, r, KC):
-            koffs, kmask = _block(start, c1, p, k0, r, TRANS, KC, BP)
-            m = tl.load(m_base + koffs, mask=kmask, other=0.0).to(tl.float32)
-            v = tl.load(v_base + koffs, mask=kmask, other=0.0).to(tl.float32)
-            u = (m / bias1) / (tl.sqrt(v) / root2 + eps)
-            Mk = _map_rows(mmaps, base, t * TM, k0, r, TM, KC)
-            if TRANS:  # B's rows: û Mᵀ
-                acc += _mm(u, tl.trans(Mk), DT, PREC)
-            else:
-                acc += _mm(Mk, u, DT, PREC)
-        offs, mask = _block(start, c1, p, t * TM, r, TRANS, TM, BP)
-        x = tl.load(x_base + offs, mask=mask, other=0.0)
-        tl.store(x_base + offs, _update(x, acc, gain, weight_decay, scale, HAS_SCALE).to(DT), mask=mask)
+            m = tl.load(m_base + offs, mask=mask, other=0.0)
+            v = tl.load(v_base + offs, mask=mask, other=0.0)
+            u = _direction(acc, m, v, m_base, v_base, w_base, offs, mask, beta1, beta2, bias1, root2, eps, AMSGRAD,
+                           DT)
+            if not COORD:
+                x = tl.load(x_base + offs, mask=mask, other=0.0)
+                tl.store(x_base + offs, _update(x, u, gain, weight_decay, scale, HAS_SCALE).to(DT), mask=mask)
 
 
 @triton.jit

@@ -388,8 +388,8 @@ def test_16_bit_factors_step_at_float32_accuracy(dtype, monkeypatch):
 def test_the_tiled_adam_kernels_step_as_the_held_maps(plan, mode, dtype, monkeypatch):
     """The Adam kernels of ranks above 64 forced on a rank the held-maps kernel also takes (r = 40: slices of 16,
     the last one cut; one pair's ``A`` wider than a work item): :func:`sdsopt.kernels.adam_tiled_kernel` (the maps
-    read ``KT`` rows at a time) and the two passes (:func:`sdsopt.kernels.coordinates_kernel`, rows in tiles of 16,
-    and :func:`sdsopt.kernels.map_back_kernel`, whose direction comes from the stored moments): parameters and
+    read ``KT`` rows at a time) and the two passes (:func:`sdsopt.kernels.pass_kernel`, rows in tiles of 16, the
+    second one's direction from the stored moments): parameters and
     moments after three steps equal the held kernel's to float32 rounding (1e-5; bf16: two ulps, as the second
     pass takes the direction from the stored bf16 moments, as torch's AdamW does, and the held kernel from their
     float32 values), with the map back (``sds``) and without (``scaled``, amsgrad)."""
