@@ -1,6 +1,6 @@
 """Triton kernels of the fused coordinate AdamW step (``SDSAdamW(..., fused=True)`` on CUDA).
 
-Only imported when Triton is (:mod:`sdsopt.fused` decides and launches).  Both kernels read the LoRA factors
+Only imported when Triton is (:mod:`sdsopt.fused` decides and launches).  The kernels read the LoRA factors
 where they live, through an int64 *entry table* (one row of :data:`FIELDS` per factor: data pointers of the
 parameter, its gradient, Adam's moments and step count, its length ``p`` and the index of its r×r maps), so
 that nothing is stacked or copied: extra memory is the r×r maps.
@@ -10,7 +10,8 @@ Every factor is seen in row form (:mod:`sdsopt.linalg`): ``X`` is ``r × p``; ``
 (``TRANS=True``), so both layouts load contiguous memory.
 
 :func:`gram_kernel` — ``X Xᵀ`` (docs/math.md (2.1)) over one *work item* (a factor's columns ``c0 … c1``) per program,
-float32 partial sums, which :func:`gram_sum_kernel` adds in a fixed order (deterministic: no atomics).
+float32 partial sums, which :func:`gram_sum_kernel` adds in a fixed order (deterministic: no atomics); above
+r = 64 in ``TM × TM`` tiles, a program per tile on and above the diagonal, mirrored by the sum.
 
 :func:`frames_kernel` — the r×r algebra of mode ``sds`` in one launch: per pair, both Grams' Cholesky factors,
 their inverses ``G = L^{-1}``, the maps back ``M`` and the re-balancing scale (mode ``scaled``: its
@@ -32,6 +33,11 @@ then, with weight decay ``λ``, learning rate ``η``, the optional ramp ``ρ`` a
 
 * ``COORD=False`` (modes ``scaled``, ``sds_polar``: docs/math.md (3.1)): ``G = P(K_other)``
   and the update is AdamW's on the factor, ``X ← X − η(û + λX)``.
+
+Above r = 64 a program cannot hold the r×r maps (:data:`sdsopt.fused.HELD_RANK`); the same update runs as
+:func:`adam_tiled_kernel` (one pass, the maps read in row tiles from the cache for every column block) or as two
+matrix-product passes of :func:`pass_kernel` (``g̃ = G g`` and the moments; then ``M û`` from the stored
+moments and the update), whichever :func:`sdsopt.fused.launch` names.
 
 Arithmetic is float32 in registers whatever the parameter dtype; the moments are stored in the parameter's
 dtype, as torch's AdamW keeps them.  Matrix products accumulate in float32; their operands' precision is
