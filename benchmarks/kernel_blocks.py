@@ -45,14 +45,14 @@ TILED_RANK = 64
 """Ranks above this sweep :data:`ADAM_TILED` and :data:`GRAM_TILED` (``sdsopt.fused.HELD_RANK`` where it exists)."""
 # r > 64, each a change of the default Launch (fields by name): the Adam kernel's column block, map rows per pass,
 # warps and stages one at a time, then two pairs (larger and smaller tiles together)
-ADAM_TILED = [{"adam_bp": 16}, {"adam_bp": 64}, {"adam_kt": 64}, {"adam_warps": 4},
-              # the two matrix-product passes (sdsopt.kernels.pass_kernel): rows per program, column
-              # block, the maps' slice, warps, stages
+ADAM_TILED = [{"adam_bp": 16}, {"adam_kt": 64},
+              # the two matrix-product passes (sdsopt.kernels.pass_kernel): rows per program, column block, the
+              # maps' slice, warps, stages
               *({"two_pass": True, "adam_tm": tm, "adam_bp": bp, "adam_kt": kc, "adam_warps": wp, "adam_stages": st}
                 for tm, bp, kc, wp, st in ((64, 64, 32, 4, 2), (128, 64, 32, 8, 2), (64, 128, 32, 8, 2),
-                                           (64, 64, 64, 4, 3), (128, 128, 32, 8, 3), (256, 32, 32, 8, 2)))]
-# r > 64: the Gram's output tile, column block, warps; one pair (a 128 tile with 8 warps)
-GRAM_TILED = [{"gram_tile": 128}, {"gram_bp": 32}, {"gram_warps": 8}, {"gram_tile": 128, "gram_warps": 8}]
+                                           (128, 128, 32, 8, 3)))]
+# r > 64: the Gram's output tile and warps
+GRAM_TILED = [{"gram_tile": 128, "gram_warps": 8}, {"gram_bp": 32}]
 
 
 def timed(opt, steps: int, device: torch.device) -> float:
