@@ -49,8 +49,8 @@ try:
 except ImportError:  # CPU-only installs: the step keeps its torch path
     triton = None
 
-__all__ = ["HELD_RANK", "MAX_RANK", "Family", "Launch", "Tables", "adam", "available", "families", "frames", "grams", "inverses",
-           "launch", "supported", "vector_width"]
+__all__ = ["HELD_RANK", "MAX_RANK", "Family", "Launch", "Tables", "adam", "available", "families", "frames", "grams",
+           "inverses", "launch", "max_rank", "supported", "vector_width"]
 
 GRAM_CHUNK = 2048
 """Columns per work item of the Gram kernel (its partial sums: one r×r float32 per item)."""
@@ -100,19 +100,35 @@ def families(group: dict[str, Any], buckets: Sequence[Any]) -> list[Family]:
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MAX_RANK = 256
-"""Largest rank the kernels take.  Up to :data:`HELD_RANK` an Adam program holds the r×r maps in registers; above
+"""Largest rank the kernels take (:func:`max_rank`: the largest they are given).  Up to :data:`HELD_RANK` an Adam program holds the r×r maps in registers; above
 it (three r×r float32 maps and their TF32 splits would ask for 400 KB of on-chip memory at r = 128, beyond an
-H100's 227 KB) :func:`sdsopt.kernels.adam_tiled_kernel` reads them in row tiles from the cache, the Grams are
-computed in tiles and the frames by batched torch calls (:func:`frames`).  Above 256 the gradient's and the step's
+H100's 227 KB) :func:`sdsopt.kernels.adam_tiled_kernel` reads them in row tiles from the cache (or
+:func:`sdsopt.kernels.pass_kernel` makes two passes), the Grams are computed in tiles and the frames by batched
+torch calls (:func:`frames`).  Above 256 the gradient's and the step's
 ``[r, BLOCK_P]`` tiles no longer fit a program's registers: the torch path."""
 HELD_RANK = 64
 """Largest rank whose r×r maps a program holds (:func:`sdsopt.kernels.adam_kernel`, :func:`sdsopt.kernels.frames_kernel`)."""
 
 
+def max_rank() -> int:
+    """The largest rank ``fused=True`` steps by the kernels: :data:`HELD_RANK` (64), or up to :data:`MAX_RANK`
+    where the environment sets ``SDSOPT_KERNELS_MAX_RANK`` (e.g. 256).  The kernels above 64 are tested against the
+    float64 torch path but not yet timed on a GPU, and an earlier tiled design was slower there than the torch path
+    (benchmarks/RESULTS_ARCHIVE.md, "Fused kernels up to r = 256, tried and reverted"), so they stay opt-in until
+    ``benchmarks/device_highrank.sh`` has measured them."""
+    value = os.environ.get("SDSOPT_KERNELS_MAX_RANK")
+    if value is None:
+        return HELD_RANK
+    if not value.isdigit() or not 1 <= int(value) <= MAX_RANK:
+        raise ValueError(f"SDSOPT_KERNELS_MAX_RANK={value!r}: expected a rank from 1 to {MAX_RANK} (e.g. 256), the "
+                         "largest rank the fused kernels step; unset it for the default 64")
+    return int(value)
+
+
 def supported(dtype: torch.dtype, r: int) -> bool:
     """Factors the kernels take: float32/bf16/fp16 (float64 ones keep the torch path, whose algebra is float64)
-    of rank ≤ :data:`MAX_RANK`."""
-    return dtype in _DTYPES and r <= MAX_RANK
+    of rank ≤ :func:`max_rank`."""
+    return dtype in _DTYPES and r <= max_rank()
 
 
 def _tl_dtype(dtype: torch.dtype) -> Any:

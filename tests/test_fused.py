@@ -29,6 +29,12 @@ pytestmark = pytest.mark.skipif(not fused.available(torch.empty(0, device=DEVICE
                                 reason="the fused kernels need Triton (CUDA, or TRITON_INTERPRET=1 on the CPU)")
 
 
+@pytest.fixture(autouse=True)
+def _kernels_up_to_256(monkeypatch):
+    """The kernels above r = 64 are opt-in (:func:`sdsopt.fused.max_rank`): on for every test here."""
+    monkeypatch.setenv("SDSOPT_KERNELS_MAX_RANK", str(fused.MAX_RANK))
+
+
 TOLERANCE = {torch.float32: 2e-4, torch.bfloat16: 3 * 2**-7}
 EXAMPLES = 60 if DEVICE.type == "cuda" else 6  # Triton's interpreter runs every program in Python
 
@@ -203,10 +209,19 @@ def test_mixed_phases_and_checkpoints_resume_bit_exactly():
         assert torch.equal(p, q)
 
 
-def test_float64_factors_and_large_ranks_keep_the_torch_path():
-    """The kernels take float32/bf16/fp16 factors of rank ≤ 256 with float32 algebra; float64 factors,
-    ``linalg_dtype=float64`` or a larger rank keep the torch path (whose algebra is float64 for float64)."""
+def test_float64_factors_and_large_ranks_keep_the_torch_path(monkeypatch):
+    """The kernels take float32/bf16/fp16 factors of rank ≤ 256 with float32 algebra (above 64 only where
+    ``SDSOPT_KERNELS_MAX_RANK`` says so; a bad value is named); float64 factors, ``linalg_dtype=float64`` or a
+    larger rank keep the torch path (whose algebra is float64 for float64)."""
     assert fused.supported(torch.bfloat16, fused.MAX_RANK) and not fused.supported(torch.float32, fused.MAX_RANK + 1)
+    monkeypatch.delenv("SDSOPT_KERNELS_MAX_RANK")
+    assert fused.max_rank() == 64 and not fused.supported(torch.float32, 65)
+    for bad in ("300", "x", "0"):
+        monkeypatch.setenv("SDSOPT_KERNELS_MAX_RANK", bad)
+        with pytest.raises(ValueError, match="SDSOPT_KERNELS_MAX_RANK"):
+            fused.max_rank()
+    monkeypatch.setenv("SDSOPT_KERNELS_MAX_RANK", "128")
+    assert fused.supported(torch.float32, 128) and not fused.supported(torch.float32, 129)
     assert not fused.supported(torch.float64, 8)
     for dtype, linalg in ((torch.float64, None), (torch.float32, torch.float64), (torch.float32, None)):
         model = _model(dtype)
