@@ -130,16 +130,16 @@ profile() {
     return
   fi
   # a. ~60-100 s: the quick tests (graph capture at r = 128/256, tiles, frames); the hypothesis run is in measure
-  step test_fused 80 290 "$PY" -m pytest -q tests/test_fused.py -p no:cacheprovider -m "not slow"
+  step test_fused 70 ${PROFILE_RESERVE:-230} "$PY" -m pytest -q tests/test_fused.py -p no:cacheprovider -m "not slow"
   # b. ~150 s: fp32 (the e2e model's adapters) at r = 128, 256, e2e shapes, the tiled candidates; the best to JSON
   step kernel_blocks 120 200 "$PY" benchmarks/kernel_blocks.py --shape e2e --ranks 128 256 --dtypes fp32 \
-    --modes sds --steps 5 --sweep adam gram --best "$WORK/best.json"
+    --modes sds --steps 5 --sweep ${SWEEP:-adam gram} --best "$WORK/best.json"
   cp "$WORK/best.json" /tmp/highrank_best.json 2>/dev/null  # for measure on the same (warm) machine
   # c. ~110 s per rank: the whole step with the sweep's best settings: AdamW, the kernels, the torch path
   local launch=() r reserve=100
   [[ -s $WORK/best.json ]] && launch=(--launch "$WORK/best.json")
   for r in "${RANKS[@]}"; do
-    step "e2e_r$r" 100 "$reserve" "$PY" benchmarks/e2e_step.py "${MODEL[@]}" --rank "$r" --batch 8 1 --steps 10 \
+    step "e2e_r$r" 100 "$reserve" "$PY" benchmarks/e2e_step.py "${MODEL[@]}" --rank "$r" --batch 8 1 --steps "${E2E_STEPS:-10}" \
       --rounds 2 --variants adamw sds sds_torch "${launch[@]}" --json "$WORK/e2e_r$r.json"
     reserve=0
   done

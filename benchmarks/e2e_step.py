@@ -217,7 +217,7 @@ def time_all(args: argparse.Namespace, device: torch.device) -> dict:
     (and with ``--json`` writes) the results."""
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     report = {"device": name, "torch": torch.__version__, "args": vars(args), "sources": source_ids(),
-              "kernels_available": kernels_available(device), "fused_max_rank": fused.max_rank() if hasattr(fused, "max_rank") else getattr(fused, "MAX_RANK", None),
+              "kernels_available": kernels_available(device), "fused_max_rank": fused.max_rank(),
               "gram_split": hasattr(linalg, "gram_splits"), "batches": {}}
     if device.type == "cuda":
         report["sms"] = torch.cuda.get_device_properties(device).multi_processor_count
