@@ -89,7 +89,7 @@ class Bucketing:
 
 def fused_bucket(group: dict[str, Any], bucket: Bucket) -> bool:
     """Do the Triton kernels of :mod:`sdsopt.fused` step ``bucket`` (``fused=True``: CUDA, float32/bf16/fp16
-    factors of rank ≤ :data:`sdsopt.fused.MAX_RANK` (256) with float32 algebra, not FSDP2 shards)?"""
+    factors of rank ≤ :func:`sdsopt.fused.max_rank` with float32 algebra, not FSDP2 shards)?"""
     if not group["fused"] or group["linalg_dtype"] not in (None, torch.float32):
         return False
     A, B = group["params"][bucket.a[0]], group["params"][bucket.b[0]]
