@@ -10,7 +10,7 @@ setting changed at a time (median of ``--steps`` steps, CUDA events), next to fu
 ``--shape``: the LoRA factors' shapes (``step_time.SHAPES``: ``llama7b``, 224 pairs, the default; ``e2e``, the
 4-layer hidden-4096 model of ``e2e_step.py``, 28 pairs; ``tiny`` for plumbing checks).
 
-Ranks above 64 (the kernels' tiled variants: Adam reading its r×r maps ``adam_kt`` rows at a time, Grams in
+Ranks above 64 (the kernels' tiled variants: Adam in two passes over ``adam_tm``-row tiles, Grams in
 ``gram_tile``-sized output tiles) sweep their own candidates (:data:`ADAM_TILED`, :data:`GRAM_TILED`).  A candidate
 naming a field that ``sdsopt.fused.Launch`` lacks (``gram_tile``, ``adam_kt`` before the tiled kernels) is
 skipped with a note, one equal to the default too; a candidate that fails (does not compile, too much shared
@@ -45,12 +45,11 @@ TILED_RANK = 64
 """Ranks above this sweep :data:`ADAM_TILED` and :data:`GRAM_TILED` (``sdsopt.fused.HELD_RANK`` where it exists)."""
 # r > 64, each a change of the default Launch (fields by name): the Adam kernel's column block, map rows per pass,
 # warps and stages one at a time, then two pairs (larger and smaller tiles together)
-ADAM_TILED = [{"adam_bp": 16}, {"adam_kt": 64},
+ADAM_TILED = [{"adam_tm": tm, "adam_bp": bp, "adam_kt": kc, "adam_warps": wp, "adam_stages": st}
               # the two matrix-product passes (sdsopt.kernels.pass_kernel): rows per program, column block, the
               # maps' slice, warps, stages
-              *({"two_pass": True, "adam_tm": tm, "adam_bp": bp, "adam_kt": kc, "adam_warps": wp, "adam_stages": st}
-                for tm, bp, kc, wp, st in ((64, 64, 32, 4, 2), (128, 64, 32, 8, 2), (64, 128, 32, 8, 2),
-                                           (128, 128, 32, 8, 3)))]
+              for tm, bp, kc, wp, st in ((64, 64, 32, 4, 2), (128, 64, 32, 8, 2), (64, 128, 32, 8, 2),
+                                         (128, 128, 32, 8, 3), (256, 32, 32, 8, 2), (128, 64, 64, 8, 2))]
 # r > 64: the Gram's output tile and warps
 GRAM_TILED = [{"gram_tile": 128, "gram_warps": 8}, {"gram_bp": 32}]
 

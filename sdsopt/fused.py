@@ -102,26 +102,22 @@ _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MAX_RANK = 256
 """Largest rank the kernels take (:func:`max_rank`: the largest they are given).  Up to :data:`HELD_RANK` an Adam program holds the r×r maps in registers; above
 it (three r×r float32 maps and their TF32 splits would ask for 400 KB of on-chip memory at r = 128, beyond an
-H100's 227 KB) :func:`sdsopt.kernels.adam_tiled_kernel` reads them in row tiles from the cache (or
-:func:`sdsopt.kernels.pass_kernel` makes two passes), the Grams are computed in tiles and the frames by batched
-torch calls (:func:`frames`).  Above 256 the gradient's and the step's
+H100's 227 KB) the step makes two matrix-product passes (:func:`sdsopt.kernels.pass_kernel`), the Grams are
+computed in tiles and the frames by batched torch calls (:func:`frames`).  Above 256 the gradient's and the step's
 ``[r, BLOCK_P]`` tiles no longer fit a program's registers: the torch path."""
 HELD_RANK = 64
 """Largest rank whose r×r maps a program holds (:func:`sdsopt.kernels.adam_kernel`, :func:`sdsopt.kernels.frames_kernel`)."""
 
 
 def max_rank() -> int:
-    """The largest rank ``fused=True`` steps by the kernels: :data:`HELD_RANK` (64), or up to :data:`MAX_RANK`
-    where the environment sets ``SDSOPT_KERNELS_MAX_RANK`` (e.g. 256).  The kernels above 64 are tested against the
-    float64 torch path but not yet timed on a GPU, and an earlier tiled design was slower there than the torch path
-    (benchmarks/RESULTS_ARCHIVE.md, "Fused kernels up to r = 256, tried and reverted"), so they stay opt-in until
-    ``benchmarks/device_highrank.sh`` has measured them."""
+    """The largest rank ``fused=True`` steps by the kernels: :data:`MAX_RANK`, or less where the environment sets
+    ``SDSOPT_KERNELS_MAX_RANK`` (e.g. 64: ranks above it take the torch path, for A/B runs and bisecting)."""
     value = os.environ.get("SDSOPT_KERNELS_MAX_RANK")
     if value is None:
-        return HELD_RANK
+        return MAX_RANK
     if not value.isdigit() or not 1 <= int(value) <= MAX_RANK:
-        raise ValueError(f"SDSOPT_KERNELS_MAX_RANK={value!r}: expected a rank from 1 to {MAX_RANK} (e.g. 256), the "
-                         "largest rank the fused kernels step; unset it for the default 64")
+        raise ValueError(f"SDSOPT_KERNELS_MAX_RANK={value!r}: expected a rank from 1 to {MAX_RANK} (e.g. 64), the "
+                         f"largest rank the fused kernels step; unset it for the default {MAX_RANK}")
     return int(value)
 
 
@@ -196,15 +192,14 @@ class Launch:
     precision: str  # the Adam kernel's products with the r×r maps (g̃ = G g and the map back)
     gram_precision: str
     gram_tile: int  # rows and columns of the Gram tile a program computes (= rp up to HELD_RANK)
-    adam_kt: int  # rows (tiled) or columns (two passes) of the maps multiplied at once (= rp up to HELD_RANK)
-    two_pass: bool = False  # the Adam step as two matrix-product passes (sdsopt.kernels.pass_kernel)
-    adam_tm: int = 64  # two passes: rows of the factor per program
+    adam_tm: int  # two passes: rows of the factor per program (= rp up to HELD_RANK)
+    adam_kt: int  # two passes: columns of the maps per product (= rp up to HELD_RANK: the maps held whole)
 
     @property
-    def plan(self) -> str:
-        """The Adam step's kernels: ``"held"`` (:func:`sdsopt.kernels.adam_kernel`, the maps in registers),
-        ``"tiled"`` (:func:`sdsopt.kernels.adam_tiled_kernel`) or ``"two_pass"``."""
-        return "two_pass" if self.two_pass else "tiled" if self.adam_kt < self.rp else "held"
+    def two_pass(self) -> bool:
+        """Does the Adam step run as two matrix-product passes (:func:`sdsopt.kernels.pass_kernel`) instead of
+        one program holding the maps (:func:`sdsopt.kernels.adam_kernel`)?"""
+        return self.adam_kt < self.rp
 
 
 def _padded(r: int) -> int:
@@ -225,8 +220,9 @@ def launch(r: int, device: torch.device, dtype: torch.dtype = torch.float32) -> 
     * on the CPU (Triton's interpreter, the tests): ``ieee`` (float32 FMAs) throughout.
 
     Above :data:`HELD_RANK` (r = 65–256) the Gram is computed in 64 × 64 tiles (those on and above the diagonal:
-    the r ≤ 64 kernel's register budget per program) and the Adam step reads its maps 32 rows at a time, with
-    column blocks of 32 and 8 warps (``benchmarks/kernel_blocks.py --shape e2e --ranks 128 256``).
+    the r ≤ 64 kernel's register budget per program) and the Adam step runs as two passes over tiles of 128 rows ×
+    64 columns, 32 of the maps' columns per product, 8 warps, 2 stages (measured on an H100 against a one-pass
+    kernel and the torch path: benchmarks/RESULTS.md, section 3.4).
     """
     rp = _padded(r)
     if device.type != "cuda":
@@ -236,9 +232,10 @@ def launch(r: int, device: torch.device, dtype: torch.dtype = torch.float32) -> 
         gram = "tf32x3" if dtype == torch.float32 else "native"
     if rp <= HELD_RANK:
         return Launch(rp=rp, adam_bp=max(16, min(64, 2048 // rp)), adam_warps=4, adam_stages=1, gram_bp=64,
-                      gram_warps=4, gram_stages=2, precision=products, gram_precision=gram, gram_tile=rp, adam_kt=rp)
-    return Launch(rp=rp, adam_bp=32, adam_warps=8, adam_stages=1, gram_bp=64, gram_warps=4, gram_stages=2,
-                  precision=products, gram_precision=gram, gram_tile=64, adam_kt=32)
+                      gram_warps=4, gram_stages=2, precision=products, gram_precision=gram, gram_tile=rp, adam_tm=rp,
+                      adam_kt=rp)
+    return Launch(rp=rp, adam_bp=64, adam_warps=8, adam_stages=2, gram_bp=64, gram_warps=4, gram_stages=2,
+                  precision=products, gram_precision=gram, gram_tile=64, adam_tm=128, adam_kt=32)
 
 
 def vector_width(tensors: list[Tensor], lengths: list[int], r: int, trans: bool) -> int:
@@ -431,13 +428,11 @@ def adam(tables: Tables, key: Any, group: dict[str, Any], fam: Family, lists: di
         lr = lr.to(device=device, dtype=torch.float32, non_blocking=True).reshape(())
     for side, trans, table, items, n, vec in launches:
         lr_side = side_lr(group, "AB"[side], lr)
-        if cfg.plan == "two_pass":
+        if cfg.two_pass:
             _two_pass(cfg, fam, side, trans, table, items, n, vec, gmaps, mmaps, scales, ramps, lr, lr_side,
                       found_inf, group)
             continue
-        kernel, tiles = (kernels.adam_tiled_kernel, {"KT": cfg.adam_kt}) if cfg.plan == "tiled" else (
-            kernels.adam_kernel, {})
-        kernel[(n,)](
+        kernels.adam_kernel[(n,)](
             table, items, gmaps[(1 - side) * fam.k:], gmaps if mmaps is None else mmaps[(1 - side) * fam.k:],
             gmaps if scales is None else scales[(1 - side) * fam.k:], gmaps if ramps is None else ramps,
             lr_side if isinstance(lr_side, Tensor) else gmaps, gmaps if found_inf is None else found_inf,
@@ -446,7 +441,7 @@ def adam(tables: Tables, key: Any, group: dict[str, Any], fam: Family, lists: di
             TRANS=trans, COORD=mmaps is not None, HAS_SCALE=scales is not None, HAS_RAMP=ramps is not None,
             HAS_FOUND_INF=found_inf is not None, LR_TENSOR=isinstance(lr, Tensor), AMSGRAD=amsgrad,
             MAXIMIZE=group["maximize"], RP=cfg.rp, BP=cfg.adam_bp, DT=_tl_dtype(fam.dtype),
-            PREC=cfg.precision, VEC=vec, **tiles,
+            PREC=cfg.precision, VEC=vec,
             num_warps=cfg.adam_warps, num_stages=cfg.adam_stages)
     if found_inf is not None:
         torch._foreach_sub_(steps, [found_inf] * len(steps))

@@ -34,10 +34,10 @@ then, with weight decay ``λ``, learning rate ``η``, the optional ramp ``ρ`` a
 * ``COORD=False`` (modes ``scaled``, ``sds_polar``: docs/math.md (3.1)): ``G = P(K_other)``
   and the update is AdamW's on the factor, ``X ← X − η(û + λX)``.
 
-Above r = 64 a program cannot hold the r×r maps (:data:`sdsopt.fused.HELD_RANK`); the same update runs as
-:func:`adam_tiled_kernel` (one pass, the maps read in row tiles from the cache for every column block) or as two
-matrix-product passes of :func:`pass_kernel` (``g̃ = G g`` and the moments; then ``M û`` from the stored
-moments and the update), whichever :func:`sdsopt.fused.launch` names.
+Above r = 64 a program cannot hold the r×r maps (:data:`sdsopt.fused.HELD_RANK`); the same update runs as two
+matrix-product passes of :func:`pass_kernel` (``g̃ = G g`` and the moments; then ``M û`` from the stored moments
+and the update).  A one-pass kernel that read the maps in row tiles for every column block was measured slower
+(benchmarks/RESULTS.md, section 3.4) and is not kept.
 
 Arithmetic is float32 in registers whatever the parameter dtype; the moments are stored in the parameter's
 dtype, as torch's AdamW keeps them.  Matrix products accumulate in float32; their operands' precision is
@@ -50,8 +50,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-__all__ = ["FIELDS", "adam_kernel", "adam_tiled_kernel", "frames_kernel", "gram_kernel", "gram_sum_kernel",
-           "pass_kernel"]
+__all__ = ["FIELDS", "adam_kernel", "frames_kernel", "gram_kernel", "gram_sum_kernel", "pass_kernel"]
 
 FIELDS = 8
 """Entry-table columns: parameter, gradient, exp_avg, exp_avg_sq, max_exp_avg_sq, step (data pointers; the Gram
@@ -296,63 +295,6 @@ def adam_kernel(table, items, gmaps, mmaps, scales, ramps, lr_ptr, found_inf, r:
             else:
                 u = _mm(M, u, DT, PREC)
         tl.store(x_base + offs, _update(x, u, gain, weight_decay, scale, HAS_SCALE).to(DT), mask=mask)
-
-
-@triton.jit
-def adam_tiled_kernel(table, items, gmaps, mmaps, scales, ramps, lr_ptr, found_inf, r: tl.constexpr, lr, beta1,
-                      beta2, eps, weight_decay, TRANS: tl.constexpr, COORD: tl.constexpr, HAS_SCALE: tl.constexpr,
-                      HAS_RAMP: tl.constexpr, HAS_FOUND_INF: tl.constexpr, LR_TENSOR: tl.constexpr,
-                      AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr, RP: tl.constexpr, BP: tl.constexpr,
-                      KT: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr, VEC: tl.constexpr):
-    """:func:`adam_kernel` for ranks whose r×r maps do not fit in registers (``r > 64``): per column block the
-    gradient's ``[RP, BP]`` tile is held, and the maps are read ``KT`` rows (``G``) and columns (``M``) at a time
-    from the cache: ``g̃_k = G[k, :] g`` gives Adam rows ``k`` of the coordinates, whose direction ``û_k`` adds
-    ``M[:, k] û_k`` to the step (``ΔX = M û = Σ_k M[:, k] û_k``), so that the factor's tile is read and written
-    once.  Without ``COORD`` (no map back) rows ``k`` of the factor step at once."""
-    w = tl.program_id(0)
-    if HAS_FOUND_INF:
-        if tl.load(found_inf) > 0:  # torch's fused AdamW: a step with non-finite gradients changes nothing
-            return
-    c0, c1, p, x_base, g_base, m_base, v_base, w_base, base, bias1, root2, gain, scale = _setup(
-        table, items, w, gmaps, scales, ramps, lr_ptr, r, lr, beta1, beta2, HAS_SCALE, HAS_RAMP, LR_TENSOR, DT, VEC)
-    i = tl.arange(0, RP)
-    kt = tl.arange(0, KT)
-    for start in range(c0, c1, BP):
-        offs, mask = _block(start, c1, p, 0, r, TRANS, RP, BP)
-        g = tl.load(g_base + offs, mask=mask, other=0.0).to(tl.float32)
-        if MAXIMIZE:
-            g = -g
-        if COORD:
-            if TRANS:
-                d = tl.zeros((BP, RP), dtype=tl.float32)
-            else:
-                d = tl.zeros((RP, BP), dtype=tl.float32)
-        for k0 in tl.static_range(0, r, KT):
-            k = k0 + kt
-            koffs, kmask = _block(start, c1, p, k0, r, TRANS, KT, BP)
-            m = tl.load(m_base + koffs, mask=kmask, other=0.0)
-            v = tl.load(v_base + koffs, mask=kmask, other=0.0)
-            Gk = tl.load(gmaps + base + k[:, None] * r + i[None, :], mask=(k[:, None] < r) & (i[None, :] < r),
-                         other=0.0)  # [KT, RP]: rows k of G
-            if TRANS:
-                gk = _mm(g, tl.trans(Gk), DT, PREC)  # [BP, KT]
-            else:
-                gk = _mm(Gk, g, DT, PREC)  # [KT, BP]
-            u = _direction(gk, m, v, m_base, v_base, w_base, koffs, kmask, beta1, beta2, bias1, root2, eps, AMSGRAD,
-                           DT)
-            if COORD:
-                Mk = tl.load(mmaps + base + i[:, None] * r + k[None, :], mask=(i[:, None] < r) & (k[None, :] < r),
-                             other=0.0)  # [RP, KT]: columns k of M
-                if TRANS:
-                    d += _mm(u, tl.trans(Mk), DT, PREC)
-                else:
-                    d += _mm(Mk, u, DT, PREC)
-            else:
-                x = tl.load(x_base + koffs, mask=kmask, other=0.0)
-                tl.store(x_base + koffs, _update(x, u, gain, weight_decay, scale, HAS_SCALE).to(DT), mask=kmask)
-        if COORD:
-            x = tl.load(x_base + offs, mask=mask, other=0.0)
-            tl.store(x_base + offs, _update(x, d, gain, weight_decay, scale, HAS_SCALE).to(DT), mask=mask)
 
 
 @triton.jit

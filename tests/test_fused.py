@@ -4,8 +4,8 @@ On CUDA with Triton the kernels run on the GPU; without CUDA ``tests/conftest.py
 (``TRITON_INTERPRET=1``) so the same kernels run on the CPU; without Triton every test here skips.
 
 Ranks up to 256 (:data:`sdsopt.fused.MAX_RANK`) are drawn: above :data:`sdsopt.fused.HELD_RANK` (64) the Grams are
-computed in tiles, the frames by batched torch calls and the Adam step by the tiled kernel (maps read in row tiles),
-whose padding (r = 100, 192) and tile edges must agree as well.  Stated tolerance (parameters and Adam moments after three steps, max |Δ| / max |reference|):
+computed in tiles, the frames by batched torch calls and the Adam step in two matrix-product passes, whose padding
+(r = 100, 192) and tile edges must agree as well.  Stated tolerance (parameters and Adam moments after three steps, max |Δ| / max |reference|):
 float32 factors 2e-4, bf16 factors three bf16 ulps (3·2⁻⁷; their moments after one step, as later ones can cancel
 to near zero), or 4× the error of the torch path in the same dtype where that is larger (rank-deficient pairs,
 ``r > min(m, n)``, amplify the rounding of both paths by their frames' conditioning).
@@ -31,8 +31,8 @@ pytestmark = pytest.mark.skipif(not fused.available(torch.empty(0, device=DEVICE
 
 @pytest.fixture(autouse=True)
 def _kernels_up_to_256(monkeypatch):
-    """The kernels above r = 64 are opt-in (:func:`sdsopt.fused.max_rank`): on for every test here."""
-    monkeypatch.setenv("SDSOPT_KERNELS_MAX_RANK", str(fused.MAX_RANK))
+    """Every test here with the kernels' whole range, whatever the environment says."""
+    monkeypatch.delenv("SDSOPT_KERNELS_MAX_RANK", raising=False)
 
 
 TOLERANCE = {torch.float32: 2e-4, torch.bfloat16: 3 * 2**-7}
@@ -163,7 +163,7 @@ def test_a_step_with_nonfinite_gradients_changes_nothing():
 
 def _model(dtype, seed=0, scale=1):
     """Three LoRA pairs (ranks 4, 4, 8: two families) and a head; ``scale`` multiplies every size (32: ranks 128
-    and 256, the tiled kernels)."""
+    and 256, the two-pass kernels)."""
     torch.manual_seed(seed)
     def pair(n, r, m):
         return torch.nn.ModuleDict({"lora_A": torch.nn.Linear(n * scale, r * scale, bias=False),
@@ -210,12 +210,11 @@ def test_mixed_phases_and_checkpoints_resume_bit_exactly():
 
 
 def test_float64_factors_and_large_ranks_keep_the_torch_path(monkeypatch):
-    """The kernels take float32/bf16/fp16 factors of rank ≤ 256 with float32 algebra (above 64 only where
+    """The kernels take float32/bf16/fp16 factors of rank ≤ 256 with float32 algebra (less where
     ``SDSOPT_KERNELS_MAX_RANK`` says so; a bad value is named); float64 factors, ``linalg_dtype=float64`` or a
     larger rank keep the torch path (whose algebra is float64 for float64)."""
     assert fused.supported(torch.bfloat16, fused.MAX_RANK) and not fused.supported(torch.float32, fused.MAX_RANK + 1)
-    monkeypatch.delenv("SDSOPT_KERNELS_MAX_RANK")
-    assert fused.max_rank() == 64 and not fused.supported(torch.float32, 65)
+    assert fused.max_rank() == 256
     for bad in ("300", "x", "0"):
         monkeypatch.setenv("SDSOPT_KERNELS_MAX_RANK", bad)
         with pytest.raises(ValueError, match="SDSOPT_KERNELS_MAX_RANK"):
@@ -289,7 +288,7 @@ def test_the_step_is_captured_in_a_cuda_graph(mode, tensor_lr, scale):
     """Past the warm-up and ramp, ``opt.step()`` with ``fused=True`` reads nothing on the host: it can be
     captured in a CUDA graph, and replaying the graph steps as the eager step does (bit for bit); with a Tensor
     lr on the device a schedule reaches the replays (``fill_`` between them).  ``scale`` 32: ranks 128 and 256
-    (tiled kernels, the frames by batched torch calls)."""
+    (the two-pass kernels, the frames by batched torch calls)."""
     kw = dict(mode=mode, fused=True, **({"warmup_steps": 1} if mode == "sds" else {}))
     eager, graphed = _model(torch.float32, scale=scale), _model(torch.float32, scale=scale)
     opt_e = SDSAdamW(eager.named_parameters(), lr=1e-2, **kw)
@@ -398,13 +397,11 @@ def test_16_bit_factors_step_at_float32_accuracy(dtype, monkeypatch):
     assert _err(got[0], ref[0]) <= max(TOLERANCE[torch.bfloat16], 4 * _err(base[0], ref[0]))
 
 
-@pytest.mark.parametrize("plan", ["tiled", "two_pass"])
 @pytest.mark.parametrize("mode,dtype", [("sds", torch.float32), ("scaled", torch.bfloat16), ("sds", torch.bfloat16)])
-def test_the_tiled_adam_kernels_step_as_the_held_maps(plan, mode, dtype, monkeypatch):
-    """The Adam kernels of ranks above 64 forced on a rank the held-maps kernel also takes (r = 40: slices of 16,
-    the last one cut; one pair's ``A`` wider than a work item): :func:`sdsopt.kernels.adam_tiled_kernel` (the maps
-    read ``KT`` rows at a time) and the two passes (:func:`sdsopt.kernels.pass_kernel`, rows in tiles of 16, the
-    second one's direction from the stored moments): parameters and
+def test_the_two_passes_step_as_the_held_maps(mode, dtype, monkeypatch):
+    """The Adam step of ranks above 64 forced on a rank the held-maps kernel also takes (r = 40: the two passes of
+    :func:`sdsopt.kernels.pass_kernel` over rows in tiles of 16 and slices of 16 of the maps, the last ones cut;
+    one pair's ``A`` wider than a work item; the second pass's direction from the stored moments): parameters and
     moments after three steps equal the held kernel's to float32 rounding (1e-5; bf16: two ulps, as the second
     pass takes the direction from the stored bf16 moments, as torch's AdamW does, and the held kernel from their
     float32 values), with the map back (``sds``) and without (``scaled``, amsgrad)."""
@@ -413,9 +410,8 @@ def test_the_tiled_adam_kernels_step_as_the_held_maps(plan, mode, dtype, monkeyp
               **({"warmup_steps": 0, "coordinate_ramp": 2} if mode == "sds" else {}))
     held = _run(named, dtype, DEVICE, 3, 6, **kw)
     default = fused.launch
-    change = dict(adam_kt=16) if plan == "tiled" else dict(adam_kt=16, adam_tm=16, two_pass=True)
-    monkeypatch.setattr(fused, "launch", lambda *a, **k: dataclasses.replace(default(*a, **k), **change))
-    assert fused.launch(40, DEVICE, dtype).plan == plan
-    tiled = _run(named, dtype, DEVICE, 3, 6, **kw)
+    monkeypatch.setattr(fused, "launch", lambda *a, **k: dataclasses.replace(default(*a, **k), adam_kt=16, adam_tm=16))
+    assert fused.launch(40, DEVICE, dtype).two_pass
+    passes = _run(named, dtype, DEVICE, 3, 6, **kw)
     tol = 1e-5 if dtype == torch.float32 else 2**-6
-    assert _err(tiled[0], held[0]) <= tol and _err(tiled[1], held[1]) <= tol
+    assert _err(passes[0], held[0]) <= tol and _err(passes[1], held[1]) <= tol
