@@ -100,13 +100,14 @@ def families(group: dict[str, Any], buckets: Sequence[Any]) -> list[Family]:
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MAX_RANK = 256
-"""Largest rank the kernels take (:func:`max_rank`: the largest they are given).  Up to :data:`HELD_RANK` an Adam program holds the r×r maps in registers; above
-it (three r×r float32 maps and their TF32 splits would ask for 400 KB of on-chip memory at r = 128, beyond an
-H100's 227 KB) the step makes two matrix-product passes (:func:`sdsopt.kernels.pass_kernel`), the Grams are
-computed in tiles and the frames by batched torch calls (:func:`frames`).  Above 256 the gradient's and the step's
-``[r, BLOCK_P]`` tiles no longer fit a program's registers: the torch path."""
+"""Largest rank the kernels take (:func:`max_rank`: the largest they are given).  Up to :data:`HELD_RANK` an Adam
+program holds the r×r maps in registers; above it (three r×r float32 maps and their TF32 splits would ask for
+400 KB of on-chip memory at r = 128, beyond an H100's 227 KB) the step makes two matrix-product passes
+(:func:`sdsopt.kernels.pass_kernel`), the Grams are computed in tiles and the frames by batched torch calls
+(:func:`frames`).  Larger ranks (not measured) keep the torch path."""
 HELD_RANK = 64
-"""Largest rank whose r×r maps a program holds (:func:`sdsopt.kernels.adam_kernel`, :func:`sdsopt.kernels.frames_kernel`)."""
+"""Largest rank whose r×r maps a program holds (:func:`sdsopt.kernels.adam_kernel`,
+:func:`sdsopt.kernels.frames_kernel`)."""
 
 
 def max_rank() -> int:
@@ -296,7 +297,7 @@ def frames(K: Tensor, k: int, tol: float, shifts: Tensor | None, both: Tensor | 
     ``shifts``: ``μ_s`` per pair or ``None``), and the re-balancing scales ``[2k]`` of the pairs marked in
     ``both`` (``None``: none).  Up to :data:`HELD_RANK` one launch, one program per Gram (the torch ops it
     replaces cost ~40 launches of host time per step); above, where a program cannot hold an r×r matrix, the
-    torch path's batched calls on the whole family at once (:func:`_frames_batched`: ~20 launches)."""
+    torch path's batched calls on the whole family at once (:func:`_frames_batched`: ~60 small launches)."""
     if _padded(K.shape[-1]) > HELD_RANK:
         return _frames_batched(K, k, tol, shifts, both)
     G, M = torch.empty_like(K), torch.empty_like(K)

@@ -5,10 +5,10 @@ On CUDA with Triton the kernels run on the GPU; without CUDA ``tests/conftest.py
 
 Ranks up to 256 (:data:`sdsopt.fused.MAX_RANK`) are drawn: above :data:`sdsopt.fused.HELD_RANK` (64) the Grams are
 computed in tiles, the frames by batched torch calls and the Adam step in two matrix-product passes, whose padding
-(r = 100, 192) and tile edges must agree as well.  Stated tolerance (parameters and Adam moments after three steps, max |Δ| / max |reference|):
-float32 factors 2e-4, bf16 factors three bf16 ulps (3·2⁻⁷; their moments after one step, as later ones can cancel
-to near zero), or 4× the error of the torch path in the same dtype where that is larger (rank-deficient pairs,
-``r > min(m, n)``, amplify the rounding of both paths by their frames' conditioning).
+(r = 100, 192) and tile edges must agree as well.  Stated tolerance (parameters and Adam moments after three
+steps, max |Δ| / max |reference|): float32 factors 2e-4, bf16 factors three bf16 ulps (3·2⁻⁷; their moments after
+one step, as later ones can cancel to near zero), or 4× the error of the torch path in the same dtype where that is
+larger (rank-deficient pairs, ``r > min(m, n)``, amplify the rounding of both paths by their frames' conditioning).
 """
 
 from __future__ import annotations
