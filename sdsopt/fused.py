@@ -429,43 +429,28 @@ def adam(tables: Tables, key: Any, group: dict[str, Any], fam: Family, lists: di
         lr = lr.to(device=device, dtype=torch.float32, non_blocking=True).reshape(())
     for side, trans, table, items, n, vec in launches:
         lr_side = side_lr(group, "AB"[side], lr)
-        if cfg.two_pass:
-            _two_pass(cfg, fam, side, trans, table, items, n, vec, gmaps, mmaps, scales, ramps, lr, lr_side,
-                      found_inf, group)
+        other = (1 - side) * fam.k  # the partner's maps, scales
+        lr_tensor = isinstance(lr_side, Tensor)
+        tail = (gmaps if scales is None else scales[other:], gmaps if ramps is None else ramps,
+                lr_side if lr_tensor else gmaps, gmaps if found_inf is None else found_inf, fam.r,
+                0.0 if lr_tensor else float(lr_side), beta1, beta2, group["eps"], group["weight_decay"])
+        flags = dict(TRANS=trans, COORD=mmaps is not None, HAS_SCALE=scales is not None, HAS_RAMP=ramps is not None,
+                     HAS_FOUND_INF=found_inf is not None, LR_TENSOR=isinstance(lr, Tensor), AMSGRAD=amsgrad,
+                     MAXIMIZE=group["maximize"], BP=cfg.adam_bp, DT=_tl_dtype(fam.dtype), PREC=cfg.precision,
+                     VEC=vec, num_warps=cfg.adam_warps, num_stages=cfg.adam_stages)
+        if not cfg.two_pass:
+            kernels.adam_kernel[(n,)](table, items, gmaps[other:], gmaps if mmaps is None else mmaps[other:], *tail,
+                                      RP=cfg.rp, **flags)
             continue
-        kernels.adam_kernel[(n,)](
-            table, items, gmaps[(1 - side) * fam.k:], gmaps if mmaps is None else mmaps[(1 - side) * fam.k:],
-            gmaps if scales is None else scales[(1 - side) * fam.k:], gmaps if ramps is None else ramps,
-            lr_side if isinstance(lr_side, Tensor) else gmaps, gmaps if found_inf is None else found_inf,
-            fam.r, 0.0 if isinstance(lr_side, Tensor) else float(lr_side), beta1, beta2, group["eps"],
-            group["weight_decay"],
-            TRANS=trans, COORD=mmaps is not None, HAS_SCALE=scales is not None, HAS_RAMP=ramps is not None,
-            HAS_FOUND_INF=found_inf is not None, LR_TENSOR=isinstance(lr, Tensor), AMSGRAD=amsgrad,
-            MAXIMIZE=group["maximize"], RP=cfg.rp, BP=cfg.adam_bp, DT=_tl_dtype(fam.dtype),
-            PREC=cfg.precision, VEC=vec,
-            num_warps=cfg.adam_warps, num_stages=cfg.adam_stages)
+        # two passes (above HELD_RANK), each over (row tiles of adam_tm, work items): the coordinates' pass, and
+        # with a map back the pass back
+        grid = (-(-fam.r // cfg.adam_tm), n)
+        kernels.pass_kernel[grid](table, items, gmaps[other:], *tail, BACK=False, TM=cfg.adam_tm, KC=cfg.adam_kt,
+                                  **flags)
+        if mmaps is not None:
+            kernels.pass_kernel[grid](table, items, mmaps[other:], *tail, BACK=True, TM=cfg.adam_tm,
+                                      KC=cfg.adam_kt, **flags)
     if found_inf is not None:
         torch._foreach_sub_(steps, [found_inf] * len(steps))
     return done
 
-
-def _two_pass(cfg: Launch, fam: Family, side: int, trans: bool, table: Tensor, items: Tensor, n: int, vec: int,
-              gmaps: Tensor, mmaps: Tensor | None, scales: Tensor | None, ramps: Tensor | None, lr: Any, lr_side: Any,
-              found_inf: Tensor | None, group: dict[str, Any]) -> None:
-    """One factor kind's Adam step by :func:`sdsopt.kernels.pass_kernel`: the coordinates' pass, and with a map back
-    (``mmaps``) the pass back, each over ``(row tiles of adam_tm, work items)``."""
-    other = (1 - side) * fam.k
-    beta1, beta2 = group["betas"]
-    lr_tensor = isinstance(lr_side, Tensor)
-    tail = (gmaps if scales is None else scales[other:], gmaps if ramps is None else ramps,
-            lr_side if lr_tensor else gmaps, gmaps if found_inf is None else found_inf, fam.r,
-            0.0 if lr_tensor else float(lr_side), beta1, beta2, group["eps"], group["weight_decay"])
-    flags = dict(TRANS=trans, COORD=mmaps is not None, HAS_SCALE=scales is not None, HAS_RAMP=ramps is not None,
-                 HAS_FOUND_INF=found_inf is not None, LR_TENSOR=isinstance(lr, Tensor), AMSGRAD=group["amsgrad"],
-                 MAXIMIZE=group["maximize"], TM=cfg.adam_tm, BP=cfg.adam_bp, KC=cfg.adam_kt,
-                 DT=_tl_dtype(fam.dtype), PREC=cfg.precision, VEC=vec, num_warps=cfg.adam_warps,
-                 num_stages=cfg.adam_stages)
-    grid = (-(-fam.r // cfg.adam_tm), n)
-    kernels.pass_kernel[grid](table, items, gmaps[other:], *tail, BACK=False, **flags)
-    if mmaps is not None:
-        kernels.pass_kernel[grid](table, items, mmaps[other:], *tail, BACK=True, **flags)
